@@ -1,0 +1,7 @@
+"""wsi-assist: batch processing of whole-slide images for pathology."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

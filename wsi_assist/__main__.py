@@ -1,0 +1,3 @@
+from wsi_assist.cli import main
+
+main()

@@ -1,0 +1,19 @@
+"""Exceptions with messages fit for one line of CLI output."""
+
+from __future__ import annotations
+
+
+class WsiAssistError(Exception):
+    """Base class: the message alone explains the problem to a user."""
+
+
+class SlideError(WsiAssistError):
+    """A slide cannot be opened, read or measured."""
+
+
+class ConfigError(WsiAssistError):
+    """A configuration value is missing or invalid; the message names the key path."""
+
+
+class ModelError(WsiAssistError):
+    """A model file is missing, truncated or does not match what was expected."""

@@ -1,0 +1,135 @@
+"""One slide through the configured stages.
+
+A stage is a function ``(SlideRun) -> dict`` that reads what earlier stages stored
+(``slide.zarr``, files in the slide's folder) and stores its own results; the dict it
+returns is a short summary (counts, areas) for logs and the manifest. Stages know
+nothing of the CLI or of Dask. Later issues add stages to ``STAGE_FUNCS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+import zarr
+
+from wsi_assist import geojson, store, thumbnail
+from wsi_assist.config import Config
+from wsi_assist.errors import WsiAssistError
+from wsi_assist.slide import SlideInfo
+
+log = logging.getLogger(__name__)
+
+TISSUE_COLOR = (0, 160, 80)
+
+
+@dataclass
+class SlideRun:
+    """What a stage sees of one slide."""
+
+    path: Path
+    slide_id: str
+    out_dir: Path
+    config: Config
+    info: SlideInfo
+    store: zarr.Group
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def open_slide(self) -> Any:
+        from wsi_assist.slide import open_slide
+
+        return open_slide(self.path)
+
+
+def run_tissue(run: SlideRun) -> dict[str, Any]:
+    """Overview, tissue polygons, ``tissue.geojson``; the overview is kept in the store."""
+    from wsi_assist import slide as slide_mod
+    from wsi_assist import tissue
+
+    params = run.config.tissue
+    with run.open_slide() as s:
+        overview, ds = slide_mod.read_lowres(s, run.info, params.overview_mpp)
+    found = tissue.detect(overview, ds, run.info.require_mpp(), params)
+    store.write_array(run.store, "overview", overview, rows_per_chunk=1024,
+                      downsample=ds, description="RGB overview tissue was detected on")
+    store.write_array(run.store, "tissue_mask", found.mask, rows_per_chunk=1024, downsample=ds)
+    run.store.attrs.update({"tissue_background": found.background,
+                            "tissue_threshold": found.threshold,
+                            "tissue_area_um2": found.area_um2})
+    write_tissue_geojson(run.out_dir / "tissue.geojson", found.geometry, run.info.require_mpp())
+    if found.geometry.is_empty:
+        log.warning("%s: no tissue found", run.path)
+    return {"tissue_pieces": len(found.polygons), "tissue_area_mm2": found.area_um2 / 1e6,
+            "background": found.background}
+
+
+def write_tissue_geojson(path: Path, tissue: shapely.MultiPolygon, mpp: float) -> int:
+    """One QuPath annotation per tissue piece, with its area in um^2."""
+    feats = (geojson.feature(
+        poly, "annotation", name=f"Tissue {i + 1}", classification=("Tissue", TISSUE_COLOR),
+        measurements={"Area um^2": poly.area * mpp**2, "Perimeter um": poly.length * mpp})
+        for i, poly in enumerate(tissue.geoms))
+    return geojson.write_features(path, feats)
+
+
+def read_tissue(path: Path) -> shapely.MultiPolygon:
+    """The tissue polygons stored in ``tissue.geojson``."""
+    from shapely.geometry import shape
+
+    from wsi_assist.tissue import as_multipolygon
+
+    feats = geojson.read_features(path)
+    return as_multipolygon(shapely.union_all([shape(f["geometry"]) for f in feats])
+                           if feats else shapely.MultiPolygon())
+
+
+def run_tiles(run: SlideRun) -> dict[str, Any]:
+    """The tile grid over the stored tissue, written to the store, and the thumbnail."""
+    from wsi_assist import tiling
+
+    tissue_path = run.out_dir / "tissue.geojson"
+    if not tissue_path.exists():
+        raise WsiAssistError(f"{run.path}: no tissue.geojson; run the 'tissue' stage first")
+    tissue_geom = read_tissue(tissue_path)
+    g = tiling.grid(run.info, tissue_geom, run.config.tiling)
+    store.write_grid(run.store, g)
+    if len(g) == 0:
+        log.warning("%s: no tiles with at least %.0f%% tissue", run.path,
+                    100 * run.config.tiling.min_tissue)
+    overview = np.asarray(run.store["overview"][...])
+    ds = float(run.store["overview"].attrs["downsample"])
+    out = run.config.outputs
+    img = thumbnail.draw(overview, ds, tissue_geom, g if out.draw_tiles else None,
+                         max_px=out.thumbnail_px, synthetic=run.info.synthetic)
+    img.save(run.out_dir / "thumbnail.png")
+    return {"n_tiles": len(g), "level": g.level, "delivered_mpp": g.delivered_mpp}
+
+
+StageFunc = Callable[[SlideRun], dict[str, Any]]
+STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles}
+
+
+def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:
+    """Run ``stages`` in order; returns seconds per stage. Exceptions carry ``.stage``."""
+    seconds: dict[str, float] = {}
+    for name in stages:
+        func = STAGE_FUNCS.get(name)
+        if func is None:
+            raise WsiAssistError(f"stage {name!r} is not available in this version; "
+                                 f"available: {', '.join(STAGE_FUNCS)}")
+        t0 = time.perf_counter()
+        try:
+            run.summary[name] = func(run)
+        except Exception as e:
+            e.stage = name  # type: ignore[attr-defined]
+            raise
+        seconds[name] = time.perf_counter() - t0
+        log.debug("%s: %s done in %.2f s: %s", run.slide_id, name, seconds[name],
+                  run.summary[name])
+    return seconds

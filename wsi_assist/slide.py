@@ -1,0 +1,325 @@
+"""Open whole-slide images with tiffslide and describe them (levels, vendor, mpp).
+
+The microscope resolution (mpp, micrometres per level-0 pixel) is found by a cascade,
+and where it came from is recorded with it:
+
+1. ``metadata``: the vendor's own field (Aperio ``MPP``, OME ``PhysicalSizeX``, Philips
+   pixel spacing, Leica SCN resolution).
+2. ``tiff-resolution``: TIFF ``XResolution`` when its unit is cm or inch (or mm, um) and
+   the value is plausible for a microscope; 72/96 dpi screen defaults are rejected.
+3. ``objective-power``: an estimate, 10 / power (40x -> 0.25, 20x -> 0.5 um/px).
+4. ``override``: the user's ``--mpp X`` or ``--mpp-csv FILE``, for slides that carry none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from wsi_assist.errors import SlideError
+
+log = logging.getLogger(__name__)
+
+MppSource = Literal["metadata", "tiff-resolution", "objective-power", "override"]
+
+#: Plausible microscope resolutions in um/px; outside this a TIFF resolution is not trusted.
+MPP_PLAUSIBLE = (0.05, 20.0)
+#: Extensions of formats tiffslide cannot read, with what to do instead.
+UNSUPPORTED = {
+    ".mrxs": "3DHISTECH MRXS is not supported (tiffslide reads TIFF-based formats); "
+    "convert it to OME-TIFF, e.g. with `vips tiffsave --tile --pyramid`",
+    ".dcm": "DICOM WSI is not supported; convert it to OME-TIFF",
+    ".czi": "Zeiss CZI is not supported; convert it to OME-TIFF, e.g. with bfconvert",
+    ".vsi": "Olympus VSI is not supported; convert it to OME-TIFF, e.g. with bfconvert",
+    ".vms": "Hamamatsu VMS is not supported; convert it to OME-TIFF",
+    ".isyntax": "Philips iSyntax is not supported; export it as Philips TIFF",
+    ".kfb": "KFBio KFB is not supported; convert it to TIFF",
+}
+#: Extensions looked for when a folder is given.
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".btf")
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a slide is: geometry, vendor and resolution, with the source of the mpp."""
+
+    path: str
+    format: str
+    vendor: str | None
+    width: int
+    height: int
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    mpp_source: MppSource | None
+    objective_power: float | None
+    synthetic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.height < 1:
+            raise SlideError(f"{self.path}: empty image ({self.width} x {self.height} px)")
+        if len(self.level_dimensions) != self.level_count:
+            raise ValueError(f"level_dimensions has {len(self.level_dimensions)} entries, "
+                             f"expected {self.level_count}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ValueError(f"mpp must be positive, got {self.mpp!r}")
+        if (self.mpp is None) != (self.mpp_source is None):
+            raise ValueError("mpp and mpp_source must both be set or both be None")
+
+    def level_mpp(self, level: int) -> float:
+        """The mpp of a pyramid level (level-0 mpp times its downsample)."""
+        return self.require_mpp() * self.level_downsamples[level]
+
+    def require_mpp(self) -> float:
+        """The mpp, or a SlideError that names the override options."""
+        if self.mpp is None:
+            raise SlideError(
+                f"{self.path}: no resolution found (no vendor mpp, no plausible TIFF "
+                "resolution, no objective power); give it with --mpp X or --mpp-csv FILE")
+        return self.mpp
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["level_dimensions"] = [list(x) for x in self.level_dimensions]
+        d["level_downsamples"] = list(self.level_downsamples)
+        return d
+
+
+def find_slides(paths: list[Path]) -> list[Path]:
+    """Files given directly, and slide files found recursively in folders, sorted."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            exts = SLIDE_EXTENSIONS + tuple(UNSUPPORTED)
+            found.extend(sorted(f for f in p.rglob("*")
+                                if f.is_file() and f.suffix.lower() in exts))
+        else:
+            found.append(p)
+    return found
+
+
+def open_slide(path: str | Path) -> Any:
+    """Open ``path`` with tiffslide; a SlideError says which file and why it failed."""
+    import tiffslide
+
+    path = Path(path)
+    reason = UNSUPPORTED.get(path.suffix.lower())
+    if reason:
+        raise SlideError(f"{path}: {reason}")
+    if not path.exists():
+        raise SlideError(f"{path}: no such file")
+    if path.is_dir():
+        raise SlideError(f"{path}: is a folder, not a slide file")
+    size = path.stat().st_size
+    if size == 0:
+        raise SlideError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            slide = tiffslide.TiffSlide(path)
+            slide.properties  # noqa: B018  (parse now so errors surface here)
+    except Exception as e:  # tifffile raises many types for malformed files
+        raise SlideError(f"{path}: not a readable TIFF-based slide "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
+    return slide
+
+
+def describe(path: str | Path, mpp_override: float | None = None,
+             check_pixels: bool = True) -> SlideInfo:
+    """Open a slide, read its geometry and resolution, and (by default) check pixels decode."""
+    path = Path(path)
+    slide = open_slide(path)
+    try:
+        info = _describe_open(slide, path, mpp_override)
+        if check_pixels:
+            check_readable(slide, path)
+    finally:
+        slide.close()
+    return info
+
+
+def _describe_open(slide: Any, path: Path, mpp_override: float | None) -> SlideInfo:
+    props = slide.properties
+    try:
+        dims = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
+        downsamples = tuple(float(d) for d in slide.level_downsamples)
+    except Exception as e:
+        raise SlideError(f"{path}: cannot read the pyramid levels ({_first_line(e)})") from e
+    vendor = props.get("tiffslide.vendor")
+    power = _float_or_none(props.get("tiffslide.objective-power"))
+    mpp, source = resolve_mpp(slide, power, mpp_override)
+    fmt = vendor or ("ome-tiff" if _ome_xml(slide) else "generic-tiff")
+    desc = str(props.get("tiff.ImageDescription") or "")
+    return SlideInfo(
+        path=str(path), format=fmt, vendor=vendor, width=dims[0][0], height=dims[0][1],
+        level_count=len(dims), level_dimensions=dims, level_downsamples=downsamples,
+        mpp=mpp, mpp_source=source, objective_power=power,
+        synthetic="wsi-assist synthetic" in desc)
+
+
+def check_readable(slide: Any, path: Path) -> None:
+    """Decode a small region of the coarsest level; SlideError if the pixels are corrupt."""
+    level = slide.level_count - 1
+    w, h = slide.level_dimensions[level]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = slide.read_region((0, 0), level, (min(w, 64), min(h, 64)), as_array=True)
+    except Exception as e:
+        raise SlideError(f"{path}: pixel data cannot be decoded "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise SlideError(f"{path}: unsupported pixel type {arr.dtype} with shape "
+                         f"{arr.shape[2:] or '(grey)'}; expected 8-bit RGB")
+
+
+def resolve_mpp(slide: Any, objective_power: float | None,
+                override: float | None = None) -> tuple[float | None, MppSource | None]:
+    """Run the mpp cascade on an open tiffslide slide; returns (mpp, source)."""
+    props = slide.properties
+    mpp = _metadata_mpp(slide)
+    if mpp is not None:
+        return mpp, "metadata"
+    mpp = tiff_resolution_mpp(props.get("tiff.ResolutionUnit"), props.get("tiff.XResolution"))
+    if mpp is not None:
+        return mpp, "tiff-resolution"
+    if objective_power and objective_power > 0:
+        return 10.0 / objective_power, "objective-power"
+    if override is not None:
+        return float(override), "override"
+    return None, None
+
+
+def tiff_resolution_mpp(unit: str | None, x_resolution: float | None) -> float | None:
+    """um/px from a TIFF resolution, or None when the unit is absent or the value implausible."""
+    scale = {"INCH": 25400.0, "CENTIMETER": 10000.0, "MILLIMETER": 1000.0,
+             "MICROMETER": 1.0}.get(str(unit or "").upper())
+    if scale is None or not x_resolution or x_resolution <= 0:
+        return None
+    if scale == 25400.0 and round(x_resolution) in (72, 96, 150, 300):
+        return None  # screen or printer defaults, not a scanner's resolution
+    mpp = scale / float(x_resolution)
+    lo, hi = MPP_PLAUSIBLE
+    return mpp if lo <= mpp <= hi else None
+
+
+def _metadata_mpp(slide: Any) -> float | None:
+    props = slide.properties
+    vendor = props.get("tiffslide.vendor")
+    if vendor == "aperio":
+        return _float_or_none(props.get("aperio.MPP"))
+    if vendor in ("leica", "philips") or (vendor and "tiff.XResolution" not in props):
+        return _float_or_none(props.get("tiffslide.mpp-x"))
+    ome = _ome_xml(slide)
+    if ome:
+        return _ome_mpp(ome)
+    return None
+
+
+def _ome_xml(slide: Any) -> str | None:
+    with contextlib.suppress(Exception):
+        return slide._tifffile.ome_metadata  # type: ignore[no-any-return]
+    return None
+
+
+def _ome_mpp(xml: str) -> float | None:
+    """PhysicalSizeX of the first OME Pixels element, converted to um."""
+    to_um = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.endswith("Pixels") and "PhysicalSizeX" in el.attrib:
+            factor = to_um.get(el.attrib.get("PhysicalSizeXUnit", "µm"))
+            value = _float_or_none(el.attrib["PhysicalSizeX"])
+            if factor and value and value > 0:
+                return value * factor
+    return None
+
+
+def read_mpp_csv(path: Path) -> dict[str, float]:
+    """A CSV of ``slide,mpp`` rows (slide = file name, stem or path) -> {key: mpp}."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise SlideError(f"{path}: cannot read the mpp CSV ({e.strerror})") from e
+    if not rows or not {"slide", "mpp"} <= set(rows[0]):
+        raise SlideError(f"{path}: the mpp CSV needs the columns 'slide' and 'mpp'")
+    out: dict[str, float] = {}
+    for i, row in enumerate(rows, start=2):
+        try:
+            value = float(row["mpp"])
+        except (TypeError, ValueError):
+            raise SlideError(f"{path}: line {i}: mpp {row['mpp']!r} is not a number") from None
+        if not value > 0:
+            raise SlideError(f"{path}: line {i}: mpp must be positive, got {value}")
+        out[row["slide"].strip()] = value
+    return out
+
+
+def mpp_for(path: Path, mpp: float | None, table: dict[str, float] | None) -> float | None:
+    """The override for one slide: its row in the CSV table (by path, name or stem), else mpp."""
+    if table:
+        for key in (str(path), path.name, path.stem):
+            if key in table:
+                return table[key]
+    return mpp
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def read_lowres(slide: Any, info: SlideInfo, target_mpp: float = 8.0,
+                max_pixels: int = 64_000_000) -> tuple[np.ndarray, float]:
+    """An RGB overview at about ``target_mpp`` and its downsample from level 0.
+
+    Uses the coarsest level at least as fine as the target, then block-averages it by
+    an integer factor, reading strips so a single-level gigapixel slide never sits in
+    memory whole.
+    """
+    mpp0 = info.require_mpp()
+    want = max(target_mpp / mpp0, 1.0)
+    level = max((i for i, d in enumerate(info.level_downsamples) if d <= want * 1.001),
+                default=0)
+    ds_level = info.level_downsamples[level]
+    factor = max(int(want / ds_level), 1)
+    w, h = info.level_dimensions[level]
+    out_w, out_h = max(w // factor, 1), max(h // factor, 1)
+    if out_w * out_h > max_pixels:
+        raise SlideError(f"{info.path}: overview of {out_w} x {out_h} px is too large")
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    strip = max(factor, (4096 // factor) * factor)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for y0 in range(0, out_h * factor, strip):
+                rows = min(strip, out_h * factor - y0)
+                arr = slide.read_region((0, int(y0 * ds_level)), level,
+                                        (out_w * factor, rows), as_array=True)[..., :3]
+                block = arr.reshape(rows // factor, factor, out_w, factor, 3)
+                out[y0 // factor: (y0 + rows) // factor] = block.mean(axis=(1, 3)).round()
+    except Exception as e:
+        raise SlideError(f"{info.path}: pixel data cannot be decoded at level {level} "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
+    return out, float(ds_level * factor)

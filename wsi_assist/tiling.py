@@ -1,0 +1,151 @@
+"""The tile grid: which tiles to read, from which level, at which size.
+
+Tiles are laid on the source level, the coarsest level still at least as fine as the
+target mpp. When that level's mpp is within ``mpp_tolerance`` of the target, tiles are
+read at ``tile_px`` and not resized (the delivered mpp is the level's, and is recorded);
+otherwise ``read_px`` level pixels are read and resized to ``tile_px``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import shapely
+
+from wsi_assist.slide import SlideInfo
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """Settings of the grid (config section ``tiling``)."""
+
+    target_mpp: float = 0.5
+    tile_px: int = 224
+    overlap_px: int = 0
+    min_tissue: float = 0.25
+    mpp_tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.target_mpp > 0:
+            raise ValueError(f"target_mpp must be > 0, got {self.target_mpp!r}")
+        if not self.tile_px >= 8:
+            raise ValueError(f"tile_px must be >= 8, got {self.tile_px!r}")
+        if not 0 <= self.overlap_px < self.tile_px:
+            raise ValueError(f"overlap_px must be in [0, tile_px), got {self.overlap_px!r}")
+        if not 0 <= self.min_tissue <= 1:
+            raise ValueError(f"min_tissue must be in [0, 1], got {self.min_tissue!r}")
+        if not 0 <= self.mpp_tolerance < 1:
+            raise ValueError(f"mpp_tolerance must be in [0, 1), got {self.mpp_tolerance!r}")
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles kept on tissue. ``coords`` are level-0 (x, y) of each tile's top-left corner."""
+
+    coords: np.ndarray
+    tissue_fraction: np.ndarray
+    level: int
+    level_downsample: float
+    read_px: int
+    stride_px: int
+    tile_px: int
+    target_mpp: float
+    mpp: float
+    delivered_mpp: float
+    level_dimensions: tuple[int, int] = field(default=(0, 0))
+
+    def __post_init__(self) -> None:
+        if self.coords.ndim != 2 or self.coords.shape[1] != 2 or self.coords.dtype != np.int64:
+            raise ValueError(f"coords must be (N, 2) int64, got {self.coords.dtype} "
+                             f"{self.coords.shape}")
+        if self.tissue_fraction.shape != (len(self.coords),):
+            raise ValueError("tissue_fraction must have one value per tile")
+        if self.read_px < 1 or self.tile_px < 1 or self.stride_px < 1:
+            raise ValueError("read_px, tile_px and stride_px must be positive")
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def resized(self) -> bool:
+        return self.read_px != self.tile_px
+
+    @property
+    def size_l0(self) -> float:
+        """Tile side in level-0 pixels."""
+        return self.read_px * self.level_downsample
+
+    def level_coords(self) -> np.ndarray:
+        """Tile corners in source-level pixels (exact inverse of the level-0 rounding)."""
+        return np.rint(self.coords / self.level_downsample).astype(np.int64)
+
+    def boxes(self) -> np.ndarray:
+        """Tile footprints as shapely boxes in level-0 px."""
+        x, y = self.coords[:, 0], self.coords[:, 1]
+        s = self.size_l0
+        return shapely.box(x, y, x + s, y + s)
+
+    def attrs(self) -> dict[str, float | int]:
+        return {"level": self.level, "level_downsample": self.level_downsample,
+                "read_px": self.read_px, "stride_px": self.stride_px,
+                "tile_px": self.tile_px, "target_mpp": self.target_mpp, "mpp": self.mpp,
+                "delivered_mpp": self.delivered_mpp, "n_tiles": len(self)}
+
+
+def source_level(info: SlideInfo, target_mpp: float, tolerance: float) -> int:
+    """The coarsest level whose mpp is at most the target (within tolerance); else 0."""
+    ok = [i for i in range(info.level_count)
+          if info.level_mpp(i) <= target_mpp * (1 + tolerance)]
+    return max(ok) if ok else 0
+
+
+def grid(info: SlideInfo, tissue: shapely.Geometry, params: TilingParams = TilingParams()
+         ) -> TileGrid:
+    """Lay tiles over the whole source level and keep those with enough tissue."""
+    mpp = info.require_mpp()
+    level = source_level(info, params.target_mpp, params.mpp_tolerance)
+    ds = info.level_downsamples[level]
+    level_mpp = mpp * ds
+    if abs(level_mpp - params.target_mpp) <= params.mpp_tolerance * params.target_mpp:
+        read_px, delivered = params.tile_px, level_mpp
+    else:
+        read_px = max(1, int(round(params.tile_px * params.target_mpp / level_mpp)))
+        delivered = level_mpp * read_px / params.tile_px
+    stride = max(1, int(round((params.tile_px - params.overlap_px) * read_px
+                              / params.tile_px)))
+    lw, lh = info.level_dimensions[level]
+    xs = np.arange(0, lw, stride, dtype=np.int64)
+    ys = np.arange(0, lh, stride, dtype=np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    level_xy = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    coords = np.rint(level_xy * ds).astype(np.int64)
+    fraction = tissue_fraction(coords, read_px * ds, tissue)
+    keep = fraction >= params.min_tissue if params.min_tissue > 0 else fraction > 0
+    return TileGrid(coords=coords[keep], tissue_fraction=fraction[keep].astype(np.float32),
+                    level=level, level_downsample=float(ds), read_px=read_px,
+                    stride_px=stride, tile_px=params.tile_px, target_mpp=params.target_mpp,
+                    mpp=mpp, delivered_mpp=float(delivered), level_dimensions=(lw, lh))
+
+
+def tissue_fraction(coords: np.ndarray, size: float, tissue: shapely.Geometry) -> np.ndarray:
+    """Exact area fraction of each square tile covered by ``tissue``."""
+    out = np.zeros(len(coords), np.float64)
+    if tissue.is_empty or len(coords) == 0:
+        return out
+    x, y = coords[:, 0].astype(np.float64), coords[:, 1].astype(np.float64)
+    boxes = shapely.box(x, y, x + size, y + size)
+    shapely.prepare(tissue)
+    inside = shapely.contains_properly(tissue, boxes)
+    out[inside] = 1.0
+    edge = ~inside & shapely.intersects(tissue, boxes)
+    if edge.any():
+        out[edge] = shapely.area(shapely.intersection(boxes[edge], tissue)) / (size * size)
+    return np.clip(out, 0.0, 1.0)
+
+
+def stream(path, grid, **kwargs):  # type: ignore[no-untyped-def]
+    """Tile batches of ``grid`` from the slide at ``path``; see :mod:`wsi_assist.stream`."""
+    from wsi_assist.stream import stream as _stream
+
+    return _stream(path, grid, **kwargs)
