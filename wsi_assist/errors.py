@@ -17,3 +17,8 @@ class ConfigError(WsiAssistError):
 
 class ModelError(WsiAssistError):
     """A model file is missing, truncated or does not match what was expected."""
+
+
+class StageSkipped(WsiAssistError):
+    """A stage has nothing to do because its model is not configured; the message says
+    how to enable it. Recorded as "not run" for the slide, not as a failure."""

@@ -21,7 +21,7 @@ import zarr
 
 from wsi_assist import geojson, store, thumbnail
 from wsi_assist.config import Config
-from wsi_assist.errors import WsiAssistError
+from wsi_assist.errors import StageSkipped, WsiAssistError
 from wsi_assist.slide import SlideInfo
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ class SlideRun:
     info: SlideInfo
     store: zarr.Group
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        """The configured device, with ``auto`` resolved (cuda when available)."""
+        return resolve_device(self.config.parallelism.device)
 
     def open_slide(self) -> Any:
         from wsi_assist.slide import open_slide
@@ -126,6 +131,11 @@ def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:
         t0 = time.perf_counter()
         try:
             run.summary[name] = func(run)
+        except StageSkipped as e:
+            run.summary[name] = {"skipped": str(e)}
+            run.store.attrs[f"{name}_skipped"] = str(e)
+            log.info("%s: %s not run: %s", run.slide_id, name, e)
+            continue
         except Exception as e:
             e.stage = name  # type: ignore[attr-defined]
             raise
@@ -133,3 +143,14 @@ def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:
         log.debug("%s: %s done in %.2f s: %s", run.slide_id, name, seconds[name],
                   run.summary[name])
     return seconds
+
+
+def resolve_device(spec: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; other specs unchanged."""
+    if spec != "auto":
+        return spec
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
