@@ -107,13 +107,24 @@ def run_tiles(run: SlideRun) -> dict[str, Any]:
     if len(g) == 0:
         log.warning("%s: no tiles with at least %.0f%% tissue", run.path,
                     100 * run.config.tiling.min_tissue)
-    overview = np.asarray(run.store["overview"][...])
-    ds = float(run.store["overview"].attrs["downsample"])
     out = run.config.outputs
-    img = thumbnail.draw(overview, ds, tissue_geom, g if out.draw_tiles else None,
-                         max_px=out.thumbnail_px, synthetic=run.info.synthetic)
-    img.save(run.out_dir / "thumbnail.png")
+    img, ds = read_thumbnail(run, out.thumbnail_px)
+    store.write_array(run.store, "thumbnail", img, rows_per_chunk=1024, downsample=ds,
+                      description="RGB thumbnail, pixels are `downsample` level-0 px wide")
+    drawn = thumbnail.draw(img, ds, tissue_geom, g if out.draw_tiles else None,
+                           max_px=out.thumbnail_px, synthetic=run.info.synthetic)
+    drawn.save(run.out_dir / "thumbnail.png")
     return {"n_tiles": len(g), "level": g.level, "delivered_mpp": g.delivered_mpp}
+
+
+def read_thumbnail(run: SlideRun, max_px: int) -> tuple[np.ndarray, float]:
+    """An RGB image whose longest side is at least ``max_px`` (or the whole level 0)."""
+    from wsi_assist.slide import read_lowres
+
+    info = run.info
+    mpp = info.require_mpp() * max(1.0, max(info.width, info.height) / max_px)
+    with run.open_slide() as s:
+        return read_lowres(s, info, mpp)
 
 
 StageFunc = Callable[[SlideRun], dict[str, Any]]
