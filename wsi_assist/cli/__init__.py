@@ -30,6 +30,9 @@ def _root(
     state.debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    if not debug:
+        for h in logging.getLogger().handlers:
+            h.addFilter(lambda r: not r.name.startswith("wsi_assist.traceback"))
     for noisy in ("PIL", "distributed", "asyncio", "numcodecs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # tifffile logs every malformed tag of a bad file; our one-line error says enough
