@@ -19,80 +19,28 @@ from wsi_assist import config as config_mod  # noqa: E402
 from wsi_assist import pipeline, represent, store  # noqa: E402
 from wsi_assist.caption import CaptionParams, tile_findings  # noqa: E402
 from wsi_assist.errors import ModelError  # noqa: E402
+from wsi_assist.models import random_vlm  # noqa: E402
 from wsi_assist.models.captioner import build_prompt, findings_text  # noqa: E402
 from wsi_assist.slide import describe  # noqa: E402
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}: {% if m['content'] is string %}"
-            "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-            "<image>{{ '\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-            "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-CORPUS = ["An H&E image of tumor tissue with nuclei, stroma and lymphocytes.",
-          "Zero-shot tissue class probability positive negative counts findings."]
-
-
-def _tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>",
-                                                                   "<pad>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = TEMPLATE
-    return fast
-
-
-def _llama(tok: Any) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                       max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-
-
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CLIP vision (32 px, patch 8) + Llama (2 layers) LLaVA with processor and template."""
-    import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    out = tmp_path_factory.mktemp("tiny-llava")
-    tok = _tokenizer()
-    proc = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                           crop_size={"height": 32, "width": 32}),
-        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=32, patch_size=8)
-    cfg = LlavaConfig(vision_config=vision, text_config=_llama(tok),
-                      image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-1, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(cfg).save_pretrained(out)
-    proc.save_pretrained(out)
-    return out
+    """CLIP vision (32 px, patch 8) + Llama (2 layers) LLaVA, a BPE tokenizer trained
+    locally with <image>, CLIPImageProcessor, LlavaProcessor + chat template; saved."""
+    return random_vlm.build_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaForCausalLM
+    return random_vlm.build_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
 
-    out = tmp_path_factory.mktemp("tiny-lm")
-    tok = _tokenizer()
-    torch.manual_seed(1)
-    LlamaForCausalLM(_llama(tok)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+
+def test_tiny_llava_is_saved_in_real_format(tiny_llava: Path) -> None:
+    cfg = json.loads((tiny_llava / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["text_config"]["model_type"] == "llama"
+    assert cfg["vision_config"]["model_type"] == "clip_vision_model"
+    assert (tiny_llava / "model.safetensors").is_file()
+    assert (tiny_llava / "tokenizer.json").is_file()
 
 
 CLASSES = ["Tumor", "Stroma"]
@@ -304,3 +252,37 @@ def test_params_validate() -> None:
     with pytest.raises(ValueError, match="^queries"):
         CaptionParams(queries=[" "])
     assert config_mod.load().caption == CaptionParams()
+
+
+def test_cli_run_query_reaches_config(svs_slide: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_assist.cli import app
+
+    res = CliRunner().invoke(app, ["run", str(svs_slide), "-o", str(tmp_path / "out"),
+                                   "--stages", "tissue,tiles,caption",
+                                   "--query", "mitotic figures", "--query", "necrosis"])
+    assert res.exit_code == 0, res.output
+    cfg = config_mod.load(tmp_path / "out" / "config.yaml")
+    assert cfg.caption.queries == ["mitotic figures", "necrosis"]
+    done = json.loads((tmp_path / "out" / "aperio" / "done.json").read_text())
+    assert "caption.model" in done["summary"]["caption"]["skipped"]
+
+
+def test_batch_rerun_reuses_cache(svs_slide: Path, tmp_path: Path, tiny_llava: Path,
+                                  count_generate: list[int]) -> None:
+    from wsi_assist import batch
+
+    cfg = config_mod.from_dict({"stages": ["tissue", "tiles", "caption"],
+                                "parallelism": {"device": "cpu"},
+                                "caption": {"model": str(tiny_llava), "fallback_k": 2,
+                                            "max_new_tokens": 3}})
+    out = tmp_path / "out"
+    assert batch.run_batch([svs_slide], out, cfg)[0].status == "done"
+    first = json.loads((out / "aperio" / "captions.json").read_text())
+    assert count_generate == [2]
+    assert (out / ".cache" / "captions" / "aperio.json").is_file()
+    assert batch.run_batch([svs_slide], out, cfg)[0].status == "done"
+    assert count_generate == [2]  # the second run generated nothing
+    assert json.loads((out / "aperio" / "captions.json").read_text()) == first
+    assert all((out / "aperio" / c["tile_png"]).is_file() for c in first)

@@ -20,9 +20,14 @@ def run(
                                                     "report.")] = None,
     mpp: opt.Mpp = None,
     mpp_csv: opt.MppCsv = None,
+    query: Annotated[list[str] | None, typer.Option(
+        "--query", help="Text query (repeatable): its nearest tiles by PathCLIP "
+                        "similarity are captioned too (caption.queries).")] = None,
 ) -> None:
     """Process slides into OUT. Exit 0 when all slides are done, 1 when any failed."""
-    execute(inputs, out, config, stages=stages, mpp=mpp, mpp_csv=mpp_csv)
+    overrides = {"caption": {"queries": list(query)}} if query else None
+    execute(inputs, out, config, stages=stages, mpp=mpp, mpp_csv=mpp_csv,
+            overrides=overrides)
 
 
 def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: str | None,
