@@ -236,6 +236,14 @@ def test_tile_findings_counts_points_inside_tile(svs_slide: Path, tmp_path: Path
     f0, f1 = tile_findings(run.store, grid, [0, 1])
     assert f0["submodels"]["ki67"]["counts"] == {"positive": 2, "negative": 1}
     assert f1["submodels"]["ki67"]["counts"] == {"positive": 0, "negative": 0}
+    n = run.store["coords"].shape[0]
+    cls = run.store.require_group("submodels/lbc")
+    probs = np.tile(np.array([[0.2, 0.8]], np.float32), (n, 1))
+    store.write_array(cls, "probs", probs)
+    store.write_array(cls, "labels", np.ones(n, np.int16))
+    cls.attrs.update({"task": "tile-classification", "classes": ["NILM", "HSIL"]})
+    (f1,) = tile_findings(run.store, grid, [1])
+    assert f1["submodels"]["lbc"] == {"label": "HSIL", "prob": pytest.approx(0.8)}
 
 
 def test_dtype_cpu_is_float32() -> None:

@@ -235,8 +235,9 @@ def run_caption(run: Any) -> dict[str, Any]:
             **notes}
 
 
-def _generate(run: Any, params: CaptionParams, model: str, tiles: list[np.ndarray], prompts: list[str],
-              keys: list[str], cache: dict[str, Any]) -> None:
+def _generate(run: Any, params: CaptionParams, model: str, tiles: list[np.ndarray],
+              prompts: list[str], keys: list[str], cache: dict[str, Any]) -> None:
+    """Caption the cache misses and add them to ``cache``."""
     from wsi_assist.models.captioner import Captioner
 
     cap = Captioner(model, run.device, params.dtype)
