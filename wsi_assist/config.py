@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from wsi_assist.caption import CaptionParams
 from wsi_assist.errors import ConfigError
 from wsi_assist.tiling import TilingParams
 from wsi_assist.tissue import TissueParams
@@ -92,6 +93,7 @@ SECTIONS: dict[str, type] = {
     "stream": StreamParams,
     "outputs": OutputParams,
     "parallelism": ParallelParams,
+    "caption": CaptionParams,
 }
 
 

@@ -20,6 +20,7 @@ import shapely
 import zarr
 
 from wsi_assist import geojson, store, thumbnail
+from wsi_assist.caption import run_caption
 from wsi_assist.config import Config
 from wsi_assist.errors import StageSkipped, WsiAssistError
 from wsi_assist.slide import SlideInfo
@@ -128,7 +129,8 @@ def read_thumbnail(run: SlideRun, max_px: int) -> tuple[np.ndarray, float]:
 
 
 StageFunc = Callable[[SlideRun], dict[str, Any]]
-STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles}
+STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles,
+                                      "caption": run_caption}
 
 
 def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:

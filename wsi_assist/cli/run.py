@@ -31,16 +31,21 @@ def run(
                                                        "scheduler, e.g. tcp://host:8786.")]
     = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    query: Annotated[list[str] | None, typer.Option(
+        "--query", help="Text query (repeatable): its nearest tiles by PathCLIP "
+                        "similarity are captioned too (caption.queries).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo slides that are already "
                                                         "done.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Only warnings and the final "
                                                         "summary.")] = False,
 ) -> None:
     """Process slides into OUT. Exit 0 when all are done or skipped, 1 when any failed."""
+    overrides: dict[str, dict[str, Any]] = {
+        "parallelism": {"workers": workers, "scheduler": scheduler, "device": device}}
+    if query:
+        overrides["caption"] = {"queries": list(query)}
     execute(inputs, out, config, stages=stages, mpp=mpp, mpp_csv=mpp_csv, force=force,
-            quiet=quiet, overrides={"parallelism": {"workers": workers,
-                                                    "scheduler": scheduler,
-                                                    "device": device}})
+            quiet=quiet, overrides=overrides)
 
 
 def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: str | None,

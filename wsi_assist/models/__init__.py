@@ -1,0 +1,1 @@
+"""Model wrappers: PathCLIP, zero-shot, sub-models, captioner."""
