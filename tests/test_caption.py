@@ -290,7 +290,8 @@ def test_batch_rerun_reuses_cache(svs_slide: Path, tmp_path: Path, tiny_llava: P
     first = json.loads((out / "aperio" / "captions.json").read_text())
     assert count_generate == [2]
     assert (out / ".cache" / "captions" / "aperio.json").is_file()
-    assert batch.run_batch([svs_slide], out, cfg)[0].status == "done"
-    assert count_generate == [2]  # the second run generated nothing
+    assert batch.run_batch([svs_slide], out, cfg)[0].status == "skipped"  # resumed
+    assert batch.run_batch([svs_slide], out, cfg, force=True)[0].status == "done"
+    assert count_generate == [2]  # the forced rerun generated nothing: cache hits
     assert json.loads((out / "aperio" / "captions.json").read_text()) == first
     assert all((out / "aperio" / c["tile_png"]).is_file() for c in first)
