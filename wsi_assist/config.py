@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from wsi_assist.errors import ConfigError
+from wsi_assist.models.pathclip import EmbedParams
+from wsi_assist.models.zeroshot import ZeroShotParams
 from wsi_assist.tiling import TilingParams
 from wsi_assist.tissue import TissueParams
 
@@ -92,6 +94,8 @@ SECTIONS: dict[str, type] = {
     "stream": StreamParams,
     "outputs": OutputParams,
     "parallelism": ParallelParams,
+    "embed": EmbedParams,
+    "zeroshot": ZeroShotParams,
 }
 
 

@@ -1,0 +1,146 @@
+"""Model specs, safe checkpoint loading, device preprocessing and the embed stage."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinyclip import TINY_ARCH, register_tiny, save_tiny
+
+from wsi_assist.errors import ModelError
+from wsi_assist.models import pathclip
+from wsi_assist.models.pathclip import EmbedParams, configured_spec, load_model, parse_spec
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny")
+    register_tiny(d)
+    return save_tiny(d / "tiny.pt")
+
+
+def test_spec_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(pathclip.PATHCLIP_ENV, raising=False)
+    with pytest.raises(ModelError, match="embed.pathclip"):
+        parse_spec("pathclip")
+    assert configured_spec(EmbedParams()) is None
+    s = parse_spec("pathclip", str(tmp_path / "a.pt"))
+    assert (s.arch, s.quick_gelu, s.weights) == ("ViT-B-16", True, tmp_path / "a.pt")
+    monkeypatch.setenv(pathclip.PATHCLIP_ENV, str(tmp_path / "env.pt"))
+    assert parse_spec("pathclip").weights == tmp_path / "env.pt"
+    assert parse_spec("pathclip", str(tmp_path / "cfg.pt")).weights == tmp_path / "cfg.pt"
+    s = parse_spec("ViT-B-32:/x/quilt.pt")
+    assert (s.arch, s.weights, s.quick_gelu) == ("ViT-B-32", Path("/x/quilt.pt"), False)
+    assert parse_spec("hf-hub:org/model").hub == "hf-hub:org/model"
+    with pytest.raises(ModelError, match="unknown open_clip architecture 'NoSuchNet'"):
+        parse_spec("NoSuchNet:/x.pt")
+    with pytest.raises(ModelError, match="expected 'pathclip'"):
+        parse_spec("ViT-B-16")
+
+
+def test_tiny_loads_through_the_loader(tiny_ckpt: Path) -> None:
+    import open_clip
+    import torch
+
+    lm = load_model(f"{TINY_ARCH}:{tiny_ckpt}")
+    assert (lm.embed_dim, lm.image_size) == (32, 32)
+    assert lm.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
+    sd = torch.load(tiny_ckpt, weights_only=True)
+    assert torch.equal(lm.model.state_dict()["visual.proj"], sd["visual.proj"])
+    assert load_model(f"{TINY_ARCH}:{tiny_ckpt}") is lm  # loaded once
+
+
+def test_bad_files_are_refused_with_the_file_named(tiny_ckpt: Path, tmp_path: Path) -> None:
+    import torch
+
+    spec = f"{TINY_ARCH}:{{}}"
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(ModelError, match=f"{missing}: model file not found.*{TINY_ARCH}"):
+        load_model(spec.format(missing))
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(tiny_ckpt.read_bytes()[:5000])
+    with pytest.raises(ModelError, match=f"{trunc}: cannot read.*{TINY_ARCH} state_dict"):
+        load_model(spec.format(trunc))
+    sd = torch.load(tiny_ckpt, weights_only=True)
+    sd["visual.proj"] = torch.zeros(64, 16)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(sd, wrong)
+    with pytest.raises(ModelError, match=r"wrong.pt: does not match open_clip wsi-tiny-vit: "
+                                         r"1 shape mismatches .*'visual.proj': file \(64, 16\)"):
+        load_model(spec.format(wrong))
+    del sd["visual.proj"]
+    torch.save(sd, wrong)
+    with pytest.raises(ModelError, match="1 missing keys"):
+        load_model(spec.format(wrong))
+
+
+def test_pickled_code_is_not_executed(tmp_path: Path) -> None:
+    import torch
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": torch.zeros(1), "f": os.getcwd}, evil)  # a callable: not weights-only
+    with pytest.raises(ModelError, match="evil.pt: cannot read"):
+        load_model(f"{TINY_ARCH}:{evil}")
+
+
+@pytest.mark.slow
+def test_full_size_pathclip_checkpoint(tmp_path: Path) -> None:
+    """A random ViT-B-16 (QuickGELU) state_dict with pathclip-base.pt's keys and shapes."""
+    import open_clip
+    import torch
+
+    t0 = time.perf_counter()
+    model = open_clip.create_model("ViT-B-16", force_quick_gelu=True, load_weights=False)
+    ckpt = tmp_path / "pathclip-base.pt"
+    sd = model.state_dict()
+    torch.save(sd, ckpt)
+    lm = load_model("pathclip", pathclip=str(ckpt))
+    assert (lm.embed_dim, lm.image_size) == (512, 224)
+    assert lm.model.visual.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"
+    assert torch.equal(lm.model.state_dict()["text_projection"], sd["text_projection"])
+    sd["visual.conv1.weight"] = torch.zeros(768, 3, 32, 32)  # a ViT-B-32 patch embedding
+    torch.save(sd, ckpt)
+    with pytest.raises(ModelError, match=r"pathclip-base.pt: does not match open_clip "
+                                         r"ViT-B-16.*visual.conv1.weight"):
+        load_model("pathclip", pathclip=str(ckpt))
+    print(f"full-size load test: {time.perf_counter() - t0:.1f} s")
+
+
+def test_device_preprocessing_matches_open_clip() -> None:
+    """Resize + normalise on the device equals open_clip's PIL pipeline closely."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    tiles = np.asarray([np.asarray(Image.fromarray(t).resize((64, 64))) for t in tiles])
+    ours = pathclip.preprocess(torch.from_numpy(tiles), 64, open_clip.OPENAI_DATASET_MEAN,
+                               open_clip.OPENAI_DATASET_STD)
+    _, _, ref_tf = open_clip.create_model_and_transforms(TINY_ARCH, load_weights=False,
+                                                         force_image_size=64)
+    ref = torch.stack([ref_tf(Image.fromarray(t)) for t in tiles])
+    assert ours.shape == (2, 3, 64, 64)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    small = pathclip.preprocess(torch.from_numpy(tiles), 32, (0.0,) * 3, (1.0,) * 3)
+    assert small.shape == (2, 3, 32, 32) and 0 <= float(small.min()) <= float(small.max()) <= 1
+
+
+def test_encoders_are_normalised_and_deterministic(tiny_ckpt: Path) -> None:
+    import torch
+
+    lm = load_model(f"{TINY_ARCH}:{tiny_ckpt}")
+    tiles = np.random.default_rng(1).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    a = pathclip.encode_images(lm, torch.from_numpy(tiles)).numpy()
+    assert a.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    b = pathclip.encode_images(lm, torch.from_numpy(tiles[1:2])).numpy()
+    np.testing.assert_allclose(a[1:2], b, atol=1e-5)
+    t = pathclip.encode_text(lm, ["An H&E image of tumor.", "An H&E image of fat."])
+    assert t.shape == (2, 32) and not np.allclose(t[0], t[1])
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
