@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -144,3 +145,68 @@ def test_encoders_are_normalised_and_deterministic(tiny_ckpt: Path) -> None:
     t = pathclip.encode_text(lm, ["An H&E image of tumor.", "An H&E image of fat."])
     assert t.shape == (2, 32) and not np.allclose(t[0], t[1])
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+
+
+def test_onnx_export_parity_and_engine(tiny_ckpt: Path, tmp_path: Path, svs_slide: Path,
+                                       capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from exporters import pathclip_onnx
+    from wsi_assist import config as config_mod
+    from wsi_assist import store
+    from wsi_assist.batch import run_batch
+    from wsi_assist.models.embed import OnnxEncoder
+
+    spec = f"{TINY_ARCH}:{tiny_ckpt}"
+    onnx_path = tmp_path / "enc.onnx"
+    assert pathclip_onnx.main([spec, "-o", str(onnx_path)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["ok"] and report["max_abs_diff"] < 1e-3
+    enc = OnnxEncoder(onnx_path, "cpu")
+    tiles = np.random.default_rng(2).integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
+    got = enc.submit(tiles)  # dynamic batch: 5 rows, exported with 2
+    ref = pathclip.encode_images(load_model(spec), torch.from_numpy(tiles)).numpy()
+    assert got.shape == (5, 32)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    with pytest.raises(ModelError, match="exported from weights .* re-export"):
+        OnnxEncoder(onnx_path, "cpu", expect_sha256="f" * 64)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(onnx_path.read_bytes()[:2000])
+    with pytest.raises(ModelError, match="bad.onnx: onnxruntime cannot load it"):
+        OnnxEncoder(bad, "cpu")
+    monkeypatch.setattr(pathclip_onnx, "parity", lambda *a, **k: 0.5)
+    assert pathclip_onnx.main([spec, "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "parity check failed: max abs difference 0.5" in capsys.readouterr().err
+
+    d = config_mod.load().to_dict()
+    d["stages"] = ["tissue", "tiles", "embed"]
+    d["embed"].update({"model": spec, "engine": "onnx", "onnx": str(onnx_path)})
+    d["parallelism"]["device"] = "cpu"
+    res = run_batch([svs_slide], tmp_path / "onnx_out", config_mod.from_dict(d))
+    d["embed"]["engine"] = "torch"
+    res += run_batch([svs_slide], tmp_path / "torch_out", config_mod.from_dict(d))
+    assert [r.status for r in res] == ["done", "done"], res[0].error
+    a, b = (np.asarray(store.open_store(tmp_path / o / res[0].slide_id / "slide.zarr",
+                                        mode="r")["embeddings"][...], np.float32)
+            for o in ("onnx_out", "torch_out"))
+    assert a.shape == b.shape and len(a) > 0
+    np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_models_command(tiny_ckpt: Path, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_assist.cli import app
+
+    monkeypatch.delenv(pathclip.PATHCLIP_ENV, raising=False)
+    r = CliRunner().invoke(app, ["models"])
+    assert r.exit_code == 0 and "not configured" in r.output and "crc100k" in r.output
+    r = CliRunner().invoke(app, ["models", "--model", f"{TINY_ARCH}:{tiny_ckpt}"])
+    assert r.exit_code == 0, r.output
+    assert "loads: wsi-tiny-vit" in r.output and "32-d" in r.output
+    missing = tmp_path / "nope.pt"
+    r = CliRunner().invoke(app, ["models", "--pathclip", str(missing)])
+    assert r.exit_code == 1
+    assert "MISSING" in r.output and f"{missing}: model file not found" in r.output
