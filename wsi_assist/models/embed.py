@@ -122,6 +122,17 @@ def make_encoder(spec: ModelSpec, params: EmbedParams, device: str) -> Encoder:
     return TorchEncoder(load_model(spec, device), params.precision)
 
 
+def used_precision(params: EmbedParams, device: str) -> str:
+    """What the arithmetic really was: fp32 on CPU and in onnxruntime, else autocast."""
+    from wsi_assist.models.pathclip import autocast_dtype
+
+    if params.engine == "onnx":
+        return "fp32"
+    dtype = autocast_dtype(params.precision, device)
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace(
+        "bfloat16", "bf16").replace("float16", "fp16")
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     """Embeddings of a whole grid and where the time went."""
@@ -181,7 +192,7 @@ def run_embed(run: Any) -> dict[str, Any]:
     res = embed_batches(encoder, batches, len(grid))
     store.write_array(run.store, "embeddings", res.embeddings, model=spec.spec,
                       model_sha256=encoder.sha256, engine=params.engine,
-                      precision=params.precision, axes=["tile", "feature"])
+                      precision=used_precision(params, run.device), axes=["tile", "feature"])
     log.info("%s: %d tiles embedded at %.1f tiles/s (%.0f%% waiting for input)",
              run.slide_id, len(grid), res.tiles_per_s,
              100 * res.input_wait_s / max(res.seconds, 1e-9))
