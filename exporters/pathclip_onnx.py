@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def export(lm: LoadedModel, out: Path, opset: int = 17) -> Path:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA op has no ONNX symbolic
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # the tracer's shape checks become constants; the batch axis stays dynamic
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(_wrapper(lm), (example,), str(out),
                               input_names=["pixel_values"], output_names=["embeddings"],
                               opset_version=opset, dynamo=False,

@@ -210,3 +210,32 @@ def test_models_command(tiny_ckpt: Path, tmp_path: Path,
     r = CliRunner().invoke(app, ["models", "--pathclip", str(missing)])
     assert r.exit_code == 1
     assert "MISSING" in r.output and f"{missing}: model file not found" in r.output
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_matches_cpu(tiny_ckpt: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from wsi_assist.models.embed import TorchEncoder, embed_batches
+    from wsi_assist.stream import TileBatch
+
+    tiles = np.random.default_rng(4).integers(0, 256, (10, 224, 224, 3), dtype=np.uint8)
+    batches = [TileBatch(np.arange(i, min(i + 4, 10)), tiles[i:i + 4]) for i in (0, 4, 8)]
+    cpu = embed_batches(TorchEncoder(load_model(f"{TINY_ARCH}:{tiny_ckpt}")), batches, 10)
+    for precision in ("bf16", "fp16", "fp32"):
+        enc = TorchEncoder(load_model(f"{TINY_ARCH}:{tiny_ckpt}", "cuda"), precision)
+        gpu = embed_batches(enc, batches, 10)
+        np.testing.assert_allclose(gpu.embeddings.astype(np.float32),
+                                   cpu.embeddings.astype(np.float32), atol=3e-2)
+
+
+def test_hub_model_offline_is_a_clear_error() -> None:
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        pytest.skip("huggingface_hub was imported before HF_HUB_OFFLINE was set")
+    with pytest.raises(ModelError, match="hf-hub:org/no-such-model: cannot load from the "
+                                         "Hugging Face hub"):
+        load_model("hf-hub:org/no-such-model")

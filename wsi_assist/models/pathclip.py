@@ -15,11 +15,13 @@ architecture key for key and shape for shape.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import pickle
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -234,8 +236,9 @@ def _load(spec: ModelSpec, device: str) -> LoadedModel:
         if spec.weights is None:
             raise ModelError(f"model spec {spec.spec!r}: no weights file")
         sd = read_state_dict(spec.weights, spec.arch)
-        model = open_clip.create_model(spec.arch, pretrained=None, load_weights=False,
-                                       force_quick_gelu=spec.quick_gelu, device="cpu")
+        with _quiet_open_clip():
+            model = open_clip.create_model(spec.arch, pretrained=None, load_weights=False,
+                                           force_quick_gelu=spec.quick_gelu, device="cpu")
         check_state_dict(sd, model, spec.weights, spec.arch)
         model.load_state_dict(sd, strict=True)
         sha = file_sha256(spec.weights)
@@ -253,6 +256,22 @@ def _load(spec: ModelSpec, device: str) -> LoadedModel:
     log.info("loaded %s (%s) on %s, %d-d", spec.spec, spec.describe(), device, dim)
     return LoadedModel(spec=spec, model=model, device=device, sha256=sha, image_size=size,
                        mean=mean, std=std, embed_dim=dim)  # type: ignore[arg-type]
+
+
+class _DropNoPretrained(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Hide open_clip's "no pretrained weights" warning: ours are loaded right after."""
+    f = _DropNoPretrained()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
 
 
 def preprocess(tiles: torch.Tensor, size: int, mean: tuple[float, ...],
