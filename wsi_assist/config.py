@@ -20,6 +20,8 @@ import yaml
 
 from wsi_assist.caption import CaptionParams
 from wsi_assist.errors import ConfigError
+from wsi_assist.models.pathclip import EmbedParams
+from wsi_assist.models.zeroshot import ZeroShotParams
 from wsi_assist.tiling import TilingParams
 from wsi_assist.tissue import TissueParams
 
@@ -94,6 +96,8 @@ SECTIONS: dict[str, type] = {
     "outputs": OutputParams,
     "parallelism": ParallelParams,
     "caption": CaptionParams,
+    "embed": EmbedParams,
+    "zeroshot": ZeroShotParams,
 }
 
 

@@ -23,6 +23,8 @@ from wsi_assist import geojson, store, thumbnail
 from wsi_assist.caption import run_caption
 from wsi_assist.config import Config
 from wsi_assist.errors import StageSkipped, WsiAssistError
+from wsi_assist.models.embed import run_embed
+from wsi_assist.models.zeroshot import run_zeroshot
 from wsi_assist.slide import SlideInfo
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,8 @@ def read_thumbnail(run: SlideRun, max_px: int) -> tuple[np.ndarray, float]:
 
 StageFunc = Callable[[SlideRun], dict[str, Any]]
 STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles,
-                                      "caption": run_caption}
+                                     "embed": run_embed, "zeroshot": run_zeroshot,
+                                     "caption": run_caption}
 
 
 def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:

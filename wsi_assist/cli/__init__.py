@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from wsi_assist.cli import demo, info, run, tile
+from wsi_assist.cli import demo, info, models, run, tile
+from wsi_assist.cli import eval as eval_cmd
 from wsi_assist.cli.common import state
 
 app = typer.Typer(name="wsi-assist", no_args_is_help=True, add_completion=False,
@@ -43,6 +44,8 @@ app.command("info")(info.info)
 app.command("run")(run.run)
 app.command("tile")(tile.tile)
 app.command("demo")(demo.demo)
+app.command("models")(models.models)
+app.add_typer(eval_cmd.app, name="eval")
 
 
 def main() -> None:

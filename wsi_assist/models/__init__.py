@@ -1,1 +1,2 @@
-"""Model wrappers: PathCLIP, zero-shot, sub-models, captioner."""
+"""Models over tiles: PathCLIP (and other open_clip) embeddings and zero-shot classes
+(``pathclip``, ``embed``, ``zeroshot``), ONNX sub-models, and the captioner."""

@@ -1,0 +1,1 @@
+"""Turn PyTorch models into ONNX files the pipeline runs with onnxruntime."""
