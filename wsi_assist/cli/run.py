@@ -31,6 +31,12 @@ def run(
                                                        "scheduler, e.g. tcp://host:8786.")]
     = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    pathclip: Annotated[Path | None, typer.Option(help="PathCLIP weights "
+                                                       "(pathclip-base.pt).")] = None,
+    engine: Annotated[str | None, typer.Option(help="Embedding engine: torch or onnx.")]
+    = None,
+    prompts: Annotated[str | None, typer.Option(help="Zero-shot prompt set name or YAML "
+                                                     "file.")] = None,
     query: Annotated[list[str] | None, typer.Option(
         "--query", help="Text query (repeatable): its nearest tiles by PathCLIP "
                         "similarity are captioned too (caption.queries).")] = None,
@@ -41,7 +47,9 @@ def run(
 ) -> None:
     """Process slides into OUT. Exit 0 when all are done or skipped, 1 when any failed."""
     overrides: dict[str, dict[str, Any]] = {
-        "parallelism": {"workers": workers, "scheduler": scheduler, "device": device}}
+        "parallelism": {"workers": workers, "scheduler": scheduler, "device": device},
+        "embed": {"pathclip": str(pathclip) if pathclip else None, "engine": engine},
+        "zeroshot": {"prompts": prompts}}
     if query:
         overrides["caption"] = {"queries": list(query)}
     execute(inputs, out, config, stages=stages, mpp=mpp, mpp_csv=mpp_csv, force=force,
