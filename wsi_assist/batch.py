@@ -26,6 +26,7 @@ from wsi_assist import store
 from wsi_assist.config import Config
 from wsi_assist.errors import WsiAssistError
 from wsi_assist.pipeline import SlideRun, run_stages
+from wsi_assist.report.index import write_batch_outputs
 from wsi_assist.slide import describe, mpp_for, read_mpp_csv
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def run_batch(inputs: list[Path], out: Path, config: Config) -> list[SlideResult
     config_mod.save(config, out / "config.yaml")
     results = [process_slide(p, ids[p], out, config, mpp_table) for p in paths]
     write_manifest(out / "manifest.csv", results)
+    write_batch_outputs(out, [r.row() for r in results])
     shutil.rmtree(out / ".work", ignore_errors=True)
     return results
 

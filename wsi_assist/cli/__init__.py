@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from wsi_assist.cli import demo, info, run, tile
+from wsi_assist.cli import demo, info, report, run, tile
 from wsi_assist.cli.common import state
 
 app = typer.Typer(name="wsi-assist", no_args_is_help=True, add_completion=False,
@@ -40,6 +40,7 @@ app.command("info")(info.info)
 app.command("run")(run.run)
 app.command("tile")(tile.tile)
 app.command("demo")(demo.demo)
+app.command("report")(report.report)
 
 
 def main() -> None:
