@@ -110,3 +110,21 @@ def _captions(slide_dir: Path, coords: np.ndarray, top: np.ndarray) -> None:
     (slide_dir / "summary.json").write_text(json.dumps(
         {"summary": "Synthetic tissue; tumour-like left, necrosis-like right.",
          "model": "captioner-test"}), encoding="utf-8")
+
+
+def tiled_slide(out: Path, slide: Path) -> Path:
+    """Run the real tissue and tiles stages on ``slide`` into ``out``; the slide folder."""
+    from wsi_assist import batch, config
+
+    cfg = config.from_dict({"stages": ["tissue", "tiles"]})
+    results = batch.run_batch([slide], out, cfg)
+    if results[0].status != "done":
+        raise RuntimeError(results[0].error)
+    return out / results[0].slide_id
+
+
+def report_config(**report):  # type: ignore[no-untyped-def]
+    """Defaults with small regions kept (the synthetic slide is 1 x 0.75 mm)."""
+    from wsi_assist import config
+
+    return config.from_dict({"report": {"min_region_um2": 20000.0, "pdf": False, **report}})
