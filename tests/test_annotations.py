@@ -15,10 +15,9 @@ import shapely
 from findings_helper import CLASSES, report_config, tiled_slide, write_findings
 from shapely.geometry import shape
 
-from wsi_assist import annotate, store
+from wsi_assist import store
 from wsi_assist.aggregate import TileLayout, class_regions
 from wsi_assist.report.build import build_slide_outputs
-from wsi_assist.report.data import SubModel
 
 OBJECT_TYPES = {"annotation", "detection", "cell", "tile"}
 

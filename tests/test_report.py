@@ -74,7 +74,7 @@ def test_report_json_from_stored_findings(slide_dir: Path, syn_spec) -> None:
     assert ki67["scores"]["Ki-67 index"]["value"] == pytest.approx(pos / n)
     assert "positive nuclei" in ki67["scores"]["Ki-67 index"]["definition"]
     tiles = r["representative_tiles"]
-    assert [t["caption"] for t in tiles][0].startswith("Test caption 0")
+    assert next(t["caption"] for t in tiles).startswith("Test caption 0")
     assert tiles[0]["x"] == int(g["coords"][0, 0])
     assert r["summary"]["summary"].startswith("Synthetic tissue")
     assert all(v["status"] == "done" for v in r["stages"].values())

@@ -9,6 +9,7 @@ legend and a scale bar. Coordinates are level-0 pixels throughout.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,9 +95,9 @@ def class_regions(layout: TileLayout, top: np.ndarray, classes: list[str],
         area_um2 = geom.area * px_um2
         fraction = (area_um2 / tissue_area_um2 if tissue_area_um2 and tissue_area_um2 > 0
                     else None)
-        out.append(ClassRegion(name=name, color=tuple(int(c) for c in color),  # type: ignore[arg-type]
-                               geometry=geom, n_tiles=len(rows), area_mm2=area_um2 / 1e6,
-                               fraction=None if fraction is None else min(1.0, fraction)))
+        rgb = (int(color[0]), int(color[1]), int(color[2]))
+        out.append(ClassRegion(name=name, color=rgb, geometry=geom, n_tiles=len(rows),
+                               area_mm2=area_um2 / 1e6, fraction=None if fraction is None else min(1.0, fraction)))
     return out
 
 
@@ -151,8 +152,8 @@ def view(overview: np.ndarray, downsample: float, max_px: int,
         m = 0.04 * max(bounds[2] - bounds[0], bounds[3] - bounds[1])
         c0 = max(0, int((bounds[0] - m) / downsample))
         r0 = max(0, int((bounds[1] - m) / downsample))
-        c1 = min(w, int(math.ceil((bounds[2] + m) / downsample)))
-        r1 = min(h, int(math.ceil((bounds[3] + m) / downsample)))
+        c1 = min(w, math.ceil((bounds[2] + m) / downsample))
+        r1 = min(h, math.ceil((bounds[3] + m) / downsample))
         if c1 <= c0 or r1 <= r0:
             c0, r0, c1, r1 = 0, 0, w, h
     img = Image.fromarray(np.ascontiguousarray(overview[r0:r1, c0:c1, :3]))
@@ -220,7 +221,10 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _frame(img: Image.Image, title: str, um_per_px: float, legend) -> Image.Image:  # type: ignore[no-untyped-def]
+Legend = Callable[[ImageDraw.ImageDraw, int, int, int], None]
+
+
+def _frame(img: Image.Image, title: str, um_per_px: float, legend: Legend) -> Image.Image:
     """Add a title bar above and a legend plus scale bar below ``img``; text scales with
     the image width so it stays readable when the page shrinks the picture."""
     u = max(12, round(max(img.width, 360) / 38))  # text size, px

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shapely
 
 from wsi_assist import geojson
 from wsi_assist.aggregate import ClassRegion, TileLayout

@@ -34,7 +34,8 @@ margin-right:6px}
 .bar{background:#eef0f3;height:12px;width:100%;min-width:120px}.bar>span{display:block;height:12px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:14px}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:12px}
-figure{margin:0}.gallery img{width:100%;image-rendering:auto}figcaption{font-size:12px;color:#333;margin-top:4px}
+figure{margin:0}.gallery img{width:100%}
+figcaption{font-size:12px;color:#333;margin-top:4px}
 .muted{color:#57606a}.tag{display:inline-block;padding:0 6px;border-radius:8px;
 font-size:11px;background:#ddf4ff;color:#0550ae}.tag.off{background:#eee;color:#666}
 code{font-size:12px;word-break:break-all}
@@ -64,8 +65,8 @@ def render(r: dict[str, Any], out_dir: Path) -> str:
                 f'<div class="notice">{escape(r["notice"])}.</div>')
     body += [_overview(r, out_dir), _composition(r, out_dir), _submodels(r),
              _gallery(r, out_dir), _summary(r), _stages(r), _provenance(r),
-             f"<footer>{escape(r['notice'])}. wsi-assist report schema "
-             f"{escape(r['schema_version'])}.</footer></main>"]
+             (f"<footer>{escape(r['notice'])}. wsi-assist report schema "
+              f"{escape(r['schema_version'])}.</footer></main>")]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(s['slide_id'])}: draft report</title><style>{CSS}</style>"
             "</head><body>" + "".join(b for b in body if b) + "</body></html>\n")
@@ -86,12 +87,13 @@ def _overview(r: dict[str, Any], out_dir: Path) -> str:
     g = s["grid"]
     facts = [("Resolution", f"{fmt(s['mpp'])} &micro;m/px ({escape(str(s['mpp_source']))})"),
              ("Size", f"{fmt(s['width'])} &times; {fmt(s['height'])} px"),
-             ("Scanner / format", escape(f"{s.get('vendor') or '-'} / {s.get('format') or '-'}")),
+             ("Scanner / format", escape(f"{s.get('vendor') or '-'} / "
+                                         f"{s.get('format') or '-'}")),
              ("Tissue area", f"{fmt(q['tissue_area_mm2'])} mm&sup2;"),
-             ("Tiles analysed", f"{fmt(q['n_tiles'])} &times; {fmt(g.get('tile_px'))} px at "
-                                f"{fmt(g.get('delivered_mpp'))} &micro;m/px"),
-             ("Empty tiles", f"{pct(q['empty_tile_fraction'])} "
-                             f"<span class=muted>({escape(q['empty_tile_definition'])})</span>")]
+             ("Tiles analysed", (f"{fmt(q['n_tiles'])} &times; {fmt(g.get('tile_px'))} px at "
+                                 f"{fmt(g.get('delivered_mpp'))} &micro;m/px")),
+             ("Empty tiles", (f"{pct(q['empty_tile_fraction'])} <span class=muted>"
+                              f"({escape(q['empty_tile_definition'])})</span>"))]
     rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in facts)
     img = _img(out_dir, r["images"].get("overlay") or r["images"].get("thumbnail"),
                "Slide overview with tissue classes")
@@ -107,7 +109,7 @@ def _composition(r: dict[str, Any], out_dir: Path) -> str:
     top = max((row["fraction"] or 0 for row in c["classes"]), default=0) or 1
     rows = []
     for row in sorted(c["classes"], key=lambda x: -(x["fraction"] or 0)):
-        color = "rgb({},{},{})".format(*row["color"])
+        color = _rgb(row["color"])
         width = 100 * (row["fraction"] or 0) / top
         rows.append(f'<tr><td><span class="sw" style="background:{color}"></span>'
                     f"{escape(row['name'])}</td><td class=n>{fmt(row['n_tiles'])}</td>"
@@ -136,9 +138,8 @@ def _submodels(r: dict[str, Any]) -> str:
     for m in r["submodels"]:
         colors = dict(zip(m["classes"], m["colors"], strict=False))
         counts = "".join(
-            f'<tr><td><span class="sw" style="background:rgb({",".join(map(str, colors.get(k, (200, 200, 200))))})">'
-            f"</span>{escape(k)}</td><td class=n>{fmt(v)}</td></tr>"
-            for k, v in m["counts"].items())
+            f'<tr><td><span class="sw" style="background:{_rgb(colors.get(k))}"></span>'
+            f"{escape(k)}</td><td class=n>{fmt(v)}</td></tr>" for k, v in m["counts"].items())
         scores = "".join(f"<tr><td><b>{escape(k)}</b></td><td class=n>{fmt(v['value'])}</td>"
                          f"<td class=muted>{escape(v['definition'])}</td></tr>"
                          for k, v in m["scores"].items())
@@ -149,6 +150,11 @@ def _submodels(r: dict[str, Any]) -> str:
                      + (f"<div><table><tr><th>Score</th><th class=n>Value</th><th>Definition"
                         f"</th></tr>{scores}</table></div>" if scores else "") + "</div>")
     return "".join(parts) + "</section>"
+
+
+def _rgb(color: list[int] | tuple[int, ...] | None) -> str:
+    r, g, b = (int(c) for c in (color or (200, 200, 200))[:3])
+    return f"rgb({r},{g},{b})"
 
 
 def _gallery(r: dict[str, Any], out_dir: Path) -> str:

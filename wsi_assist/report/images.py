@@ -134,10 +134,10 @@ def _open(path: Path | None) -> Any:
 
 
 def _read(slide: Any, p: dict[str, Any], out_px: int) -> Image.Image | None:
-    size = int(round(p["size_l0"]))
+    size = round(p["size_l0"])
     level = slide.get_best_level_for_downsample(max(1.0, size / out_px))
     ds = slide.level_downsamples[level]
-    side = max(1, int(round(size / ds)))
+    side = max(1, round(size / ds))
     try:
         region = slide.read_region((p["x"], p["y"]), level, (side, side))
     except (OSError, ValueError) as e:
@@ -150,7 +150,7 @@ def _read(slide: Any, p: dict[str, Any], out_px: int) -> Image.Image | None:
 def _crop(overview: np.ndarray, downsample: float, p: dict[str, Any], out_px: int
           ) -> Image.Image:
     x0, y0 = int(p["x"] / downsample), int(p["y"] / downsample)
-    s = max(1, int(round(p["size_l0"] / downsample)))
+    s = max(1, round(p["size_l0"] / downsample))
     crop = overview[y0:y0 + s, x0:x0 + s, :3]
     if crop.size == 0:
         crop = np.full((1, 1, 3), 255, np.uint8)

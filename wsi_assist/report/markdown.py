@@ -35,8 +35,8 @@ def render(r: dict[str, Any]) -> str:
             f"| Resolution | {fmt(s['mpp'])} um/px ({s['mpp_source'] or 'unknown'}) |",
             f"| Tiles | {fmt(q['n_tiles'])} at {fmt(s['grid'].get('target_mpp'))} um/px |",
             f"| Tissue area | {fmt(q['tissue_area_mm2'])} mm^2 |",
-            f"| Empty tiles | {pct(q['empty_tile_fraction'])} "
-            f"({q['empty_tile_definition']}) |", ""]
+            (f"| Empty tiles | {pct(q['empty_tile_fraction'])} "
+             f"({q['empty_tile_definition']}) |"), ""]
     out += _composition(r)
     out += _submodels(r)
     out += _gallery(r)
