@@ -223,3 +223,19 @@ def test_run_with_report_stage_writes_index(tmp_path: Path, svs_slide: Path) -> 
     with (out / "summary.csv").open(newline="", encoding="utf-8") as f:
         row = next(csv.DictReader(f))
     assert row["status"] == "done" and float(row["tissue_area_mm2"]) > 0
+
+
+def test_gallery_tiles_come_from_the_slide_when_present(tmp_path: Path, svs_slide: Path
+                                                        ) -> None:
+    from wsi_assist.report.images import save_tiles
+    from wsi_assist.slide import open_slide
+
+    picks = [{"x": 448, "y": 672, "size_l0": 224.0}]
+    overview = np.zeros((96, 128, 3), np.uint8)  # black: a crop from it would be black
+    save_tiles(tmp_path, picks, overview, 16.0, svs_slide, out_px=224)
+    got = np.asarray(Image.open(tmp_path / picks[0]["tile_png"]).convert("RGB"), np.int16)
+    with open_slide(svs_slide) as s:
+        want = np.asarray(s.read_region((448, 672), 0, (224, 224)).convert("RGB"), np.int16)
+    assert np.abs(got - want).mean() < 3
+    save_tiles(tmp_path, picks, overview, 16.0, None, out_px=64)  # no slide: overview crop
+    assert np.asarray(Image.open(tmp_path / picks[0]["tile_png"])).max() == 0

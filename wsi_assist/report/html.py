@@ -39,6 +39,7 @@ figcaption{font-size:12px;color:#333;margin-top:4px}
 .muted{color:#57606a}.tag{display:inline-block;padding:0 6px;border-radius:8px;
 font-size:11px;background:#ddf4ff;color:#0550ae}.tag.off{background:#eee;color:#666}
 code{font-size:12px;word-break:break-all}
+ul.keys{padding-left:18px;margin:4px 0}ul.keys li{margin:3px 0}
 footer{margin-top:30px;font-size:11px;color:#57606a}
 @media print{body{background:#fff}main{padding:0}section{break-inside:avoid}}
 """
@@ -95,10 +96,37 @@ def _overview(r: dict[str, Any], out_dir: Path) -> str:
              ("Empty tiles", (f"{pct(q['empty_tile_fraction'])} <span class=muted>"
                               f"({escape(q['empty_tile_definition'])})</span>"))]
     rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in facts)
+    keys = "".join(f"<li>{k}</li>" for k in key_points(r))
     img = _img(out_dir, r["images"].get("overlay") or r["images"].get("thumbnail"),
                "Slide overview with tissue classes")
     return (f'<section><h2>Slide and quality control</h2><div class="row"><div>{img}</div>'
-            f'<div><table class="facts">{rows}</table></div></div></section>')
+            f'<div><table class="facts">{rows}</table>'
+            + (f'<h3>Key findings</h3><ul class="keys">{keys}</ul>' if keys else "")
+            + "</div></div></section>")
+
+
+def key_points(r: dict[str, Any]) -> list[str]:
+    """Short HTML lines a reader looks at first: main classes, sub-model scores."""
+    out = []
+    c = r["composition"]
+    if c is not None:
+        main = sorted((x for x in c["classes"] if (x["fraction"] or 0) >= 0.05),
+                      key=lambda x: -(x["fraction"] or 0))
+        if main:
+            out.append("Tissue classes: " + ", ".join(
+                f'<span class="sw" style="background:{_rgb(x["color"])}"></span>'
+                f"{escape(x['name'])} {pct(x['fraction'])}" for x in main[:4]))
+    for m in r["submodels"]:
+        for name, sc in m["scores"].items():
+            out.append(f"{escape(name)}: <b>{fmt(sc['value'])}</b> "
+                       f"<span class=muted>({escape(m['name'])})</span>")
+        if m["counts"] and not m["scores"]:
+            total = sum(m["counts"].values())
+            out.append(f"{escape(m['name'])}: {fmt(total)} objects detected")
+    not_run = [k for k, v in r["stages"].items() if v["status"] != "done"]
+    if not_run:
+        out.append("Not run: " + ", ".join(escape(k) for k in not_run))
+    return out
 
 
 def _composition(r: dict[str, Any], out_dir: Path) -> str:
@@ -124,8 +152,8 @@ def _composition(r: dict[str, Any], out_dir: Path) -> str:
             f'<p class="sub">Prompt set <code>{escape(str(c["prompt_set"]))}</code>; '
             f"{fmt(c['n_uncertain'])} tiles uncertain (left out of regions). Regions: "
             "adjacent tiles of a class merged, small islands dropped, clipped to tissue.</p>"
-            "<table><tr><th>Class</th><th class=n>Tiles</th><th class=n>Share</th>"
-            "<th>Share of tiles</th><th class=n>Region mm&sup2;</th>"
+            "<table><tr><th>Class</th><th class=n>Tiles</th><th class=n>Share of tiles</th>"
+            "<th></th><th class=n>Region mm&sup2;</th>"
             "<th class=n>Of tissue</th></tr>" + "".join(rows) + "</table>"
             + (f'<h3>Heatmaps</h3><div class="grid">{heat}</div>' if heat else "")
             + "</section>")
