@@ -22,6 +22,7 @@ from wsi_assist.caption import CaptionParams
 from wsi_assist.errors import ConfigError
 from wsi_assist.models.pathclip import EmbedParams
 from wsi_assist.models.zeroshot import ZeroShotParams
+from wsi_assist.report.params import ReportParams
 from wsi_assist.tiling import TilingParams
 from wsi_assist.tissue import TissueParams
 
@@ -98,6 +99,7 @@ SECTIONS: dict[str, type] = {
     "caption": CaptionParams,
     "embed": EmbedParams,
     "zeroshot": ZeroShotParams,
+    "report": ReportParams,
 }
 
 

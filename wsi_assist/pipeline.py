@@ -25,6 +25,7 @@ from wsi_assist.config import Config
 from wsi_assist.errors import StageSkipped, WsiAssistError
 from wsi_assist.models.embed import run_embed
 from wsi_assist.models.zeroshot import run_zeroshot
+from wsi_assist.report.build import run_report
 from wsi_assist.slide import SlideInfo
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def read_thumbnail(run: SlideRun, max_px: int) -> tuple[np.ndarray, float]:
 StageFunc = Callable[[SlideRun], dict[str, Any]]
 STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles,
                                      "embed": run_embed, "zeroshot": run_zeroshot,
-                                     "caption": run_caption}
+                                     "caption": run_caption, "report": run_report}
 
 
 def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:
