@@ -12,7 +12,7 @@ import shapely
 from conftest import REAL_SLIDES
 from wsi_assist.chunks import TiffUnits, ZarrUnits, open_units
 from wsi_assist.slide import describe, open_slide
-from wsi_assist.stream import (TileBatch, l0_location, plan_units, read_tile, stream,
+from wsi_assist.stream import (BufferPool, TileBatch, l0_location, plan_units, read_tile, stream,
                                stream_naive)
 from wsi_assist.synthetic import SyntheticSlide, write_slide
 from wsi_assist.tiling import TileGrid, TilingParams, grid
@@ -185,3 +185,23 @@ def test_read_tile_reference_pads_white(svs_slide: Path) -> None:
     lx, ly = g.level_coords()[i]
     assert (t[g.level_dimensions[1] - ly:] == 255).all()
     assert (t[:, g.level_dimensions[0] - lx:] == 255).all()
+
+
+def test_reused_buffers_never_overwrite_batches_still_held(svs_slide: Path) -> None:
+    g = full_grid(svs_slide)
+    _, naive = collect(stream_naive(svs_slide, g))
+    held, copies = [], []
+    for k, b in enumerate(stream(svs_slide, g, batch_size=4, prefetch=2, threads=2)):
+        copies.append(b.tiles.copy())
+        if k % 2 == 0:
+            held.append(b.tiles[1:])  # a view keeps its buffer out of the pool
+    np.testing.assert_array_equal(np.concatenate(copies), naive)
+    np.testing.assert_array_equal(np.concatenate(held), np.concatenate(
+        [c[1:] for c in copies[::2]]))
+    # the pool hands a buffer out again only once nothing else refers to it
+    pool = BufferPool(4)
+    a = pool.take((2, 3))
+    assert pool.take((2, 3)) is not a  # still held
+    a_id = id(a)
+    del a
+    assert id(pool.take((2, 3))) == a_id

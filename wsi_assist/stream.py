@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,12 +108,49 @@ def plan_units(level_xy: np.ndarray, read_px: int, level_shape: tuple[int, int],
     return Plan(batches, by_batch(key[first], owner[first]), by_batch(key[last], owner[last]))
 
 
+class BufferPool:
+    """Reuses batch arrays the consumer has dropped, so that no batch pays page faults.
+
+    An array is free again when nothing but the pool refers to it (any view, memoryview
+    or torch tensor of it holds a reference); otherwise a new one is allocated.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._idle = _refcounts([np.zeros(1)])[0]
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        with self._lock:
+            counts = _refcounts(self._arrays)
+            for i, n in enumerate(counts):
+                if n == self._idle and self._arrays[i].shape == shape:
+                    a = self._arrays.pop(i)
+                    self._arrays.append(a)
+                    return a
+            out = np.empty(shape, np.uint8)
+            if len(self._arrays) < self._size:
+                self._arrays.append(out)
+            return out
+
+
+def _refcounts(arrays: list[np.ndarray]) -> list[int]:
+    """References to each array; the same expression measures the idle count."""
+    return [sys.getrefcount(a) for a in arrays]
+
+
 def assemble(src: UnitSource, level_xy: np.ndarray, read_px: int, tile_px: int,
-             units: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+             units: dict[tuple[int, int], np.ndarray], pool: BufferPool | None = None
+             ) -> np.ndarray:
     """Cut tiles out of decoded units, white off the slide, resized to ``tile_px``."""
     r = read_px
-    out = np.full((len(level_xy), r, r, 3), 255, np.uint8)
+    shape = (len(level_xy), r, r, 3)
+    out = pool.take(shape) if pool is not None else np.empty(shape, np.uint8)
     uy0, uy1, ux0, ux1, valid = unit_spans(level_xy, r, src.level_shape, src.unit_shape)
+    (h, w), (x, y) = src.level_shape, (level_xy[:, 0], level_xy[:, 1])
+    partial = (x < 0) | (y < 0) | (x + r > w) | (y + r > h) | ~valid
+    out[partial] = 255
     for j in np.flatnonzero(valid):
         tx, ty = int(level_xy[j, 0]), int(level_xy[j, 1])
         for uy in range(int(uy0[j]), int(uy1[j]) + 1):
@@ -122,7 +161,11 @@ def assemble(src: UnitSource, level_xy: np.ndarray, read_px: int, tile_px: int,
                 out[j, a - ty:b - ty, c - tx:d - tx] = units[uy, ux][a - y0:b - y0,
                                                                      c - x0:d - x0]
     if r != tile_px:
-        out = np.stack([resize_area(t, tile_px) for t in out])
+        small = pool.take((len(out), tile_px, tile_px, 3)) if pool is not None else None
+        small = np.empty((len(out), tile_px, tile_px, 3), np.uint8) if small is None else small
+        for j, t in enumerate(out):
+            small[j] = resize_area(t, tile_px)
+        return small
     return out
 
 
@@ -159,6 +202,7 @@ def _stream_local(src: UnitSource, grid: TileGrid, batch_size: int, prefetch: in
     p = plan_units(level_xy, grid.read_px, src.level_shape, src.unit_shape, batch_size)
     log.debug("%d tiles, %d batches, %d units", len(grid), len(p.batches), p.n_units)
     futures: dict[tuple[int, int], Future[np.ndarray]] = {}
+    buffers = BufferPool(2 * prefetch + 4)
     pending: list[Future[np.ndarray]] = []
 
     def submit(b: int) -> None:
@@ -167,7 +211,8 @@ def _stream_local(src: UnitSource, grid: TileGrid, batch_size: int, prefetch: in
         rows = p.batches[b]
         needed = _needed(src, level_xy[rows], grid.read_px)
         mine = {k: futures[k] for k in needed}
-        pending.append(pool.submit(_assemble_when_ready, src, level_xy[rows], grid, mine))
+        pending.append(pool.submit(_assemble_when_ready, src, level_xy[rows], grid, mine,
+                                   buffers))
 
     with ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-tiles") as pool:
         try:
@@ -194,10 +239,11 @@ def _needed(src: UnitSource, level_xy: np.ndarray, read_px: int) -> set[tuple[in
 
 
 def _assemble_when_ready(src: UnitSource, level_xy: np.ndarray, grid: TileGrid,
-                         futures: dict[tuple[int, int], Future[np.ndarray]]) -> np.ndarray:
+                         futures: dict[tuple[int, int], Future[np.ndarray]],
+                         buffers: BufferPool) -> np.ndarray:
     # Safe in the same pool: these decodes were submitted first, so they already run.
     units = {k: f.result() for k, f in futures.items()}
-    return assemble(src, level_xy, grid.read_px, grid.tile_px, units)
+    return assemble(src, level_xy, grid.read_px, grid.tile_px, units, buffers)
 
 
 def read_batch(path: str, level: int, engine: Engine, level_xy: np.ndarray, read_px: int,
