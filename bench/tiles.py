@@ -2,7 +2,7 @@
 
     python3 bench/tiles.py SLIDE [--cores N] [--mpp 0.5] [--tile 224]
     python3 bench/tiles.py --synthetic 40000 [--cores N]
-    python3 bench/tiles.py SLIDE --peer lazyslide
+    python3 bench/tiles.py SLIDE --peer lazyslide [--peer-python VENV/bin/python]
 
 All figures come from one process and one grid (every tile of the slide at the target
 mpp). MP/s counts source-level pixels (read_px^2 per tile), the unit of the decode limit.
@@ -10,7 +10,8 @@ mpp). MP/s counts source-level pixels (read_px^2 per tile), the unit of the deco
 with tifffile's decoder (imagecodecs), times the cores used. (b) naive: one tiffslide
 ``read_region`` per tile. (c) stream: ``wsi_assist.stream.stream`` with N threads; also
 with ``engine="zarr"`` (tiffslide's zarr store instead of our pread+decode path).
-Peak RSS is the whole process's. The last line is a JSON object.
+Peak RSS is the whole process's. MP/cpu-s (pixels per CPU-second) shows efficiency when other
+processes share the cores; wall-clock rates suffer from them. The last line is a JSON object.
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ def full_grid(path: Path, mpp: float, tile: int) -> TileGrid:
                 TilingParams(target_mpp=mpp, tile_px=tile, min_tissue=0.0))
 
 
-def decode_limit(path: Path, level: int, cores: int, max_chunks: int) -> float:
-    """Single-thread decode rate of the level's chunks (MP/s), times ``cores``."""
+def decode_limit(path: Path, level: int, cores: int, max_chunks: int, repeat: int = 1
+                 ) -> tuple[float, float]:
+    """Single-thread decode rate of the level's chunks (MP/s) times ``cores``, and MP
+    decoded per CPU-second of that thread (insensitive to other load)."""
     with open_slide(path) as slide:
         page = tiff_page(slide, level)
         if page is None:
@@ -109,47 +112,81 @@ def decode_limit(path: Path, level: int, cores: int, max_chunks: int) -> float:
             kw["jpegheader"] = page.jpegheader
         decode = page.decode
         decode(data[0], int(pick[0]), **kw)  # warm up
-        px = 0
-        t = time.perf_counter()
-        for d, i in zip(data, pick, strict=True):
-            seg = decode(d, int(i), **kw)[0]
-            px += seg.shape[-3] * seg.shape[-2]
-        dt = time.perf_counter() - t
-    return px / dt / 1e6 * cores
+        dt = cpu = float("inf")
+        for _ in range(repeat):
+            px = 0
+            t, c = time.perf_counter(), time.thread_time()
+            for d, i in zip(data, pick, strict=True):
+                seg = decode(d, int(i), **kw)[0]
+                px += seg.shape[-3] * seg.shape[-2]
+            dt, cpu = min(dt, time.perf_counter() - t), min(cpu, time.thread_time() - c)
+    return px / dt / 1e6 * cores, px / cpu / 1e6
 
 
-def timed(batches, limit: int | None = None) -> tuple[int, float]:  # type: ignore[no-untyped-def]
-    """Tiles consumed and seconds, stopping after ``limit`` tiles."""
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(make, repeat: int, limit: int | None = None  # type: ignore[no-untyped-def]
+          ) -> tuple[int, float, float]:
+    """Tiles consumed, wall seconds and process CPU seconds of the fastest of ``repeat``
+    runs, each stopping after ``limit`` tiles. ``make()`` returns a batch iterator."""
+    best = (0, float("inf"), float("inf"))
+    for _ in range(repeat):
+        n, t, c = 0, time.perf_counter(), cpu_seconds()
+        for b in make():
+            n += len(b)
+            if limit is not None and n >= limit:
+                break
+        run = (n, time.perf_counter() - t, cpu_seconds() - c)
+        best = min(best, run, key=lambda r: r[1])
+    return best
+
+
+PEER_SCRIPT = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import lazyslide as zs
+from wsidata import open_wsi
+path, tile, mpp, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+wsi = open_wsi(path)
+zs.pp.find_tissues(wsi)
+zs.pp.tile_tissues(wsi, tile, mpp=mpp)
+rates = []
+for _ in range(2):  # first (cold) pass, then warm
     n, t = 0, time.perf_counter()
-    for b in batches:
-        n += len(b)
-        if limit is not None and n >= limit:
-            break
-    return n, time.perf_counter() - t
-
-
-def lazyslide_rate(path: Path, mpp: float, tile: int, limit: int) -> float | None:
-    """LazySlide tiles/s over its own tile iteration (openslide reader), or None."""
-    try:
-        import lazyslide as zs
-        from wsidata import open_wsi
-    except ImportError as e:
-        log.warning("--peer lazyslide: not importable (%s); pip install lazyslide", e)
-        return None
-    wsi = open_wsi(str(path))
-    zs.pp.find_tissues(wsi)
-    zs.pp.tile_tissues(wsi, tile, mpp=mpp)
-    n, t = 0, time.perf_counter()
-    for _ in wsi.iter.tile_images():
+    for _ in wsi.iter.tile_images("tiles"):
         n += 1
         if n >= limit:
             break
-    return n / (time.perf_counter() - t)
+    rates.append(n / (time.perf_counter() - t))
+print(json.dumps({"tiles": n, "cold": rates[0], "warm": rates[1]}))
+"""
 
 
-def report(name: str, n: int, dt: float, read_px: int) -> float:
+def lazyslide_rate(python: str, path: Path, mpp: float, tile: int, limit: int
+                   ) -> dict[str, float] | None:
+    """LazySlide's tile iteration (its default reader), in ``python``: cold and warm
+    tiles/s, or None when LazySlide cannot be imported there."""
+    import subprocess
+
+    r = subprocess.run([python, "-c", PEER_SCRIPT, str(path), str(tile), str(mpp),
+                        str(limit)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        log.warning("--peer lazyslide failed in %s: %s", python,
+                    (r.stderr.strip().splitlines() or ["?"])[-1])
+        return None
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    log.info("%-22s %7d tiles %19.1f tiles/s warm (%.1f cold)", "lazyslide", out["tiles"],
+             out["warm"], out["cold"])
+    return out
+
+
+def report(name: str, n: int, dt: float, cpu: float, read_px: int) -> float:
     mps = n * read_px * read_px / dt / 1e6
-    log.info("%-22s %7d tiles %8.2f s %9.1f tiles/s %8.1f MP/s", name, n, dt, n / dt, mps)
+    log.info("%-22s %7d tiles %8.2f s %9.1f tiles/s %8.1f MP/s  %6.1f MP/cpu-s", name, n,
+             dt, n / dt, mps, n * read_px * read_px / cpu / 1e6)
     return mps
 
 
@@ -164,8 +201,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--synthetic", type=int, metavar="PX", help="write and bench a PX^2 slide")
     ap.add_argument("--baseline-tiles", type=int, default=2000,
                     help="tiles for the naive and zarr runs (the rate is what counts)")
+    ap.add_argument("--repeat", type=int, default=0,
+                    help="best of N runs for each rate (0: 3 below 5000 tiles, else 1)")
     ap.add_argument("--decode-chunks", type=int, default=2000)
     ap.add_argument("--peer", choices=["lazyslide"])
+    ap.add_argument("--peer-python", default=sys.executable,
+                    help="interpreter with LazySlide installed (e.g. a venv's python)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.simplefilter("ignore", UserWarning)
@@ -186,15 +227,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     log.info("%s: %d tiles of %d px (read %d px at level %d), cores=%d, load %s", a.slide,
              len(g), g.tile_px, g.read_px, g.level, a.cores,
              " ".join(f"{v:.2f}" for v in os.getloadavg()))
-    limit = decode_limit(a.slide, g.level, a.cores, a.decode_chunks)
-    log.info("%-22s %48.1f MP/s", f"decode limit x{a.cores}", limit)
-    naive = report("naive read_region", *timed(stream_naive(a.slide, g, a.batch),
-                                               a.baseline_tiles), g.read_px)
-    zarr = report("stream engine=zarr", *timed(stream(a.slide, g, a.batch, a.prefetch,
-                                                      a.cores, engine="zarr"),
-                                               a.baseline_tiles), g.read_px)
-    n, dt = timed(stream(a.slide, g, a.batch, a.prefetch, a.cores))
-    fast = report("stream", n, dt, g.read_px)
+    rep = a.repeat or (3 if len(g) < 5000 else 1)
+    limit, decode_cpu = decode_limit(a.slide, g.level, a.cores, a.decode_chunks, rep)
+    log.info("%-22s %48.1f MP/s  %6.1f MP/cpu-s", f"decode limit x{a.cores}", limit,
+             decode_cpu)
+    naive = report("naive read_region", *timed(lambda: stream_naive(a.slide, g, a.batch),
+                                               rep, a.baseline_tiles), g.read_px)
+    zarr = report("stream engine=zarr", *timed(
+        lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores, engine="zarr"), rep,
+        a.baseline_tiles), g.read_px)
+    n, dt, cpu = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores), rep)
+    fast = report("stream", n, dt, cpu, g.read_px)
     out: dict[str, object] = {
         "slide": a.slide.name, "tiles": len(g), "cores": a.cores,
         "decode_limit_mps": round(limit, 1), "naive_mps": round(naive, 1),
@@ -203,11 +246,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "ratio_to_limit": round(fast / limit, 3), "ratio_to_naive": round(fast / naive, 2),
         "ratio_to_zarr": round(fast / zarr, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "decode_mp_per_cpu_s": round(decode_cpu, 1),
+        "stream_mp_per_cpu_s": round(n * g.read_px ** 2 / cpu / 1e6, 1),
+        "cpu_ratio_to_limit": round(n * g.read_px ** 2 / cpu / 1e6 / decode_cpu, 3),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if a.peer == "lazyslide":
-        rate = lazyslide_rate(a.slide, a.mpp, a.tile, a.baseline_tiles)
-        out["lazyslide_tiles_per_s"] = None if rate is None else round(rate, 1)
-        out["ratio_to_lazyslide"] = None if rate is None else round(n / dt / rate, 2)
+        peer = lazyslide_rate(a.peer_python, a.slide, a.mpp, a.tile, a.baseline_tiles)
+        out["lazyslide_tiles_per_s"] = None if peer is None else round(peer["warm"], 1)
+        out["lazyslide_cold_tiles_per_s"] = None if peer is None else round(peer["cold"], 1)
+        out["ratio_to_lazyslide"] = None if peer is None else round(n / dt / peer["warm"], 2)
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(out))
