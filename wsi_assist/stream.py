@@ -151,13 +151,18 @@ def assemble(src: UnitSource, level_xy: np.ndarray, read_px: int, tile_px: int,
     (h, w), (x, y) = src.level_shape, (level_xy[:, 0], level_xy[:, 1])
     partial = (x < 0) | (y < 0) | (x + r > w) | (y + r > h) | ~valid
     out[partial] = 255
-    for j in np.flatnonzero(valid):
-        tx, ty = int(level_xy[j, 0]), int(level_xy[j, 1])
-        for uy in range(int(uy0[j]), int(uy1[j]) + 1):
-            for ux in range(int(ux0[j]), int(ux1[j]) + 1):
-                y0, y1, x0, x1 = unit_bounds(src, uy, ux)
-                a, b = max(y0, ty), min(y1, ty + r)
-                c, d = max(x0, tx), min(x1, tx + r)
+    (uh, uw) = src.unit_shape
+    spans = zip(level_xy.tolist(), uy0.tolist(), uy1.tolist(), ux0.tolist(), ux1.tolist(),
+                valid.tolist())
+    for j, ((tx, ty), ya, yb, xa, xb, ok) in enumerate(spans):
+        if not ok:
+            continue
+        for uy in range(ya, yb + 1):
+            y0 = uy * uh
+            a, b = max(y0, ty), min(y0 + uh, ty + r, h)
+            for ux in range(xa, xb + 1):
+                x0 = ux * uw
+                c, d = max(x0, tx), min(x0 + uw, tx + r, w)
                 out[j, a - ty:b - ty, c - tx:d - tx] = units[uy, ux][a - y0:b - y0,
                                                                      c - x0:d - x0]
     if r != tile_px:
