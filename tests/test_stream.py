@@ -8,12 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
-
 from conftest import REAL_SLIDES
+
 from wsi_assist.chunks import TiffUnits, ZarrUnits, open_units
 from wsi_assist.slide import describe, open_slide
-from wsi_assist.stream import (BufferPool, TileBatch, l0_location, plan_units, read_tile, stream,
-                               stream_naive)
+from wsi_assist.stream import (
+    BufferPool,
+    TileBatch,
+    l0_location,
+    plan_units,
+    read_tile,
+    stream,
+    stream_naive,
+)
 from wsi_assist.synthetic import SyntheticSlide, write_slide
 from wsi_assist.tiling import TileGrid, TilingParams, grid
 
@@ -147,6 +154,7 @@ def test_l0_location_inverts_tiffslide_rounding() -> None:
             assert int(x / ds) == v and int(y / ds) == v + 1
 
 
+@pytest.mark.real_slides
 @pytest.mark.parametrize("name", REAL_SLIDES)
 def test_real_slides_exact(shared_slides: Path, name: str) -> None:
     path = shared_slides / name
@@ -175,6 +183,22 @@ def test_dask_distributed_client(svs_slide: Path) -> None:
     _, naive = collect(stream_naive(svs_slide, g))
     np.testing.assert_array_equal(idx, np.arange(len(g)))
     np.testing.assert_array_equal(tiles, naive)
+
+
+@pytest.mark.slow
+def test_dask_distributed_worker_processes_open_the_slide(svs_slide: Path) -> None:
+    """Two worker processes on 127.0.0.1: only (path, level, corners) travel."""
+    distributed = pytest.importorskip("distributed")
+    g = full_grid(svs_slide)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        idx, tiles = collect(stream(svs_slide, g, batch_size=6, prefetch=4, client=client))
+        opened = client.run(lambda: len(__import__("wsi_assist.chunks").chunks.SOURCES._items))
+    _, naive = collect(stream_naive(svs_slide, g))
+    np.testing.assert_array_equal(idx, np.arange(len(g)))
+    np.testing.assert_array_equal(tiles, naive)
+    assert sum(opened.values()) >= 1  # workers opened the slide themselves
 
 
 def test_read_tile_reference_pads_white(svs_slide: Path) -> None:

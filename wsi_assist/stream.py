@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from wsi_assist.chunks import SOURCES, Engine, UnitSource, open_units, unit_bounds
+from wsi_assist.chunks import SOURCES, Engine, UnitSource, open_units
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
