@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from wsi_assist.errors import ConfigError
+from wsi_assist.models.submodels import SubmodelParams
 from wsi_assist.tiling import TilingParams
 from wsi_assist.tissue import TissueParams
 
@@ -92,6 +93,7 @@ SECTIONS: dict[str, type] = {
     "stream": StreamParams,
     "outputs": OutputParams,
     "parallelism": ParallelParams,
+    "submodels": SubmodelParams,
 }
 
 

@@ -22,6 +22,7 @@ import zarr
 from wsi_assist import geojson, store, thumbnail
 from wsi_assist.config import Config
 from wsi_assist.errors import StageSkipped, WsiAssistError
+from wsi_assist.models.submodels import run_submodels
 from wsi_assist.slide import SlideInfo
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def run_tiles(run: SlideRun) -> dict[str, Any]:
 
 
 StageFunc = Callable[[SlideRun], dict[str, Any]]
-STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles}
+STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles,
+                                     "submodels": run_submodels}
 
 
 def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""Turn PyTorch models into ONNX sub-models (``python -m exporters.submodels``)."""

@@ -1,0 +1,1 @@
+"""Models: PathCLIP embeddings, zero-shot classes, ONNX sub-models, captioners."""
