@@ -4,7 +4,8 @@ Ruifrok & Johnston (2001) stain vectors for haematoxylin, eosin and DAB (the H-E
 matrix, which holds both the H&E and the H-DAB pairs) turn RGB into per-stain optical
 density. Nucleus candidates are local maxima (max-pool trick) of Gaussian-smoothed
 haematoxylin density above a floor; each is called DAB-positive when the smoothed DAB
-density at its centre exceeds ``dab_threshold``. The output has a fixed number of
+density at its centre exceeds ``dab_threshold`` and is at least ``dab_fraction`` of
+H + DAB (purple H&E nuclei project partly onto the DAB vector, brown ones mostly). The output has a fixed number of
 points per tile (padding has score 0), so the module exports to ONNX with a dynamic
 batch axis and runs through the same runtime as any other sub-model.
 """
@@ -42,17 +43,19 @@ class StainNuclei(nn.Module):
 
     Points are (x, y) in tile pixels from the tile's top-left corner (pixel centres at
     +0.5); the score is the smoothed haematoxylin OD at the point; label 1 = DAB-positive.
+    Padding rows (beyond the peaks found) are all zero.
     """
 
-    def __init__(self, sigma_px: float = 2.0, min_distance_px: int = 4,
-                 min_density: float = 0.05, dab_threshold: float = 0.15,
-                 max_points: int = 512) -> None:
+    def __init__(self, sigma_px: float = 3.0, min_distance_px: int = 6,
+                 min_density: float = 0.05, dab_threshold: float = 0.2,
+                 dab_fraction: float = 0.6, max_points: int = 512) -> None:
         super().__init__()
         if sigma_px <= 0 or min_distance_px < 1 or max_points < 1:
             raise ValueError("sigma_px > 0, min_distance_px >= 1 and max_points >= 1 required")
         self.min_distance_px = int(min_distance_px)
         self.min_density = float(min_density)
         self.dab_threshold = float(dab_threshold)
+        self.dab_fraction = float(dab_fraction)
         self.max_points = int(max_points)
         k = gaussian_kernel(sigma_px)
         self.register_buffer("od_to_stain", stain_matrix(), persistent=False)
@@ -90,5 +93,7 @@ class StainNuclei(nn.Module):
         valid = scores > 0  # padding rows are all zero, whatever order topk left them in
         points = points * valid.unsqueeze(2)
         meas = meas * valid.unsqueeze(2)
-        labels = ((meas[:, :, 2] > self.dab_threshold) & valid).to(torch.int64)
+        hema_c, dab = meas[:, :, 0], meas[:, :, 2]
+        positive = (dab > self.dab_threshold) & (dab >= self.dab_fraction * (hema_c + dab))
+        labels = (positive & valid).to(torch.int64)
         return points, scores, labels, meas
