@@ -317,3 +317,19 @@ def test_packaged_builtin_copies(tmp_path) -> None:
     sub = sm.Submodel.load(tmp_path / "nuclei-stain.yaml", ["CPUExecutionProvider"])
     assert sub.spec.model_path == (tmp_path / "nuclei-stain.onnx").resolve()
     assert sub.model_px(224, 0.25) == 112  # dynamic size: resized to the spec's 0.5 um/px
+
+
+def test_run_cli_with_providers(small_slide, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_assist.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--stages",
+                                   "tissue,tiles,submodels", "--providers", "cpu"])
+    assert res.exit_code == 0, res.output
+    g = store.open_store(out / small_slide.stem / "slide.zarr", "r")
+    assert g["submodels/nuclei-stain"].attrs["counts"]["DAB-negative nucleus"] > 150
+    bad = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--providers",
+                                   "rocm"])
+    assert bad.exit_code == 2 and "submodels.providers" in bad.output

@@ -20,9 +20,14 @@ def run(
                                                     "report.")] = None,
     mpp: opt.Mpp = None,
     mpp_csv: opt.MppCsv = None,
+    providers: Annotated[str | None, typer.Option(
+        help="onnxruntime providers for sub-models, in order: comma-separated from "
+             "tensorrt, cuda, cpu (default: those available).")] = None,
 ) -> None:
     """Process slides into OUT. Exit 0 when all slides are done, 1 when any failed."""
-    execute(inputs, out, config, stages=stages, mpp=mpp, mpp_csv=mpp_csv)
+    overrides = ({"submodels": {"providers": [p.strip() for p in providers.split(",")
+                                              if p.strip()]}} if providers else None)
+    execute(inputs, out, config, stages=stages, mpp=mpp, mpp_csv=mpp_csv, overrides=overrides)
 
 
 def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: str | None,
