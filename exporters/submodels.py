@@ -51,6 +51,22 @@ class TimmClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class Uint8Input(nn.Module):
+    """Bakes preprocessing into the graph: uint8 NHWC RGB tiles -> ``model`` on
+    ``(x / scale - mean) / std`` NCHW, so the runtime hands tiles over without a copy."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 scale: float = 255.0) -> None:
+        super().__init__()
+        self.model = model
+        m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.register_buffer("gain", 1.0 / (scale * sd))
+        self.register_buffer("bias", -m / sd)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x.permute(0, 3, 1, 2).to(torch.float32) * self.gain + self.bias)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a checkpoint (bare, or under ``state_dict``/``model``), with
     ``module.`` prefixes (DataParallel) removed."""
@@ -154,14 +170,20 @@ def write_spec(path: Path, spec: dict[str, Any]) -> None:
 
 
 def spec_dict(name: str, task: str, classes: list[str], tile_px: int | None, mpp: float,
-              mean: Sequence[float], std: Sequence[float], **extra: Any) -> dict[str, Any]:
+              mean: Sequence[float], std: Sequence[float], uint8: bool = False,
+              **extra: Any) -> dict[str, Any]:
+    """A spec for an exported network; ``uint8``: preprocessing is baked in (Uint8Input)."""
     colors = [list(PALETTE[i % len(PALETTE)]) for i in range(len(classes))]
     out: dict[str, Any] = {"classes": classes, "colors": colors}
     out.update(extra.pop("output", {}))
-    return {"name": name, "task": task, "model": f"{name}.onnx",
-            "input": {"tile_px": tile_px, "mpp": mpp, "channel_order": "RGB",
-                      "layout": "NCHW", "dtype": "float32", "scale": 255.0,
-                      "mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+    norm = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    inp: dict[str, Any] = {"tile_px": tile_px, "mpp": mpp, "channel_order": "RGB"}
+    if uint8:
+        inp.update({"layout": "NHWC", "dtype": "uint8"})
+        extra.setdefault("model_params", {})["baked_normalisation"] = {**norm, "scale": 255.0}
+    else:
+        inp.update({"layout": "NCHW", "dtype": "float32", "scale": 255.0, **norm})
+    return {"name": name, "task": task, "model": f"{name}.onnx", "input": inp,
             "output": out, **extra}
 
 
@@ -244,6 +266,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--mean", default="0.485,0.456,0.406")
         s.add_argument("--std", default="0.229,0.224,0.225")
         s.add_argument("--atol", type=float, default=1e-3)
+        s.add_argument("--float-input", action="store_true",
+                       help="take normalised float32 NCHW input (default: uint8 NHWC tiles "
+                            "with mean/std baked into the graph)")
     sub.choices["timm"].add_argument("--arch", default="convnext_tiny")
     f = sub.choices["factory"]
     f.add_argument("--factory", required=True, help="module:function returning nn.Module")
@@ -271,7 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model.load_state_dict(read_state_dict(args.checkpoint))
         mean = [float(v) for v in args.mean.split(",")]
         std = [float(v) for v in args.std.split(",")]
-        spec = spec_dict(args.name, task, classes, args.tile_px, args.mpp, mean, std)
+        uint8 = not args.float_input
+        if uint8:
+            model = Uint8Input(model, mean, std)
+        spec = spec_dict(args.name, task, classes, args.tile_px, args.mpp, mean, std,
+                         uint8=uint8)
         diff = export_model(model.eval(), args.out, spec, atol=args.atol)
     except (ModelError, ValueError, TypeError, ImportError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -48,10 +48,16 @@ def test_factory_cli_exports_with_dynamic_batch(tmp_path: Path, capsys) -> None:
     assert "max |torch - onnx| = " in capsys.readouterr().out
     sess = ort.InferenceSession(str(tmp_path / "fac.onnx"))
     assert isinstance(sess.get_inputs()[0].shape[0], str)
-    out = sess.run(None, {"tiles": np.zeros((5, 3, 32, 32), np.float32)})[0]
-    assert out.shape == (5, 3)
+    tiles = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    out = sess.run(None, {"tiles": tiles})[0]
+    # ImageNet normalisation is baked into the graph: same as the float model on it
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = ((tiles / 255.0 - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
+    with torch.no_grad():
+        want = _subnets.classifier(3)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out, want, atol=1e-4)
     sub = sm.Submodel.load(tmp_path / "fac.yaml", ["CPUExecutionProvider"])
-    assert sub.spec.input.mean == (0.485, 0.456, 0.406)
+    assert (sub.spec.input.dtype, sub.spec.input.layout) == ("uint8", "NHWC")
 
 
 def test_cli_reports_bad_factory(tmp_path: Path, capsys) -> None:
@@ -82,6 +88,10 @@ def test_pathasst_layout_checkpoint_loads_and_exports(tmp_path: Path, capsys) ->
         torch.testing.assert_close(model(x), ref(x))
     rc = ex.main(["timm", "--arch", "test_convnext", "--classes", "a,b,c,d", "--checkpoint",
                   str(ckpt), "--name", "lbc", "-o", str(tmp_path), "--tile-px", "64"])
+    assert rc == 0, capsys.readouterr().err
+    rc = ex.main(["timm", "--arch", "test_convnext", "--classes", "a,b,c,d", "--checkpoint",
+                  str(ckpt), "--name", "lbc", "-o", str(tmp_path), "--tile-px", "64",
+                  "--float-input"])
     assert rc == 0, capsys.readouterr().err
     sess = ort.InferenceSession(str(tmp_path / "lbc.onnx"))
     x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)

@@ -140,16 +140,24 @@ class Submodel:
             tiles = np.stack([resize_area(t, size) for t in tiles])
         if inp.channel_order == "BGR":
             tiles = tiles[..., ::-1]
-        if inp.dtype == "uint8":
-            x = tiles
-        else:
-            x = tiles.astype(np.float32) / np.float32(inp.scale)
-            if any(inp.mean) or any(s != 1 for s in inp.std):
-                x = (x - np.asarray(inp.mean, np.float32)) / np.asarray(inp.std, np.float32)
-            x = x.astype(inp.dtype, copy=False)
         if inp.layout == "NCHW":
-            x = x.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(x)
+            tiles = tiles.transpose(0, 3, 1, 2)
+        tiles = np.ascontiguousarray(tiles)  # a uint8 copy at most: cheap
+        if inp.dtype == "uint8":
+            return tiles
+        # (v / scale - mean) / std as one multiply-add on float32, in place
+        gain, bias = self._affine
+        shape = (1, 3, 1, 1) if inp.layout == "NCHW" else (1, 1, 1, 3)
+        x = tiles.astype(np.float32)
+        x *= gain.reshape(shape)
+        x += bias.reshape(shape)
+        return x.astype(inp.dtype, copy=False)
+
+    @property
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        inp = self.spec.input
+        std, mean = np.asarray(inp.std, np.float32), np.asarray(inp.mean, np.float32)
+        return 1.0 / (np.float32(inp.scale) * std), -mean / std
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """One session.run; outputs by name."""
