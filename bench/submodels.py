@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_assist.models import submodels as sm  # noqa: E402
-from wsi_assist.models.submodel_decode import Accumulator, TileFrame  # noqa: E402
-from wsi_assist.synthetic import default_slide  # noqa: E402
+from wsi_assist.models import submodels as sm
+from wsi_assist.models.submodel_decode import Accumulator, TileFrame
+from wsi_assist.synthetic import default_slide
 
 
 def make_batches(n: int, batch: int, px: int) -> list[np.ndarray]:

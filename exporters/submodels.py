@@ -161,8 +161,8 @@ def parity(model: nn.Module, path: Path, example: torch.Tensor, atol: float = 1e
 
 def write_spec(path: Path, spec: dict[str, Any]) -> None:
     """The YAML sidecar, validated by loading it back against the model."""
-    from wsi_assist.models.submodels import create_session
     from wsi_assist.models.submodel_spec import check_against_model, load_spec
+    from wsi_assist.models.submodels import create_session
 
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     loaded = load_spec(path)

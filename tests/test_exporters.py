@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import _subnets
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-import _subnets
 from exporters import submodels as ex
 from wsi_assist.errors import ModelError
 from wsi_assist.models import submodels as sm

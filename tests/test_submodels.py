@@ -7,12 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
+import _subnets
 import numpy as np
 import pytest
 import yaml
 from scipy.spatial import cKDTree
 
-import _subnets
 from exporters.submodels import export_model, spec_dict
 from wsi_assist import config, pipeline, store
 from wsi_assist.errors import ConfigError, ModelError, StageSkipped
@@ -52,7 +52,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "rseg": (_subnets.RandomSegmenter(), spec_dict(
             "rseg", "segmentation", ["bg", "p", "q"], TILE, 0.5, **plain)),
     }
-    for name, (model, spec) in specs.items():
+    for model, spec in specs.values():
         export_model(model.eval(), out, spec, atol=1e-4)
     return {name: out / f"{name}.yaml" for name in specs}
 
@@ -333,3 +333,12 @@ def test_run_cli_with_providers(small_slide, tmp_path) -> None:
     bad = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--providers",
                                    "rocm"])
     assert bad.exit_code == 2 and "submodels.providers" in bad.output
+
+
+def test_slide_without_tiles_gives_empty_findings(blank_slide, models, tmp_path) -> None:
+    run = _run(blank_slide, tmp_path, ["nuclei-stain.yaml", str(models["cls"])])
+    sg = run.store["submodels/nuclei-stain"]
+    assert sg["points"].shape == (0, 2) and sg.attrs["counts"]["DAB-negative nucleus"] == 0
+    assert sg.attrs["scores"]["dab_positive_percent"]["value"] is None
+    assert run.store["submodels/cls"]["probs"].shape == (0, 3)
+    assert list(sm.detection_features(run.store, "nuclei-stain")) == []

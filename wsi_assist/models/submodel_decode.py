@@ -7,6 +7,7 @@ NMS for points, IoU NMS for boxes) and merges segmentation polygons across tile 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 import shapely
 
 from wsi_assist.models.submodel_spec import ScoreSpec, SubmodelSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class Accumulator:
     rows: list[np.ndarray] = field(default_factory=list)
     parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
     polygons: dict[int, list[shapely.Geometry]] = field(default_factory=dict)
+    merged: dict[int, shapely.MultiPolygon] = field(default_factory=dict)
 
     def _add(self, key: str, arr: np.ndarray) -> None:
         self.parts.setdefault(key, []).append(arr)
@@ -103,14 +107,20 @@ class Accumulator:
     def _add_detections(self, out: dict[str, np.ndarray], frame: TileFrame) -> None:
         key = "points" if self.spec.task == "point-detection" else "boxes"
         scores = np.asarray(out["scores"], np.float32)
+        labels = np.asarray(out["labels"])
         keep = scores >= self.spec.output.score_threshold
+        bad = keep & ((labels < 0) | (labels >= len(self.spec.output.classes)))
+        if bad.any():
+            log.warning("sub-model %s: %d detections with labels outside its %d classes "
+                        "dropped", self.spec.name, int(bad.sum()), len(self.spec.output.classes))
+            keep &= ~bad
         b, p = np.nonzero(keep)
         geo = np.asarray(out[key], np.float64)[b, p] * frame.scale
         reps = geo.shape[1] // 2
         geo += np.tile(frame.corners[b], (1, reps))
         self._add(key, geo)
         self._add("scores", scores[b, p])
-        self._add("labels", np.asarray(out["labels"])[b, p].astype(np.int16))
+        self._add("labels", labels[b, p].astype(np.int16))
         if "measurements" in out:
             self._add("measurements", np.asarray(out["measurements"], np.float32)[b, p])
 
@@ -152,8 +162,7 @@ class Accumulator:
             arrays, counts = {}, self._merge_polygons()
         else:
             arrays = self._dedup(arrays)
-            counts = np.bincount(arrays["labels"].astype(np.int64).clip(0),
-                                 minlength=len(o.classes))
+            counts = np.bincount(arrays["labels"].astype(np.int64), minlength=len(o.classes))
         count_map = {c: int(counts[i]) if i < len(counts) else 0
                      for i, c in enumerate(o.classes)}
         scores = {n: {"value": slide_score(s, count_map, analysed_mm2),
@@ -179,13 +188,11 @@ class Accumulator:
         o = self.spec.output
         counts = np.zeros(len(o.classes), np.int64)
         min_px2 = o.min_area_um2 / self.mpp**2
-        merged: dict[int, shapely.MultiPolygon] = {}
         for c, parts in self.polygons.items():
             mp = as_multipolygon(shapely.union_all(parts))
             kept = [g for g in mp.geoms if g.area >= min_px2]
-            merged[c] = shapely.MultiPolygon(kept)
+            self.merged[c] = shapely.MultiPolygon(kept)
             counts[c] = len(kept)
-        self.merged = merged
         return counts
 
 

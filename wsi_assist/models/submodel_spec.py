@@ -173,7 +173,7 @@ def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = No
                "model_params"}
     unknown = set(data) - allowed
     if unknown:
-        raise ValueError(f"unknown key {sorted(unknown)[0]!r}; valid: {sorted(allowed)}")
+        raise ValueError(f"unknown key {min(unknown)!r}; valid: {sorted(allowed)}")
     for key in ("name", "task", "model", "output"):
         if key not in data:
             raise ValueError(f"missing key {key!r}")

@@ -129,7 +129,7 @@ class Submodel:
             return inp.tile_px
         if inp.mpp is None:
             return grid_tile_px
-        return max(8, int(round(grid_tile_px * delivered_mpp / inp.mpp)))
+        return max(8, round(grid_tile_px * delivered_mpp / inp.mpp))
 
     def prepare(self, tiles: np.ndarray, size: int) -> np.ndarray:
         """uint8 (B,H,W,3) RGB tiles -> the model's input array."""
