@@ -272,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["timm"].add_argument("--arch", default="convnext_tiny")
     f = sub.choices["factory"]
     f.add_argument("--factory", required=True, help="module:function returning nn.Module")
+    f.add_argument("--measurements", default="",
+                   help="point/box detection: names of a 4th output 'measurements' (B,P,K)")
     f.add_argument("--task", required=True, choices=["tile-classification", "point-detection",
                                                      "box-detection", "segmentation"])
     return p
@@ -301,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = Uint8Input(model, mean, std)
         spec = spec_dict(args.name, task, classes, args.tile_px, args.mpp, mean, std,
                          uint8=uint8)
+        meas = [m.strip() for m in getattr(args, "measurements", "").split(",") if m.strip()]
+        if meas:
+            spec["output"]["measurement_names"] = meas
+            spec["extra_outputs"] = ["measurements"]
         diff = export_model(model.eval(), args.out, spec, atol=args.atol)
     except (ModelError, ValueError, TypeError, ImportError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)

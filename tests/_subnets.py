@@ -90,3 +90,27 @@ class Drifting(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return self.head(x.mean(dim=(2, 3))) + float(self.calls)
+
+
+class RandomPoints(nn.Module):
+    """Random-weight point detector: top-16 cells of a conv heatmap -> points (cell
+    centres, tile px), sigmoid scores, labels of 3 classes, 2 measurements per point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv2d(3, 6, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f = self.conv(x)  # (B, 6, H/4, W/4): heat, 3 class logits, 2 measurements
+        b, w = f.shape[0], f.shape[3]
+        flat = f.reshape(b, 6, -1)
+        scores, idx = torch.topk(torch.sigmoid(flat[:, 0]), 16, dim=1)
+        pts = torch.stack([(idx % w).float() * 4 + 2,
+                           torch.div(idx, w, rounding_mode="floor").float() * 4 + 2], 2)
+        rest = torch.gather(flat[:, 1:], 2, idx.unsqueeze(1).expand(b, 5, 16))
+        return pts, scores, rest[:, :3].argmax(1), rest[:, 3:].permute(0, 2, 1)
+
+
+def random_points() -> nn.Module:
+    return RandomPoints()
