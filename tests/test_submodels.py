@@ -1,0 +1,344 @@
+"""ONNX sub-models end to end: spec checks, sessions, decoding to level 0, de-duplication,
+segmentation merging, zero-shot tile selection, QuPath detections, the built-in model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import _subnets
+import numpy as np
+import pytest
+import yaml
+from scipy.spatial import cKDTree
+
+from exporters.submodels import export_model, spec_dict
+from wsi_assist import config, pipeline, store
+from wsi_assist.errors import ConfigError, ModelError, StageSkipped
+from wsi_assist.models import submodels as sm
+from wsi_assist.models.submodel_spec import load_spec
+from wsi_assist.slide import describe
+from wsi_assist.synthetic import SyntheticSlide, default_slide, write_slide
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+TILE = 64  # small tiles: many nuclei are cut by tile borders
+
+
+@pytest.fixture(scope="module")
+def small_spec() -> SyntheticSlide:
+    return default_slide(1024, 768, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory: pytest.TempPathFactory, small_spec: SyntheticSlide) -> Path:
+    return write_slide(tmp_path_factory.mktemp("sm") / "small.svs", small_spec, mpp=0.5,
+                       quality=95)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny exported model per task (spec YAML paths)."""
+    out = tmp_path_factory.mktemp("models")
+    plain = {"mean": (0, 0, 0), "std": (1, 1, 1)}
+    specs = {
+        "cls": (_subnets.classifier(3), spec_dict("cls", "tile-classification",
+                                                  ["a", "b", "c"], TILE, 0.5, **plain)),
+        "boxes": (_subnets.dark_boxes(), spec_dict(
+            "boxes", "box-detection", ["x", "y"], TILE, 0.5, **plain,
+            output={"score_threshold": 0.45, "iou_threshold": 0.2})),
+        "seg": (_subnets.dark_segmenter(), spec_dict(
+            "seg", "segmentation", ["background", "nucleus"], TILE, 0.5, **plain)),
+        "rseg": (_subnets.RandomSegmenter(), spec_dict(
+            "rseg", "segmentation", ["bg", "p", "q"], TILE, 0.5, **plain)),
+    }
+    for model, spec in specs.values():
+        export_model(model.eval(), out, spec, atol=1e-4)
+    return {name: out / f"{name}.yaml" for name in specs}
+
+
+def _run(slide: Path, out: Path, specs: list[str], stages=("tissue", "tiles", "submodels"),
+         **tiling) -> pipeline.SlideRun:
+    cfg = config.load().with_overrides(tiling={"tile_px": TILE, **tiling},
+                                       parallelism={"device": "cpu"},
+                                       submodels={"specs": specs})
+    cfg = config.Config(stages=tuple(stages), sections=cfg.sections)
+    out.mkdir(parents=True, exist_ok=True)
+    g = store.open_store(out / "slide.zarr", "a")
+    run = pipeline.SlideRun(path=slide, slide_id=slide.stem, out_dir=out, config=cfg,
+                            info=describe(slide), store=g)
+    pipeline.run_stages(run, cfg.stages)
+    return run
+
+
+@pytest.fixture(scope="module")
+def builtin_run(small_slide: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> pipeline.SlideRun:
+    return _run(small_slide, tmp_path_factory.mktemp("run"), ["nuclei-stain.yaml"])
+
+
+def _truth_in_tiles(spec: SyntheticSlide, grid) -> np.ndarray:
+    nuc = spec.nuclei()
+    s = grid.size_l0
+    inside = np.zeros(len(nuc), bool)
+    for x, y in grid.coords:
+        inside |= ((nuc[:, 0] >= x) & (nuc[:, 0] < x + s) & (nuc[:, 1] >= y)
+                   & (nuc[:, 1] < y + s))
+    return nuc[inside]
+
+
+def test_builtin_points_match_synthetic_nuclei(builtin_run, small_spec) -> None:
+    g = builtin_run.store
+    grid = store.read_grid(g)
+    sg = g["submodels/nuclei-stain"]
+    pts = np.asarray(sg["points"][...])
+    truth = _truth_in_tiles(small_spec, grid)
+    assert len(truth) > 150
+    d, _ = cKDTree(pts).query(truth)
+    r = small_spec.nucleus_radius
+    assert (d < r).mean() >= 0.98  # recall: a point inside the nucleus
+    assert np.median(d) < 1.0 and np.percentile(d[d < r], 95) < 3.5  # localisation, px
+    # no double counts: every prediction is the nearest one of its own nucleus
+    near = cKDTree(truth).query(pts)[1]
+    assert len(np.unique(near)) >= len(pts) - 3
+    # nuclei cut by a tile border (centre within one radius of it) are found exactly once
+    rel = (truth - grid.coords.min(axis=0)) % grid.size_l0
+    edge = truth[np.minimum(rel, grid.size_l0 - rel).min(axis=1) < small_spec.nucleus_radius]
+    assert len(edge) > 50
+    hits = cKDTree(pts).query_ball_point(edge, r=small_spec.nucleus_radius)
+    assert np.mean([len(h) == 1 for h in hits]) >= 0.97
+
+
+def test_builtin_store_layout_and_scores(builtin_run) -> None:
+    sg = builtin_run.store["submodels/nuclei-stain"]
+    a = dict(sg.attrs)
+    assert a["task"] == "point-detection"
+    assert a["classes"] == ["DAB-negative nucleus", "DAB-positive nucleus"]
+    assert len(a["colors"]) == 2 and len(a["model_sha256"]) == 64
+    m = sg["points"].shape[0]
+    assert sg["points"].dtype == np.float64 and sg["points"].shape == (m, 2)
+    assert sg["labels"].dtype == np.int16 and sg["scores"].dtype == np.float32
+    assert sg["measurements"].shape == (m, 3)
+    assert sg["measurements"].attrs["measurement_names"][2] == "DAB OD"
+    assert sum(a["counts"].values()) == m
+    # synthetic nuclei are purple (H&E): none DAB-positive; density ~ 1 per (12 um)^2
+    assert a["counts"]["DAB-positive nucleus"] == 0
+    dens = a["scores"]["nucleus_density_per_mm2"]
+    assert 0.8 * 1e6 / 144 < dens["value"] < 1.2 * 1e6 / 144
+    assert "mm^2" in dens["definition"]
+    assert a["scores"]["dab_positive_percent"]["value"] == 0.0
+
+
+def test_detection_features_are_qupath_detections(builtin_run) -> None:
+    sg = builtin_run.store["submodels/nuclei-stain"]
+    feats = list(sm.detection_features(builtin_run.store, "nuclei-stain"))
+    assert len(feats) == sg["points"].shape[0]
+    f = feats[0]
+    p = f["properties"]
+    assert p["objectType"] == "detection"
+    assert p["classification"] == {"name": "DAB-negative nucleus", "color": [40, 80, 200]}
+    assert set(p["measurements"]) == {"score", "Haematoxylin OD", "Eosin OD", "DAB OD"}
+    ring = np.asarray(f["geometry"]["coordinates"][0])
+    assert np.allclose(ring[:-1].mean(axis=0), sg["points"][0], atol=0.5)
+
+
+def test_classification_matches_direct_inference(models, small_slide, tmp_path) -> None:
+    import onnxruntime as ort
+
+    from wsi_assist.stream import stream
+
+    run = _run(small_slide, tmp_path, [str(models["cls"])])
+    sg = run.store["submodels/cls"]
+    probs, labels = np.asarray(sg["probs"][...]), np.asarray(sg["labels"][...])
+    grid = store.read_grid(run.store)
+    assert probs.shape == (len(grid), 3) and labels.shape == (len(grid),)
+    sess = ort.InferenceSession(str(models["cls"].with_suffix(".onnx")))
+    tiles = next(iter(stream(small_slide, grid, batch_size=8))).tiles
+    logits = sess.run(None, {"tiles": tiles.transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]
+    want = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probs[:8], want, atol=1e-5)
+    assert (labels == probs.argmax(axis=1)).all()
+    assert sum(sg.attrs["counts"].values()) == len(grid)
+    tiles_feats = list(sm.detection_features(run.store, "cls"))
+    assert len(tiles_feats) == len(grid) and tiles_feats[0]["properties"]["objectType"] == "tile"
+
+
+def test_zeroshot_selection_runs_listed_classes_only(models, small_slide, tmp_path) -> None:
+    base = _run(small_slide, tmp_path, [], stages=("tissue", "tiles"))
+    n = len(store.read_grid(base.store))
+    top = (np.arange(n) % 3).astype(np.int16)
+    store.write_array(base.store, "zeroshot/top", top)
+    base.store["zeroshot"].attrs["classes"] = ["tumor", "stroma", "fat"]
+    data = yaml.safe_load(models["cls"].read_text())
+    data["tiles"] = {"zeroshot_classes": ["stroma"]}
+    data["model"] = str(models["cls"].with_suffix(".onnx"))
+    spec = tmp_path / "zs.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    run = _run(small_slide, tmp_path, [str(spec)], stages=("submodels",))
+    sg = run.store["submodels/cls"]
+    ran = ~np.isnan(np.asarray(sg["probs"][...])[:, 0])
+    assert (ran == (top == 1)).all()
+    assert sg.attrs["n_tiles_run"] == int((top == 1).sum())
+    assert set(np.asarray(sg["labels"][...])[~ran]) == {-1}
+
+
+def test_boxes_deduplicated_across_tiles(models, small_slide, small_spec, tmp_path) -> None:
+    run = _run(small_slide, tmp_path, [str(models["boxes"])])
+    sg = run.store["submodels/boxes"]
+    boxes = np.asarray(sg["boxes"][...])
+    assert boxes.dtype == np.float64 and boxes.shape[1] == 4
+    assert np.allclose(boxes[:, 2] - boxes[:, 0], 12.0)  # 12 model px = 12 level-0 px here
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    truth = _truth_in_tiles(small_spec, store.read_grid(run.store))
+    d, _ = cKDTree(centres).query(truth)
+    assert (d < small_spec.nucleus_radius).mean() >= 0.97
+    near = cKDTree(truth).query(centres)[1]
+    assert len(np.unique(near)) >= 0.97 * len(centres)  # border duplicates suppressed
+    assert sorted(set(np.asarray(sg["labels"][...]).tolist())) <= [0, 1]
+
+
+def test_segmentation_polygons_merged_across_borders(models, small_slide, small_spec,
+                                                     tmp_path) -> None:
+    import shapely
+    from shapely.geometry import shape
+
+    from wsi_assist.geojson import read_features
+
+    run = _run(small_slide, tmp_path, [str(models["seg"]), str(models["rseg"])])
+    a = dict(run.store["submodels/seg"].attrs)
+    feats = read_features(tmp_path / a["geojson"])
+    assert a["geojson"] == "findings/seg.geojson" and len(feats) == a["counts"]["nucleus"]
+    polys = [shape(f["geometry"]) for f in feats]
+    assert all(f["properties"]["classification"]["name"] == "nucleus" for f in feats)
+    truth = _truth_in_tiles(small_spec, store.read_grid(run.store))
+    cents = np.array([[p.centroid.x, p.centroid.y] for p in polys])
+    # each nucleus one polygon: no halves left at tile borders
+    inside = shapely.contains_xy(shapely.MultiPolygon(polys), truth[:, 0], truth[:, 1])
+    assert inside.mean() >= 0.97
+    near = cKDTree(truth).query(cents)[1]
+    assert len(np.unique(near)) >= 0.97 * len(polys)
+    area = np.median([p.area for p in polys])
+    assert 0.6 * np.pi * 36 < area < 1.6 * np.pi * 36
+    assert run.store["submodels/rseg"].attrs["task"] == "segmentation"
+
+
+def test_session_created_once_and_reused(models, small_slide, tmp_path, monkeypatch) -> None:
+    import onnxruntime as ort
+
+    made = []
+    real = ort.InferenceSession
+
+    def counting(*args, **kwargs):
+        made.append(args[0])
+        return real(*args, **kwargs)
+
+    sm.clear_cache()
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    for i in range(2):
+        _run(small_slide, tmp_path / str(i), [str(models["cls"])])
+    assert len(made) == 1
+    a = sm.get_submodel(models["cls"], ["CPUExecutionProvider"])
+    assert a is sm.get_submodel(models["cls"], ["CPUExecutionProvider"])
+    assert len(made) == 1
+
+
+def test_spec_contradicting_model_is_refused(models, tmp_path) -> None:
+    data = yaml.safe_load(models["cls"].read_text())
+    data["model"] = str(models["cls"].with_suffix(".onnx"))
+    for change, needle in ((("input", "tile_px", 96), "tile_px 96"),
+                           (("output", "classes", ["a", "b"]), "2 classes"),
+                           (("input", "dtype", "uint8"), "dtype uint8"),
+                           (("task", None, "point-detection"), "needs outputs")):
+        bad = yaml.safe_load(yaml.safe_dump(data))
+        sec, key, value = change
+        if key is None:
+            bad[sec] = value
+        else:
+            bad[sec][key] = value
+            if key == "classes":
+                bad["output"]["colors"] = bad["output"]["colors"][:2]
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ModelError, match=needle) as e:
+            sm.Submodel.load(path, ["CPUExecutionProvider"])
+        assert "cls.onnx" in str(e.value)
+
+
+def test_missing_or_broken_model_file(models, tmp_path) -> None:
+    data = yaml.safe_load(models["cls"].read_text())
+    spec = tmp_path / "m.yaml"
+    spec.write_text(yaml.safe_dump(data))  # model path now relative to tmp_path: absent
+    with pytest.raises(ModelError, match="not found"):
+        sm.Submodel.load(spec, ["CPUExecutionProvider"])
+    (tmp_path / "cls.onnx").write_bytes(models["cls"].with_suffix(".onnx").read_bytes()[:500])
+    with pytest.raises(ModelError, match="not a loadable ONNX"):
+        sm.Submodel.load(spec, ["CPUExecutionProvider"])
+    with pytest.raises(ModelError, match="colors"):
+        data["output"]["colors"] = [[1, 2, 3]]
+        spec.write_text(yaml.safe_dump(data))
+        load_spec(spec)
+
+
+def test_config_and_skips(tmp_path) -> None:
+    cfg = config.load()
+    assert cfg.submodels.specs == ("nuclei-stain.yaml",)
+    assert sm.resolve_spec_path("nuclei-stain.yaml").is_file()
+    with pytest.raises(ConfigError, match="submodels.providers"):
+        config.load().with_overrides(submodels={"providers": ["rocm"]})
+    assert sm.choose_providers(None, "cpu") == ["CPUExecutionProvider"]
+    assert sm.choose_providers(("cpu",), "cuda") == ["CPUExecutionProvider"]
+    run = type("R", (), {"config": cfg.with_overrides(submodels={"specs": []})})()
+    with pytest.raises(StageSkipped, match="submodels.specs"):
+        sm.run_submodels(run)
+
+
+@pytest.mark.real_slides
+def test_builtin_on_real_slides(shared_slides, tmp_path) -> None:
+    """H&E: nucleus densities of real tissue (2,000-20,000 /mm^2), almost no DAB-positive
+    calls. DAPI fluorescence (dark background): the bright-field model is not run, and
+    says why, since optical density is meaningless on emitted light."""
+    res = {}
+    for name in ("CMU-1-Small-Region.svs", "HE_example.ome.tif", "test3-DAPI-2-387.ndpi"):
+        run = _run(shared_slides / name, tmp_path / name, ["nuclei-stain.yaml"], tile_px=224)
+        res[name] = dict(run.store["submodels/nuclei-stain"].attrs)
+    for name in ("CMU-1-Small-Region.svs", "HE_example.ome.tif"):
+        s = res[name]["scores"]
+        assert 2000 < s["nucleus_density_per_mm2"]["value"] < 20000, (name, s)
+        assert s["dab_positive_percent"]["value"] < 5, (name, s)
+    dapi = res["test3-DAPI-2-387.ndpi"]
+    assert "bright" in dapi["skipped"] and dapi["counts"] == {}
+
+
+def test_packaged_builtin_copies(tmp_path) -> None:
+    """The built-in spec loads from a copied folder (model path relative to the YAML)."""
+    src = sm.builtin_dir()
+    for f in ("nuclei-stain.yaml", "nuclei-stain.onnx"):
+        shutil.copy(src / f, tmp_path / f)
+    sub = sm.Submodel.load(tmp_path / "nuclei-stain.yaml", ["CPUExecutionProvider"])
+    assert sub.spec.model_path == (tmp_path / "nuclei-stain.onnx").resolve()
+    assert sub.model_px(224, 0.25) == 112  # dynamic size: resized to the spec's 0.5 um/px
+
+
+def test_run_cli_with_providers(small_slide, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_assist.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--stages",
+                                   "tissue,tiles,submodels", "--providers", "cpu"])
+    assert res.exit_code == 0, res.output
+    g = store.open_store(out / small_slide.stem / "slide.zarr", "r")
+    assert g["submodels/nuclei-stain"].attrs["counts"]["DAB-negative nucleus"] > 150
+    bad = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--providers",
+                                   "rocm"])
+    assert bad.exit_code == 2 and "submodels.providers" in bad.output
+
+
+def test_slide_without_tiles_gives_empty_findings(blank_slide, models, tmp_path) -> None:
+    run = _run(blank_slide, tmp_path, ["nuclei-stain.yaml", str(models["cls"])])
+    sg = run.store["submodels/nuclei-stain"]
+    assert sg["points"].shape == (0, 2) and sg.attrs["counts"]["DAB-negative nucleus"] == 0
+    assert sg.attrs["scores"]["dab_positive_percent"]["value"] is None
+    assert run.store["submodels/cls"]["probs"].shape == (0, 3)
+    assert list(sm.detection_features(run.store, "nuclei-stain")) == []

@@ -1,0 +1,205 @@
+"""Decoding sub-model outputs into slide findings in level-0 pixels.
+
+One accumulator per sub-model and slide collects decoded tiles batch by batch, then
+``finish()`` de-duplicates detections from neighbouring or overlapping tiles (radius
+NMS for points, IoU NMS for boxes) and merges segmentation polygons across tile borders.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import shapely
+
+from wsi_assist.models.submodel_spec import ScoreSpec, SubmodelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TileFrame:
+    """Where a batch of model tiles lies: level-0 corners and model px -> level-0 px."""
+
+    corners: np.ndarray  # (B, 2) float64 level-0 x, y
+    scale: float
+    model_px: int
+
+
+def activate(x: np.ndarray, activation: str) -> np.ndarray:
+    """Softmax / sigmoid / identity over the class axis (1)."""
+    x = x.astype(np.float32, copy=False)
+    if activation == "softmax":
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    return x
+
+
+def radius_nms(points: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
+    """Indices kept by greedy NMS: a point is dropped when a kept, higher-scored one lies
+    within ``radius``. Only points with a neighbour that close are visited in Python."""
+    n = len(points)
+    if n == 0 or radius <= 0:
+        return np.arange(n)
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")
+    if len(pairs) == 0:
+        return np.arange(n)
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    hi = np.where(rank[pairs[:, 0]] < rank[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+    lo = np.where(hi == pairs[:, 0], pairs[:, 1], pairs[:, 0])
+    neighbours: dict[int, list[int]] = {}
+    for a, b in zip(hi.tolist(), lo.tolist(), strict=True):
+        neighbours.setdefault(a, []).append(b)
+    suppressed = np.zeros(n, bool)
+    for i in order[np.isin(order, hi)].tolist():  # in score order
+        if not suppressed[i]:
+            suppressed[neighbours[i]] = True
+    return np.nonzero(~suppressed)[0]
+
+
+def box_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by class-agnostic IoU NMS (torchvision)."""
+    if len(boxes) == 0:
+        return np.arange(0)
+    import torch
+    from torchvision.ops import nms
+
+    keep = nms(torch.from_numpy(boxes.astype(np.float32)),
+               torch.from_numpy(scores.astype(np.float32)), iou)
+    return np.sort(keep.numpy())
+
+
+@dataclass
+class Accumulator:
+    """Decoded findings of one sub-model over one slide."""
+
+    spec: SubmodelSpec
+    n_tiles: int
+    mpp: float
+    rows: list[np.ndarray] = field(default_factory=list)
+    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    polygons: dict[int, list[shapely.Geometry]] = field(default_factory=dict)
+    merged: dict[int, shapely.MultiPolygon] = field(default_factory=dict)
+
+    def _add(self, key: str, arr: np.ndarray) -> None:
+        self.parts.setdefault(key, []).append(arr)
+
+    def add(self, rows: np.ndarray, outputs: dict[str, np.ndarray], frame: TileFrame) -> None:
+        """Decode one batch; ``rows`` are grid rows of the tiles."""
+        task = self.spec.task
+        if task == "tile-classification":
+            first = next(iter(outputs.values()))
+            self.rows.append(rows)
+            self._add("probs", activate(first, self.spec.output.activation))
+        elif task in ("point-detection", "box-detection"):
+            self._add_detections(outputs, frame)
+        else:
+            self._add_masks(next(iter(outputs.values())), frame)
+
+    def _add_detections(self, out: dict[str, np.ndarray], frame: TileFrame) -> None:
+        key = "points" if self.spec.task == "point-detection" else "boxes"
+        scores = np.asarray(out["scores"], np.float32)
+        labels = np.asarray(out["labels"])
+        keep = scores >= self.spec.output.score_threshold
+        bad = keep & ((labels < 0) | (labels >= len(self.spec.output.classes)))
+        if bad.any():
+            log.warning("sub-model %s: %d detections with labels outside its %d classes "
+                        "dropped", self.spec.name, int(bad.sum()), len(self.spec.output.classes))
+            keep &= ~bad
+        b, p = np.nonzero(keep)
+        geo = np.asarray(out[key], np.float64)[b, p] * frame.scale
+        reps = geo.shape[1] // 2
+        geo += np.tile(frame.corners[b], (1, reps))
+        self._add(key, geo)
+        self._add("scores", scores[b, p])
+        self._add("labels", labels[b, p].astype(np.int16))
+        if "measurements" in out:
+            self._add("measurements", np.asarray(out["measurements"], np.float32)[b, p])
+
+    def _add_masks(self, logits: np.ndarray, frame: TileFrame) -> None:
+        from shapely import affinity
+
+        from wsi_assist.tissue import mask_to_polygons
+
+        o = self.spec.output
+        probs = activate(logits, o.activation)
+        k = probs.shape[1]
+        px_scale = frame.scale * frame.model_px / probs.shape[-1]
+        if o.activation == "sigmoid":
+            masks = probs >= o.score_threshold
+        else:
+            masks = np.eye(k, dtype=bool)[probs.argmax(axis=1)].transpose(0, 3, 1, 2)
+        for t in range(len(probs)):
+            x0, y0 = frame.corners[t]
+            for c in range(k):
+                if c == o.background_index or not masks[t, c].any():
+                    continue
+                poly = mask_to_polygons(masks[t, c], px_scale)
+                self.polygons.setdefault(c, []).append(affinity.translate(poly, x0, y0))
+
+    def finish(self, analysed_mm2: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays for the store and attrs (counts, scores) after de-duplication."""
+        task, o = self.spec.task, self.spec.output
+        arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
+        if task == "tile-classification":
+            probs = arrays.get("probs", np.zeros((0, len(o.classes)), np.float32))
+            labels = probs.argmax(axis=1).astype(np.int16)
+            full_p = np.full((self.n_tiles, probs.shape[1]), np.nan, np.float32)
+            full_l = np.full(self.n_tiles, -1, np.int16)
+            rows = np.concatenate(self.rows) if self.rows else np.zeros(0, np.int64)
+            full_p[rows], full_l[rows] = probs, labels
+            arrays = {"probs": full_p, "labels": full_l}
+            counts = np.bincount(labels, minlength=len(o.classes))
+        elif task == "segmentation":
+            arrays, counts = {}, self._merge_polygons()
+        else:
+            arrays = self._dedup(arrays)
+            counts = np.bincount(arrays["labels"].astype(np.int64), minlength=len(o.classes))
+        count_map = {c: int(counts[i]) if i < len(counts) else 0
+                     for i, c in enumerate(o.classes)}
+        scores = {n: {"value": slide_score(s, count_map, analysed_mm2),
+                      "definition": s.definition} for n, s in self.spec.scores.items()}
+        return arrays, {"counts": count_map, "scores": scores}
+
+    def _dedup(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key = "points" if self.spec.task == "point-detection" else "boxes"
+        width = 2 if key == "points" else 4
+        arrays.setdefault(key, np.zeros((0, width), np.float64))
+        arrays.setdefault("scores", np.zeros(0, np.float32))
+        arrays.setdefault("labels", np.zeros(0, np.int16))
+        if key == "points":
+            keep = radius_nms(arrays[key], arrays["scores"], self.spec.output.nms_radius_um
+                              / self.mpp)
+        else:
+            keep = box_nms(arrays[key], arrays["scores"], self.spec.output.iou_threshold)
+        return {k: v[keep] for k, v in arrays.items()}
+
+    def _merge_polygons(self) -> np.ndarray:
+        from wsi_assist.tissue import as_multipolygon
+
+        o = self.spec.output
+        counts = np.zeros(len(o.classes), np.int64)
+        min_px2 = o.min_area_um2 / self.mpp**2
+        for c, parts in self.polygons.items():
+            mp = as_multipolygon(shapely.union_all(parts))
+            kept = [g for g in mp.geoms if g.area >= min_px2]
+            self.merged[c] = shapely.MultiPolygon(kept)
+            counts[c] = len(kept)
+        return counts
+
+
+def slide_score(spec: ScoreSpec, counts: dict[str, int], analysed_mm2: float) -> float | None:
+    """A score from class counts; None when its denominator is zero."""
+    num = sum(counts.get(c, 0) for c in spec.numerator)
+    if spec.kind == "density":
+        return num / analysed_mm2 * spec.scale if analysed_mm2 > 0 else None
+    den = sum(counts.get(c, 0) for c in spec.denominator)
+    return num / den * spec.scale if den > 0 else None

@@ -1,0 +1,250 @@
+"""Sub-model specs: the YAML sidecar of an ONNX sub-model, and its check against the model.
+
+A spec names the model file (relative to the YAML), its task, how tiles are fed to it
+(``input``), how its outputs are read (``output``), which tiles it runs on (``tiles``)
+and which slide scores are derived from its counts (``scores``). ONNX output names
+expected per task: tile-classification and segmentation use the first output;
+point-detection ``points`` (B,P,2) x,y tile px, ``scores`` (B,P), ``labels`` (B,P) and
+optionally ``measurements`` (B,P,K); box-detection ``boxes`` (B,P,4) x0,y0,x1,y1,
+``scores``, ``labels``. Padding rows carry a score below the threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from wsi_assist.errors import ModelError
+
+Task = Literal["tile-classification", "point-detection", "box-detection", "segmentation"]
+TASKS = ("tile-classification", "point-detection", "box-detection", "segmentation")
+DETECTION_OUTPUTS = {"point-detection": ("points", "scores", "labels"),
+                     "box-detection": ("boxes", "scores", "labels")}
+ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How tiles are fed: size (None = any), mpp, channels, normalisation, layout, dtype."""
+
+    tile_px: int | None = 224
+    mpp: float | None = 0.5
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["uint8", "float32", "float16"] = "float32"
+    scale: float = 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    background: Literal["bright", "dark", "any"] = "any"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tile_px is not None and self.tile_px < 8:
+            raise ValueError(f"tile_px must be >= 8 or null, got {self.tile_px!r}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ValueError(f"mpp must be > 0 or null, got {self.mpp!r}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.dtype not in ONNX_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(ONNX_DTYPES)}, got {self.dtype!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std must be 3 values, std > 0; got {self.mean!r}, "
+                             f"{self.std!r}")
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale!r}")
+        if self.background not in ("bright", "dark", "any"):
+            raise ValueError(f"background must be bright, dark or any, got {self.background!r}")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How outputs are decoded: classes, colours, thresholds, de-duplication."""
+
+    classes: tuple[str, ...] = ()
+    colors: tuple[tuple[int, int, int], ...] = ()
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    score_threshold: float = 0.5
+    nms_radius_um: float = 4.0
+    iou_threshold: float = 0.5
+    background_index: int | None = 0
+    min_area_um2: float = 0.0
+    measurement_names: tuple[str, ...] = ()
+    draw_radius_um: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise ValueError("classes must name at least one class")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be unique, got {list(self.classes)!r}")
+        if len(self.colors) != len(self.classes) or any(
+                len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.colors):
+            raise ValueError(f"colors must give one [r, g, b] (0..255) per class, got "
+                             f"{[list(c) for c in self.colors]!r}")
+        if self.activation not in ("softmax", "sigmoid", "none"):
+            raise ValueError(f"activation must be softmax, sigmoid or none, got "
+                             f"{self.activation!r}")
+        if self.nms_radius_um < 0 or not 0 < self.iou_threshold <= 1:
+            raise ValueError("nms_radius_um must be >= 0 and iou_threshold in (0, 1]")
+        if self.background_index is not None and not 0 <= self.background_index < len(
+                self.classes):
+            raise ValueError(f"background_index must index classes, got "
+                             f"{self.background_index!r}")
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """A slide score from counts: ratio (numerator / denominator) or density (per mm^2)."""
+
+    kind: Literal["ratio", "density"]
+    definition: str
+    numerator: tuple[str, ...] = ()
+    denominator: tuple[str, ...] = ()
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ratio", "density"):
+            raise ValueError(f"kind must be ratio or density, got {self.kind!r}")
+        if not self.numerator or (self.kind == "ratio" and not self.denominator):
+            raise ValueError("numerator (and for a ratio, denominator) must list classes")
+        if not self.definition.strip():
+            raise ValueError("definition must say what the score means")
+
+
+@dataclass(frozen=True)
+class SubmodelSpec:
+    """A sub-model: ONNX file plus everything needed to run and read it."""
+
+    name: str
+    task: Task
+    model_path: Path
+    input: InputSpec
+    output: OutputSpec
+    zeroshot_classes: tuple[str, ...] | None = None
+    scores: dict[str, ScoreSpec] = field(default_factory=dict)
+    spec_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name[0] == "." or not all(
+                c.isalnum() or c in "-_." for c in self.name):
+            raise ValueError(f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        known = set(self.output.classes)
+        for sname, s in self.scores.items():
+            bad = [c for c in (*s.numerator, *s.denominator) if c not in known]
+            if bad:
+                raise ValueError(f"scores: {sname!r} names unknown class {bad[0]!r}")
+
+    def model_sha256(self) -> str:
+        h = hashlib.sha256()
+        with self.model_path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+
+def load_spec(path: str | Path) -> SubmodelSpec:
+    """Read and validate a spec YAML; ``model`` is resolved next to the YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read sub-model spec ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ModelError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: a sub-model spec must be a mapping")
+    try:
+        return spec_from_dict(data, path.parent, path)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"{path}: invalid sub-model spec: {e}") from e
+
+
+def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = None
+                   ) -> SubmodelSpec:
+    """Build a spec from a plain dict (as read from YAML)."""
+    allowed = {"name", "task", "model", "input", "output", "tiles", "scores", "description",
+               "model_params"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"unknown key {min(unknown)!r}; valid: {sorted(allowed)}")
+    for key in ("name", "task", "model", "output"):
+        if key not in data:
+            raise ValueError(f"missing key {key!r}")
+    inp = dict(data.get("input") or {})
+    for k in ("mean", "std"):
+        if k in inp:
+            inp[k] = tuple(float(v) for v in inp[k])
+    out = dict(data["output"])
+    out["classes"] = tuple(str(c) for c in out.get("classes", ()))
+    out["colors"] = tuple(tuple(int(v) for v in c) for c in out.get("colors", ()))
+    out["measurement_names"] = tuple(out.get("measurement_names", ()))
+    tiles = data.get("tiles") or {}
+    zs = tiles.get("zeroshot_classes")
+    scores = {str(k): ScoreSpec(kind=v["kind"], definition=str(v["definition"]),
+                                numerator=tuple(v.get("numerator", ())),
+                                denominator=tuple(v.get("denominator", ())),
+                                scale=float(v.get("scale", 1.0)))
+              for k, v in (data.get("scores") or {}).items()}
+    return SubmodelSpec(name=str(data["name"]), task=data["task"],
+                        model_path=(base / str(data["model"])).resolve(),
+                        input=InputSpec(**inp), output=OutputSpec(**out),
+                        zeroshot_classes=tuple(zs) if zs else None, scores=scores,
+                        spec_path=spec_path)
+
+
+def check_against_model(spec: SubmodelSpec, session: Any) -> None:
+    """Refuse (ModelError) a spec whose inputs or outputs contradict the ONNX model's."""
+    where = f"{spec.model_path}"
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"{where}: expected 1 input (tiles), model has {len(inputs)}")
+    inp = inputs[0]
+    if spec.input.name is not None and inp.name != spec.input.name:
+        raise ModelError(f"{where}: spec input name {spec.input.name!r}, model has {inp.name!r}")
+    if inp.type != ONNX_DTYPES[spec.input.dtype]:
+        raise ModelError(f"{where}: spec says input dtype {spec.input.dtype}, model takes "
+                         f"{inp.type}")
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        raise ModelError(f"{where}: expected a 4-d image input, model input shape is {shape}")
+    c_axis, hw = (1, shape[2:4]) if spec.input.layout == "NCHW" else (3, shape[1:3])
+    if isinstance(shape[c_axis], int) and shape[c_axis] != 3:
+        raise ModelError(f"{where}: spec layout {spec.input.layout} puts channels on axis "
+                         f"{c_axis}, but the model input shape is {shape}")
+    for d in hw:
+        if isinstance(d, int) and d != spec.input.tile_px:
+            raise ModelError(f"{where}: spec input tile_px {spec.input.tile_px}, model input "
+                             f"shape is {shape}")
+    _check_outputs(spec, session.get_outputs(), where)
+
+
+def _check_outputs(spec: SubmodelSpec, outputs: list[Any], where: str) -> None:
+    names = [o.name for o in outputs]
+    n = len(spec.output.classes)
+    if spec.task in DETECTION_OUTPUTS:
+        need = DETECTION_OUTPUTS[spec.task]
+        missing = [k for k in need if k not in names]
+        if missing:
+            raise ModelError(f"{where}: {spec.task} needs outputs {list(need)}, model has "
+                             f"{names}")
+        if "measurements" in names and spec.output.measurement_names:
+            k = outputs[names.index("measurements")].shape[-1]
+            if isinstance(k, int) and k != len(spec.output.measurement_names):
+                raise ModelError(f"{where}: spec names {len(spec.output.measurement_names)} "
+                                 f"measurements, model outputs {k}")
+        return
+    shape = list(outputs[0].shape)
+    want = 2 if spec.task == "tile-classification" else 4
+    if len(shape) != want:
+        raise ModelError(f"{where}: {spec.task} expects a {want}-d first output, model's "
+                         f"{names[0]!r} is {shape}")
+    if isinstance(shape[1], int) and shape[1] != n:
+        raise ModelError(f"{where}: spec lists {n} classes, model output {names[0]!r} has "
+                         f"{shape[1]} (shape {shape})")
