@@ -11,6 +11,7 @@ import shapely
 from conftest import REAL_SLIDES
 
 from wsi_assist.chunks import TiffUnits, ZarrUnits, open_units
+from wsi_assist.errors import SlideError
 from wsi_assist.slide import describe, open_slide
 from wsi_assist.stream import (
     BufferPool,
@@ -183,6 +184,16 @@ def test_dask_distributed_client(svs_slide: Path) -> None:
     _, naive = collect(stream_naive(svs_slide, g))
     np.testing.assert_array_equal(idx, np.arange(len(g)))
     np.testing.assert_array_equal(tiles, naive)
+
+
+@pytest.mark.real_slides
+@pytest.mark.parametrize("engine", ["tifffile", "zarr"])
+def test_corrupt_slide_raises_slide_error_naming_it(shared_slides: Path, engine: str) -> None:
+    path = shared_slides / "bad" / "unreadable.svs"
+    g = TileGrid(np.zeros((1, 2), np.int64), np.ones(1, np.float32), 0, 1.0, 16, 16, 16,
+                 0.5, 0.5, 0.5)
+    with pytest.raises(SlideError, match="unreadable.svs level 0: cannot decode"):
+        list(stream(path, g, engine=engine))  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
