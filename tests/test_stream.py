@@ -121,7 +121,7 @@ def test_zarr_engine_equals_tifffile_engine(svs_slide: Path) -> None:
 def test_plan_decodes_each_unit_once_and_releases_it() -> None:
     xs, ys = np.meshgrid(np.arange(0, 1000, 224), np.arange(0, 800, 224))
     xy = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
-    p = plan_units(xy, 224, (800, 1000), (240, 240), batch_size=3)
+    p = plan_units(xy, 224, (800, 1000), (240, 240), np.arange(0, len(xy), 3))
     decoded = np.concatenate(p.decode)
     released = np.concatenate(p.release)
     # every unit of a 4 x 5 unit grid touched, decoded exactly once, released once
@@ -169,7 +169,7 @@ def test_real_slides_exact(shared_slides: Path, name: str) -> None:
         g0 = full_grid(path, target_mpp=describe(path).level_mpp(0), tile_px=256)
         assert g0.level == 0
         p = plan_units(g0.level_coords(), g0.read_px, g0.level_dimensions[::-1],
-                       (256, g0.level_dimensions[0]), 64)
+                       (256, g0.level_dimensions[0]), np.arange(0, len(g0), 64))
         assert p.n_units > 0
         compare(path, g0, exact=True, batch_size=64)
 
