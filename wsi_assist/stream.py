@@ -2,10 +2,11 @@
 
 Each compressed chunk of the source level is decoded once (see :mod:`wsi_assist.chunks`):
 the grid is cut into batches, each batch needs a set of decode *units*, a unit is decoded
-by the first batch that needs it and dropped after the last one. Units are decoded in a
-thread pool (imagecodecs releases the GIL) at most ``prefetch`` batches ahead of the
-consumer, so memory depends on the batch size, the prefetch window and the width of the
-slide, never on its area. Tiles are cut out of the units, padded white off the slide
+by the first batch that needs it and dropped after the last one. Units are decoded, and
+tiles cut out of them 16 at a time, in a thread pool (imagecodecs, numpy and PIL release
+the GIL) at most ``prefetch`` batches ahead of the consumer, so memory depends on the
+batch size, the prefetch window and the width of the slide, never on its area. Batch
+arrays are recycled once the consumer has dropped them (``BufferPool``). Tiles are cut out of the units, padded white off the slide
 edge, and resized with area interpolation only when ``grid.resized``.
 
 Under a ``dask.distributed`` Client each batch is a task carrying only the slide path,
