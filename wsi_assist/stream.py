@@ -6,8 +6,9 @@ by the first batch that needs it and dropped after the last one. Units are decod
 tiles cut out of them 16 at a time, in a thread pool (imagecodecs, numpy and PIL release
 the GIL) at most ``prefetch`` batches ahead of the consumer, so memory depends on the
 batch size, the prefetch window and the width of the slide, never on its area. Batch
-arrays are recycled once the consumer has dropped them (``BufferPool``). Tiles are cut out of the units, padded white off the slide
-edge, and resized with area interpolation only when ``grid.resized``.
+arrays are recycled once the consumer has dropped them (``BufferPool``). Tiles are
+padded white off the slide edge and resized with area interpolation only when
+``grid.resized``.
 
 Under a ``dask.distributed`` Client each batch is a task carrying only the slide path,
 level and the batch's tile corners; workers open the slide themselves (cached per
