@@ -11,6 +11,7 @@ import shapely
 from conftest import REAL_SLIDES
 
 from wsi_assist.chunks import TiffUnits, ZarrUnits, open_units
+from wsi_assist.errors import SlideError
 from wsi_assist.slide import describe, open_slide
 from wsi_assist.stream import (
     BufferPool,
@@ -120,7 +121,7 @@ def test_zarr_engine_equals_tifffile_engine(svs_slide: Path) -> None:
 def test_plan_decodes_each_unit_once_and_releases_it() -> None:
     xs, ys = np.meshgrid(np.arange(0, 1000, 224), np.arange(0, 800, 224))
     xy = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
-    p = plan_units(xy, 224, (800, 1000), (240, 240), batch_size=3)
+    p = plan_units(xy, 224, (800, 1000), (240, 240), np.arange(0, len(xy), 3))
     decoded = np.concatenate(p.decode)
     released = np.concatenate(p.release)
     # every unit of a 4 x 5 unit grid touched, decoded exactly once, released once
@@ -168,7 +169,7 @@ def test_real_slides_exact(shared_slides: Path, name: str) -> None:
         g0 = full_grid(path, target_mpp=describe(path).level_mpp(0), tile_px=256)
         assert g0.level == 0
         p = plan_units(g0.level_coords(), g0.read_px, g0.level_dimensions[::-1],
-                       (256, g0.level_dimensions[0]), 64)
+                       (256, g0.level_dimensions[0]), np.arange(0, len(g0), 64))
         assert p.n_units > 0
         compare(path, g0, exact=True, batch_size=64)
 
@@ -183,6 +184,16 @@ def test_dask_distributed_client(svs_slide: Path) -> None:
     _, naive = collect(stream_naive(svs_slide, g))
     np.testing.assert_array_equal(idx, np.arange(len(g)))
     np.testing.assert_array_equal(tiles, naive)
+
+
+@pytest.mark.real_slides
+@pytest.mark.parametrize("engine", ["tifffile", "zarr"])
+def test_corrupt_slide_raises_slide_error_naming_it(shared_slides: Path, engine: str) -> None:
+    path = shared_slides / "bad" / "unreadable.svs"
+    g = TileGrid(np.zeros((1, 2), np.int64), np.ones(1, np.float32), 0, 1.0, 16, 16, 16,
+                 0.5, 0.5, 0.5)
+    with pytest.raises(SlideError, match="unreadable.svs level 0: cannot decode"):
+        list(stream(path, g, engine=engine))  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from wsi_assist.errors import SlideError
+
 log = logging.getLogger(__name__)
 
 Engine = Literal["auto", "tifffile", "zarr"]
@@ -50,7 +52,8 @@ def unit_bounds(src: UnitSource, uy: int, ux: int) -> tuple[int, int, int, int]:
 class ZarrUnits:
     """Units read by slicing tiffslide's zarr array of the level."""
 
-    def __init__(self, slide: Any, level: int) -> None:
+    def __init__(self, slide: Any, level: int, path: str | Path) -> None:
+        self._where = f"{path} level {level}"
         arr = slide.zarr_group[str(level)]
         if arr.ndim != 3 or slide.properties.get("tiffslide.series-axes") != "YXS":
             raise ValueError(f"level {level}: only YXS (RGB) levels are supported, got "
@@ -62,7 +65,11 @@ class ZarrUnits:
 
     def decode(self, uy: int, ux: int) -> np.ndarray:
         y0, y1, x0, x1 = unit_bounds(self, uy, ux)
-        return np.asarray(self._arr[y0:y1, x0:x1, :3])
+        try:
+            return np.asarray(self._arr[y0:y1, x0:x1, :3])
+        except Exception as e:  # codec errors have no common base class
+            raise SlideError(f"{self._where}: cannot decode rows {y0}-{y1}, columns "
+                             f"{x0}-{x1}: {e}") from e
 
 
 class TiffUnits:
@@ -75,6 +82,7 @@ class TiffUnits:
         if page is None:
             raise ValueError(f"level {level} is not one plain RGB TIFF page")
         self._page = page
+        self._where = f"{path} level {level}"
         self._decode = page.decode
         self._tables = page.jpegtables
         self._header = getattr(page, "jpegheader", None) if page.is_ndpi else None
@@ -112,7 +120,11 @@ class TiffUnits:
         y0, y1, x0, x1 = unit_bounds(self, uy, ux)
         cy0 = uy * self._rows_per_unit
         cy1 = min(self._nrows, cy0 + self._rows_per_unit)
-        parts = [self._chunk_array(cy, ux) for cy in range(cy0, cy1)]
+        try:
+            parts = [self._chunk_array(cy, ux) for cy in range(cy0, cy1)]
+        except Exception as e:  # codec errors have no common base class
+            raise SlideError(f"{self._where}: cannot decode chunk row {cy0}, column {ux}: "
+                             f"{e}") from e
         block = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return block[: y1 - y0, : x1 - x0, :3]
 
@@ -152,7 +164,7 @@ def open_units(slide: Any, level: int, path: str | Path, engine: Engine = "auto"
             if engine == "tifffile":
                 raise
             log.debug("%s: zarr engine for level %d (%s)", path, level, e)
-    return ZarrUnits(slide, level)
+    return ZarrUnits(slide, level, path)
 
 
 class SourceCache:

@@ -2,11 +2,13 @@
 
 Each compressed chunk of the source level is decoded once (see :mod:`wsi_assist.chunks`):
 the grid is cut into batches, each batch needs a set of decode *units*, a unit is decoded
-by the first batch that needs it and dropped after the last one. Units are decoded in a
-thread pool (imagecodecs releases the GIL) at most ``prefetch`` batches ahead of the
-consumer, so memory depends on the batch size, the prefetch window and the width of the
-slide, never on its area. Tiles are cut out of the units, padded white off the slide
-edge, and resized with area interpolation only when ``grid.resized``.
+by the first batch that needs it and dropped after the last one. Units are decoded, and
+tiles cut out of them 16 at a time, in a thread pool (imagecodecs, numpy and PIL release
+the GIL) at most ``prefetch`` batches ahead of the consumer, so memory depends on the
+batch size, the prefetch window and the width of the slide, never on its area. Batch
+arrays are recycled once the consumer has dropped them (``BufferPool``). Tiles are
+padded white off the slide edge and resized with area interpolation only when
+``grid.resized``.
 
 Under a ``dask.distributed`` Client each batch is a task carrying only the slide path,
 level and the batch's tile corners; workers open the slide themselves (cached per
@@ -79,21 +81,23 @@ def unit_spans(level_xy: np.ndarray, read_px: int, level_shape: tuple[int, int],
 
 
 def plan_units(level_xy: np.ndarray, read_px: int, level_shape: tuple[int, int],
-               unit_shape: tuple[int, int], batch_size: int) -> Plan:
-    """Split tiles into batches and schedule each unit's decode and release."""
+               unit_shape: tuple[int, int], starts: np.ndarray) -> Plan:
+    """Split tiles into batches beginning at ``starts`` (increasing, from 0) and
+    schedule each unit's decode (first batch using it) and release (last one)."""
     n = len(level_xy)
-    starts = range(0, n, batch_size)
-    batches = tuple(np.arange(s, min(s + batch_size, n), dtype=np.int64) for s in starts)
+    ends = [*starts[1:].tolist(), n]
+    batches = tuple(np.arange(a, b, dtype=np.int64) for a, b in zip(starts.tolist(), ends,
+                                                                     strict=True))
     nb = len(batches)
+    batch_of = np.searchsorted(starts, np.arange(n), side="right") - 1
     uy0, uy1, ux0, ux1, valid = unit_spans(level_xy, read_px, level_shape, unit_shape)
     ncols = -(-level_shape[1] // unit_shape[1])
-    pos = np.arange(n)
     keys, owners = [], []
     for dy in range(int((uy1 - uy0)[valid].max(initial=-1)) + 1):
         for dx in range(int((ux1 - ux0)[valid].max(initial=-1)) + 1):
             m = valid & (uy0 + dy <= uy1) & (ux0 + dx <= ux1)
             keys.append((uy0[m] + dy) * ncols + ux0[m] + dx)
-            owners.append(pos[m] // batch_size)
+            owners.append(batch_of[m])
     key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
     owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
     order = np.lexsort((owner, key))
@@ -140,13 +144,11 @@ def _refcounts(arrays: list[np.ndarray]) -> list[int]:
     return [sys.getrefcount(a) for a in arrays]
 
 
-def assemble(src: UnitSource, level_xy: np.ndarray, read_px: int, tile_px: int,
-             units: dict[tuple[int, int], np.ndarray], pool: BufferPool | None = None
-             ) -> np.ndarray:
-    """Cut tiles out of decoded units, white off the slide, resized to ``tile_px``."""
+def assemble(src: UnitSource, level_xy: np.ndarray, read_px: int,
+             units: dict[tuple[int, int], np.ndarray], out: np.ndarray) -> None:
+    """Cut tiles out of decoded units into ``out`` (n, read_px, read_px, 3), white off
+    the slide."""
     r = read_px
-    shape = (len(level_xy), r, r, 3)
-    out = pool.take(shape) if pool is not None else np.empty(shape, np.uint8)
     uy0, uy1, ux0, ux1, valid = unit_spans(level_xy, r, src.level_shape, src.unit_shape)
     (h, w), (x, y) = src.level_shape, (level_xy[:, 0], level_xy[:, 1])
     partial = (x < 0) | (y < 0) | (x + r > w) | (y + r > h) | ~valid
@@ -165,12 +167,20 @@ def assemble(src: UnitSource, level_xy: np.ndarray, read_px: int, tile_px: int,
                 c, d = max(x0, tx), min(x0 + uw, tx + r, w)
                 out[j, a - ty:b - ty, c - tx:d - tx] = units[uy, ux][a - y0:b - y0,
                                                                      c - x0:d - x0]
-    if r != tile_px:
-        small = pool.take((len(out), tile_px, tile_px, 3)) if pool is not None else None
-        small = np.empty((len(out), tile_px, tile_px, 3), np.uint8) if small is None else small
-        for j, t in enumerate(out):
-            small[j] = resize_area(t, tile_px)
-        return small
+
+
+def cut_tiles(src: UnitSource, level_xy: np.ndarray, read_px: int, tile_px: int,
+              units: dict[tuple[int, int], np.ndarray], out: np.ndarray,
+              pool: BufferPool | None = None) -> np.ndarray:
+    """Tiles into ``out`` (n, tile_px, tile_px, 3), area-resized when read_px differs."""
+    if read_px == tile_px:
+        assemble(src, level_xy, read_px, units, out)
+        return out
+    shape = (len(level_xy), read_px, read_px, 3)
+    scratch = pool.take(shape) if pool is not None else np.empty(shape, np.uint8)
+    assemble(src, level_xy, read_px, units, scratch)
+    for j, t in enumerate(scratch):
+        out[j] = resize_area(t, tile_px)
     return out
 
 
@@ -201,38 +211,54 @@ def stream(path: str | Path, grid: TileGrid, batch_size: int = 64, prefetch: int
             getattr(src, "close", lambda: None)()
 
 
+#: Tiles per assembly task: small, so cutting overlaps decoding even on small slides.
+SUB_BATCH = 16
+
+
 def _stream_local(src: UnitSource, grid: TileGrid, batch_size: int, prefetch: int,
                   n_threads: int) -> Iterator[TileBatch]:
-    level_xy = grid.level_coords()
-    p = plan_units(level_xy, grid.read_px, src.level_shape, src.unit_shape, batch_size)
-    log.debug("%d tiles, %d batches, %d units", len(grid), len(p.batches), p.n_units)
+    level_xy, n, r = grid.level_coords(), len(grid), grid.read_px
+    firsts = np.arange(0, n, batch_size)
+    starts = np.concatenate([np.arange(a, min(a + batch_size, n), SUB_BATCH) for a in firsts])
+    p = plan_units(level_xy, r, src.level_shape, src.unit_shape, starts)
+    subs_of = np.split(np.arange(len(starts)), np.searchsorted(starts, firsts[1:]))
+    log.debug("%d tiles, %d batches, %d units", n, len(firsts), p.n_units)
     futures: dict[tuple[int, int], Future[np.ndarray]] = {}
-    buffers = BufferPool(2 * prefetch + 4)
-    pending: list[Future[np.ndarray]] = []
+    buffers = BufferPool(3 * prefetch + 4)
+    pending: list[tuple[np.ndarray, list[Future[np.ndarray]]] | None] = []
 
     def submit(b: int) -> None:
-        for uy, ux in p.decode[b].tolist():
-            futures[uy, ux] = pool.submit(src.decode, uy, ux)
-        rows = p.batches[b]
-        needed = _needed(src, level_xy[rows], grid.read_px)
-        mine = {k: futures[k] for k in needed}
-        pending.append(pool.submit(_assemble_when_ready, src, level_xy[rows], grid, mine,
-                                   buffers))
+        rows = np.arange(firsts[b], min(firsts[b] + batch_size, n))
+        out = buffers.take((len(rows), grid.tile_px, grid.tile_px, 3))
+        parts = []
+        for s in subs_of[b].tolist():
+            for uy, ux in p.decode[s].tolist():
+                futures[uy, ux] = pool.submit(src.decode, uy, ux)
+            sub = p.batches[s]
+            mine = {k: futures[k] for k in _needed(src, level_xy[sub], r)}
+            dest = out[sub[0] - rows[0]:sub[-1] + 1 - rows[0]]
+            parts.append(pool.submit(_cut_when_ready, src, level_xy[sub], grid, mine, dest,
+                                     buffers))
+        pending.append((out, parts))
 
     with ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-tiles") as pool:
         try:
-            for b in range(min(prefetch, len(p.batches))):
+            for b in range(min(prefetch, len(firsts))):
                 submit(b)
-            for b, rows in enumerate(p.batches):
-                tiles = pending[b].result()
-                pending[b] = None  # type: ignore[call-overload]
-                for uy, ux in p.release[b].tolist():
-                    del futures[uy, ux]
-                if b + prefetch < len(p.batches):
+            for b in range(len(firsts)):
+                out, parts = pending[b]  # type: ignore[misc]
+                pending[b] = None
+                for f in parts:
+                    f.result()
+                for s in subs_of[b].tolist():
+                    for uy, ux in p.release[s].tolist():
+                        del futures[uy, ux]
+                if b + prefetch < len(firsts):
                     submit(b + prefetch)
-                yield TileBatch(index=rows, tiles=tiles)
+                yield TileBatch(index=np.arange(firsts[b], firsts[b] + len(out)), tiles=out)
+                del out, parts
         finally:
-            for f in [*futures.values(), *(f for f in pending if f is not None)]:
+            for f in [*futures.values(), *(f for e in pending if e for f in e[1])]:
                 f.cancel()
 
 
@@ -243,12 +269,12 @@ def _needed(src: UnitSource, level_xy: np.ndarray, read_px: int) -> set[tuple[in
             for ux in range(int(ux0[j]), int(ux1[j]) + 1)}
 
 
-def _assemble_when_ready(src: UnitSource, level_xy: np.ndarray, grid: TileGrid,
-                         futures: dict[tuple[int, int], Future[np.ndarray]],
-                         buffers: BufferPool) -> np.ndarray:
+def _cut_when_ready(src: UnitSource, level_xy: np.ndarray, grid: TileGrid,
+                    futures: dict[tuple[int, int], Future[np.ndarray]], out: np.ndarray,
+                    buffers: BufferPool) -> None:
     # Safe in the same pool: these decodes were submitted first, so they already run.
     units = {k: f.result() for k, f in futures.items()}
-    return assemble(src, level_xy, grid.read_px, grid.tile_px, units, buffers)
+    cut_tiles(src, level_xy, grid.read_px, grid.tile_px, units, out, buffers)
 
 
 def read_batch(path: str, level: int, engine: Engine, level_xy: np.ndarray, read_px: int,
@@ -256,7 +282,8 @@ def read_batch(path: str, level: int, engine: Engine, level_xy: np.ndarray, read
     """One batch, self-contained: open (cached), decode its units, cut. A dask task."""
     src = SOURCES.get(path, level, engine)
     units = {k: src.decode(*k) for k in _needed(src, level_xy, read_px)}
-    return assemble(src, level_xy, read_px, tile_px, units)
+    out = np.empty((len(level_xy), tile_px, tile_px, 3), np.uint8)
+    return cut_tiles(src, level_xy, read_px, tile_px, units, out)
 
 
 def _stream_distributed(client: Any, path: str, grid: TileGrid, batch_size: int,
