@@ -1,1 +1,1 @@
-"""Turn PyTorch models into ONNX sub-models (``python -m exporters.submodels``)."""
+"""Turn PyTorch models into ONNX files the pipeline runs with onnxruntime."""

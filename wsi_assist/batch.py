@@ -17,18 +17,21 @@ import shutil
 import time
 import traceback
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wsi_assist import config as config_mod
-from wsi_assist import store
+from wsi_assist import locks, store
 from wsi_assist.config import Config
 from wsi_assist.errors import WsiAssistError
 from wsi_assist.pipeline import SlideRun, run_stages
 from wsi_assist.slide import describe, mpp_for, read_mpp_csv
 
 log = logging.getLogger(__name__)
+#: Tracebacks of failed slides: run.log keeps them; the console shows them only with --debug.
+TRACE_LOG = logging.getLogger("wsi_assist.traceback")
+TRACE_LOG.setLevel(logging.INFO)
 
 MANIFEST_FIELDS = ["path", "slide_id", "status", "error", "stage", "n_tiles", "seconds",
                    "tiles_per_s"]
@@ -103,62 +106,240 @@ def inside(base: Path, target: Path) -> Path:
     return target
 
 
+#: Stage -> (stages whose results it reads, config sections it depends on).
+STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "tissue": ((), ("mpp", "tissue")),
+    "tiles": (("tissue",), ("tiling", "outputs")),
+    "embed": (("tiles",), ("embed",)),
+    "zeroshot": (("embed",), ("zeroshot",)),
+    "submodels": (("tiles", "zeroshot"), ("submodels",)),
+    "caption": (("embed", "zeroshot", "submodels"), ("caption",)),
+    "report": (("tiles", "embed", "zeroshot", "submodels", "caption"), ("report",)),
+}
+
+
+def slide_fingerprint(path: Path) -> str:
+    """Size, mtime and a hash of the first MB: cheap, and changes when the file does."""
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:".encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:20]
+
+
+def stage_fingerprints(slide_fp: str, config: Config) -> dict[str, str]:
+    """One fingerprint per stage: the slide, the stage's config sections, its inputs'."""
+    d = config.to_dict()
+    fps: dict[str, str] = {}
+    for stage, (deps, sections) in STAGE_INPUTS.items():
+        blob = json.dumps({"slide": slide_fp, "deps": [fps[x] for x in deps],
+                           "config": {s: d.get(s) for s in sections}},
+                          sort_keys=True, default=str)
+        fps[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fps
+
+
+def stages_to_run(done: dict[str, Any] | None, want: dict[str, str],
+                  stages: tuple[str, ...], force: bool) -> tuple[str, ...]:
+    """The configured stages whose stored fingerprint differs from the wanted one."""
+    if force or not done:
+        return stages
+    have = done.get("stages", {})
+    return tuple(s for s in stages if have.get(s) != want[s])
+
+
+def read_done(folder: Path) -> dict[str, Any] | None:
+    """The slide's done.json, or None when absent or unreadable."""
+    try:
+        d = json.loads((folder / "done.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
 def process_slide(path: Path, slide_id: str, out: Path, config: Config,
-                  mpp_table: dict[str, float] | None = None) -> SlideResult:
-    """Run the configured stages on one slide; never raises for a bad slide."""
+                  mpp_table: dict[str, float] | None = None, force: bool = False,
+                  ) -> SlideResult:
+    """Run the stages of one slide that are not already done; never raises for a bad slide."""
     result = SlideResult(path=str(path), slide_id=slide_id, status="done")
     final = inside(out, out / slide_id)
-    work = inside(out, out / ".work" / f"{slide_id}.{os.getpid()}")
     stage = "open"
+    lock: locks.Lock | str | None = None
     try:
-        override = mpp_for(path, config.mpp.override, mpp_table)
-        t0 = time.perf_counter()
-        info = describe(path, mpp_override=override)
-        info.require_mpp()
-        result.seconds["open"] = time.perf_counter() - t0
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        group = store.open_store(work / "slide.zarr", mode="w")
-        group.attrs.update({"slide_path": str(path), "mpp_source": info.mpp_source,
-                            "slide_mpp": info.mpp, "synthetic": info.synthetic,
-                            "wsi_assist_version": _version()})
-        run = SlideRun(path=path, slide_id=slide_id, out_dir=work, config=config,
-                       info=info, store=group)
-        stage = "stages"
-        result.seconds.update(run_stages(run, config.stages))
-        tiles = run.summary.get("tiles", {})
-        result.n_tiles = tiles.get("n_tiles")
-        _write_json(work / "done.json", {"slide_id": slide_id, "path": str(path),
-                                         "stages": list(config.stages),
-                                         "summary": run.summary, "seconds": result.seconds,
-                                         "info": info.to_json()})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(work, final)
+        fp = slide_fingerprint(path)
+        want = stage_fingerprints(fp, config)
+        todo = stages_to_run(read_done(final), want, config.stages, force)
+        if not todo:
+            return _skipped(result, final)
+        lock = locks.acquire(inside(out, out / ".locks" / f"{slide_id}.lock"))
+        if isinstance(lock, str):
+            result.status, result.error = "skipped", f"being processed by {lock}"
+            return result
+        done = read_done(final)  # another run may have finished it meanwhile
+        todo = stages_to_run(done, want, config.stages, force)
+        if not todo:
+            return _skipped(result, final)
+        log.info("start %s (%s): %s", slide_id, path, ", ".join(todo))
+        _run_in_work_folder(path, slide_id, out, config, mpp_table, todo, done, want,
+                            fp, result)
     except Exception as e:  # one bad slide must not stop the batch
         result.status = "failed"
         result.stage = getattr(e, "stage", stage)
         result.error = _one_line(e, path)
         result.traceback = traceback.format_exc()
         log.error("%s failed in %s: %s", path, result.stage, result.error)
-        log.debug("%s", result.traceback)
-        shutil.rmtree(work, ignore_errors=True)
+        TRACE_LOG.info("%s failed in %s:\n%s", path, result.stage, result.traceback)
+    finally:
+        if isinstance(lock, locks.Lock):
+            lock.release()
     return result
 
 
-def run_batch(inputs: list[Path], out: Path, config: Config) -> list[SlideResult]:
-    """Process every slide found in ``inputs`` into ``out``; writes manifest and config."""
+def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
+                        mpp_table: dict[str, float] | None, todo: tuple[str, ...],
+                        done: dict[str, Any] | None, want: dict[str, str], fp: str,
+                        result: SlideResult) -> None:
+    """Copy what is kept into a work folder, run ``todo`` there, swap it into place."""
+    final = out / slide_id
+    work = inside(out, out / ".work" / f"{slide_id}.{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    partial = done is not None and todo != config.stages and done.get("slide") == fp
+    try:
+        override = mpp_for(path, config.mpp.override, mpp_table)
+        t0 = time.perf_counter()
+        info = describe(path, mpp_override=override)
+        info.require_mpp()
+        result.seconds["open"] = time.perf_counter() - t0
+        if partial:
+            shutil.copytree(final, work)
+            (work / "done.json").unlink(missing_ok=True)
+        else:
+            work.mkdir()
+        group = store.open_store(work / "slide.zarr", mode="a" if partial else "w")
+        group.attrs.update({"slide_path": str(path), "mpp_source": info.mpp_source,
+                            "slide_mpp": info.mpp, "synthetic": info.synthetic,
+                            "slide_fingerprint": fp, "wsi_assist_version": _version()})
+        run = SlideRun(path=path, slide_id=slide_id, out_dir=work, config=config,
+                       info=info, store=group)
+        result.seconds.update(run_stages(run, todo))
+        summary = {**(done or {}).get("summary", {}), **run.summary} if partial \
+            else run.summary
+        stages = {**(done or {}).get("stages", {}), **{s: want[s] for s in todo}} \
+            if partial else {s: want[s] for s in todo}
+        n_tiles = summary.get("tiles", {}).get("n_tiles")
+        result.n_tiles = n_tiles
+        _write_json(work / "done.json", {
+            "slide_id": slide_id, "path": str(path), "slide": fp, "stages": stages,
+            "summary": summary, "seconds": result.seconds, "n_tiles": n_tiles,
+            "info": info.to_json(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        _swap_into_place(work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _swap_into_place(work: Path, final: Path) -> None:
+    """Replace ``final`` by ``work``: at every instant ``final`` is absent or complete."""
+    old = work.with_name(work.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _skipped(result: SlideResult, final: Path) -> SlideResult:
+    done = read_done(final) or {}
+    result.status = "skipped"
+    result.n_tiles = done.get("n_tiles")
+    return result
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file, or raise a WsiAssistError saying why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise WsiAssistError(f"{out}: output folder is not writable "
+                             f"({e.strerror or type(e).__name__})") from e
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The slides of a run and their ids, found before any work starts."""
+
+    paths: tuple[Path, ...]
+    ids: dict[Path, str]
+    mpp_table: dict[str, float] | None
+
+
+def plan(inputs: list[Path], config: Config) -> BatchPlan:
+    """Find slides and give them ids; raises WsiAssistError for unusable inputs."""
     from wsi_assist.slide import find_slides
 
-    out.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in inputs if not p.exists()]
+    if missing:
+        raise WsiAssistError(f"{missing[0]}: no such file or folder")
     paths = find_slides(inputs)
     ids = slide_ids(paths, [p if p.is_dir() else p.parent for p in inputs])
-    mpp_table = read_mpp_csv(Path(config.mpp.csv)) if config.mpp.csv else None
+    table = read_mpp_csv(Path(config.mpp.csv)) if config.mpp.csv else None
+    return BatchPlan(tuple(paths), ids, table)
+
+
+def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = False,
+              client: Any = None, progress: Any = None,
+              stop: Any = None) -> list[SlideResult]:
+    """Process every slide of ``inputs`` into ``out``, locally or on a Dask ``client``.
+
+    ``progress`` gets ``start(total)`` and ``advance(result)``; ``stop()`` returning True
+    stops before the next slide starts (Ctrl-C). Writes manifest.csv and config.yaml.
+    """
+    check_writable(out)
+    p = plan(inputs, config)
     config_mod.save(config, out / "config.yaml")
-    results = [process_slide(p, ids[p], out, config, mpp_table) for p in paths]
+    if progress is not None:
+        progress.start(len(p.paths))
+    results: list[SlideResult] = []
+    if client is None:
+        for path in p.paths:
+            if stop is not None and stop():
+                break
+            r = process_slide(path, p.ids[path], out, config, p.mpp_table, force)
+            results.append(r)
+            if progress is not None:
+                progress.advance(r)
+    else:
+        results = _run_on_cluster(client, p, out, config, force, progress, stop)
+    order = {str(path): i for i, path in enumerate(p.paths)}
+    results.sort(key=lambda r: order[r.path])
     write_manifest(out / "manifest.csv", results)
-    shutil.rmtree(out / ".work", ignore_errors=True)
+    return results
+
+
+def _run_on_cluster(client: Any, p: BatchPlan, out: Path, config: Config, force: bool,
+                    progress: Any, stop: Any) -> list[SlideResult]:
+    """One task per slide; workers open the slides themselves. GPU stages need a worker
+    declaring the ``GPU`` resource when the configured device is CUDA."""
+    from dask.distributed import as_completed
+
+    gpu = config.parallelism.device.startswith("cuda") and any(
+        s in config.stages for s in ("embed", "submodels", "caption"))
+    futures = [client.submit(process_slide, path, p.ids[path], out, config, p.mpp_table,
+                             force, key=f"slide-{p.ids[path]}-{os.getpid()}", pure=False,
+                             resources={"GPU": 1} if gpu else None)
+               for path in p.paths]
+    results = []
+    for fut in as_completed(futures):
+        r = fut.result()
+        results.append(r)
+        if progress is not None:
+            progress.advance(r)
+        if stop is not None and stop():
+            for f in futures:
+                f.cancel()  # running slides finish their atomic write or are discarded
+            break
     return results
 
 
@@ -189,7 +370,3 @@ def _version() -> str:
     from wsi_assist import __version__
 
     return __version__
-
-
-def result_dicts(results: list[SlideResult]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in results]

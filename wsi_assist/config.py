@@ -18,8 +18,11 @@ from typing import Any
 
 import yaml
 
+from wsi_assist.caption import CaptionParams
 from wsi_assist.errors import ConfigError
+from wsi_assist.models.pathclip import EmbedParams
 from wsi_assist.models.submodels import SubmodelParams
+from wsi_assist.models.zeroshot import ZeroShotParams
 from wsi_assist.tiling import TilingParams
 from wsi_assist.tissue import TissueParams
 
@@ -93,6 +96,9 @@ SECTIONS: dict[str, type] = {
     "stream": StreamParams,
     "outputs": OutputParams,
     "parallelism": ParallelParams,
+    "caption": CaptionParams,
+    "embed": EmbedParams,
+    "zeroshot": ZeroShotParams,
     "submodels": SubmodelParams,
 }
 

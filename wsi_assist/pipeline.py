@@ -20,9 +20,12 @@ import shapely
 import zarr
 
 from wsi_assist import geojson, store, thumbnail
+from wsi_assist.caption import run_caption
 from wsi_assist.config import Config
 from wsi_assist.errors import StageSkipped, WsiAssistError
+from wsi_assist.models.embed import run_embed
 from wsi_assist.models.submodels import run_submodels
+from wsi_assist.models.zeroshot import run_zeroshot
 from wsi_assist.slide import SlideInfo
 
 log = logging.getLogger(__name__)
@@ -108,18 +111,30 @@ def run_tiles(run: SlideRun) -> dict[str, Any]:
     if len(g) == 0:
         log.warning("%s: no tiles with at least %.0f%% tissue", run.path,
                     100 * run.config.tiling.min_tissue)
-    overview = np.asarray(run.store["overview"][...])
-    ds = float(run.store["overview"].attrs["downsample"])
     out = run.config.outputs
-    img = thumbnail.draw(overview, ds, tissue_geom, g if out.draw_tiles else None,
-                         max_px=out.thumbnail_px, synthetic=run.info.synthetic)
-    img.save(run.out_dir / "thumbnail.png")
+    img, ds = read_thumbnail(run, out.thumbnail_px)
+    store.write_array(run.store, "thumbnail", img, rows_per_chunk=1024, downsample=ds,
+                      description="RGB thumbnail, pixels are `downsample` level-0 px wide")
+    drawn = thumbnail.draw(img, ds, tissue_geom, g if out.draw_tiles else None,
+                           max_px=out.thumbnail_px, synthetic=run.info.synthetic)
+    drawn.save(run.out_dir / "thumbnail.png")
     return {"n_tiles": len(g), "level": g.level, "delivered_mpp": g.delivered_mpp}
+
+
+def read_thumbnail(run: SlideRun, max_px: int) -> tuple[np.ndarray, float]:
+    """An RGB image whose longest side is at least ``max_px`` (or the whole level 0)."""
+    from wsi_assist.slide import read_lowres
+
+    info = run.info
+    mpp = info.require_mpp() * max(1.0, max(info.width, info.height) / max_px)
+    with run.open_slide() as s:
+        return read_lowres(s, info, mpp)
 
 
 StageFunc = Callable[[SlideRun], dict[str, Any]]
 STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles,
-                                     "submodels": run_submodels}
+                                     "embed": run_embed, "zeroshot": run_zeroshot,
+                                     "submodels": run_submodels, "caption": run_caption}
 
 
 def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:

@@ -177,9 +177,25 @@ def check_readable(slide: Any, path: Path) -> None:
     except Exception as e:
         raise SlideError(f"{path}: pixel data cannot be decoded "
                          f"({type(e).__name__}: {_first_line(e)})") from e
+    _check_not_truncated(slide, path)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise SlideError(f"{path}: unsupported pixel type {arr.dtype} with shape "
                          f"{arr.shape[2:] or '(grey)'}; expected 8-bit RGB")
+
+
+def _check_not_truncated(slide: Any, path: Path) -> None:
+    """Every level's compressed data must lie inside the file (a cut copy fails here)."""
+    size = path.stat().st_size
+    try:
+        series = slide._tifffile.series[slide.properties.get("tiffslide.series-index", 0)]
+        pages = [lvl.keyframe for lvl in series.levels]
+    except Exception:  # not all formats expose levels this way; pixels were checked anyway
+        return
+    for i, page in enumerate(pages):
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        if ends and max(ends) > size:
+            raise SlideError(f"{path}: file is truncated (level {i} data ends at byte "
+                             f"{max(ends)}, file has {size})")
 
 
 def resolve_mpp(slide: Any, objective_power: float | None,

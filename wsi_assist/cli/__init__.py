@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from wsi_assist.cli import demo, info, run, tile
+from wsi_assist.cli import demo, info, models, run, tile
+from wsi_assist.cli import eval as eval_cmd
 from wsi_assist.cli.common import state
 
 app = typer.Typer(name="wsi-assist", no_args_is_help=True, add_completion=False,
@@ -30,6 +31,9 @@ def _root(
     state.debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    if not debug:
+        for h in logging.getLogger().handlers:
+            h.addFilter(lambda r: not r.name.startswith("wsi_assist.traceback"))
     for noisy in ("PIL", "distributed", "asyncio", "numcodecs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # tifffile logs every malformed tag of a bad file; our one-line error says enough
@@ -40,6 +44,8 @@ app.command("info")(info.info)
 app.command("run")(run.run)
 app.command("tile")(tile.tile)
 app.command("demo")(demo.demo)
+app.command("models")(models.models)
+app.add_typer(eval_cmd.app, name="eval")
 
 
 def main() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,6 +12,8 @@ import typer
 
 from wsi_assist.cli import options as opt
 from wsi_assist.cli.common import user_errors
+
+log = logging.getLogger("wsi_assist")
 
 
 def run(
@@ -20,21 +25,49 @@ def run(
                                                     "report.")] = None,
     mpp: opt.Mpp = None,
     mpp_csv: opt.MppCsv = None,
+    workers: Annotated[int | None, typer.Option(help="Start a local Dask cluster with N "
+                                                     "worker processes.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running Dask "
+                                                       "scheduler, e.g. tcp://host:8786.")]
+    = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    pathclip: Annotated[Path | None, typer.Option(help="PathCLIP weights "
+                                                       "(pathclip-base.pt).")] = None,
+    engine: Annotated[str | None, typer.Option(help="Embedding engine: torch or onnx.")]
+    = None,
+    prompts: Annotated[str | None, typer.Option(help="Zero-shot prompt set name or YAML "
+                                                     "file.")] = None,
+    query: Annotated[list[str] | None, typer.Option(
+        "--query", help="Text query (repeatable): its nearest tiles by PathCLIP "
+                        "similarity are captioned too (caption.queries).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo slides that are already "
+                                                        "done.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Only warnings and the final "
+                                                        "summary.")] = False,
     providers: Annotated[str | None, typer.Option(
         help="onnxruntime providers for sub-models, in order: comma-separated from "
              "tensorrt, cuda, cpu (default: those available).")] = None,
 ) -> None:
-    """Process slides into OUT. Exit 0 when all slides are done, 1 when any failed."""
-    overrides = ({"submodels": {"providers": [p.strip() for p in providers.split(",")
-                                              if p.strip()]}} if providers else None)
-    execute(inputs, out, config, stages=stages, mpp=mpp, mpp_csv=mpp_csv, overrides=overrides)
+    """Process slides into OUT. Exit 0 when all are done or skipped, 1 when any failed."""
+    overrides: dict[str, dict[str, Any]] = {
+        "parallelism": {"workers": workers, "scheduler": scheduler, "device": device},
+        "embed": {"pathclip": str(pathclip) if pathclip else None, "engine": engine},
+        "zeroshot": {"prompts": prompts}}
+    if query:
+        overrides["caption"] = {"queries": list(query)}
+    if providers:
+        overrides["submodels"] = {"providers": [p.strip() for p in providers.split(",")
+                                                if p.strip()]}
+    execute(inputs, out, config, stages=stages, mpp=mpp, mpp_csv=mpp_csv, force=force,
+            quiet=quiet, overrides=overrides)
 
 
 def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: str | None,
-            mpp: float | None, mpp_csv: Path | None,
+            mpp: float | None, mpp_csv: Path | None, force: bool = False, quiet: bool = False,
             overrides: dict[str, dict[str, Any]] | None = None) -> None:
     """Load and override the config, run the batch, print a summary, exit with its code."""
     from wsi_assist import batch, config
+    from wsi_assist.progress import BatchProgress
 
     with user_errors():
         cfg = config.load(config_file)
@@ -46,14 +79,108 @@ def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: 
             d = cfg.to_dict()
             d["stages"] = stages
             cfg = config.from_dict(d, "--stages")
-        results = batch.run_batch(inputs, out, cfg)
+        batch.check_writable(out)
+    handler = _log_to_file(out / "run.log")
+    if quiet:  # the console only; run.log keeps everything
+        for h in logging.getLogger().handlers:
+            if h is not handler:
+                h.setLevel(logging.WARNING)
+    stop = _StopOnInterrupt()
+    progress = BatchProgress(live=sys.stderr.isatty(), quiet=quiet)
+    try:
+        with user_errors(), _client(cfg) as client:
+            results = batch.run_batch(inputs, out, cfg, force=force, client=client,
+                                      progress=progress, stop=stop)
+    finally:
+        progress.close()
+        stop.restore()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    _summarise(results, out, stop.requested)
+
+
+def _summarise(results: list[Any], out: Path, interrupted: bool) -> None:
     failed = [r for r in results if r.status == "failed"]
     done = sum(r.status == "done" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
     typer.echo(f"{done} done, {skipped} skipped, {len(failed)} failed -> {out}")
     for r in failed:
-        typer.secho(f"failed: {r.error}", err=True, fg=typer.colors.RED)
+        typer.secho(f"failed [{r.stage}]: {r.error}", err=True, fg=typer.colors.RED)
+    if interrupted:
+        typer.secho("interrupted: finished slides are kept; run the same command again to "
+                    "resume", err=True)
+        raise typer.Exit(130)
     if not results:
         typer.secho("error: no slide files found", err=True)
         raise typer.Exit(2)
     raise typer.Exit(1 if failed else 0)
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C: finish the current slide's atomic write, then stop. Second: abort."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. under a test runner)
+            self._old = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after the current slide (press again to abort)")
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    h = logging.FileHandler(path, encoding="utf-8")
+    h.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: "
+                                     "%(message)s"))
+    h.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(h)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return h
+
+
+class _client:
+    """A Dask client for ``--scheduler`` or ``--workers N`` (N > 1), else None."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg, self.client, self.cluster = cfg.parallelism, None, None
+
+    def __enter__(self) -> Any:
+        from wsi_assist.errors import WsiAssistError
+
+        if self.cfg.scheduler:
+            from dask.distributed import Client
+
+            try:
+                self.client = Client(self.cfg.scheduler, timeout="20s")
+            except (OSError, TimeoutError) as e:
+                raise WsiAssistError(f"cannot reach the Dask scheduler at "
+                                     f"{self.cfg.scheduler!r} ({e})") from e
+        elif self.cfg.workers > 1:
+            from dask.distributed import Client, LocalCluster
+
+            self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1,
+                                        processes=True, host="127.0.0.1",
+                                        dashboard_address=None)
+            self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()

@@ -1,1 +1,2 @@
-"""Models: PathCLIP embeddings, zero-shot classes, ONNX sub-models, captioners."""
+"""Models over tiles: PathCLIP (and other open_clip) embeddings and zero-shot classes
+(``pathclip``, ``embed``, ``zeroshot``), ONNX sub-models, and the captioner."""

@@ -1,0 +1,110 @@
+"""The commands through typer's CliRunner: info, tile, demo, and error reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wsi_assist.cli import app
+from wsi_assist.store import open_store, read_grid
+
+runner = CliRunner()
+INFO_KEYS = {"path", "ok", "error", "format", "vendor", "width", "height", "level_count",
+             "level_downsamples", "mpp", "mpp_source", "objective_power"}
+
+
+def test_info_json(svs_slide: Path, nompp_slide: Path) -> None:
+    r = runner.invoke(app, ["info", str(svs_slide), str(nompp_slide), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [set(row) for row in rows] == [INFO_KEYS, INFO_KEYS]
+    assert rows[0]["mpp_source"] == "metadata" and rows[1]["mpp_source"] is None
+
+
+def test_info_exit_2_with_one_line_per_bad_file(svs_slide: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.svs"
+    bad.write_text("not a slide")
+    r = runner.invoke(app, ["info", str(svs_slide), str(bad)])
+    assert r.exit_code == 2
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "bad.svs" in err[0] and "Traceback" not in r.output
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.svs"
+    bad.write_text("not a slide")
+    r = runner.invoke(app, ["--debug", "info", str(bad)])
+    assert r.exit_code != 0 and r.exception is not None
+
+
+def test_tile_writes_layout(svs_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["tile", str(svs_slide), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    d = out / "aperio"
+    for name in ("thumbnail.png", "tissue.geojson", "slide.zarr", "done.json"):
+        assert (d / name).exists(), name
+    g = open_store(d / "slide.zarr", "r")
+    grid = read_grid(g)
+    assert len(grid) > 10 and grid.coords.dtype == np.int64
+    assert {"mpp", "mpp_source", "tile_px", "target_mpp", "level"} <= set(g.attrs)
+    assert g.attrs["mpp_source"] == "metadata"
+    feats = json.loads((d / "tissue.geojson").read_text())["features"]
+    assert len(feats) == 3
+    props = feats[0]["properties"]
+    assert props["objectType"] == "annotation"
+    assert props["classification"]["name"] == "Tissue"
+    assert props["measurements"]["Area um^2"] > 0
+
+
+def test_tile_without_mpp_fails_clearly_then_override_works(nompp_slide: Path,
+                                                            tmp_path: Path) -> None:
+    r = runner.invoke(app, ["tile", str(nompp_slide), "-o", str(tmp_path / "a")])
+    assert r.exit_code == 1
+    assert "--mpp X or --mpp-csv FILE" in r.stderr
+    r = runner.invoke(app, ["tile", str(nompp_slide), "-o", str(tmp_path / "b"),
+                            "--mpp", "0.5"])
+    assert r.exit_code == 0, r.output
+    g = open_store(tmp_path / "b" / "nompp" / "slide.zarr", "r")
+    assert g.attrs["mpp_source"] == "override"
+
+
+def test_blank_slide_gives_zero_tiles_not_a_crash(blank_slide: Path, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["tile", str(blank_slide), "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert len(read_grid(open_store(tmp_path / "blank" / "slide.zarr", "r"))) == 0
+
+
+def test_one_by_one_slide(tmp_path: Path) -> None:
+    import tifffile
+
+    p = tmp_path / "dot.tif"
+    tifffile.imwrite(p, np.full((1, 1, 3), 200, np.uint8), photometric="rgb",
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    r = runner.invoke(app, ["tile", str(p), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert len(read_grid(open_store(tmp_path / "o" / "dot" / "slide.zarr", "r"))) == 0
+
+
+def test_demo(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["demo", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "synthetic" in r.stdout
+    done = json.loads((tmp_path / "results" / "synthetic-demo" / "done.json").read_text())
+    assert done["info"]["synthetic"] is True
+    assert done["summary"]["tiles"]["n_tiles"] > 20
+
+
+@pytest.mark.real_slides
+def test_tile_over_shared_folder_isolates_bad_files(shared_slides: Path, tmp_path: Path
+                                                    ) -> None:
+    r = runner.invoke(app, ["tile", str(shared_slides), "-o", str(tmp_path)])
+    assert r.exit_code == 1
+    assert "Traceback" not in r.output
+    lines = (tmp_path / "manifest.csv").read_text().splitlines()
+    assert sum(",done," in line for line in lines) == 3
+    assert sum(",failed," in line for line in lines) == 5

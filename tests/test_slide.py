@@ -1,0 +1,138 @@
+"""Opening slides, the mpp cascade and one-line errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsi_assist.errors import SlideError
+from wsi_assist.slide import describe, mpp_for, read_mpp_csv, tiff_resolution_mpp
+from wsi_assist.synthetic import default_slide, write_slide
+
+
+def test_svs_mpp_from_aperio_metadata(svs_slide: Path) -> None:
+    info = describe(svs_slide)
+    assert (info.vendor, info.mpp, info.mpp_source) == ("aperio", 0.5, "metadata")
+    assert info.objective_power == 20
+    assert info.level_dimensions == ((2048, 1536), (512, 384))
+    assert info.synthetic
+
+
+def test_generic_tiff_mpp_from_resolution_tags(tiff_slide: Path) -> None:
+    info = describe(tiff_slide)
+    assert info.mpp_source == "tiff-resolution"
+    assert info.mpp == pytest.approx(0.25, rel=1e-4)
+    assert info.vendor is None and info.format == "generic-tiff"
+
+
+def test_ome_mpp_from_physical_size(tmp_path: Path) -> None:
+    p = write_slide(tmp_path / "x.ome.tif", default_slide(512, 384), kind="ome", mpp=0.3)
+    info = describe(p)
+    assert (info.format, info.mpp, info.mpp_source) == ("ome-tiff", 0.3, "metadata")
+
+
+def test_no_mpp_needs_override(nompp_slide: Path) -> None:
+    info = describe(nompp_slide)
+    assert info.mpp is None and info.mpp_source is None
+    with pytest.raises(SlideError, match="--mpp X or --mpp-csv FILE"):
+        info.require_mpp()
+    info = describe(nompp_slide, mpp_override=0.42)
+    assert (info.mpp, info.mpp_source) == (0.42, "override")
+
+
+def test_override_does_not_replace_real_metadata(svs_slide: Path) -> None:
+    assert describe(svs_slide, mpp_override=0.9).mpp_source == "metadata"
+
+
+def test_72_dpi_default_is_rejected(tmp_path: Path) -> None:
+    p = write_slide(tmp_path / "dpi.tif", default_slide(512, 384), kind="tiff-72dpi")
+    info = describe(p)
+    assert info.mpp is None
+    assert tiff_resolution_mpp("INCH", 72) is None
+    assert tiff_resolution_mpp("NONE", 40000) is None
+    assert tiff_resolution_mpp("CENTIMETER", 20000) == pytest.approx(0.5)
+    assert tiff_resolution_mpp("CENTIMETER", 10) is None  # 1000 um/px: implausible
+
+
+def test_objective_power_is_an_estimate(tmp_path: Path) -> None:
+    p = tmp_path / "obj.svs"
+    tifffile.imwrite(p, np.full((512, 512, 3), 230, np.uint8), tile=(256, 256),
+                     photometric="rgb", metadata=None,
+                     description="Aperio Image Library v12\r\n512x512|AppMag = 40")
+    info = describe(p)
+    assert (info.mpp, info.mpp_source) == (0.25, "objective-power")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"hello, not a slide\n" * 20, "not a readable TIFF-based slide"),
+])
+def test_non_slides_give_one_line_errors(tmp_path: Path, content: bytes, reason: str) -> None:
+    p = tmp_path / "x.svs"
+    p.write_bytes(content)
+    with pytest.raises(SlideError, match=reason) as e:
+        describe(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_truncated_slide(svs_slide: Path, tmp_path: Path) -> None:
+    p = tmp_path / "cut.svs"
+    p.write_bytes(svs_slide.read_bytes()[:4000])
+    with pytest.raises(SlideError) as e:
+        describe(p)
+    assert str(p) in str(e.value)
+
+
+def test_grey_16_bit_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "grey16.tif"
+    tifffile.imwrite(p, np.zeros((300, 300), np.uint16), tile=(256, 256),
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    with pytest.raises(SlideError, match="unsupported pixel type uint16"):
+        describe(p)
+
+
+def test_unsupported_format_names_the_alternative(tmp_path: Path) -> None:
+    p = tmp_path / "scan.mrxs"
+    p.write_bytes(b"\xff\xd8\xff\xe0")
+    with pytest.raises(SlideError, match="MRXS is not supported.*OME-TIFF"):
+        describe(p)
+
+
+def test_mpp_csv(tmp_path: Path) -> None:
+    csv = tmp_path / "mpp.csv"
+    csv.write_text("slide,mpp\na.tif,0.25\nb,0.5\n")
+    table = read_mpp_csv(csv)
+    assert mpp_for(Path("/x/a.tif"), None, table) == 0.25
+    assert mpp_for(Path("/x/b.svs"), 1.0, table) == 0.5
+    assert mpp_for(Path("/x/c.svs"), 1.0, table) == 1.0
+    csv.write_text("slide,mpp\na.tif,fast\n")
+    with pytest.raises(SlideError, match="line 2: mpp 'fast' is not a number"):
+        read_mpp_csv(csv)
+
+
+@pytest.mark.real_slides
+def test_real_slides(shared_slides: Path) -> None:
+    cmu = describe(shared_slides / "CMU-1-Small-Region.svs")
+    assert (cmu.mpp, cmu.mpp_source, cmu.objective_power) == (0.499, "metadata", 20)
+    ome = describe(shared_slides / "HE_example.ome.tif")
+    assert ome.mpp == pytest.approx(0.5, abs=1e-3) and ome.mpp_source == "metadata"
+    ndpi = describe(shared_slides / "test3-DAPI-2-387.ndpi")
+    assert ndpi.vendor == "hamamatsu" and ndpi.level_count == 4
+    assert ndpi.mpp == pytest.approx(0.228, abs=1e-3)
+
+
+@pytest.mark.real_slides
+@pytest.mark.parametrize("name, reason", [
+    ("unreadable.svs", "pixel data cannot be decoded"),
+    ("unopenable.tiff", "pixel data cannot be decoded"),
+    ("broken.svs", "not a readable TIFF-based slide"),
+    ("fuzzed.tiff", "pixel data cannot be decoded"),
+    ("jpeg-named.mrxs", "MRXS is not supported"),
+])
+def test_bad_shared_slides(shared_slides: Path, name: str, reason: str) -> None:
+    with pytest.raises(SlideError, match=reason) as e:
+        describe(shared_slides / "bad" / name)
+    assert name in str(e.value) and "\n" not in str(e.value)

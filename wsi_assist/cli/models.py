@@ -1,0 +1,78 @@
+"""`wsi-assist models`: which models are configured and whether they load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wsi_assist.cli import options as opt
+from wsi_assist.cli.common import user_errors
+
+PathclipOpt = Annotated[str | None, typer.Option(
+    "--pathclip", help="pathclip-base.pt (else embed.pathclip, else $WSI_ASSIST_PATHCLIP).")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="Model spec: pathclip, ARCH:/path/ckpt.pt or hf-hub:org/repo.")]
+
+
+def models(
+    config: opt.ConfigFile = None,
+    pathclip: PathclipOpt = None,
+    model: ModelOpt = None,
+    load: Annotated[bool, typer.Option("--load/--no-load", help="Try loading the model "
+                                                               "(reads the weights).")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Show the configured embedding model, prompt sets and whether the model loads.
+
+    Exit 0 when the configured model loads (or none is configured), 1 when it does not.
+    """
+    from wsi_assist import config as config_mod
+    from wsi_assist.errors import WsiAssistError
+    from wsi_assist.models import pathclip as pc
+    from wsi_assist.models.zeroshot import load_prompt_set, shipped_prompt_sets
+    from wsi_assist.pipeline import resolve_device
+
+    with user_errors():
+        cfg = config_mod.load(config).with_overrides(embed={"pathclip": pathclip,
+                                                            "model": model})
+    params = cfg.embed
+    typer.echo(f"embed.model     {params.model}")
+    source = ("--pathclip" if pathclip else "embed.pathclip" if params.pathclip
+              else pc.PATHCLIP_ENV if pc.pathclip_weights() else None)
+    typer.echo(f"pathclip        {pc.pathclip_weights(params.pathclip) or '-'}"
+               + (f"  (from {source})" if source else ""))
+    typer.echo(f"engine          {params.engine}" + (f"  onnx={params.onnx}"
+                                                     if params.engine == "onnx" else ""))
+    with user_errors():
+        ps = load_prompt_set(cfg.zeroshot.prompts)
+    typer.echo(f"zeroshot        {ps.name}: {len(ps.classes)} classes, threshold "
+               f"{cfg.zeroshot.threshold}; shipped: {', '.join(shipped_prompt_sets())}")
+    try:
+        spec = pc.configured_spec(params)
+    except WsiAssistError as e:
+        typer.secho(f"status          error: {e}", fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    if spec is None:
+        typer.echo("status          not configured: embed and zeroshot will not run "
+                   f"(set embed.pathclip, --pathclip or {pc.PATHCLIP_ENV})")
+        raise typer.Exit(0)
+    _describe_file(spec.weights)
+    if not load:
+        raise typer.Exit(0)
+    try:
+        lm = pc.load_model(spec, resolve_device(device))
+    except WsiAssistError as e:
+        typer.secho(f"status          error: {e}", fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    typer.secho(f"status          loads: {spec.describe()}, {lm.embed_dim}-d, "
+                f"{lm.image_size} px, sha256 {lm.sha256[:16]} on {lm.device}",
+                fg=typer.colors.GREEN)
+
+
+def _describe_file(path: Path | None) -> None:
+    if path is None:
+        return
+    size = f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "MISSING"
+    typer.echo(f"weights file    {path} ({size})")

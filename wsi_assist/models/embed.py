@@ -1,0 +1,201 @@
+"""The ``embed`` stage: the image encoder over a slide's tile stream.
+
+Two engines share one loop. ``torch`` preprocesses on the device (pinned host memory and
+non-blocking copies on CUDA, bf16/fp16 autocast) and keeps one batch in flight, so the
+stream reads batch i+1 while the GPU computes batch i. ``onnx`` runs an image encoder
+exported by ``exporters.pathclip_onnx`` through onnxruntime (CUDA provider, then CPU).
+Results: ``embeddings`` (N, D) float16, L2-normalised, rows aligned with ``coords``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from wsi_assist.errors import ModelError, StageSkipped, WsiAssistError
+from wsi_assist.models.pathclip import (EmbedParams, LoadedModel, ModelSpec, configured_spec,
+                                        encode_images, load_model, preprocess, spec_sha256)
+from wsi_assist.stream import TileBatch
+
+log = logging.getLogger(__name__)
+
+HOW_TO_ENABLE = ("no PathCLIP weights configured: set embed.pathclip (or pass --pathclip "
+                 "PATH, or set WSI_ASSIST_PATHCLIP) to pathclip-base.pt, or set embed.model "
+                 "to another open_clip spec (ARCH:/path/ckpt.pt or hf-hub:org/repo)")
+ONNX_META = "wsi_assist."
+
+
+class Encoder(Protocol):
+    """Submit a batch of uint8 tiles; fetch its (N, D) normalised embeddings later."""
+
+    sha256: str
+    embed_dim: int
+
+    def submit(self, tiles: np.ndarray) -> Any: ...
+
+    def fetch(self, handle: Any) -> np.ndarray: ...
+
+
+class TorchEncoder:
+    """An open_clip image tower on its device."""
+
+    def __init__(self, lm: LoadedModel, precision: str = "auto") -> None:
+        self.lm, self.precision = lm, precision
+        self.sha256, self.embed_dim = lm.sha256, lm.embed_dim
+        self.cuda = lm.device.startswith("cuda")
+
+    def submit(self, tiles: np.ndarray) -> Any:
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(tiles))
+        if self.cuda:
+            t = t.pin_memory().to(self.lm.device, non_blocking=True)
+        return encode_images(self.lm, t, self.precision)
+
+    def fetch(self, handle: Any) -> np.ndarray:
+        import torch
+
+        return handle.to(torch.float16).cpu().numpy()
+
+
+class OnnxEncoder:
+    """An exported image encoder (input ``pixel_values``, output normalised embeddings)."""
+
+    def __init__(self, path: Path, device: str, expect_sha256: str | None = None) -> None:
+        self.session = ort_session(path, device)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.image_size = int(meta[ONNX_META + "image_size"])
+            self.mean = tuple(float(v) for v in meta[ONNX_META + "mean"].split(","))
+            self.std = tuple(float(v) for v in meta[ONNX_META + "std"].split(","))
+            self.sha256 = meta[ONNX_META + "source_sha256"]
+            self.embed_dim = int(meta[ONNX_META + "embed_dim"])
+        except (KeyError, ValueError) as e:
+            raise ModelError(f"{path}: not an image encoder exported by "
+                             f"exporters.pathclip_onnx (metadata {e} missing)") from e
+        if expect_sha256 is not None and self.sha256 != expect_sha256:
+            raise ModelError(f"{path}: exported from weights {self.sha256[:12]}, but the "
+                             f"configured model is {expect_sha256[:12]}; re-export it")
+
+    def submit(self, tiles: np.ndarray) -> Any:
+        import torch
+
+        x = preprocess(torch.from_numpy(np.ascontiguousarray(tiles)), self.image_size,
+                       self.mean, self.std)
+        return self.session.run(None, {"pixel_values": x.numpy()})[0]
+
+    def fetch(self, handle: Any) -> np.ndarray:
+        return np.asarray(handle, dtype=np.float16)
+
+
+def ort_session(path: Path, device: str) -> Any:
+    """An onnxruntime session: CUDA then CPU providers on a GPU device, CPU otherwise."""
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise ModelError(f"{path}: ONNX image encoder not found; export one with "
+                         "`python -m exporters.pathclip_onnx SPEC -o FILE`")
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        dev_id = int(device.split(":")[1]) if ":" in device else 0
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": dev_id}))  # type: ignore
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise ModelError(f"{path}: onnxruntime cannot load it (truncated or not ONNX?): "
+                         f"{e}") from e
+
+
+def make_encoder(spec: ModelSpec, params: EmbedParams, device: str) -> Encoder:
+    """The configured engine for ``spec`` on ``device``."""
+    if params.engine == "onnx":
+        if not params.onnx:
+            raise ModelError("embed.engine is 'onnx' but embed.onnx is not set; export the "
+                             "encoder with `python -m exporters.pathclip_onnx SPEC -o FILE`")
+        return OnnxEncoder(Path(params.onnx), device, expect_sha256=spec_sha256(spec))
+    return TorchEncoder(load_model(spec, device), params.precision)
+
+
+def used_precision(params: EmbedParams, device: str) -> str:
+    """What the arithmetic really was: fp32 on CPU and in onnxruntime, else autocast."""
+    from wsi_assist.models.pathclip import autocast_dtype
+
+    if params.engine == "onnx":
+        return "fp32"
+    dtype = autocast_dtype(params.precision, device)
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace(
+        "bfloat16", "bf16").replace("float16", "fp16")
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Embeddings of a whole grid and where the time went."""
+
+    embeddings: np.ndarray
+    seconds: float
+    input_wait_s: float
+
+    @property
+    def tiles_per_s(self) -> float:
+        return len(self.embeddings) / self.seconds if self.seconds > 0 else 0.0
+
+
+def embed_batches(encoder: Encoder, batches: Iterable[TileBatch], n: int) -> EmbedResult:
+    """Run ``encoder`` over the batches with one batch in flight; every row must arrive."""
+    out = np.zeros((n, encoder.embed_dim), np.float16)
+    seen = np.zeros(n, bool)
+    pending: tuple[np.ndarray, Any] | None = None
+    it = iter(batches)
+    wait = 0.0
+    t_start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        wait += time.perf_counter() - t0
+        if batch is None:
+            break
+        handle = encoder.submit(batch.tiles)
+        if pending is not None:
+            out[pending[0]] = encoder.fetch(pending[1])
+        pending = (batch.index, handle)
+        seen[batch.index] = True
+    if pending is not None:
+        out[pending[0]] = encoder.fetch(pending[1])
+    if not seen.all():
+        raise WsiAssistError(f"tile stream delivered {int(seen.sum())} of {n} tiles")
+    return EmbedResult(out, time.perf_counter() - t_start, wait)
+
+
+def run_embed(run: Any) -> dict[str, Any]:
+    """Stage: embeddings of every tile in ``slide.zarr``; StageSkipped without a model."""
+    from wsi_assist import store
+    from wsi_assist.stream import stream
+
+    params: EmbedParams = run.config.embed
+    spec = configured_spec(params)
+    if spec is None:
+        raise StageSkipped(HOW_TO_ENABLE)
+    try:
+        grid = store.read_grid(run.store)
+    except KeyError as e:
+        raise WsiAssistError(f"{run.path}: {e.args[0]}") from e
+    encoder = make_encoder(spec, params, run.device)
+    sp = run.config.stream
+    batches = stream(run.path, grid, batch_size=params.batch_size or sp.batch_size,
+                     prefetch=sp.prefetch, threads=sp.threads)
+    res = embed_batches(encoder, batches, len(grid))
+    store.write_array(run.store, "embeddings", res.embeddings, model=spec.spec,
+                      model_sha256=encoder.sha256, engine=params.engine,
+                      precision=used_precision(params, run.device), axes=["tile", "feature"])
+    log.info("%s: %d tiles embedded at %.1f tiles/s (%.0f%% waiting for input)",
+             run.slide_id, len(grid), res.tiles_per_s,
+             100 * res.input_wait_s / max(res.seconds, 1e-9))
+    return {"n_tiles": len(grid), "dim": encoder.embed_dim, "engine": params.engine,
+            "tiles_per_s": round(res.tiles_per_s, 2),
+            "input_wait_fraction": round(res.input_wait_s / max(res.seconds, 1e-9), 3)}

@@ -1,0 +1,334 @@
+"""PathCLIP and other open_clip models: specs, safe loading, preprocessing, encoders.
+
+A model spec is one of
+
+- ``pathclip``: open_clip ``ViT-B-16`` with QuickGELU and the local ``pathclip-base.pt``
+  named by ``embed.pathclip`` (or ``--pathclip``) or the ``WSI_ASSIST_PATHCLIP`` variable;
+- ``pathclip:/path/pathclip-base.pt``: the same architecture with an explicit file;
+- ``ARCH:/path/ckpt.pt``: any open_clip architecture (``ViT-B-16``, ``ViT-B-32-quickgelu``,
+  or one added with ``open_clip.add_model_config``) with a plain state_dict;
+- ``hf-hub:org/repo``: an open_clip model from the Hugging Face hub (needs network).
+
+Local checkpoints are read with ``torch.load(weights_only=True)`` and must match the
+architecture key for key and shape for shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import pickle
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from wsi_assist.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+PATHCLIP_ARCH = "ViT-B-16"
+PATHCLIP_ENV = "WSI_ASSIST_PATHCLIP"
+HUB_PREFIX = "hf-hub:"
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    """Tile embeddings (config section ``embed``)."""
+
+    model: str = "pathclip"
+    pathclip: str | None = None
+    engine: Literal["torch", "onnx"] = "torch"
+    onnx: str | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ValueError("model must be a model spec such as 'pathclip', got ''")
+        if self.engine not in ("torch", "onnx"):
+            raise ValueError(f"engine must be torch or onnx, got {self.engine!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, "
+                             f"got {self.precision!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (or null), got {self.batch_size!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed spec: an architecture plus either a local file or a hub id."""
+
+    spec: str
+    arch: str
+    weights: Path | None = None
+    hub: str | None = None
+    quick_gelu: bool = False
+
+    def describe(self) -> str:
+        src = self.hub or str(self.weights)
+        gelu = ", QuickGELU" if self.quick_gelu else ""
+        return f"{self.arch}{gelu} from {src}"
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model in eval mode on ``device``, with what preprocessing needs."""
+
+    spec: ModelSpec
+    model: Any
+    device: str
+    sha256: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    embed_dim: int
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale), clipped at 100 as in CLIP."""
+        return float(min(100.0, float(self.model.logit_scale.detach().exp().cpu())))
+
+
+def pathclip_weights(configured: str | None = None) -> str | None:
+    """The PathCLIP checkpoint: the configured path, else ``$WSI_ASSIST_PATHCLIP``."""
+    return configured or os.environ.get(PATHCLIP_ENV) or None
+
+
+def parse_spec(spec: str, pathclip: str | None = None) -> ModelSpec:
+    """Parse a model spec (see the module docstring); ``pathclip`` is the configured file."""
+    spec = spec.strip()
+    if spec.startswith(HUB_PREFIX):
+        return ModelSpec(spec=spec, arch=spec, hub=spec)
+    if spec == "pathclip":
+        weights = pathclip_weights(pathclip)
+        if weights is None:
+            raise ModelError("model 'pathclip' has no weights: set embed.pathclip, pass "
+                             f"--pathclip PATH or set {PATHCLIP_ENV} to pathclip-base.pt")
+        return ModelSpec(spec=spec, arch=PATHCLIP_ARCH, weights=Path(weights).expanduser(),
+                         quick_gelu=True)
+    arch, sep, path = spec.partition(":")
+    if not sep or not path:
+        raise ModelError(f"model spec {spec!r}: expected 'pathclip', 'ARCH:/path/ckpt.pt' "
+                         "or 'hf-hub:org/repo'")
+    if arch == "pathclip":
+        return ModelSpec(spec=spec, arch=PATHCLIP_ARCH, weights=Path(path).expanduser(),
+                         quick_gelu=True)
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ModelError(f"model spec {spec!r}: unknown open_clip architecture {arch!r} "
+                         "(see open_clip.list_models())")
+    return ModelSpec(spec=spec, arch=arch, weights=Path(path).expanduser())
+
+
+def configured_spec(params: EmbedParams) -> ModelSpec | None:
+    """The spec of the ``embed`` section, or None when PathCLIP has no weights anywhere."""
+    if params.model.strip() == "pathclip" and pathclip_weights(params.pathclip) is None:
+        return None
+    return parse_spec(params.model, params.pathclip)
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def spec_sha256(spec: ModelSpec) -> str:
+    """The weights' SHA-256; for a hub model, the hash of its id (the files live in the
+    hub cache and are versioned there)."""
+    if spec.weights is not None:
+        return file_sha256(spec.weights)
+    return hashlib.sha256(spec.spec.encode()).hexdigest()
+
+
+def read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
+    """A plain state_dict from ``path`` (``weights_only=True``); ModelError when unreadable."""
+    import torch
+
+    expected = f"an open_clip {arch} state_dict"
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found; expected {expected}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path}: cannot read (truncated or not a PyTorch checkpoint?); "
+                         f"expected {expected}: {first}") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"{path}: not a state_dict of tensors; expected {expected}")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(sd: dict[str, Any], model: Any, path: Path, arch: str) -> None:
+    """ModelError naming the file and architecture unless keys and shapes match exactly."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    shapes = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]!r})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected keys (e.g. {extra[0]!r})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {k!r}: file "
+                        f"{tuple(sd[k].shape)}, {arch} expects {tuple(want[k].shape)})")
+    if problems:
+        raise ModelError(f"{path}: does not match open_clip {arch}: " + "; ".join(problems))
+
+
+_MODELS: dict[tuple[Any, ...], LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+def load_model(spec: ModelSpec | str, device: str = "cpu",
+               pathclip: str | None = None) -> LoadedModel:
+    """Build and load a model once per (spec, file state, device); eval mode, fp32."""
+    if isinstance(spec, str):
+        spec = parse_spec(spec, pathclip)
+    key: tuple[Any, ...] = (spec, device)
+    if spec.weights is not None and spec.weights.is_file():
+        st = spec.weights.stat()
+        key += (st.st_size, st.st_mtime_ns)
+    with _LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = _load(spec, device)
+        return _MODELS[key]
+
+
+def _load(spec: ModelSpec, device: str) -> LoadedModel:
+    import open_clip
+    import torch
+
+    if spec.hub is not None:
+        try:
+            model = open_clip.create_model(spec.hub, device="cpu")
+        except Exception as e:  # hub, network and format errors all end here
+            raise ModelError(f"{spec.hub}: cannot load from the Hugging Face hub "
+                             f"(offline or not an open_clip model?): {e}") from e
+        sha = spec_sha256(spec)
+    else:
+        if spec.weights is None:
+            raise ModelError(f"model spec {spec.spec!r}: no weights file")
+        sd = read_state_dict(spec.weights, spec.arch)
+        with _quiet_open_clip():
+            model = open_clip.create_model(spec.arch, pretrained=None, load_weights=False,
+                                           force_quick_gelu=spec.quick_gelu, device="cpu")
+        check_state_dict(sd, model, spec.weights, spec.arch)
+        model.load_state_dict(sd, strict=True)
+        sha = file_sha256(spec.weights)
+    model = model.eval().to(torch.device(device))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, tuple | list) else size)
+    mean = tuple(float(v) for v in getattr(model.visual, "image_mean", None)
+                 or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(float(v) for v in getattr(model.visual, "image_std", None)
+                or open_clip.OPENAI_DATASET_STD)
+    with torch.no_grad():
+        dim = int(model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[1])
+    log.info("loaded %s (%s) on %s, %d-d", spec.spec, spec.describe(), device, dim)
+    return LoadedModel(spec=spec, model=model, device=device, sha256=sha, image_size=size,
+                       mean=mean, std=std, embed_dim=dim)  # type: ignore[arg-type]
+
+
+class _DropNoPretrained(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Hide open_clip's "no pretrained weights" warning: ours are loaded right after."""
+    f = _DropNoPretrained()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
+def preprocess(tiles: torch.Tensor, size: int, mean: tuple[float, ...],
+               std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there."""
+    import torch
+    import torch.nn.functional as F
+
+    x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                          align_corners=False).clamp_(0.0, 1.0)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
+    import torch
+
+    if not device.startswith("cuda") or precision == "fp32":
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def encode_images(lm: LoadedModel, tiles: torch.Tensor, precision: str = "auto"
+                  ) -> torch.Tensor:
+    """uint8 (N, H, W, 3) tiles (on ``lm.device``) -> L2-normalised float32 (N, D)."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = autocast_dtype(precision, lm.device)
+    with torch.inference_mode():
+        x = preprocess(tiles, lm.image_size, lm.mean, lm.std)
+        with torch.autocast(device_type="cuda", dtype=dtype or torch.float32,
+                            enabled=dtype is not None):
+            feats = lm.model.encode_image(x)
+        return F.normalize(feats.float(), dim=-1)
+
+
+def encode_text(model_spec: ModelSpec | str | LoadedModel, texts: list[str], *,
+                pathclip: str | None = None, device: str = "cpu",
+                batch_size: int = 256) -> np.ndarray:
+    """Texts -> L2-normalised float32 (n, D) with the model's tokenizer and text tower."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    lm = model_spec if isinstance(model_spec, LoadedModel) else load_model(
+        model_spec, device, pathclip)
+    if not texts:
+        return np.zeros((0, lm.embed_dim), np.float32)
+    tokenizer = open_clip.get_tokenizer(lm.spec.arch)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            tokens = tokenizer(list(texts[i:i + batch_size])).to(lm.device)
+            out.append(F.normalize(lm.model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out).numpy()

@@ -1,0 +1,295 @@
+"""Zero-shot tissue classes from tile embeddings and a prompt set.
+
+A prompt set (``configs/prompts/*.yaml``) lists classes; each class has a colour and
+either explicit ``prompts`` or ``names`` put into the set's ``templates`` (both may be
+given). A class's text embedding is the renormalised mean of its prompts' embeddings
+(CLIP prompt ensembling); probabilities are ``softmax(logit_scale * cosine)``. Text
+embeddings are cached on disk per (model SHA-256, prompt-set SHA-256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from wsi_assist.errors import ConfigError, ModelError, StageSkipped, WsiAssistError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZeroShotParams:
+    """Zero-shot classification (config section ``zeroshot``)."""
+
+    prompts: str = "crc100k"
+    threshold: float = 0.5
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompts.strip():
+            raise ValueError("prompts must name a prompt set or a YAML file, got ''")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
+class PromptClass:
+    """One class: its name, colour, the prompts that describe it, folder aliases."""
+
+    name: str
+    color: tuple[int, int, int]
+    prompts: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name must be non-empty")
+        if len(self.color) != 3 or not all(0 <= c <= 255 for c in self.color):
+            raise ValueError(f"color of {self.name!r} must be [r, g, b] in 0..255, "
+                             f"got {self.color!r}")
+        if not self.prompts:
+            raise ValueError(f"prompts of {self.name!r}: none given")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Classes in order; ``sha256`` identifies the exact prompts."""
+
+    name: str
+    classes: tuple[PromptClass, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ValueError(f"classes of {self.name!r}: need at least 2")
+        names = [c.name.casefold() for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"classes of {self.name!r}: duplicate class names")
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def colors(self) -> list[list[int]]:
+        return [list(c.color) for c in self.classes]
+
+    @property
+    def sha256(self) -> str:
+        blob = json.dumps([[c.name, list(c.prompts)] for c in self.classes])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def class_index(self, label: str) -> int | None:
+        """The class whose name or alias equals ``label`` (case-insensitive)."""
+        key = label.casefold()
+        for i, c in enumerate(self.classes):
+            if key == c.name.casefold() or key in (a.casefold() for a in c.aliases):
+                return i
+        return None
+
+
+def prompts_dir() -> Path:
+    """The shipped prompt sets, next to ``configs/default.yaml``."""
+    from wsi_assist.config import default_config_path
+
+    return default_config_path().parent / "prompts"
+
+
+def shipped_prompt_sets() -> list[str]:
+    return sorted(p.stem for p in prompts_dir().glob("*.yaml"))
+
+
+def resolve_prompts(ref: str) -> Path:
+    """A shipped set's name (``crc100k``) or a path to a YAML file."""
+    if ref.endswith((".yaml", ".yml")) or os.sep in ref or "/" in ref:
+        return Path(ref).expanduser()
+    path = prompts_dir() / f"{ref}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"zeroshot.prompts: no prompt set {ref!r}; shipped: "
+                          f"{', '.join(shipped_prompt_sets())} (or give a YAML path)")
+    return path
+
+
+def load_prompt_set(ref: str | Path) -> PromptSet:
+    """Read and validate a prompt-set YAML; errors name the file and the class."""
+    path = resolve_prompts(str(ref))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read prompt set ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    try:
+        return _parse_prompt_set(data, path.stem)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _parse_prompt_set(data: Any, default_name: str) -> PromptSet:
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
+        raise ValueError("a prompt set needs a 'classes' list")
+    templates = data.get("templates") or []
+    if not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise ValueError("templates must be strings containing '{}'")
+    classes = []
+    for i, c in enumerate(data["classes"]):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise ValueError(f"classes[{i}]: needs a 'name'")
+        names = [str(n) for n in c.get("names") or []]
+        if names and not templates:
+            raise ValueError(f"class {c['name']!r}: 'names' given but the set has no templates")
+        prompts = [str(p) for p in c.get("prompts") or []]
+        prompts += [t.format(n) for n in names for t in templates]
+        color = c.get("color")
+        if not isinstance(color, list | tuple):
+            raise ValueError(f"class {c['name']!r}: color must be [r, g, b]")
+        classes.append(PromptClass(name=c["name"], color=tuple(int(v) for v in color),
+                                   prompts=tuple(prompts),
+                                   aliases=tuple(str(a) for a in c.get("aliases") or [])))
+    return PromptSet(name=str(data.get("name") or default_name), classes=tuple(classes))
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """One unit vector per class and the model's logit scale."""
+
+    classes: np.ndarray
+    logit_scale: float
+
+
+def cache_dir(configured: str | None = None) -> Path:
+    """Where text embeddings are cached: configured, else ``$XDG_CACHE_HOME/wsi-assist``."""
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "wsi-assist" / "text-embeddings"
+
+
+def cache_path(model_sha256: str, prompts: PromptSet, directory: Path) -> Path:
+    return directory / f"{model_sha256[:16]}-{prompts.sha256[:16]}.npz"
+
+
+def class_embeddings(text_emb: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Mean of each class's consecutive prompt embeddings, renormalised."""
+    out, start = [], 0
+    for n in counts:
+        v = text_emb[start:start + n].mean(axis=0)
+        out.append(v / max(float(np.linalg.norm(v)), 1e-12))
+        start += n
+    return np.stack(out).astype(np.float32)
+
+
+def text_embeddings(model: Any, prompts: PromptSet, *, cache: str | None = None,
+                    model_sha256: str | None = None, device: str = "cpu") -> TextEmbeddings:
+    """Class embeddings for ``prompts``, from the cache when the model's SHA is known.
+
+    ``model`` is a spec (str / ModelSpec) or a LoadedModel; it is only loaded on a miss.
+    """
+    from wsi_assist.models import pathclip
+
+    directory = cache_dir(cache)
+    if model_sha256 is not None:
+        hit = _read_cache(cache_path(model_sha256, prompts, directory))
+        if hit is not None:
+            return hit
+    lm = model if isinstance(model, pathclip.LoadedModel) else pathclip.load_model(model, device)
+    if model_sha256 is not None and lm.sha256 != model_sha256:
+        raise ModelError(f"{lm.spec.spec}: weights {lm.sha256[:12]} differ from those the "
+                         f"embeddings were made with ({model_sha256[:12]}); rerun 'embed'")
+    texts = [p for c in prompts.classes for p in c.prompts]
+    emb = pathclip.encode_text(lm, texts)
+    result = TextEmbeddings(class_embeddings(emb, [len(c.prompts) for c in prompts.classes]),
+                            lm.logit_scale)
+    _write_cache(cache_path(lm.sha256, prompts, directory), result)
+    return result
+
+
+def _read_cache(path: Path) -> TextEmbeddings | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return TextEmbeddings(np.asarray(z["classes"], np.float32), float(z["logit_scale"]))
+    except (OSError, KeyError, ValueError) as e:
+        log.warning("ignoring unreadable text-embedding cache %s: %s", path, e)
+        return None
+
+
+def _write_cache(path: Path, emb: TextEmbeddings) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, classes=emb.classes, logit_scale=np.float64(emb.logit_scale))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("cannot cache text embeddings at %s: %s", path, e)
+
+
+def classify(image_emb: np.ndarray, text: TextEmbeddings) -> np.ndarray:
+    """(N, D) image embeddings -> (N, C) float32 softmax(logit_scale * cosine)."""
+    x = np.asarray(image_emb, np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    logits = text.logit_scale * (x @ text.classes.T)
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def composition(top: np.ndarray, uncertain: np.ndarray, tissue_fraction: np.ndarray,
+                tile_area_mm2: float, names: list[str]) -> tuple[dict, dict]:
+    """Per class (confident tiles only) and for uncertain tiles: n_tiles, area_mm2
+    (tissue_fraction x tile area) and fraction of the tiled tissue area."""
+    area = np.asarray(tissue_fraction, np.float64) * tile_area_mm2
+    total = float(area.sum())
+
+    def entry(mask: np.ndarray) -> dict[str, float | int]:
+        a = float(area[mask].sum())
+        return {"n_tiles": int(mask.sum()), "area_mm2": a,
+                "fraction": a / total if total > 0 else 0.0}
+
+    per_class = {n: entry((top == i) & ~uncertain) for i, n in enumerate(names)}
+    return per_class, entry(uncertain)
+
+
+def run_zeroshot(run: Any) -> dict[str, Any]:
+    """Stage: class probabilities, top class, uncertainty and composition per slide."""
+    from wsi_assist import store
+    from wsi_assist.models.embed import HOW_TO_ENABLE
+    from wsi_assist.models.pathclip import configured_spec
+
+    params: ZeroShotParams = run.config.zeroshot
+    if "embeddings" not in run.store:
+        if configured_spec(run.config.embed) is None:
+            raise StageSkipped(HOW_TO_ENABLE)
+        raise WsiAssistError(f"{run.path}: slide.zarr has no embeddings; run 'embed' first")
+    arr = run.store["embeddings"]
+    emb = np.asarray(arr[...])
+    prompts = load_prompt_set(params.prompts)
+    spec = configured_spec(run.config.embed)
+    model: Any = spec if spec is not None else str(arr.attrs["model"])
+    text = text_embeddings(model, prompts, cache=params.cache_dir, device=run.device,
+                           model_sha256=str(arr.attrs["model_sha256"]))
+    probs = classify(emb, text)
+    top = probs.argmax(axis=1).astype(np.int16) if len(probs) else np.zeros(0, np.int16)
+    uncertain = probs.max(axis=1, initial=0.0) < params.threshold
+    grid = store.read_grid(run.store)
+    side_um = grid.stride_px * grid.level_downsample * grid.mpp
+    per_class, unc = composition(top, uncertain, grid.tissue_fraction, side_um**2 / 1e6,
+                                 prompts.names)
+    store.write_array(run.store, "zeroshot/probs", probs, axes=["tile", "class"])
+    store.write_array(run.store, "zeroshot/top", top, axes=["tile"])
+    store.write_array(run.store, "zeroshot/uncertain", uncertain, axes=["tile"])
+    run.store["zeroshot"].attrs.update({
+        "classes": prompts.names, "colors": prompts.colors, "prompt_set": prompts.name,
+        "prompt_sha256": prompts.sha256, "model": str(arr.attrs["model"]),
+        "threshold": params.threshold, "composition": per_class, "uncertain": unc})
+    top_class = max(per_class, key=lambda k: per_class[k]["area_mm2"]) if len(top) else None
+    return {"n_tiles": len(top), "prompt_set": prompts.name, "top_class": top_class,
+            "uncertain_fraction": round(unc["fraction"], 3)}
