@@ -87,21 +87,21 @@ def test_resume_skips_done_and_reruns_changed_stages(small_slides: list[Path],
                                                      tmp_path: Path) -> None:
     out = tmp_path / "out"
     slide = small_slides[0]
-    assert runner.invoke(app, ["run", str(slide), "-o", str(out)]).exit_code == 0
+    assert runner.invoke(app, ["run", str(slide), "-o", str(out), "--stages", "tissue,tiles"]).exit_code == 0
     done1 = json.loads((out / "s0" / "done.json").read_text())
-    r = runner.invoke(app, ["run", str(slide), "-o", str(out)])
+    r = runner.invoke(app, ["run", str(slide), "-o", str(out), "--stages", "tissue,tiles"])
     assert r.exit_code == 0 and manifest(out)[0]["status"] == "skipped"
     assert json.loads((out / "s0" / "done.json").read_text()) == done1
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tiling:\n  tile_px: 256\n")
-    assert runner.invoke(app, ["run", str(slide), "-o", str(out), "--config", str(cfg)]
+    assert runner.invoke(app, ["run", str(slide), "-o", str(out), "--stages", "tissue,tiles", "--config", str(cfg)]
                          ).exit_code == 0
     done2 = json.loads((out / "s0" / "done.json").read_text())
     assert set(done2["seconds"]) == {"open", "tiles"}  # tissue kept, tiles redone
     assert done2["stages"]["tissue"] == done1["stages"]["tissue"]
     assert done2["stages"]["tiles"] != done1["stages"]["tiles"]
     assert open_store(out / "s0" / "slide.zarr", "r").attrs["tile_px"] == 256
-    r = runner.invoke(app, ["run", str(slide), "-o", str(out), "--config", str(cfg),
+    r = runner.invoke(app, ["run", str(slide), "-o", str(out), "--stages", "tissue,tiles", "--config", str(cfg),
                             "--force"])
     assert set(json.loads((out / "s0" / "done.json").read_text())["seconds"]) == \
         {"open", "tissue", "tiles"}

@@ -26,6 +26,7 @@ from wsi_assist import locks, store
 from wsi_assist.config import Config
 from wsi_assist.errors import WsiAssistError
 from wsi_assist.pipeline import SlideRun, run_stages
+from wsi_assist.report.index import write_batch_outputs
 from wsi_assist.slide import describe, mpp_for, read_mpp_csv
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,7 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
     order = {str(path): i for i, path in enumerate(p.paths)}
     results.sort(key=lambda r: order[r.path])
     write_manifest(out / "manifest.csv", results)
+    write_batch_outputs(out, [r.row() for r in results])
     return results
 
 

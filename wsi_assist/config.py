@@ -21,8 +21,9 @@ import yaml
 from wsi_assist.caption import CaptionParams
 from wsi_assist.errors import ConfigError
 from wsi_assist.models.pathclip import EmbedParams
-from wsi_assist.models.submodels import SubmodelParams
 from wsi_assist.models.zeroshot import ZeroShotParams
+from wsi_assist.report.params import ReportParams
+from wsi_assist.models.submodels import SubmodelParams
 from wsi_assist.tiling import TilingParams
 from wsi_assist.tissue import TissueParams
 
@@ -99,6 +100,7 @@ SECTIONS: dict[str, type] = {
     "caption": CaptionParams,
     "embed": EmbedParams,
     "zeroshot": ZeroShotParams,
+    "report": ReportParams,
     "submodels": SubmodelParams,
 }
 
@@ -107,7 +109,7 @@ SECTIONS: dict[str, type] = {
 class Config:
     """The effective configuration: stages to run plus one object per section."""
 
-    stages: tuple[str, ...] = ("tissue", "tiles")
+    stages: tuple[str, ...] = STAGES
     sections: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -173,7 +175,7 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         key = sorted(unknown)[0]
         raise ConfigError(f"{source}: unknown key {key!r}; valid keys: stages, "
                           f"{', '.join(SECTIONS)}")
-    stages = data.get("stages", ["tissue", "tiles"])
+    stages = data.get("stages", list(STAGES))
     if isinstance(stages, str):
         stages = [s.strip() for s in stages.split(",") if s.strip()]
     if not isinstance(stages, list | tuple):

@@ -24,8 +24,9 @@ from wsi_assist.caption import run_caption
 from wsi_assist.config import Config
 from wsi_assist.errors import StageSkipped, WsiAssistError
 from wsi_assist.models.embed import run_embed
-from wsi_assist.models.submodels import run_submodels
 from wsi_assist.models.zeroshot import run_zeroshot
+from wsi_assist.models.submodels import run_submodels
+from wsi_assist.report.build import run_report
 from wsi_assist.slide import SlideInfo
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def read_thumbnail(run: SlideRun, max_px: int) -> tuple[np.ndarray, float]:
 StageFunc = Callable[[SlideRun], dict[str, Any]]
 STAGE_FUNCS: dict[str, StageFunc] = {"tissue": run_tissue, "tiles": run_tiles,
                                      "embed": run_embed, "zeroshot": run_zeroshot,
-                                     "submodels": run_submodels, "caption": run_caption}
+                                     "submodels": run_submodels, "caption": run_caption,
+                                     "report": run_report}
 
 
 def run_stages(run: SlideRun, stages: tuple[str, ...]) -> dict[str, float]:

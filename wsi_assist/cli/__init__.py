@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from wsi_assist.cli import demo, info, models, run, tile
+from wsi_assist.cli import demo, info, models, report, run, tile
 from wsi_assist.cli import eval as eval_cmd
 from wsi_assist.cli.common import state
 
@@ -46,6 +46,7 @@ app.command("tile")(tile.tile)
 app.command("demo")(demo.demo)
 app.command("models")(models.models)
 app.add_typer(eval_cmd.app, name="eval")
+app.command("report")(report.report)
 
 
 def main() -> None:

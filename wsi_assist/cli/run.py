@@ -40,6 +40,9 @@ def run(
     query: Annotated[list[str] | None, typer.Option(
         "--query", help="Text query (repeatable): its nearest tiles by PathCLIP "
                         "similarity are captioned too (caption.queries).")] = None,
+    providers: Annotated[str | None, typer.Option(
+        help="onnxruntime providers for sub-models, in order: comma-separated from "
+             "tensorrt, cuda, cpu (default: those available).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo slides that are already "
                                                         "done.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Only warnings and the final "

@@ -1,0 +1,241 @@
+"""Draft reports from synthetic findings: report.json, Markdown, HTML (rendered in headless
+Chromium), PDF, the `report` command, and the batch index."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from findings_helper import CLASSES, report_config, tiled_slide, write_findings
+from PIL import Image
+from typer.testing import CliRunner
+
+from wsi_assist import config, store
+from wsi_assist.aggregate import nice_length
+from wsi_assist.cli import app
+from wsi_assist.errors import ConfigError
+from wsi_assist.report import pdf
+from wsi_assist.report.build import build_slide_outputs
+from wsi_assist.report.index import write_batch_outputs
+
+needs_chromium = pytest.mark.skipif(pdf.find_browser() is None,
+                                    reason="chromium not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def batch_out(tmp_path_factory: pytest.TempPathFactory, svs_slide: Path, syn_spec) -> Path:
+    """OUT with one slide tiled for real and synthetic findings stored, slide file gone."""
+    src = tmp_path_factory.mktemp("slides") / "case-1.svs"
+    shutil.copy(svs_slide, src)
+    out = tmp_path_factory.mktemp("out")
+    d = tiled_slide(out, src)
+    write_findings(d, syn_spec.nuclei(), syn_spec.width)
+    src.unlink()  # the report must not need the slide
+    return out
+
+
+@pytest.fixture(scope="module")
+def slide_dir(batch_out: Path) -> Path:
+    d = batch_out / "case-1"
+    (batch_out / "config.yaml").write_text("report:\n  min_region_um2: 20000.0\n"
+                                           "  pdf: true\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["report", str(d)])
+    assert res.exit_code == 0, res.output
+    return d
+
+
+def test_report_json_from_stored_findings(slide_dir: Path, syn_spec) -> None:
+    r = json.loads((slide_dir / "report.json").read_text(encoding="utf-8"))
+    g = store.open_store(slide_dir / "slide.zarr", mode="r")
+    assert (r["schema"], r["schema_version"]) == ("wsi-assist/report", "1.0")
+    assert r["notice"] == "Draft for research use; not a diagnosis"
+    s = r["slide"]
+    assert (s["mpp"], s["mpp_source"], s["synthetic"]) == (0.5, "metadata", True)
+    assert (s["width"], s["height"]) == (2048, 1536) and s["grid"]["tile_px"] == 224
+    q = r["qc"]
+    frac = np.asarray(g["tissue_fraction"][...])
+    assert q["n_tiles"] == len(frac)
+    assert q["empty_tile_fraction"] == pytest.approx((frac < 0.5).mean())
+    assert q["tissue_area_mm2"] == pytest.approx(g.attrs["tissue_area_um2"] / 1e6)
+    comp = {c["name"]: c for c in r["composition"]["classes"]}
+    top = np.asarray(g["zeroshot/top"][...])
+    assert [comp[c]["n_tiles"] for c in CLASSES] == [int((top == k).sum()) for k in range(4)]
+    assert comp["Tumor"]["region_area_mm2"] > 0 and comp["Lymphocytes"]["n_tiles"] == 0
+    assert r["composition"]["n_uncertain"] == 1
+    ki67 = next(m for m in r["submodels"] if m["name"] == "ki67")
+    n = len(syn_spec.nuclei())
+    pos = ki67["counts"]["Ki-67 positive"]
+    assert pos + ki67["counts"]["Ki-67 negative"] == n
+    assert ki67["scores"]["Ki-67 index"]["value"] == pytest.approx(pos / n)
+    assert "positive nuclei" in ki67["scores"]["Ki-67 index"]["definition"]
+    tiles = r["representative_tiles"]
+    assert next(t["caption"] for t in tiles).startswith("Test caption 0")
+    assert tiles[0]["x"] == int(g["coords"][0, 0])
+    assert r["summary"]["summary"].startswith("Synthetic tissue")
+    assert all(v["status"] == "done" for v in r["stages"].values())
+    p = r["provenance"]
+    roles = {m["role"]: m for m in p["models"]}
+    assert roles["zero-shot"]["prompt_sha256"] == "cd" * 32
+    assert roles["sub-model ki67"]["sha256"] == "ef" * 32
+    assert roles["captioner"]["model"] == "captioner-test"
+    assert re.fullmatch(r"[0-9a-f]{16}", p["config_sha256"]) and p["packages"]["numpy"]
+    assert r["images"]["heatmaps"] and all((slide_dir / v).is_file()
+                                           for v in r["images"]["heatmaps"].values())
+    assert r["annotations"]["n_features"] > n
+
+
+def test_markdown_and_html_are_self_contained(slide_dir: Path) -> None:
+    md = (slide_dir / "report.md").read_text(encoding="utf-8")
+    assert "Draft for research use; not a diagnosis" in md and "SYNTHETIC SLIDE" in md
+    assert "| Tumor |" in md and "Ki-67 index" in md
+    html = (slide_dir / "report.html").read_text(encoding="utf-8")
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) >= 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    assert "Draft for research use; not a diagnosis" in html and "SYNTHETIC SLIDE" in html
+
+
+def test_stages_not_run_are_shown_with_how_to_enable(tmp_path: Path, batch_out: Path) -> None:
+    d = tmp_path / "bare"
+    d.mkdir()
+    for name in ("slide.zarr", "tissue.geojson", "thumbnail.png", "done.json"):
+        src = batch_out / "case-1" / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, d / name)
+    g = store.open_store(d / "slide.zarr", mode="a")
+    for name in ("embeddings", "zeroshot", "submodels"):
+        del g[name]
+    g.attrs["embed_skipped"] = "no PathCLIP weights configured; set models.pathclip"
+    build_slide_outputs(d, g, report_config())
+    r = json.loads((d / "report.json").read_text(encoding="utf-8"))
+    assert r["stages"]["embed"] == {"status": "not run",
+                                    "reason": "no PathCLIP weights configured; set "
+                                              "models.pathclip",
+                                    "how_to_enable": "no PathCLIP weights configured; set "
+                                                     "models.pathclip"}
+    assert r["stages"]["zeroshot"]["status"] == "not run"
+    assert "zeroshot" in r["stages"]["zeroshot"]["how_to_enable"]
+    assert r["composition"] is None and r["submodels"] == []
+    html = (d / "report.html").read_text(encoding="utf-8")
+    assert "set models.pathclip" in html and "not run" in html
+    regions = [f for f in json.loads((d / "annotations.geojson").read_text())["features"]
+               if f["properties"]["classification"]["name"] != "Tissue"]
+    assert regions == []
+
+
+def test_report_command_errors_in_one_line(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "no slide.zarr" in res.output
+
+
+@needs_chromium
+def test_html_renders_in_chromium_with_every_image(slide_dir: Path, tmp_path: Path) -> None:
+    html = (slide_dir / "report.html").read_text(encoding="utf-8")
+    probe = html.replace("<head>", "<head>" + PROBE, 1)
+    page = tmp_path / "probe.html"
+    page.write_text(probe, encoding="utf-8")
+    res = pdf.chromium(["--dump-dom", "--virtual-time-budget=10000"], page)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', res.stdout)
+    assert found, res.stderr[-2000:]
+    result = json.loads(found.group(1).replace("&quot;", '"'))
+    assert result["images"] >= 5 and result["broken"] == 0 and result["errors"] == [], result
+    shot = tmp_path / "report.png"
+    pdf.chromium(["--window-size=1100,2600", f"--screenshot={shot}"], slide_dir / "report.html")
+    img = np.asarray(Image.open(shot).convert("RGB"), np.int16)
+    assert img.shape[:2] == (2600, 1100) and img.std() > 20  # not blank
+    banner = img[5:30, 300:800].reshape(-1, 3).mean(axis=0)
+    assert banner[0] > 150 and banner[1] < 60  # the red SYNTHETIC SLIDE banner
+    head = (slide_dir / "report.pdf").read_bytes()[:5]
+    assert head == b"%PDF-" and (slide_dir / "report.pdf").stat().st_size > 20_000
+
+
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener("error", e => window.__errors.push(
+  e.message || ("failed to load " + (e.target && e.target.tagName))), true);
+const _err = console.error;
+console.error = (...a) => { window.__errors.push(a.join(" ")); _err(...a); };
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const pre = document.createElement("pre");
+  pre.id = "probe";
+  pre.textContent = JSON.stringify({images: imgs.length,
+    broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).length,
+    errors: window.__errors});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_batch_index_and_summary(slide_dir: Path, batch_out: Path) -> None:
+    rows = [{"path": "/x/case-1.svs", "slide_id": "case-1", "status": "done", "error": "",
+             "stage": "", "n_tiles": "24", "seconds": "{}", "tiles_per_s": "10"},
+            {"path": "/x/bad.svs", "slide_id": "bad", "status": "failed",
+             "error": "bad.svs: not a <TIFF> file", "stage": "open", "n_tiles": "",
+             "seconds": "{}", "tiles_per_s": ""}]
+    write_batch_outputs(batch_out, rows)
+    page = (batch_out / "index.html").read_text(encoding="utf-8")
+    assert 'href="case-1/report.html"' in page and 'src="case-1/overlays/classes.png"' in page
+    assert "not a &lt;TIFF&gt; file" in page and "mostly Tumor" in page
+    with (batch_out / "summary.csv").open(newline="", encoding="utf-8") as f:
+        got = {r["slide_id"]: r for r in csv.DictReader(f)}
+    assert got["bad"]["status"] == "failed" and got["bad"]["error"].startswith("bad.svs")
+    r = json.loads((slide_dir / "report.json").read_text(encoding="utf-8"))
+    assert float(got["case-1"]["ki67:Ki-67 index"]) == pytest.approx(
+        r["submodels"][1]["scores"]["Ki-67 index"]["value"])
+    assert got["case-1"]["top_class"] == "Tumor"
+
+
+def test_report_config_validates() -> None:
+    with pytest.raises(ConfigError, match=r"report\.min_region_um2"):
+        config.from_dict({"report": {"min_region_um2": -1}})
+    with pytest.raises(ConfigError, match=r"report\.heatmap_classes"):
+        config.from_dict({"report": {"heatmap_classes": "Tumor"}})
+    assert config.from_dict({"report": {"heatmap_classes": ["Tumor"]}}).report \
+        .heatmap_classes == ("Tumor",)
+
+
+@pytest.mark.parametrize(("um", "expect"), [(730, 500), (199, 100), (2500, 2000), (1, 1)])
+def test_scale_bar_length(um: float, expect: float) -> None:
+    assert nice_length(um) == expect
+
+
+def test_run_with_report_stage_writes_index(tmp_path: Path, svs_slide: Path) -> None:
+    """The stage inside `wsi-assist run`: per-slide reports plus OUT/index.html."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("report:\n  pdf: false\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(svs_slide), "-o", str(out), "--config", str(cfg),
+                                   "--stages", "tissue,tiles,report"])
+    assert res.exit_code == 0, res.output
+    d = out / svs_slide.stem
+    r = json.loads((d / "report.json").read_text(encoding="utf-8"))
+    assert r["stages"]["tiles"]["status"] == "done"
+    assert r["stages"]["embed"]["status"] == "not run" and r["composition"] is None
+    assert not (d / "report.pdf").exists()
+    assert (d / "annotations.geojson").is_file() and (d / "overlays" / "classes.png").is_file()
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert f'href="{svs_slide.stem}/report.html"' in page
+    with (out / "summary.csv").open(newline="", encoding="utf-8") as f:
+        row = next(csv.DictReader(f))
+    assert row["status"] == "done" and float(row["tissue_area_mm2"]) > 0
+
+
+def test_gallery_tiles_come_from_the_slide_when_present(tmp_path: Path, svs_slide: Path
+                                                        ) -> None:
+    from wsi_assist.report.images import save_tiles
+    from wsi_assist.slide import open_slide
+
+    picks = [{"x": 448, "y": 672, "size_l0": 224.0}]
+    overview = np.zeros((96, 128, 3), np.uint8)  # black: a crop from it would be black
+    save_tiles(tmp_path, picks, overview, 16.0, svs_slide, out_px=224)
+    got = np.asarray(Image.open(tmp_path / picks[0]["tile_png"]).convert("RGB"), np.int16)
+    with open_slide(svs_slide) as s:
+        want = np.asarray(s.read_region((448, 672), 0, (224, 224)).convert("RGB"), np.int16)
+    assert np.abs(got - want).mean() < 3
+    save_tiles(tmp_path, picks, overview, 16.0, None, out_px=64)  # no slide: overview crop
+    assert np.asarray(Image.open(tmp_path / picks[0]["tile_png"])).max() == 0

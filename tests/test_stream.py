@@ -1,0 +1,231 @@
+"""The tile stream equals naive read_region, is bounded, and runs under dask.distributed."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from conftest import REAL_SLIDES
+
+from wsi_assist.chunks import TiffUnits, ZarrUnits, open_units
+from wsi_assist.slide import describe, open_slide
+from wsi_assist.stream import (
+    BufferPool,
+    TileBatch,
+    l0_location,
+    plan_units,
+    read_tile,
+    stream,
+    stream_naive,
+)
+from wsi_assist.synthetic import SyntheticSlide, write_slide
+from wsi_assist.tiling import TileGrid, TilingParams, grid
+
+
+def full_grid(path: Path, **kw: object) -> TileGrid:
+    """Every tile of the slide (a box over the whole slide as the tissue)."""
+    info = describe(path)
+    params = TilingParams(**{"min_tissue": 0.0, **kw})  # type: ignore[arg-type]
+    return grid(info, shapely.box(0, 0, info.width, info.height), params)
+
+
+def collect(batches: object) -> tuple[np.ndarray, np.ndarray]:
+    bs = list(batches)  # type: ignore[call-overload]
+    return np.concatenate([b.index for b in bs]), np.concatenate([b.tiles for b in bs])
+
+
+def compare(path: Path, g: TileGrid, exact: bool, **kw: object) -> np.ndarray:
+    idx, tiles = collect(stream(path, g, **kw))  # type: ignore[arg-type]
+    nidx, naive = collect(stream_naive(path, g))
+    np.testing.assert_array_equal(idx, np.arange(len(g)))
+    np.testing.assert_array_equal(idx, nidx)
+    assert tiles.shape == (len(g), g.tile_px, g.tile_px, 3) and tiles.dtype == np.uint8
+    diff = np.abs(tiles.astype(np.int16) - naive)
+    if exact:
+        assert diff.max() == 0
+    else:
+        assert diff.mean() < 0.5 and diff.max() <= 2
+    return tiles
+
+
+def test_svs_exact_with_edges_padded_white(svs_slide: Path) -> None:
+    g = full_grid(svs_slide)
+    assert not g.resized
+    tiles = compare(svs_slide, g, exact=True, batch_size=5, prefetch=2, threads=2)
+    # 2048 x 1536 at 224 px: the last column holds 2048 - 9 * 224 = 32 slide px
+    lw, lh = g.level_dimensions
+    last_col = np.flatnonzero(g.level_coords()[:, 0] + g.read_px > lw)
+    assert len(last_col) > 0
+    valid = lw - int(g.level_coords()[last_col[0], 0])
+    assert (tiles[last_col][:, :, valid:] == 255).all()
+    assert (tiles[last_col][:, :, :valid] != 255).any()
+    bottom = np.flatnonzero(g.level_coords()[:, 1] + g.read_px > lh)
+    valid_h = lh - int(g.level_coords()[bottom[0], 1])
+    assert (tiles[bottom][:, valid_h:] == 255).all()
+
+
+def test_resized_tiff_slide_matches_within_tolerance(tiff_slide: Path) -> None:
+    g = full_grid(tiff_slide, target_mpp=0.6)
+    assert g.resized and g.read_px != g.tile_px
+    compare(tiff_slide, g, exact=False, batch_size=7)
+
+
+@pytest.fixture(scope="module")
+def odd_pyramid(syn_dir: Path, syn_spec: SyntheticSlide) -> Path:
+    """OME pyramid with a level of downsample ~2.4 (conftest's odd_slide, written as a
+    generic TIFF, opens in tiffslide with one level only)."""
+    return write_slide(syn_dir / "odd.ome.tif", syn_spec, kind="ome", mpp=0.25,
+                       level_sizes=[(853, 640)])
+
+
+def test_odd_downsample_level(odd_pyramid: Path) -> None:
+    odd_slide = odd_pyramid
+    info = describe(odd_slide)
+    ds = info.level_downsamples[1]
+    assert abs(ds - round(ds)) > 0.1  # really non-integer
+    g = full_grid(odd_slide, target_mpp=0.25 * ds, tile_px=96)
+    assert g.level == 1 and not g.resized
+    compare(odd_slide, g, exact=True, batch_size=16)
+    g2 = full_grid(odd_slide, target_mpp=0.8, tile_px=64)
+    assert g2.level == 1 and g2.resized
+    compare(odd_slide, g2, exact=False, batch_size=16)
+
+
+def test_tissue_subset_keeps_grid_order(svs_slide: Path) -> None:
+    info = describe(svs_slide)
+    blob = shapely.Point(1000, 700).buffer(500)
+    g = grid(info, blob, TilingParams(min_tissue=0.1))
+    assert 0 < len(g) < len(full_grid(svs_slide))
+    for b, nb in zip(stream(svs_slide, g, batch_size=4), stream_naive(svs_slide, g, 4),
+                     strict=True):
+        np.testing.assert_array_equal(b.index, nb.index)
+        np.testing.assert_array_equal(b.tiles, nb.tiles)
+
+
+def test_zarr_engine_equals_tifffile_engine(svs_slide: Path) -> None:
+    g = full_grid(svs_slide)
+    _, a = collect(stream(svs_slide, g, engine="zarr"))
+    _, b = collect(stream(svs_slide, g, engine="tifffile"))
+    np.testing.assert_array_equal(a, b)
+    with open_slide(svs_slide) as s:
+        assert isinstance(open_units(s, 0, svs_slide, "auto"), TiffUnits)
+        assert isinstance(open_units(s, 0, svs_slide, "zarr"), ZarrUnits)
+        with pytest.raises(ValueError, match="engine"):
+            open_units(s, 0, svs_slide, "gdal")  # type: ignore[arg-type]
+
+
+def test_plan_decodes_each_unit_once_and_releases_it() -> None:
+    xs, ys = np.meshgrid(np.arange(0, 1000, 224), np.arange(0, 800, 224))
+    xy = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
+    p = plan_units(xy, 224, (800, 1000), (240, 240), batch_size=3)
+    decoded = np.concatenate(p.decode)
+    released = np.concatenate(p.release)
+    # every unit of a 4 x 5 unit grid touched, decoded exactly once, released once
+    assert len(decoded) == 20 and len({tuple(k) for k in decoded.tolist()}) == 20
+    assert sorted(map(tuple, released.tolist())) == sorted(map(tuple, decoded.tolist()))
+    first = {tuple(k): b for b, d in enumerate(p.decode) for k in d.tolist()}
+    last = {tuple(k): b for b, d in enumerate(p.release) for k in d.tolist()}
+    assert all(first[k] <= last[k] for k in first)
+    # row-major grid: at most about two unit rows are alive at once
+    alive = max(sum(first[k] <= b <= last[k] for k in first) for b in range(len(p.batches)))
+    assert alive <= 2 * 5 + 1
+
+
+def test_batches_and_arguments(svs_slide: Path) -> None:
+    g = full_grid(svs_slide)
+    sizes = [len(b) for b in stream(svs_slide, g, batch_size=10)]
+    assert sum(sizes) == len(g) and set(sizes[:-1]) == {10}
+    with pytest.raises(ValueError, match="batch_size"):
+        next(stream(svs_slide, g, batch_size=0))
+    empty = TileGrid(np.zeros((0, 2), np.int64), np.zeros(0, np.float32), 0, 1.0, 224, 224,
+                     224, 0.5, 0.5, 0.5)
+    assert list(stream(svs_slide, empty)) == []
+    with pytest.raises(ValueError, match="index"):
+        TileBatch(np.arange(2), np.zeros((3, 4, 4, 3), np.uint8))
+
+
+def test_l0_location_inverts_tiffslide_rounding() -> None:
+    for ds in (1.0, 2.0, 2.4009, 3.999, 4.0000001):
+        for v in (0, 1, 7, 213, 1000):
+            x, y = l0_location((v, v + 1), ds)
+            assert int(x / ds) == v and int(y / ds) == v + 1
+
+
+@pytest.mark.real_slides
+@pytest.mark.parametrize("name", REAL_SLIDES)
+def test_real_slides_exact(shared_slides: Path, name: str) -> None:
+    path = shared_slides / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tiffslide: NDPI metadata partial
+        g = full_grid(path)
+        compare(path, g, exact=not g.resized, batch_size=32)
+        if g.level == 0:
+            return
+        # NDPI: level-0 'tiles' are 8-row strips as wide as the image; read them too
+        g0 = full_grid(path, target_mpp=describe(path).level_mpp(0), tile_px=256)
+        assert g0.level == 0
+        p = plan_units(g0.level_coords(), g0.read_px, g0.level_dimensions[::-1],
+                       (256, g0.level_dimensions[0]), 64)
+        assert p.n_units > 0
+        compare(path, g0, exact=True, batch_size=64)
+
+
+def test_dask_distributed_client(svs_slide: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    g = full_grid(svs_slide)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        idx, tiles = collect(stream(svs_slide, g, batch_size=8, prefetch=3, client=client))
+    _, naive = collect(stream_naive(svs_slide, g))
+    np.testing.assert_array_equal(idx, np.arange(len(g)))
+    np.testing.assert_array_equal(tiles, naive)
+
+
+@pytest.mark.slow
+def test_dask_distributed_worker_processes_open_the_slide(svs_slide: Path) -> None:
+    """Two worker processes on 127.0.0.1: only (path, level, corners) travel."""
+    distributed = pytest.importorskip("distributed")
+    g = full_grid(svs_slide)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        idx, tiles = collect(stream(svs_slide, g, batch_size=6, prefetch=4, client=client))
+        opened = client.run(lambda: len(__import__("wsi_assist.chunks").chunks.SOURCES._items))
+    _, naive = collect(stream_naive(svs_slide, g))
+    np.testing.assert_array_equal(idx, np.arange(len(g)))
+    np.testing.assert_array_equal(tiles, naive)
+    assert sum(opened.values()) >= 1  # workers opened the slide themselves
+
+
+def test_read_tile_reference_pads_white(svs_slide: Path) -> None:
+    g = full_grid(svs_slide)
+    i = len(g) - 1  # bottom-right corner tile
+    with open_slide(svs_slide) as s:
+        t = read_tile(s, g, i, s.level_dimensions[0])
+    lx, ly = g.level_coords()[i]
+    assert (t[g.level_dimensions[1] - ly:] == 255).all()
+    assert (t[:, g.level_dimensions[0] - lx:] == 255).all()
+
+
+def test_reused_buffers_never_overwrite_batches_still_held(svs_slide: Path) -> None:
+    g = full_grid(svs_slide)
+    _, naive = collect(stream_naive(svs_slide, g))
+    held, copies = [], []
+    for k, b in enumerate(stream(svs_slide, g, batch_size=4, prefetch=2, threads=2)):
+        copies.append(b.tiles.copy())
+        if k % 2 == 0:
+            held.append(b.tiles[1:])  # a view keeps its buffer out of the pool
+    np.testing.assert_array_equal(np.concatenate(copies), naive)
+    np.testing.assert_array_equal(np.concatenate(held), np.concatenate(
+        [c[1:] for c in copies[::2]]))
+    # the pool hands a buffer out again only once nothing else refers to it
+    pool = BufferPool(4)
+    a = pool.take((2, 3))
+    assert pool.take((2, 3)) is not a  # still held
+    a_id = id(a)
+    del a
+    assert id(pool.take((2, 3))) == a_id

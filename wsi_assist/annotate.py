@@ -1,0 +1,195 @@
+"""``annotations.geojson``: every stored finding of a slide as QuPath objects.
+
+Tissue pieces and class regions are annotations; tiles (optional) are ``tile`` objects
+with class probabilities as measurements; sub-model points and boxes are detections;
+segmentation findings (``findings/<name>.geojson``) are passed through. Features are
+generated lazily and streamed to disk, reading stored arrays a chunk at a time, so a
+slide with hundreds of thousands of detections is never held in memory twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_assist import geojson
+from wsi_assist.aggregate import ClassRegion, TileLayout
+from wsi_assist.report.data import SubModel, ZeroShot
+
+log = logging.getLogger(__name__)
+
+Feature = dict[str, Any]
+CHUNK = 65536
+DETECTION_CHUNK = 16384  # detections per read; bounds memory while streaming
+
+
+def tissue_features(path: Path) -> Iterator[Feature]:
+    """The tissue annotations of ``tissue.geojson``, as stored."""
+    if path.is_file():
+        yield from geojson.read_features(path)
+
+
+def region_features(regions: Iterable[ClassRegion]) -> Iterator[Feature]:
+    """One annotation per class region (MultiPolygon), with area and tissue fraction."""
+    for r in regions:
+        if r.geometry.is_empty:
+            continue
+        m = {"Area mm^2": r.area_mm2, "Tiles": r.n_tiles}
+        if r.fraction is not None:
+            m["Fraction of tissue"] = r.fraction
+        yield geojson.feature(r.geometry, "annotation", classification=(r.name, r.color),
+                              name=f"{r.name} region", measurements=m)
+
+
+def tile_features(layout: TileLayout, zs: ZeroShot | None,
+                  tile_subs: Iterable[SubModel] = ()) -> Iterator[Feature]:
+    """One ``tile`` object per tile: top zero-shot class, probabilities as measurements."""
+    subs = [s for s in tile_subs if "probs" in s.group]
+    n = len(layout.coords)
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        probs = None if zs is None else np.asarray(zs.probs[start:stop], np.float64)
+        sub_probs = [np.asarray(s.group["probs"][start:stop], np.float64) for s in subs]
+        boxes = layout.boxes(np.arange(start, stop))
+        for i, box in enumerate(boxes):
+            m: dict[str, float] = {}
+            cls = None
+            if zs is not None and probs is not None:
+                m.update({f"p({c})": p for c, p in zip(zs.classes, probs[i], strict=True)})
+                k = int(zs.top[start + i])
+                cls = (zs.classes[k], zs.colors[k])
+            for s, sp in zip(subs, sub_probs, strict=True):
+                names = s.attrs.get("classes") or [str(j) for j in range(sp.shape[1])]
+                m.update({f"{s.name}: p({c})": p for c, p in zip(names, sp[i], strict=False)})
+            yield geojson.feature(box, "tile", classification=cls, measurements=m)
+
+
+def detection_features(sub: SubModel) -> Iterator[Feature]:
+    """Points or boxes of a detection sub-model as QuPath detections, chunk by chunk.
+
+    Built as plain dicts (the hot path of slides with 10^5..10^6 cells): same layout as
+    :func:`wsi_assist.geojson.feature`, from coordinates that are finite by construction.
+    """
+    g = sub.group
+    kind = "points" if "points" in g else "boxes" if "boxes" in g else None
+    if kind is None:
+        return
+    arr = g[kind]
+    names = [str(x) for x in sub.attrs.get("measurement_names")
+             or (g["measurements"].attrs.get("measurement_names", []) if "measurements" in g
+                 else [])]
+    n_classes = max(len(sub.attrs.get("classes") or []), 1)
+    classes = {k: _classification(sub, k) for k in range(n_classes)}
+    meta = {"sub-model": sub.name}
+    for start in range(0, arr.shape[0], DETECTION_CHUNK):
+        stop = min(arr.shape[0], start + DETECTION_CHUNK)
+        xy = np.asarray(arr[start:stop], np.float64)
+        finite = np.isfinite(xy).all(axis=1)
+        labels = (np.asarray(g["labels"][start:stop], np.int64) if "labels" in g
+                  else np.zeros(stop - start, np.int64))
+        cols = []
+        if "scores" in g:
+            cols.append(("Score", np.asarray(g["scores"][start:stop], np.float64)[:, None]))
+        if "measurements" in g:
+            m = np.asarray(g["measurements"][start:stop], np.float64)
+            cols.append(("", m))
+        keys = (["Score"] if "scores" in g else []) + (
+            [names[j] if j < len(names) else f"m{j}" for j in range(cols[-1][1].shape[1])]
+            if "measurements" in g else [])
+        values = np.concatenate([c for _, c in cols], axis=1).tolist() if cols else None
+        ids = _uuid4s(stop - start)
+        for i, (row, label, ok) in enumerate(zip(xy.tolist(), labels.tolist(), finite,
+                                                 strict=True)):
+            if not ok:
+                continue
+            props: dict[str, Any] = {"objectType": "detection",
+                                     "classification": classes.get(label)
+                                     or _classification(sub, label), "metadata": meta}
+            if values is not None:
+                props["measurements"] = {k: v for k, v in zip(keys, values[i], strict=True)
+                                         if math.isfinite(v)}
+            yield {"type": "Feature", "id": ids[i], "geometry": _geometry(kind, row),
+                   "properties": props}
+
+
+def _geometry(kind: str, row: list[float]) -> dict[str, Any]:
+    if kind == "points":
+        return {"type": "Point", "coordinates": row}
+    x0, y0, x1, y1 = min(row[0], row[2]), min(row[1], row[3]), max(row[0], row[2]), \
+        max(row[1], row[3])
+    if x1 == x0 or y1 == y0:  # a degenerate box is still a valid QuPath object
+        return {"type": "Point", "coordinates": [(x0 + x1) / 2, (y0 + y1) / 2]}
+    return {"type": "Polygon",
+            "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+
+
+def _classification(sub: SubModel, label: int) -> dict[str, Any]:
+    name, color = sub.color(label)
+    return {"name": name, "color": list(color)}
+
+
+def _uuid4s(n: int) -> list[str]:
+    """``n`` random (version 4) UUID strings, made in one go."""
+    raw = np.frombuffer(os.urandom(16 * n), np.uint8).reshape(n, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80
+    h = raw.tobytes().hex()
+    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-"
+            f"{h[i + 20:i + 32]}" for i in range(0, 32 * n, 32)]
+
+
+def segmentation_features(path: Path, name: str) -> Iterator[Feature]:
+    """Features of a stored segmentation finding, checked and normalised for QuPath."""
+    for f in geojson.read_features(path):
+        props = dict(f.get("properties") or {})
+        props.setdefault("objectType", "annotation")
+        if props["objectType"] not in geojson.OBJECT_TYPES:
+            log.warning("%s: objectType %r replaced by 'annotation'", path,
+                        props["objectType"])
+            props["objectType"] = "annotation"
+        meta = dict(props.get("metadata") or {})
+        meta.setdefault("sub-model", name)
+        props["metadata"] = {str(k): str(v) for k, v in meta.items()}
+        fid = f.get("id")
+        yield {"type": "Feature", "id": fid if _is_uuid(fid) else str(uuid.uuid4()),
+               "geometry": f["geometry"], "properties": props}
+
+
+def all_features(out_dir: Path, regions: list[ClassRegion], layout: TileLayout | None,
+                 zs: ZeroShot | None, subs: list[SubModel], include_tiles: bool
+                 ) -> Iterator[Feature]:
+    """Every feature of ``annotations.geojson``, lazily, in drawing order."""
+    parts: list[Iterable[Feature]] = [tissue_features(out_dir / "tissue.geojson"),
+                                      region_features(regions)]
+    if include_tiles and layout is not None:
+        parts.append(tile_features(layout, zs, [s for s in subs
+                                                 if s.task == "tile-classification"]))
+    parts.extend(detection_features(s) for s in subs)
+    findings = out_dir / "findings"
+    if findings.is_dir():
+        parts.extend(segmentation_features(p, p.stem) for p in sorted(findings.glob("*.geojson")))
+    return itertools.chain.from_iterable(parts)
+
+
+def write_annotations(out_dir: Path, regions: list[ClassRegion], layout: TileLayout | None,
+                      zs: ZeroShot | None, subs: list[SubModel], *,
+                      include_tiles: bool = False) -> int:
+    """Stream ``out_dir/annotations.geojson``; returns the number of features."""
+    feats = all_features(out_dir, regions, layout, zs, subs, include_tiles)
+    return geojson.write_features(out_dir / "annotations.geojson", feats)
+
+
+def _is_uuid(value: Any) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return value is not None

@@ -1,0 +1,158 @@
+"""The report's pictures: class overlay, heatmaps and representative tiles, as PNG files.
+
+All are drawn from the stored overview (attr ``downsample``); representative tiles are
+read from the slide when its file is at hand, else cropped from the overview.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from PIL import Image
+
+from wsi_assist import aggregate
+from wsi_assist.aggregate import ClassRegion, TileLayout
+from wsi_assist.report.data import ZeroShot
+from wsi_assist.report.params import ReportParams
+
+log = logging.getLogger(__name__)
+
+
+def file_name(name: str) -> str:
+    """A class name as a safe file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "class"
+
+
+def overlay_and_heatmaps(out_dir: Path, overview: np.ndarray, downsample: float,
+                         layout: TileLayout | None, zs: ZeroShot | None,
+                         regions: list[ClassRegion], tissue: shapely.Geometry,
+                         mpp: float, params: ReportParams) -> dict[str, Any]:
+    """Write ``overlays/classes.png`` and ``overlays/heatmap_<class>.png``; returns their
+    paths relative to ``out_dir``."""
+    folder = out_dir / "overlays"
+    folder.mkdir(exist_ok=True)
+    bounds = _bounds(tissue, layout)
+    img = aggregate.class_overlay(overview, downsample, regions, tissue, mpp,
+                                  max_px=params.image_px, bounds=bounds,
+                                  title="Tissue classes (zero-shot)" if regions
+                                  else "Tissue")
+    img.save(folder / "classes.png", optimize=True)
+    out: dict[str, Any] = {"overlay": "overlays/classes.png", "heatmaps": {}}
+    if zs is None or layout is None or not len(layout.coords):
+        return out
+    for k in heatmap_classes(zs, params):
+        probs = np.asarray(zs.probs[:, k], np.float32)
+        name = zs.classes[k]
+        hm = aggregate.heatmap(overview, downsample, layout, probs,
+                               f"{name}: tile probability", max_px=params.image_px // 2 + 64,
+                               bounds=bounds)
+        rel = f"overlays/heatmap_{k:02d}_{file_name(name)}.png"
+        hm.save(out_dir / rel, optimize=True)
+        out["heatmaps"][name] = rel
+    return out
+
+
+def heatmap_classes(zs: ZeroShot, params: ReportParams) -> list[int]:
+    """Class indices to draw: the configured ones, else the most frequent classes."""
+    if params.heatmap_classes is not None:
+        unknown = [c for c in params.heatmap_classes if c not in zs.classes]
+        if unknown:
+            log.warning("report.heatmap_classes: %r not among the classes %r", unknown,
+                        zs.classes)
+        idx = [zs.classes.index(c) for c in params.heatmap_classes if c in zs.classes]
+    else:
+        counts = np.bincount(zs.top, minlength=len(zs.classes))
+        idx = [int(k) for k in np.argsort(-counts, kind="stable") if counts[k] > 0]
+    return idx[:params.max_heatmaps]
+
+
+def _bounds(tissue: shapely.Geometry, layout: TileLayout | None
+            ) -> tuple[float, float, float, float] | None:
+    """Level-0 box around tissue and tiles, for cropping pictures to what matters."""
+    boxes = [] if tissue.is_empty else [tissue.bounds]
+    if layout is not None and len(layout.coords):
+        lo, hi = layout.coords.min(axis=0), layout.coords.max(axis=0) + layout.size_l0
+        boxes.append((float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])))
+    if not boxes:
+        return None
+    b = np.array(boxes)
+    return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
+
+
+def pick_tiles(layout: TileLayout, zs: ZeroShot, per_class: int,
+               exclude: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """The most confident tiles of each class (top-1 and not excluded)."""
+    probs = np.asarray(zs.probs[...], np.float32)
+    out = []
+    for k, name in enumerate(zs.classes):
+        ok = zs.top == k
+        if exclude is not None:
+            ok &= ~exclude
+        rows = np.flatnonzero(ok)
+        best = rows[np.argsort(-probs[rows, k], kind="stable")[:per_class]]
+        out += [{"row": int(r), "x": int(layout.coords[r, 0]), "y": int(layout.coords[r, 1]),
+                 "size_l0": layout.size_l0, "class": name, "prob": float(probs[r, k])}
+                for r in best]
+    return out
+
+
+def save_tiles(out_dir: Path, picks: list[dict[str, Any]], overview: np.ndarray,
+               downsample: float, slide_path: Path | None, out_px: int = 224) -> None:
+    """Write each pick's image to ``tiles/rep_<n>.png`` and set its ``tile_png``."""
+    folder = out_dir / "tiles"
+    folder.mkdir(exist_ok=True)
+    slide = _open(slide_path)
+    try:
+        for n, p in enumerate(picks):
+            img = _read(slide, p, out_px) if slide is not None else None
+            if img is None:
+                img = _crop(overview, downsample, p, out_px)
+            rel = f"tiles/rep_{n:03d}.png"
+            img.save(out_dir / rel)
+            p["tile_png"] = rel
+    finally:
+        if slide is not None:
+            slide.close()
+
+
+def _open(path: Path | None) -> Any:
+    if path is None or not path.is_file():
+        return None
+    from wsi_assist.errors import SlideError
+    from wsi_assist.slide import open_slide
+
+    try:
+        return open_slide(path)
+    except SlideError as e:
+        log.info("tiles for the report cropped from the overview: %s", e)
+        return None
+
+
+def _read(slide: Any, p: dict[str, Any], out_px: int) -> Image.Image | None:
+    size = round(p["size_l0"])
+    level = slide.get_best_level_for_downsample(max(1.0, size / out_px))
+    ds = slide.level_downsamples[level]
+    side = max(1, round(size / ds))
+    try:
+        region = slide.read_region((p["x"], p["y"]), level, (side, side))
+    except (OSError, ValueError) as e:
+        log.warning("tile at %s,%s unreadable (%s); cropped from the overview",
+                    p["x"], p["y"], e)
+        return None
+    return region.convert("RGB").resize((out_px, out_px), Image.Resampling.LANCZOS)
+
+
+def _crop(overview: np.ndarray, downsample: float, p: dict[str, Any], out_px: int
+          ) -> Image.Image:
+    x0, y0 = int(p["x"] / downsample), int(p["y"] / downsample)
+    s = max(1, round(p["size_l0"] / downsample))
+    crop = overview[y0:y0 + s, x0:x0 + s, :3]
+    if crop.size == 0:
+        crop = np.full((1, 1, 3), 255, np.uint8)
+    return Image.fromarray(np.ascontiguousarray(crop)).resize(
+        (out_px, out_px), Image.Resampling.BICUBIC)

@@ -1,0 +1,118 @@
+"""``report.md``: the report as Markdown, pictures linked by relative path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """A number for people: ``-`` when missing, else a short general format."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f}%"
+
+
+def render(r: dict[str, Any]) -> str:
+    """The Markdown text of report dict ``r``."""
+    s, q = r["slide"], r["qc"]
+    out = [f"# Draft slide report: {s['slide_id']}", "",
+           f"> **{r['notice']}.**", ""]
+    if s["synthetic"]:
+        out += ["> **SYNTHETIC SLIDE**: generated test data, not a patient sample.", ""]
+    out += ["## Slide", "", "| | |", "|---|---|",
+            f"| File | `{s['path']}` |",
+            f"| Size | {fmt(s['width'])} x {fmt(s['height'])} px |",
+            f"| Resolution | {fmt(s['mpp'])} um/px ({s['mpp_source'] or 'unknown'}) |",
+            f"| Tiles | {fmt(q['n_tiles'])} at {fmt(s['grid'].get('target_mpp'))} um/px |",
+            f"| Tissue area | {fmt(q['tissue_area_mm2'])} mm^2 |",
+            (f"| Empty tiles | {pct(q['empty_tile_fraction'])} "
+             f"({q['empty_tile_definition']}) |"), ""]
+    out += _composition(r)
+    out += _submodels(r)
+    out += _gallery(r)
+    if r.get("summary"):
+        text = r["summary"].get("summary") or r["summary"].get("text") or r["summary"]
+        out += ["## Slide summary (model-generated)", "", str(text), ""]
+    out += _stages(r) + _provenance(r)
+    return "\n".join(out) + "\n"
+
+
+def _composition(r: dict[str, Any]) -> list[str]:
+    c = r["composition"]
+    if c is None:
+        return ["## Tissue composition", "", "Not run (zero-shot classification).", ""]
+    out = ["## Tissue composition", "",
+           f"Prompt set `{c['prompt_set']}`; {fmt(c['n_uncertain'])} uncertain tiles.", "",
+           "| Class | Tiles | Fraction of tiles | Region area mm^2 | Fraction of tissue |",
+           "|---|---:|---:|---:|---:|"]
+    for row in c["classes"]:
+        out.append(f"| {row['name']} | {fmt(row['n_tiles'])} | {pct(row['fraction'])} | "
+                   f"{fmt(row['region_area_mm2'])} | {pct(row['region_fraction'])} |")
+    out.append("")
+    if r["images"].get("overlay"):
+        out += [f"![Tissue classes]({r['images']['overlay']})", ""]
+    for name, rel in r["images"].get("heatmaps", {}).items():
+        out += [f"![{name} heatmap]({rel})", ""]
+    return out
+
+
+def _submodels(r: dict[str, Any]) -> list[str]:
+    out = ["## Sub-model findings", ""]
+    if not r["submodels"]:
+        return out + ["Not run.", ""]
+    for m in r["submodels"]:
+        out += [f"### {m['name']} ({m['task']})", ""]
+        if m["counts"]:
+            out += ["Counts: " + ", ".join(f"{k} {fmt(v)}" for k, v in m["counts"].items()),
+                    ""]
+        for name, sc in m["scores"].items():
+            out.append(f"- **{name}**: {fmt(sc['value'])}. {sc['definition']}")
+        out.append("")
+    return out
+
+
+def _gallery(r: dict[str, Any]) -> list[str]:
+    tiles = r["representative_tiles"]
+    if not tiles:
+        return []
+    out = ["## Representative tiles", ""]
+    for t in tiles:
+        line = (f"- {t.get('class', '-')} (p = {fmt(t.get('prob'))}) at level-0 "
+                f"x={t.get('x')}, y={t.get('y')}")
+        if t.get("caption"):
+            line += f": {t['caption']}"
+        out.append(line)
+    return out + [""]
+
+
+def _stages(r: dict[str, Any]) -> list[str]:
+    missing = {k: v for k, v in r["stages"].items() if v["status"] != "done"}
+    if not missing:
+        return []
+    out = ["## Not run", ""]
+    out += [f"- **{k}**: {v['reason']}. To enable: {v['how_to_enable']}."
+            for k, v in missing.items()]
+    return out + [""]
+
+
+def _provenance(r: dict[str, Any]) -> list[str]:
+    p = r["provenance"]
+    out = ["## Provenance", ""]
+    for m in p["models"]:
+        extra = ", ".join(f"{k} {v}" for k, v in m.items() if k not in ("role", "model") and v)
+        out.append(f"- {m['role']}: `{m['model']}`" + (f" ({extra})" if extra else ""))
+    out += [f"- config sha256: `{p['config_sha256']}`",
+            f"- generated: {p['generated_at']}",
+            "- packages: " + ", ".join(f"{k} {v}" for k, v in p["packages"].items()),
+            f"- report schema: {r['schema']} {r['schema_version']}"]
+    return out
