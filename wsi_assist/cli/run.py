@@ -47,9 +47,6 @@ def run(
                                                         "done.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Only warnings and the final "
                                                         "summary.")] = False,
-    providers: Annotated[str | None, typer.Option(
-        help="onnxruntime providers for sub-models, in order: comma-separated from "
-             "tensorrt, cuda, cpu (default: those available).")] = None,
 ) -> None:
     """Process slides into OUT. Exit 0 when all are done or skipped, 1 when any failed."""
     overrides: dict[str, dict[str, Any]] = {
