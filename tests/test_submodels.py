@@ -242,6 +242,10 @@ def test_session_created_once_and_reused(models, small_slide, tmp_path, monkeypa
     a = sm.get_submodel(models["cls"], ["CPUExecutionProvider"])
     assert a.fused and a is sm.get_submodel(models["cls"], ["CPUExecutionProvider"])
     assert len(made) == 2
+    onnx_file = models["cls"].with_suffix(".onnx")  # a replaced model file is reloaded
+    os.utime(onnx_file, ns=(onnx_file.stat().st_atime_ns, onnx_file.stat().st_mtime_ns + 10**9))
+    assert sm.get_submodel(models["cls"], ["CPUExecutionProvider"]) is not a
+    assert len(made) == 4
 
 
 @pytest.mark.parametrize("order", ["RGB", "BGR"])

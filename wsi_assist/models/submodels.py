@@ -88,16 +88,24 @@ _SUBMODELS: dict[tuple[Any, ...], Submodel] = {}
 
 
 def get_submodel(spec_path: str | Path, providers: list[str]) -> Submodel:
-    """The loaded, checked sub-model for this spec and providers, created once per process."""
+    """The loaded, checked sub-model for this spec and providers, created once per process
+    (and again only when the spec or model file changes)."""
     path = Path(spec_path).resolve()
-    stat = path.stat() if path.exists() else None
-    key = (str(path), stat.st_mtime_ns if stat else None, tuple(providers))
+    spec = load_spec(path)
+    key = (str(path), _mtime(path), _mtime(spec.model_path), tuple(providers))
     with _LOCK:
         sub = _SUBMODELS.get(key)
         if sub is None:
             sub = Submodel.load(path, providers)
             _SUBMODELS[key] = sub
         return sub
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def clear_cache() -> None:
