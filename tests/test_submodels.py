@@ -236,10 +236,34 @@ def test_session_created_once_and_reused(models, small_slide, tmp_path, monkeypa
     monkeypatch.setattr(ort, "InferenceSession", counting)
     for i in range(2):
         _run(small_slide, tmp_path / str(i), [str(models["cls"])])
-    assert len(made) == 1
+    # at the first load only: the model as exported (checked against the spec), then the
+    # same model with its preprocessing fused in, which is the one that runs
+    assert len(made) == 2 and isinstance(made[1], bytes)
     a = sm.get_submodel(models["cls"], ["CPUExecutionProvider"])
-    assert a is sm.get_submodel(models["cls"], ["CPUExecutionProvider"])
-    assert len(made) == 1
+    assert a.fused and a is sm.get_submodel(models["cls"], ["CPUExecutionProvider"])
+    assert len(made) == 2
+    onnx_file = models["cls"].with_suffix(".onnx")  # a replaced model file is reloaded
+    os.utime(onnx_file, ns=(onnx_file.stat().st_atime_ns, onnx_file.stat().st_mtime_ns + 10**9))
+    assert sm.get_submodel(models["cls"], ["CPUExecutionProvider"]) is not a
+    assert len(made) == 4
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_fused_preprocessing_equals_numpy(models, tmp_path, order) -> None:
+    data = yaml.safe_load(models["cls"].read_text())
+    data.update(model=str(models["cls"].with_suffix(".onnx")))
+    data["input"].update(channel_order=order, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
+    spec = tmp_path / "v.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    fused = sm.Submodel.load(spec, ["CPUExecutionProvider"])
+    plain = sm.Submodel.load(spec, ["CPUExecutionProvider"], fuse=False)
+    assert fused.fused and not plain.fused
+    tiles = np.random.default_rng(1).integers(0, 256, (4, TILE, TILE, 3), dtype=np.uint8)
+    assert fused.prepare(tiles, TILE).dtype == np.uint8
+    assert plain.prepare(tiles, TILE).dtype == np.float32
+    a = fused.run(fused.prepare(tiles, TILE))["output"]
+    b = plain.run(plain.prepare(tiles, TILE))["output"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_spec_contradicting_model_is_refused(models, tmp_path) -> None:

@@ -88,16 +88,24 @@ _SUBMODELS: dict[tuple[Any, ...], Submodel] = {}
 
 
 def get_submodel(spec_path: str | Path, providers: list[str]) -> Submodel:
-    """The loaded, checked sub-model for this spec and providers, created once per process."""
+    """The loaded, checked sub-model for this spec and providers, created once per process
+    (and again only when the spec or model file changes)."""
     path = Path(spec_path).resolve()
-    stat = path.stat() if path.exists() else None
-    key = (str(path), stat.st_mtime_ns if stat else None, tuple(providers))
+    spec = load_spec(path)
+    key = (str(path), _mtime(path), _mtime(spec.model_path), tuple(providers))
     with _LOCK:
         sub = _SUBMODELS.get(key)
         if sub is None:
             sub = Submodel.load(path, providers)
             _SUBMODELS[key] = sub
         return sub
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def clear_cache() -> None:
@@ -109,18 +117,28 @@ def clear_cache() -> None:
 class Submodel:
     """A spec and its InferenceSession (checked against each other at load)."""
 
-    def __init__(self, spec: SubmodelSpec, session: Any) -> None:
+    def __init__(self, spec: SubmodelSpec, session: Any, fused: Any = None) -> None:
+        """``fused``: a session of the same model with preprocessing in its graph (uint8
+        NHWC input, see :mod:`submodel_prefix`); used instead of ``session`` when given."""
         check_against_model(spec, session)
         self.spec = spec
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
+        self.fused = fused is not None
+        self.session = fused if fused is not None else session
+        self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in session.get_outputs()]
         self.sha256 = spec.model_sha256()
 
     @classmethod
-    def load(cls, spec_path: Path, providers: list[str]) -> Submodel:
+    def load(cls, spec_path: Path, providers: list[str], fuse: bool = True) -> Submodel:
+        """Load and check; float-input models get their preprocessing fused when ``fuse``."""
+        from wsi_assist.models.submodel_prefix import fused_model
+
         spec = load_spec(spec_path)
-        return cls(spec, create_session(spec.model_path, providers))
+        session = create_session(spec.model_path, providers)
+        check_against_model(spec, session)
+        blob = fused_model(spec.model_path, spec) if fuse else None
+        fused = create_session(spec.model_path, providers, blob) if blob else None
+        return cls(spec, session, fused)
 
     def model_px(self, grid_tile_px: int, delivered_mpp: float) -> int:
         """Input size for tiles of ``grid_tile_px`` at ``delivered_mpp``."""
@@ -138,6 +156,8 @@ class Submodel:
             from wsi_assist.stream import resize_area
 
             tiles = np.stack([resize_area(t, size) for t in tiles])
+        if self.fused:
+            return np.ascontiguousarray(tiles)
         if inp.channel_order == "BGR":
             tiles = tiles[..., ::-1]
         if inp.layout == "NCHW":
@@ -165,16 +185,22 @@ class Submodel:
         return dict(zip(self.output_names, outs, strict=True))
 
 
-def create_session(model_path: Path, providers: list[str]) -> Any:
-    """An InferenceSession, refusing missing or unreadable model files with one line."""
+def create_session(model_path: Path, providers: list[str], model_bytes: bytes | None = None
+                   ) -> Any:
+    """An InferenceSession (of ``model_bytes`` when given, else of the file), refusing
+    missing or unreadable model files with one line."""
     import onnxruntime as ort
 
     if not model_path.is_file():
         raise ModelError(f"{model_path}: sub-model file not found")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # idle intra-op threads sleep instead of spinning: the tile stream's decoding threads
+    # (and other sessions) share the cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+        return ort.InferenceSession(model_bytes or str(model_path), sess_options=opts,
+                                    providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelError(f"{model_path}: not a loadable ONNX model "
                          f"({str(e).splitlines()[0][:200]})") from e
