@@ -155,7 +155,7 @@ def _describe_open(slide: Any, path: Path, mpp_override: float | None) -> SlideI
     except Exception as e:
         raise SlideError(f"{path}: cannot read the pyramid levels ({_first_line(e)})") from e
     vendor = props.get("tiffslide.vendor")
-    power = _float_or_none(props.get("tiffslide.objective-power"))
+    power = finite_float(props.get("tiffslide.objective-power"))
     mpp, source = resolve_mpp(slide, power, mpp_override)
     fmt = vendor or ("ome-tiff" if _ome_xml(slide) else "generic-tiff")
     desc = str(props.get("tiff.ImageDescription") or "")
@@ -232,9 +232,9 @@ def _metadata_mpp(slide: Any) -> float | None:
     props = slide.properties
     vendor = props.get("tiffslide.vendor")
     if vendor == "aperio":
-        return _float_or_none(props.get("aperio.MPP"))
+        return finite_float(props.get("aperio.MPP"))
     if vendor in ("leica", "philips") or (vendor and "tiff.XResolution" not in props):
-        return _float_or_none(props.get("tiffslide.mpp-x"))
+        return finite_float(props.get("tiffslide.mpp-x"))
     ome = _ome_xml(slide)
     if ome:
         return _ome_mpp(ome)
@@ -257,7 +257,7 @@ def _ome_mpp(xml: str) -> float | None:
     for el in root.iter():
         if el.tag.endswith("Pixels") and "PhysicalSizeX" in el.attrib:
             factor = to_um.get(el.attrib.get("PhysicalSizeXUnit", "µm"))
-            value = _float_or_none(el.attrib["PhysicalSizeX"])
+            value = finite_float(el.attrib["PhysicalSizeX"])
             if factor and value and value > 0:
                 return value * factor
     return None
@@ -293,7 +293,7 @@ def mpp_for(path: Path, mpp: float | None, table: dict[str, float] | None) -> fl
     return mpp
 
 
-def _float_or_none(value: Any) -> float | None:
+def finite_float(value: Any) -> float | None:
     try:
         f = float(value)
     except (TypeError, ValueError):

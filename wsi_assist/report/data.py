@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from wsi_assist.aggregate import ClassRegion, Color, TileLayout
+from wsi_assist.slide import finite_float
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,8 @@ def composition(zs: ZeroShot | None, regions: list[ClassRegion]) -> dict[str, An
         r = by_name.get(name)
         n_k = int(c.get("n_tiles", int((zs.top == k).sum())))
         rows.append({"name": name, "color": list(color), "n_tiles": n_k,
-                     "area_mm2": _num(c.get("area_mm2")),
-                     "fraction": _num(c.get("fraction", n_k / n if n else None)),
+                     "area_mm2": finite_float(c.get("area_mm2")),
+                     "fraction": finite_float(c.get("fraction", n_k / n if n else None)),
                      "region_area_mm2": None if r is None else r.area_mm2,
                      "region_fraction": None if r is None else r.fraction})
     return {"prompt_set": zs.attrs.get("prompt_set"), "threshold": zs.attrs.get("threshold"),
@@ -187,7 +188,7 @@ def submodel_findings(subs: list[SubModel]) -> list[dict[str, Any]]:
     """Counts and scores (with their definitions) of each sub-model."""
     out = []
     for s in subs:
-        scores = {k: {"value": _num(v.get("value")), "definition": str(v.get("definition", ""))}
+        scores = {k: {"value": finite_float(v.get("value")), "definition": str(v.get("definition", ""))}
                   for k, v in (s.attrs.get("scores") or {}).items()}
         out.append({"name": s.name, "task": s.task, "classes": s.attrs.get("classes", []),
                     "colors": s.attrs.get("colors", []),
@@ -240,22 +241,12 @@ def slide_section(store: zarr.Group, slide_id: str, info: dict[str, Any] | None
     grid = {k: a.get(k) for k in ("level", "level_downsample", "read_px", "stride_px",
                                   "tile_px", "target_mpp", "delivered_mpp")}
     return {"slide_id": slide_id, "path": a.get("slide_path", info.get("path")),
-            "mpp": _num(a.get("slide_mpp", info.get("mpp"))),
+            "mpp": finite_float(a.get("slide_mpp", info.get("mpp"))),
             "mpp_source": a.get("mpp_source", info.get("mpp_source")),
             "synthetic": bool(a.get("synthetic", info.get("synthetic", False))),
             "width": info.get("width"), "height": info.get("height"),
             "vendor": info.get("vendor"), "format": info.get("format"),
             "objective_power": info.get("objective_power"), "grid": grid}
-
-
-def _num(v: Any) -> float | None:
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
 
 
 def _fallback_color(i: int) -> Color:
