@@ -12,12 +12,12 @@ from conftest import REAL_SLIDES
 
 from wsi_assist.chunks import TiffUnits, ZarrUnits, open_units
 from wsi_assist.errors import SlideError
+from wsi_assist.pieces import plan_pieces, scatter
 from wsi_assist.slide import describe, open_slide
 from wsi_assist.stream import (
     BufferPool,
     TileBatch,
     l0_location,
-    plan_units,
     read_tile,
     stream,
     stream_naive,
@@ -118,21 +118,48 @@ def test_zarr_engine_equals_tifffile_engine(svs_slide: Path) -> None:
             open_units(s, 0, svs_slide, "gdal")  # type: ignore[arg-type]
 
 
-def test_plan_decodes_each_unit_once_and_releases_it() -> None:
-    xs, ys = np.meshgrid(np.arange(0, 1000, 224), np.arange(0, 800, 224))
+@pytest.mark.parametrize("unit", [(240, 240), (64, 1000)])
+def test_pieces_fill_every_tile_pixel_exactly_once(unit: tuple[int, int]) -> None:
+    """Scattering each unit of a level once gives every tile its crop, white off the
+    slide; units come in the order the grid first needs them."""
+    rng = np.random.default_rng(0)
+    h, w, r = 800, 1000, 224
+    level = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    xs, ys = np.meshgrid(np.arange(-100, 1000, 200), np.arange(-50, 800, 200))  # overlap
     xy = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
-    p = plan_units(xy, 224, (800, 1000), (240, 240), np.arange(0, len(xy), 3))
-    decoded = np.concatenate(p.decode)
-    released = np.concatenate(p.release)
-    # every unit of a 4 x 5 unit grid touched, decoded exactly once, released once
-    assert len(decoded) == 20 and len({tuple(k) for k in decoded.tolist()}) == 20
-    assert sorted(map(tuple, released.tolist())) == sorted(map(tuple, decoded.tolist()))
-    first = {tuple(k): b for b, d in enumerate(p.decode) for k in d.tolist()}
-    last = {tuple(k): b for b, d in enumerate(p.release) for k in d.tolist()}
-    assert all(first[k] <= last[k] for k in first)
-    # row-major grid: at most about two unit rows are alive at once
-    alive = max(sum(first[k] <= b <= last[k] for k in first) for b in range(len(p.batches)))
-    assert alive <= 2 * 5 + 1
+    xy = np.r_[xy, [[2000, 2000]]]  # wholly off the slide
+    p = plan_pieces(xy, r, (h, w), unit)
+    assert len({tuple(k) for k in p.units.tolist()}) == len(p)  # each unit once
+    assert (np.diff(p.first) >= 0).all()
+    bs = 7
+    out = {b: np.zeros((len(xy[b * bs:(b + 1) * bs]), r, r, 3), np.uint8)
+           for b in range(-(-len(xy) // bs))}
+    count = np.zeros((len(xy), r, r), np.int64)
+    for b, arr in out.items():
+        arr[p.partial[b * bs:(b + 1) * bs]] = 255
+    for k, (uy, ux) in enumerate(p.units.tolist()):
+        rows = p.rows[p.start[k]:p.start[k + 1]].tolist()
+        assert min(row[0] for row in rows) == p.first[k] and max(
+            row[0] for row in rows) == p.last[k]
+        scatter(level[uy * unit[0]:(uy + 1) * unit[0], ux * unit[1]:(ux + 1) * unit[1]],
+                rows, out, bs)
+        for j, sy0, sy1, sx0, sx1, dy0, dx0 in rows:
+            count[j, dy0:dy0 + sy1 - sy0, dx0:dx0 + sx1 - sx0] += 1
+    tiles = np.concatenate(list(out.values()))
+    padded = np.full((h + 2 * r, w + 2 * r, 3), 255, np.uint8)
+    padded[r:r + h, r:r + w] = level
+    for j, (x, y) in enumerate(xy.tolist()):
+        inside = np.zeros((r, r), bool)
+        if x < w + r and y < h + r:
+            expect = padded[y + r:y + 2 * r, x + r:x + 2 * r]
+            sub = np.zeros((h + 2 * r, w + 2 * r), bool)
+            sub[r:r + h, r:r + w] = True
+            inside = sub[y + r:y + 2 * r, x + r:x + 2 * r]
+        else:
+            expect = np.full((r, r, 3), 255, np.uint8)
+        np.testing.assert_array_equal(tiles[j], expect)
+        np.testing.assert_array_equal(count[j], inside.astype(np.int64))
+        assert p.partial[j] == (not inside.all())
 
 
 def test_batches_and_arguments(svs_slide: Path) -> None:
@@ -168,9 +195,9 @@ def test_real_slides_exact(shared_slides: Path, name: str) -> None:
         # NDPI: level-0 'tiles' are 8-row strips as wide as the image; read them too
         g0 = full_grid(path, target_mpp=describe(path).level_mpp(0), tile_px=256)
         assert g0.level == 0
-        p = plan_units(g0.level_coords(), g0.read_px, g0.level_dimensions[::-1],
-                       (256, g0.level_dimensions[0]), np.arange(0, len(g0), 64))
-        assert p.n_units > 0
+        p = plan_pieces(g0.level_coords(), g0.read_px, g0.level_dimensions[::-1],
+                        (256, g0.level_dimensions[0]))
+        assert len(p) == -(-g0.level_dimensions[1] // 256)  # one unit per 256 rows
         compare(path, g0, exact=True, batch_size=64)
 
 
@@ -205,7 +232,7 @@ def test_dask_distributed_worker_processes_open_the_slide(svs_slide: Path) -> No
                                   host="127.0.0.1", dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         idx, tiles = collect(stream(svs_slide, g, batch_size=6, prefetch=4, client=client))
-        opened = client.run(lambda: len(__import__("wsi_assist.chunks").chunks.SOURCES._items))
+        opened = client.run(lambda: len(__import__("wsi_assist.chunks").chunks.SOURCES))
     _, naive = collect(stream_naive(svs_slide, g))
     np.testing.assert_array_equal(idx, np.arange(len(g)))
     np.testing.assert_array_equal(tiles, naive)

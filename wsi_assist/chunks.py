@@ -8,8 +8,10 @@ few units, not dozens. Units are cropped to the image, so edge units may be smal
 Two engines decode a unit:
 
 - ``tifffile``: the compressed bytes are read with ``os.pread`` (thread-safe, no lock)
-  and decoded by the page's own tifffile decoder (imagecodecs, releases the GIL). Same
-  decoder as tiffslide's zarr store, so the pixels are identical.
+  and decoded with tifffile's arguments for the page, so the pixels are identical to
+  tiffslide's zarr store. 8-bit RGB/YCbCr JPEG is decoded by imagecodecs straight into a
+  buffer each thread keeps (a fresh 200 kB array per tile costs page faults in worker
+  threads: 1.5x the decode time, measured); other codecs go through the page's decoder.
 - ``zarr``: slicing tiffslide's zarr array (``slide.zarr_group``) over the unit. The
   library path; used where the level is not a single plain TIFF page.
 """
@@ -20,6 +22,9 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -73,7 +78,11 @@ class ZarrUnits:
 
 
 class TiffUnits:
-    """Units decoded straight from the TIFF page's segments (see module docstring)."""
+    """Units decoded straight from the TIFF page's segments (see module docstring).
+
+    ``decode`` returns a view of a buffer owned by the calling thread, overwritten by
+    that thread's next call: use (or copy) it before decoding again.
+    """
 
     _fd: int = -1
 
@@ -86,15 +95,19 @@ class TiffUnits:
         self._decode = page.decode
         self._tables = page.jpegtables
         self._header = getattr(page, "jpegheader", None) if page.is_ndpi else None
+        self._jpeg = jpeg_colorspaces(page)
         self._offsets = page.dataoffsets
         self._counts = page.databytecounts
         self._fd = os.open(str(path), os.O_RDONLY)
         self.level_shape = (int(page.imagelength), int(page.imagewidth))
         ch, cw = int(page.chunks[0]), int(page.chunks[1])
+        self._chunk_rows = ch
+        self._strips = not page.is_tiled  # the last strip may be shorter
         self._ncols = int(page.chunked[1])
         self._nrows = int(page.chunked[0])
         self._rows_per_unit = max(1, UNIT_ROWS // ch)
         self.unit_shape = (ch * self._rows_per_unit, cw)
+        self._local = threading.local()
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
@@ -104,29 +117,62 @@ class TiffUnits:
     def __del__(self) -> None:
         self.close()
 
-    def _chunk_array(self, cy: int, cx: int) -> np.ndarray:
-        i = cy * self._ncols + cx
+    def read_chunk(self, i: int) -> bytes | None:
+        """The compressed bytes of chunk ``i`` (None where the file has none)."""
         count = int(self._counts[i])
-        data = os.pread(self._fd, count, int(self._offsets[i])) if count else None
-        kwargs: dict[str, Any] = {"jpegtables": self._tables}
-        if self._header is not None:
-            kwargs["jpegheader"] = self._header
-        seg, _, shape = self._decode(data, i, **kwargs)
-        if seg is None:  # missing chunk: tifffile fills with zeros as well
-            seg = np.zeros(shape, np.uint8)
-        return seg.reshape(seg.shape[-3:])
+        return os.pread(self._fd, count, int(self._offsets[i])) if count else None
+
+    def decode_chunk(self, data: bytes | None, i: int, out: np.ndarray) -> None:
+        """Decode chunk ``i`` into ``out`` (its rows, width, 3), with tifffile's
+        arguments; straight into ``out`` with imagecodecs for 8-bit RGB/YCbCr JPEG."""
+        if data is None:  # missing chunk: tifffile fills with zeros as well
+            out[:] = 0
+            return
+        if self._jpeg is not None:
+            import imagecodecs
+
+            got = imagecodecs.jpeg_decode(data, tables=self._tables, header=self._header,
+                                          colorspace=self._jpeg[0],
+                                          outcolorspace=self._jpeg[1],
+                                          shape=out.shape[:2], out=out)
+        else:
+            kwargs: dict[str, Any] = {"jpegtables": self._tables}
+            if self._header is not None:
+                kwargs["jpegheader"] = self._header
+            got = self._decode(data, i, **kwargs)[0]
+        if got is not out:
+            out[:] = got.reshape(got.shape[-3:])[:, :, :3]
 
     def decode(self, uy: int, ux: int) -> np.ndarray:
         y0, y1, x0, x1 = unit_bounds(self, uy, ux)
+        ch = self._chunk_rows
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = np.empty((*self.unit_shape, 3), np.uint8)
         cy0 = uy * self._rows_per_unit
         cy1 = min(self._nrows, cy0 + self._rows_per_unit)
         try:
-            parts = [self._chunk_array(cy, ux) for cy in range(cy0, cy1)]
+            for k, cy in enumerate(range(cy0, cy1)):
+                rows = min(ch, self.level_shape[0] - cy * ch) if self._strips else ch
+                i = cy * self._ncols + ux
+                self.decode_chunk(self.read_chunk(i), i, buf[k * ch:k * ch + rows])
         except Exception as e:  # codec errors have no common base class
             raise SlideError(f"{self._where}: cannot decode chunk row {cy0}, column {ux}: "
                              f"{e}") from e
-        block = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        return block[: y1 - y0, : x1 - x0, :3]
+        return buf[: y1 - y0, : x1 - x0]
+
+
+def jpeg_colorspaces(page: Any) -> tuple[int | None, int] | None:
+    """(colorspace, outcolorspace) that tifffile gives imagecodecs for an 8-bit, 3-sample
+    JPEG page (``tifffile.jpeg_decode_colorspace``); None for anything else."""
+    if (page.compression != 7 or page.bitspersample != 8 or page.samplesperpixel != 3
+            or page.extrasamples or page.planarconfig != 1):
+        return None
+    if page.photometric == 6:  # YCbCr
+        return None, 2
+    if page.photometric == 2:  # RGB; Aperio writes it without a JFIF marker
+        return (None if page.is_jfif else 2), 2
+    return None
 
 
 def tiff_page(slide: Any, level: int) -> Any | None:
@@ -167,30 +213,90 @@ def open_units(slide: Any, level: int, path: str | Path, engine: Engine = "auto"
     return ZarrUnits(slide, level, path)
 
 
+@dataclass
+class _Open:
+    """A cached open slide and unit source; closed once evicted and no longer leased."""
+
+    ident: tuple[int, ...]
+    slide: Any
+    src: UnitSource
+    users: int = 0
+    evicted: bool = False
+
+    def close(self) -> None:
+        getattr(self.src, "close", lambda: None)()
+        self.slide.close()
+
+
 class SourceCache:
-    """Open slides and their unit sources, kept per process (for dask workers)."""
+    """Open slides and their unit sources, kept per process: the stages streaming one
+    slide in turn, and dask workers, open it once. An entry is reopened when the file's
+    identity (inode, size, mtime) changed, and closed when evicted but not before the
+    last stream using it ends."""
 
     def __init__(self, size: int = 8) -> None:
         self._size = size
         self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, int, str], tuple[Any, UnitSource]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int, str], _Open] = OrderedDict()
 
-    def get(self, path: str, level: int, engine: Engine) -> UnitSource:
-        key = (str(path), level, engine)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key][1]
+    @contextmanager
+    def lease(self, path: str, level: int, engine: Engine) -> Iterator[UnitSource]:
+        """The unit source of ``path`` at ``level``, kept open while the block runs."""
+        entry = self._get(str(path), level, engine)
+        try:
+            yield entry.src
+        finally:
+            with self._lock:
+                entry.users -= 1
+                close = entry.evicted and entry.users == 0
+            if close:
+                entry.close()
+
+    def _get(self, path: str, level: int, engine: Engine) -> _Open:
         from wsi_assist.slide import open_slide
 
-        slide = open_slide(path)
-        src = open_units(slide, level, path, engine)
+        key = (path, level, engine)
+        try:
+            st = os.stat(path)
+            ident: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            ident = ()  # open_slide says why
         with self._lock:
-            self._items[key] = (slide, src)
+            entry = self._items.get(key)
+            if entry is not None and entry.ident == ident:
+                self._items.move_to_end(key)
+                entry.users += 1
+                return entry
+        slide = open_slide(path)
+        try:
+            entry = _Open(ident, slide, open_units(slide, level, path, engine), users=1)
+        except BaseException:
+            slide.close()
+            raise
+        with self._lock:
+            evicted = [old] if (old := self._items.pop(key, None)) is not None else []
+            self._items[key] = entry
             while len(self._items) > self._size:
-                _, (old, _) = self._items.popitem(last=False)
-                old.close()
-        return src
+                evicted.append(self._items.popitem(last=False)[1])
+            for old in evicted:
+                old.evicted = True
+            idle = [old for old in evicted if old.users == 0]
+        for old in idle:
+            old.close()
+        return entry
+
+    def clear(self) -> None:
+        """Drop every entry (closed once unused); the bench times cold opens with this."""
+        with self._lock:
+            items, self._items = list(self._items.values()), OrderedDict()
+            for entry in items:
+                entry.evicted = True
+            idle = [entry for entry in items if entry.users == 0]
+        for entry in idle:
+            entry.close()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 SOURCES = SourceCache()

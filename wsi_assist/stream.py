@@ -1,18 +1,20 @@
 """Tile batches for the models: ``stream(path, grid)`` yields (grid rows, uint8 tiles).
 
-Each compressed chunk of the source level is decoded once (see :mod:`wsi_assist.chunks`):
-the grid is cut into batches, each batch needs a set of decode *units*, a unit is decoded
-by the first batch that needs it and dropped after the last one. Units are decoded, and
-tiles cut out of them 16 at a time, in a thread pool (imagecodecs, numpy and PIL release
-the GIL) at most ``prefetch`` batches ahead of the consumer, so memory depends on the
-batch size, the prefetch window and the width of the slide, never on its area. Batch
-arrays are recycled once the consumer has dropped them (``BufferPool``). Tiles are
-padded white off the slide edge and resized with area interpolation only when
-``grid.resized``.
+Each compressed chunk of the source level is decoded once (:mod:`wsi_assist.chunks`) and
+scattered straight into every grid tile it overlaps (:mod:`wsi_assist.pieces`), then
+dropped. Decoding and scattering run in a thread pool (imagecodecs and numpy release the
+GIL), a few units per task, in the order the grid needs them. Batch arrays exist only for
+a window of batches: ``prefetch`` ahead of the consumer plus those still sharing units
+with it (about one row of tiles), so memory depends on the batch size, the prefetch window
+and the width of the slide, never on its area. Batch arrays are recycled once the consumer
+has dropped them (``BufferPool``). Tiles are padded white off the slide edge and resized
+with area interpolation only when ``grid.resized``.
 
-Under a ``dask.distributed`` Client each batch is a task carrying only the slide path,
-level and the batch's tile corners; workers open the slide themselves (cached per
-process). Units shared by two batches are then decoded by both.
+Opened slides are kept per process (``chunks.SOURCES``, checked against the file's size
+and mtime), so the stages that stream one slide in turn open it once. Under a
+``dask.distributed`` Client each batch is a task carrying only the slide path, level and
+the batch's tile corners; workers open the slide themselves. Units shared by two batches
+are then decoded by both.
 
 ``read_tile`` is the naive reference: one tiffslide ``read_region`` per tile.
 """
@@ -24,7 +26,6 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from wsi_assist.chunks import SOURCES, Engine, UnitSource, open_units
+from wsi_assist.chunks import SOURCES, Engine, UnitSource
+from wsi_assist.pieces import Pieces, plan_pieces, scatter
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
+#: Consecutive units a worker takes at a time (fewer lock round trips, and one thread
+#: fills neighbouring tiles).
+RUN_LEN = 8
 
 @dataclass(frozen=True)
 class TileBatch:
@@ -56,60 +61,152 @@ class TileBatch:
         return len(self.index)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Which units each batch decodes first (``decode``) and drops after (``release``)."""
+def stream(path: str | Path, grid: TileGrid, batch_size: int = 64, prefetch: int = 4,
+           threads: int = 0, *, client: Any = None, engine: Engine = "auto"
+           ) -> Iterator[TileBatch]:
+    """Yield the grid's tiles in order, ``batch_size`` at a time.
 
-    batches: tuple[np.ndarray, ...]
-    decode: tuple[np.ndarray, ...]
-    release: tuple[np.ndarray, ...]
+    ``threads`` decoding threads (0: all cores); ``prefetch`` batches decoded ahead;
+    ``client`` a ``dask.distributed.Client`` to read on its workers instead.
+    """
+    if batch_size < 1 or prefetch < 1 or threads < 0:
+        raise ValueError(f"batch_size and prefetch must be >= 1 and threads >= 0, got "
+                         f"{batch_size!r}, {prefetch!r}, {threads!r}")
+    if len(grid) == 0:
+        return
+    if client is not None:
+        yield from _stream_distributed(client, str(path), grid, batch_size, prefetch, engine)
+        return
+    with SOURCES.lease(str(path), grid.level, engine) as src:
+        pieces = plan_pieces(grid.level_coords(), grid.read_px, src.level_shape,
+                             src.unit_shape)
+        log.debug("%s: %d tiles, %d units, %d pieces", path, len(grid), len(pieces),
+                  len(pieces.rows))
+        yield from _Scatter(src, grid, pieces, batch_size, prefetch).run(
+            threads or len(os.sched_getaffinity(0)))
 
-    @property
-    def n_units(self) -> int:
-        return sum(len(d) for d in self.decode)
 
+class _Scatter:
+    """One local stream. Worker threads take units in order, decode each and scatter it
+    into the batch arrays it feeds; the consumer's generator allocates batch arrays up
+    to a frontier, a unit is taken only once all its batches exist, and a batch is
+    yielded once all its units are in."""
 
-def unit_spans(level_xy: np.ndarray, read_px: int, level_shape: tuple[int, int],
-               unit_shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
-    """Per tile, first and last unit row and column it overlaps, and whether any."""
-    (h, w), (uh, uw) = level_shape, unit_shape
-    x0, y0 = level_xy[:, 0], level_xy[:, 1]
-    x1, y1 = np.minimum(x0 + read_px, w), np.minimum(y0 + read_px, h)
-    xa, ya = np.maximum(x0, 0), np.maximum(y0, 0)
-    valid = (x1 > xa) & (y1 > ya)
-    return ya // uh, (y1 - 1) // uh, xa // uw, (x1 - 1) // uw, valid
+    def __init__(self, src: UnitSource, grid: TileGrid, pieces: Pieces, batch_size: int,
+                 prefetch: int) -> None:
+        self.src, self.grid, self.p, self.bs = src, grid, pieces, batch_size
+        n, nu = len(grid), len(pieces)
+        self.nb = nb = -(-n // batch_size)
+        self.units, self.start = pieces.units.tolist(), pieces.start.tolist()
+        # units per batch still to come; a batch is complete at zero
+        per_unit = np.repeat(np.arange(nu), np.diff(pieces.start))
+        pairs = np.unique(per_unit * nb + pieces.rows[:, 0] // batch_size)
+        self.remaining = np.bincount(pairs % nb, minlength=nb).tolist()
+        # a unit is taken once the arrays of every batch it feeds exist (``made``); batch
+        # b is yielded once every unit feeding it is in, so arrays exist up to frontier[b]
+        lo, hi = pieces.first // batch_size, pieces.last // batch_size
+        self.unit_hi = hi.tolist()
+        upto = np.searchsorted(lo, np.arange(nb), side="right")
+        need = np.where(upto > 0, np.maximum.accumulate(hi)[np.maximum(upto - 1, 0)], -1) \
+            if nu else np.full(nb, -1)
+        self.frontier = np.minimum(np.maximum(need, np.arange(nb) + prefetch - 1),
+                                   nb - 1).tolist()
+        window = int(max(f - b for b, f in enumerate(self.frontier))) + 1
+        self.buffers = BufferPool(2 * window + 4)
+        self.filling: dict[int, np.ndarray] = {}  # batch -> read_px array being filled
+        self.done: dict[int, np.ndarray] = {}  # batch -> finished tile_px array
+        lock = threading.Lock()
+        self.batch_done = threading.Condition(lock)  # the consumer waits on this
+        self.batch_made = threading.Condition(lock)  # workers wait on this
+        self.made, self.next_unit = -1, 0
+        self.errors: list[BaseException] = []
+        self.stopped = False
 
+    def run(self, n_threads: int) -> Iterator[TileBatch]:
+        self.run_len = RUN_LEN
+        workers = [threading.Thread(target=self._work, name=f"wsi-tiles-{i}", daemon=True)
+                   for i in range(n_threads)]
+        for t in workers:
+            t.start()
+        n = len(self.grid)
+        try:
+            for b in range(self.nb):
+                while self.made < self.frontier[b]:
+                    self._allocate(self.made + 1)
+                with self.batch_done:
+                    while b not in self.done and not self.errors:
+                        self.batch_done.wait()
+                    if self.errors:
+                        raise self.errors[0]
+                    tiles = self.done.pop(b)
+                first = b * self.bs
+                yield TileBatch(index=np.arange(first, min(first + self.bs, n)), tiles=tiles)
+                del tiles
+        finally:
+            with self.batch_made:
+                self.stopped = True
+                self.batch_made.notify_all()
+            for t in workers:
+                t.join()
 
-def plan_units(level_xy: np.ndarray, read_px: int, level_shape: tuple[int, int],
-               unit_shape: tuple[int, int], starts: np.ndarray) -> Plan:
-    """Split tiles into batches beginning at ``starts`` (increasing, from 0) and
-    schedule each unit's decode (first batch using it) and release (last one)."""
-    n = len(level_xy)
-    ends = [*starts[1:].tolist(), n]
-    batches = tuple(np.arange(a, b, dtype=np.int64) for a, b in zip(starts.tolist(), ends,
-                                                                     strict=True))
-    nb = len(batches)
-    batch_of = np.searchsorted(starts, np.arange(n), side="right") - 1
-    uy0, uy1, ux0, ux1, valid = unit_spans(level_xy, read_px, level_shape, unit_shape)
-    ncols = -(-level_shape[1] // unit_shape[1])
-    keys, owners = [], []
-    for dy in range(int((uy1 - uy0)[valid].max(initial=-1)) + 1):
-        for dx in range(int((ux1 - ux0)[valid].max(initial=-1)) + 1):
-            m = valid & (uy0 + dy <= uy1) & (ux0 + dx <= ux1)
-            keys.append((uy0[m] + dy) * ncols + ux0[m] + dx)
-            owners.append(batch_of[m])
-    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-    owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
-    order = np.lexsort((owner, key))
-    key, owner = key[order], owner[order]
-    first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, bool)
-    last = np.r_[key[1:] != key[:-1], True] if len(key) else np.zeros(0, bool)
+    def _shape(self, b: int, px: int) -> tuple[int, int, int, int]:
+        return min(self.bs, len(self.grid) - b * self.bs), px, px, 3
 
-    def by_batch(k: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
-        uk = np.stack([k // ncols, k % ncols], axis=1)
-        return tuple(uk[b == i] for i in range(nb))
+    def _allocate(self, b: int) -> None:
+        arr = self.buffers.take(self._shape(b, self.grid.read_px))
+        arr[self.p.partial[b * self.bs:b * self.bs + len(arr)]] = 255
+        with self.batch_made:
+            self.filling[b] = arr
+            self.made = b
+            self.batch_made.notify_all()
+        if self.remaining[b] == 0:  # off the slide entirely
+            self._finish(b)
 
-    return Plan(batches, by_batch(key[first], owner[first]), by_batch(key[last], owner[last]))
+    def _work(self) -> None:
+        bs, nu, rows_of = self.bs, len(self.units), self.p.rows
+        complete: list[int] = []
+        try:
+            while True:
+                with self.batch_made:
+                    while (not self.stopped and self.next_unit < nu
+                           and self.unit_hi[self.next_unit] > self.made):
+                        self.batch_made.wait()
+                    if self.stopped or self.next_unit >= nu:
+                        return
+                    k0 = k1 = self.next_unit
+                    while k1 < min(nu, k0 + self.run_len) and self.unit_hi[k1] <= self.made:
+                        k1 += 1
+                    self.next_unit = k1
+                fed = []
+                for k in range(k0, k1):
+                    uy, ux = self.units[k]
+                    rows = rows_of[self.start[k]:self.start[k + 1]].tolist()
+                    scatter(self.src.decode(uy, ux), rows, self.filling, bs)
+                    fed.extend({r[0] // bs for r in rows})
+                with self.batch_made:
+                    for b in fed:
+                        self.remaining[b] -= 1
+                        if self.remaining[b] == 0:
+                            complete.append(b)
+                for b in complete:
+                    self._finish(b)
+                complete.clear()
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            with self.batch_done:
+                self.errors.append(e)
+                self.stopped = True
+                self.batch_done.notify_all()
+                self.batch_made.notify_all()
+
+    def _finish(self, b: int) -> None:
+        tiles = self.filling[b]
+        if self.grid.resized:
+            out = self.buffers.take(self._shape(b, self.grid.tile_px))
+            tiles = resize_tiles(tiles, self.grid.tile_px, out)
+        with self.batch_done:
+            del self.filling[b]
+            self.done[b] = tiles
+            self.batch_done.notify_all()
 
 
 class BufferPool:
@@ -144,146 +241,20 @@ def _refcounts(arrays: list[np.ndarray]) -> list[int]:
     return [sys.getrefcount(a) for a in arrays]
 
 
-def assemble(src: UnitSource, level_xy: np.ndarray, read_px: int,
-             units: dict[tuple[int, int], np.ndarray], out: np.ndarray) -> None:
-    """Cut tiles out of decoded units into ``out`` (n, read_px, read_px, 3), white off
-    the slide."""
-    r = read_px
-    uy0, uy1, ux0, ux1, valid = unit_spans(level_xy, r, src.level_shape, src.unit_shape)
-    (h, w), (x, y) = src.level_shape, (level_xy[:, 0], level_xy[:, 1])
-    partial = (x < 0) | (y < 0) | (x + r > w) | (y + r > h) | ~valid
-    out[partial] = 255
-    (uh, uw) = src.unit_shape
-    spans = zip(level_xy.tolist(), uy0.tolist(), uy1.tolist(), ux0.tolist(), ux1.tolist(),
-                valid.tolist())
-    for j, ((tx, ty), ya, yb, xa, xb, ok) in enumerate(spans):
-        if not ok:
-            continue
-        for uy in range(ya, yb + 1):
-            y0 = uy * uh
-            a, b = max(y0, ty), min(y0 + uh, ty + r, h)
-            for ux in range(xa, xb + 1):
-                x0 = ux * uw
-                c, d = max(x0, tx), min(x0 + uw, tx + r, w)
-                out[j, a - ty:b - ty, c - tx:d - tx] = units[uy, ux][a - y0:b - y0,
-                                                                     c - x0:d - x0]
-
-
-def cut_tiles(src: UnitSource, level_xy: np.ndarray, read_px: int, tile_px: int,
-              units: dict[tuple[int, int], np.ndarray], out: np.ndarray,
-              pool: BufferPool | None = None) -> np.ndarray:
-    """Tiles into ``out`` (n, tile_px, tile_px, 3), area-resized when read_px differs."""
-    if read_px == tile_px:
-        assemble(src, level_xy, read_px, units, out)
-        return out
-    shape = (len(level_xy), read_px, read_px, 3)
-    scratch = pool.take(shape) if pool is not None else np.empty(shape, np.uint8)
-    assemble(src, level_xy, read_px, units, scratch)
-    for j, t in enumerate(scratch):
-        out[j] = resize_area(t, tile_px)
-    return out
-
-
-def stream(path: str | Path, grid: TileGrid, batch_size: int = 64, prefetch: int = 4,
-           threads: int = 0, *, client: Any = None, engine: Engine = "auto"
-           ) -> Iterator[TileBatch]:
-    """Yield the grid's tiles in order, ``batch_size`` at a time.
-
-    ``threads`` decoding threads (0: all cores); ``prefetch`` batches decoded ahead;
-    ``client`` a ``dask.distributed.Client`` to read on its workers instead.
-    """
-    if batch_size < 1 or prefetch < 1 or threads < 0:
-        raise ValueError(f"batch_size and prefetch must be >= 1 and threads >= 0, got "
-                         f"{batch_size!r}, {prefetch!r}, {threads!r}")
-    if len(grid) == 0:
-        return
-    if client is not None:
-        yield from _stream_distributed(client, str(path), grid, batch_size, prefetch, engine)
-        return
-    from wsi_assist.slide import open_slide
-
-    n_threads = threads or len(os.sched_getaffinity(0))
-    with open_slide(path) as slide:
-        src = open_units(slide, grid.level, path, engine)
-        try:
-            yield from _stream_local(src, grid, batch_size, prefetch, n_threads)
-        finally:
-            getattr(src, "close", lambda: None)()
-
-
-#: Tiles per assembly task: small, so cutting overlaps decoding even on small slides.
-SUB_BATCH = 16
-
-
-def _stream_local(src: UnitSource, grid: TileGrid, batch_size: int, prefetch: int,
-                  n_threads: int) -> Iterator[TileBatch]:
-    level_xy, n, r = grid.level_coords(), len(grid), grid.read_px
-    firsts = np.arange(0, n, batch_size)
-    starts = np.concatenate([np.arange(a, min(a + batch_size, n), SUB_BATCH) for a in firsts])
-    p = plan_units(level_xy, r, src.level_shape, src.unit_shape, starts)
-    subs_of = np.split(np.arange(len(starts)), np.searchsorted(starts, firsts[1:]))
-    log.debug("%d tiles, %d batches, %d units", n, len(firsts), p.n_units)
-    futures: dict[tuple[int, int], Future[np.ndarray]] = {}
-    buffers = BufferPool(3 * prefetch + 4)
-    pending: list[tuple[np.ndarray, list[Future[np.ndarray]]] | None] = []
-
-    def submit(b: int) -> None:
-        rows = np.arange(firsts[b], min(firsts[b] + batch_size, n))
-        out = buffers.take((len(rows), grid.tile_px, grid.tile_px, 3))
-        parts = []
-        for s in subs_of[b].tolist():
-            for uy, ux in p.decode[s].tolist():
-                futures[uy, ux] = pool.submit(src.decode, uy, ux)
-            sub = p.batches[s]
-            mine = {k: futures[k] for k in _needed(src, level_xy[sub], r)}
-            dest = out[sub[0] - rows[0]:sub[-1] + 1 - rows[0]]
-            parts.append(pool.submit(_cut_when_ready, src, level_xy[sub], grid, mine, dest,
-                                     buffers))
-        pending.append((out, parts))
-
-    with ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-tiles") as pool:
-        try:
-            for b in range(min(prefetch, len(firsts))):
-                submit(b)
-            for b in range(len(firsts)):
-                out, parts = pending[b]  # type: ignore[misc]
-                pending[b] = None
-                for f in parts:
-                    f.result()
-                for s in subs_of[b].tolist():
-                    for uy, ux in p.release[s].tolist():
-                        del futures[uy, ux]
-                if b + prefetch < len(firsts):
-                    submit(b + prefetch)
-                yield TileBatch(index=np.arange(firsts[b], firsts[b] + len(out)), tiles=out)
-                del out, parts
-        finally:
-            for f in [*futures.values(), *(f for e in pending if e for f in e[1])]:
-                f.cancel()
-
-
-def _needed(src: UnitSource, level_xy: np.ndarray, read_px: int) -> set[tuple[int, int]]:
-    uy0, uy1, ux0, ux1, valid = unit_spans(level_xy, read_px, src.level_shape, src.unit_shape)
-    return {(uy, ux) for j in np.flatnonzero(valid)
-            for uy in range(int(uy0[j]), int(uy1[j]) + 1)
-            for ux in range(int(ux0[j]), int(ux1[j]) + 1)}
-
-
-def _cut_when_ready(src: UnitSource, level_xy: np.ndarray, grid: TileGrid,
-                    futures: dict[tuple[int, int], Future[np.ndarray]], out: np.ndarray,
-                    buffers: BufferPool) -> None:
-    # Safe in the same pool: these decodes were submitted first, so they already run.
-    units = {k: f.result() for k, f in futures.items()}
-    cut_tiles(src, level_xy, grid.read_px, grid.tile_px, units, out, buffers)
-
-
 def read_batch(path: str, level: int, engine: Engine, level_xy: np.ndarray, read_px: int,
                tile_px: int) -> np.ndarray:
     """One batch, self-contained: open (cached), decode its units, cut. A dask task."""
-    src = SOURCES.get(path, level, engine)
-    units = {k: src.decode(*k) for k in _needed(src, level_xy, read_px)}
-    out = np.empty((len(level_xy), tile_px, tile_px, 3), np.uint8)
-    return cut_tiles(src, level_xy, read_px, tile_px, units, out)
+    n = len(level_xy)
+    tiles = np.empty((n, read_px, read_px, 3), np.uint8)
+    with SOURCES.lease(path, level, engine) as src:
+        p = plan_pieces(level_xy, read_px, src.level_shape, src.unit_shape)
+        tiles[p.partial] = 255
+        for k, (uy, ux) in enumerate(p.units.tolist()):
+            rows = p.rows[p.start[k]:p.start[k + 1]].tolist()
+            scatter(src.decode(uy, ux), rows, {0: tiles}, n)
+    if read_px == tile_px:
+        return tiles
+    return resize_tiles(tiles, tile_px, np.empty((n, tile_px, tile_px, 3), np.uint8))
 
 
 def _stream_distributed(client: Any, path: str, grid: TileGrid, batch_size: int,
@@ -352,6 +323,13 @@ def read_tile(slide: Any, grid: TileGrid, i: int, level_size: tuple[int, int]) -
     if grid.resized:
         arr = resize_area(arr, grid.tile_px)
     return arr
+
+
+def resize_tiles(tiles: np.ndarray, size: int, out: np.ndarray) -> np.ndarray:
+    """Area-resize each of ``tiles`` (n, r, r, 3) into ``out`` (n, size, size, 3)."""
+    for j, t in enumerate(tiles):
+        out[j] = resize_area(t, size)
+    return out
 
 
 def resize_area(tile: np.ndarray, size: int) -> np.ndarray:
