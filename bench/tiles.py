@@ -1,17 +1,22 @@
 """Tile streaming benchmark: decode limit vs naive read_region loop vs wsi_assist stream.
 
-    python3 bench/tiles.py SLIDE [--cores N] [--mpp 0.5] [--tile 224]
+    python3 bench/tiles.py SLIDE [--cores N] [--mpp 0.5] [--tile 224] [--rounds R]
     python3 bench/tiles.py --synthetic 40000 [--cores N]
     python3 bench/tiles.py SLIDE --peer lazyslide [--peer-python VENV/bin/python]
 
 All figures come from one process and one grid (every tile of the slide at the target
 mpp). MP/s counts source-level pixels (read_px^2 per tile), the unit of the decode limit.
-(a) decode limit: the level's compressed chunks read into memory, decoded by one thread
-with tifffile's decoder (imagecodecs), times the cores used. (b) naive: one tiffslide
-``read_region`` per tile. (c) stream: ``wsi_assist.stream.stream`` with N threads; also
-with ``engine="zarr"`` (tiffslide's zarr store instead of our pread+decode path).
-Peak RSS is the whole process's. MP/cpu-s (pixels per CPU-second) shows efficiency when other
-processes share the cores; wall-clock rates suffer from them. The last line is a JSON object.
+Each round measures, back to back:
+(a) decode limit: a sample of the level's compressed chunks, read into memory, decoded by
+one thread pinned to each core in turn into one reused buffer (the stream's own fastest
+decoder, ``TiffUnits.decode_chunk``); the per-core rates summed. (b) naive: one tiffslide
+``read_region`` per tile. (c) stream: ``wsi_assist.stream.stream`` with N threads over
+the whole grid, the slide already open (the decode limit does not open the file either);
+the same with the slide opened inside the timing (``stream_cold``), and with
+``engine="zarr"`` (tiffslide's zarr store). Rates and ratios are medians over rounds:
+the cores of these shared machines change speed from minute to minute (one core alone
+has been seen decoding at 200 and at 340 MP/s), so each ratio is taken within a round.
+Peak RSS is the whole process's. The last line is a JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shapely
 
-from wsi_assist.chunks import tiff_page
-from wsi_assist.slide import describe, open_slide
+from wsi_assist.chunks import SOURCES
+from wsi_assist.slide import describe
 from wsi_assist.stream import stream, stream_naive
 from wsi_assist.tiling import TileGrid, TilingParams, grid
 
@@ -92,44 +98,50 @@ def full_grid(path: Path, mpp: float, tile: int) -> TileGrid:
                 TilingParams(target_mpp=mpp, tile_px=tile, min_tissue=0.0))
 
 
-def decode_limit(path: Path, level: int, cores: int, max_chunks: int, repeat: int = 1
-                 ) -> tuple[float, float, float]:
-    """Single-thread decode rate of the level's chunks (MP/s) times ``cores``; MP
-    decoded per CPU-second of that thread; and MP/s of ``cores`` threads decoding
-    (what the shared machine actually gives right now)."""
-    with open_slide(path) as slide:
-        page = tiff_page(slide, level)
-        if page is None:
-            raise SystemExit(f"{path}: level {level} is not a plain TIFF page; no decode limit")
-        n = len(page.dataoffsets)
-        pick = np.unique(np.linspace(0, n - 1, min(n, max_chunks)).astype(int))
-        fd = os.open(str(path), os.O_RDONLY)
+def decode_sample(path: Path, level: int, max_chunks: int) -> tuple[Any, list, int]:
+    """The open unit source, a spread sample of (index, bytes, rows) of its chunks, and
+    their pixel count."""
+    cm = SOURCES.lease(str(path), level, "tifffile")
+    src = cm.__enter__()
+    page = src._page
+    n = len(page.dataoffsets)
+    pick = np.unique(np.linspace(0, n - 1, min(n, max_chunks)).astype(int)).tolist()
+    ch, h = src._chunk_rows, src.level_shape[0]
+    rows = [ch if not src._strips else min(ch, h - (i // src._ncols) * ch)
+            for i in pick]
+    data = [(i, src.read_chunk(i), r) for i, r in zip(pick, rows, strict=True)]
+    px = sum(r for r in rows) * src.unit_shape[1]
+    return src, data, px
+
+
+def decode_rate(src: Any, data: list, px: int) -> tuple[float, float]:
+    """MP/s and MP per CPU-second of one thread decoding ``data`` into one buffer."""
+    buf = np.empty((*src.unit_shape, 3), np.uint8)
+    src.decode_chunk(data[0][1], data[0][0], buf[:data[0][2]])  # warm up
+    t, c = time.perf_counter(), time.thread_time()
+    for i, d, r in data:
+        src.decode_chunk(d, i, buf[:r])
+    return px / (time.perf_counter() - t) / 1e6, px / (time.thread_time() - c) / 1e6
+
+
+def decode_limit(src: Any, data: list, px: int, cpus: list[int]) -> tuple[float, float, float]:
+    """Sum over ``cpus`` of one pinned thread's decode rate (MP/s); the mean MP per
+    CPU-second; and MP/s of len(cpus) threads decoding the sample together."""
+    rates, per_cpu = [], []
+    for cpu in cpus:
+        os.sched_setaffinity(0, {cpu})  # this thread only
         try:
-            data = [os.pread(fd, int(page.databytecounts[i]), int(page.dataoffsets[i]))
-                    for i in pick]
+            r, c = decode_rate(src, data, px)
         finally:
-            os.close(fd)
-        kw = {"jpegtables": page.jpegtables}
-        if page.is_ndpi:
-            kw["jpegheader"] = page.jpegheader
-        decode = page.decode
-        decode(data[0], int(pick[0]), **kw)  # warm up
-        dt = cpu = float("inf")
-        for _ in range(repeat):
-            px = 0
-            t, c = time.perf_counter(), time.thread_time()
-            for d, i in zip(data, pick, strict=True):
-                seg = decode(d, int(i), **kw)[0]
-                px += seg.shape[-3] * seg.shape[-2]
-            dt, cpu = min(dt, time.perf_counter() - t), min(cpu, time.thread_time() - c)
-        pooled = float("inf")
-        with ThreadPoolExecutor(cores) as ex:
-            for _ in range(repeat):
-                t = time.perf_counter()
-                list(ex.map(lambda di: decode(di[0], int(di[1]), **kw)[0].shape,
-                            zip(data, pick, strict=True)))
-                pooled = min(pooled, time.perf_counter() - t)
-    return px / dt / 1e6 * cores, px / cpu / 1e6, px / pooled / 1e6
+            os.sched_setaffinity(0, cpus)
+        rates.append(r)
+        per_cpu.append(c)
+    parts = [data[k::len(cpus)] for k in range(len(cpus))]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(len(cpus)) as ex:
+        list(ex.map(lambda part: decode_rate(src, part, 1), parts))
+    pooled = px / (time.perf_counter() - t) / 1e6
+    return sum(rates), float(np.mean(per_cpu)), pooled
 
 
 def cpu_seconds() -> float:
@@ -137,20 +149,18 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def timed(make, repeat: int, limit: int | None = None  # type: ignore[no-untyped-def]
+def timed(make, limit: int | None = None, before=None  # type: ignore[no-untyped-def]
           ) -> tuple[int, float, float]:
-    """Tiles consumed, wall seconds and process CPU seconds of the fastest of ``repeat``
-    runs, each stopping after ``limit`` tiles. ``make()`` returns a batch iterator."""
-    best = (0, float("inf"), float("inf"))
-    for _ in range(repeat):
-        n, t, c = 0, time.perf_counter(), cpu_seconds()
-        for b in make():
-            n += len(b)
-            if limit is not None and n >= limit:
-                break
-        run = (n, time.perf_counter() - t, cpu_seconds() - c)
-        best = min(best, run, key=lambda r: r[1])
-    return best
+    """Tiles consumed, wall and process CPU seconds of one run of ``make()`` (a batch
+    iterator), stopping after ``limit`` tiles; ``before()`` runs untimed first."""
+    if before is not None:
+        before()
+    n, t, c = 0, time.perf_counter(), cpu_seconds()
+    for b in make():
+        n += len(b)
+        if limit is not None and n >= limit:
+            break
+    return n, time.perf_counter() - t, cpu_seconds() - c
 
 
 PEER_SCRIPT = """
@@ -193,13 +203,6 @@ def lazyslide_rate(python: str, path: Path, mpp: float, tile: int, limit: int
     return out
 
 
-def report(name: str, n: int, dt: float, cpu: float, read_px: int) -> float:
-    mps = n * read_px * read_px / dt / 1e6
-    log.info("%-22s %7d tiles %8.2f s %9.1f tiles/s %8.1f MP/s  %6.1f MP/cpu-s", name, n,
-             dt, n / dt, mps, n * read_px * read_px / cpu / 1e6)
-    return mps
-
-
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("slide", nargs="?", type=Path)
@@ -209,11 +212,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--synthetic", type=int, metavar="PX", help="write and bench a PX^2 slide")
-    ap.add_argument("--baseline-tiles", type=int, default=2000,
+    ap.add_argument("--baseline-tiles", type=int, default=1000,
                     help="tiles for the naive and zarr runs (the rate is what counts)")
-    ap.add_argument("--repeat", type=int, default=0,
-                    help="best of N runs for each rate (0: 3 below 5000 tiles, else 1)")
-    ap.add_argument("--decode-chunks", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="rounds of (limit, naive, stream); 0: 7 below 5000 tiles, else 3")
+    ap.add_argument("--decode-chunks", type=int, default=1000)
     ap.add_argument("--peer", choices=["lazyslide"])
     ap.add_argument("--peer-python", default=sys.executable,
                     help="interpreter with LazySlide installed (e.g. a venv's python)")
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     cpus = sorted(os.sched_getaffinity(0))
     if a.cores < 1 or a.cores > len(cpus):
         ap.error(f"--cores must be in 1..{len(cpus)}")
-    os.sched_setaffinity(0, cpus[:a.cores])
+    cpus = cpus[:a.cores]
+    os.sched_setaffinity(0, cpus)
     tmp = None
     if a.synthetic:
         tmp = tempfile.TemporaryDirectory(prefix="wsi-bench-")
@@ -234,42 +238,58 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if a.slide is None:
         ap.error("give SLIDE or --synthetic PX")
     g = full_grid(a.slide, a.mpp, a.tile)
-    log.info("%s: %d tiles of %d px (read %d px at level %d), cores=%d, load %s", a.slide,
-             len(g), g.tile_px, g.read_px, g.level, a.cores,
+    mp = g.read_px ** 2 / 1e6  # per tile
+    rounds = a.rounds or (7 if len(g) < 5000 else 3)
+    log.info("%s: %d tiles of %d px (read %d px at level %d), cores=%d, %d rounds, load %s",
+             a.slide, len(g), g.tile_px, g.read_px, g.level, a.cores, rounds,
              " ".join(f"{v:.2f}" for v in os.getloadavg()))
-    rep = a.repeat or (3 if len(g) < 5000 else 1)
-    limit, decode_cpu, decode_threads = decode_limit(a.slide, g.level, a.cores,
-                                                     a.decode_chunks, rep)
-    log.info("%-22s %48.1f MP/s  %6.1f MP/cpu-s", f"decode limit 1 core x{a.cores}", limit,
-             decode_cpu)
-    log.info("%-22s %48.1f MP/s", f"decode in {a.cores} threads", decode_threads)
-    naive = report("naive read_region", *timed(lambda: stream_naive(a.slide, g, a.batch),
-                                               rep, a.baseline_tiles), g.read_px)
-    zarr = report("stream engine=zarr", *timed(
-        lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores, engine="zarr"), rep,
-        a.baseline_tiles), g.read_px)
-    n, dt, cpu = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores), rep)
-    fast = report("stream", n, dt, cpu, g.read_px)
+    src, sample, sample_px = decode_sample(a.slide, g.level, a.decode_chunks)
+    rows: list[dict[str, float]] = []
+    for r in range(rounds):
+        limit, per_cpu_s, threaded = decode_limit(src, sample, sample_px, cpus)
+        naive = timed(lambda: stream_naive(a.slide, g, a.batch), a.baseline_tiles)
+        zarr = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores, engine="zarr"),
+                     a.baseline_tiles)
+        cold = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores),
+                     before=SOURCES.clear)
+        n, dt, cpu = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores))
+        row = {"limit": limit, "threaded": threaded, "per_cpu_s": per_cpu_s,
+               "naive": naive[0] * mp / naive[1], "zarr": zarr[0] * mp / zarr[1],
+               "cold": cold[0] * mp / cold[1], "stream": n * mp / dt,
+               "stream_cpu": n * mp / cpu, "tiles_s": n / dt}
+        row |= {"r_limit": row["stream"] / limit, "r_naive": row["stream"] / row["naive"],
+                "r_cold": row["cold"] / limit}
+        rows.append(row)
+        log.info("round %d: limit %6.1f MP/s (threads %6.1f), naive %5.1f, zarr %5.1f, "
+                 "stream %6.1f (cold %6.1f) MP/s, %7.1f tiles/s; ratio to limit %.3f, "
+                 "to naive %.1f", r + 1, limit, threaded, row["naive"], row["zarr"],
+                 row["stream"], row["cold"], row["tiles_s"], row["r_limit"], row["r_naive"])
+
+    def med(k: str) -> float:
+        return float(np.median([row[k] for row in rows]))
+
     out: dict[str, object] = {
-        "slide": a.slide.name, "tiles": len(g), "cores": a.cores,
-        "decode_limit_mps": round(limit, 1), "naive_mps": round(naive, 1),
-        "zarr_stream_mps": round(zarr, 1), "stream_mps": round(fast, 1),
-        "stream_tiles_per_s": round(n / dt, 1),
-        "ratio_to_limit": round(fast / limit, 3), "ratio_to_naive": round(fast / naive, 2),
-        "ratio_to_zarr": round(fast / zarr, 2),
-        "decode_threads_mps": round(decode_threads, 1),
-        "ratio_to_threaded_decode": round(fast / decode_threads, 3),
+        "slide": a.slide.name, "tiles": len(g), "cores": a.cores, "rounds": rounds,
+        "decode_limit_mps": round(med("limit"), 1), "naive_mps": round(med("naive"), 1),
+        "zarr_stream_mps": round(med("zarr"), 1), "stream_mps": round(med("stream"), 1),
+        "stream_cold_mps": round(med("cold"), 1), "stream_tiles_per_s": round(med("tiles_s"), 1),
+        "ratio_to_limit": round(med("r_limit"), 3), "ratio_to_naive": round(med("r_naive"), 2),
+        "cold_ratio_to_limit": round(med("r_cold"), 3),
+        "ratio_to_limit_range": [round(min(r["r_limit"] for r in rows), 3),
+                                 round(max(r["r_limit"] for r in rows), 3)],
+        "decode_threads_mps": round(med("threaded"), 1),
+        "decode_mp_per_cpu_s": round(med("per_cpu_s"), 1),
+        "stream_mp_per_cpu_s": round(med("stream_cpu"), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "decode_mp_per_cpu_s": round(decode_cpu, 1),
-        "stream_mp_per_cpu_s": round(n * g.read_px ** 2 / cpu / 1e6, 1),
-        "cpu_ratio_to_limit": round(n * g.read_px ** 2 / cpu / 1e6 / decode_cpu, 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if a.peer == "lazyslide":
         peer = lazyslide_rate(a.peer_python, a.slide, a.mpp, a.tile, a.baseline_tiles)
         out["lazyslide_tiles_per_s"] = None if peer is None else round(peer["warm"], 1)
         out["lazyslide_cold_tiles_per_s"] = None if peer is None else round(peer["cold"], 1)
-        out["ratio_to_lazyslide"] = None if peer is None else round(n / dt / peer["warm"], 2)
+        out["ratio_to_lazyslide"] = None if peer is None else round(
+            med("tiles_s") / peer["warm"], 2)
+    SOURCES.clear()
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(out))

@@ -102,6 +102,8 @@ class _Scatter:
         per_unit = np.repeat(np.arange(nu), np.diff(pieces.start))
         pairs = np.unique(per_unit * nb + pieces.rows[:, 0] // batch_size)
         self.remaining = np.bincount(pairs % nb, minlength=nb).tolist()
+        self.feeds = [a.tolist() for a in np.split(pairs % nb, np.searchsorted(
+            pairs // nb, np.arange(1, nu)))] if nu else []
         # a unit is taken once the arrays of every batch it feeds exist (``made``); batch
         # b is yielded once every unit feeding it is in, so arrays exist up to frontier[b]
         lo, hi = pieces.first // batch_size, pieces.last // batch_size
@@ -112,7 +114,8 @@ class _Scatter:
         self.frontier = np.minimum(np.maximum(need, np.arange(nb) + prefetch - 1),
                                    nb - 1).tolist()
         window = int(max(f - b for b, f in enumerate(self.frontier))) + 1
-        self.buffers = BufferPool(2 * window + 4)
+        self.buffers = BUFFERS
+        BUFFERS.reserve(2 * window + 4 if grid.resized else window + 4)
         self.filling: dict[int, np.ndarray] = {}  # batch -> read_px array being filled
         self.done: dict[int, np.ndarray] = {}  # batch -> finished tile_px array
         lock = threading.Lock()
@@ -182,7 +185,7 @@ class _Scatter:
                     uy, ux = self.units[k]
                     rows = rows_of[self.start[k]:self.start[k + 1]].tolist()
                     scatter(self.src.decode(uy, ux), rows, self.filling, bs)
-                    fed.extend({r[0] // bs for r in rows})
+                    fed.extend(self.feeds[k])
                 with self.batch_made:
                     for b in fed:
                         self.remaining[b] -= 1
@@ -213,7 +216,8 @@ class BufferPool:
     """Reuses batch arrays the consumer has dropped, so that no batch pays page faults.
 
     An array is free again when nothing but the pool refers to it (any view, memoryview
-    or torch tensor of it holds a reference); otherwise a new one is allocated.
+    or torch tensor of it holds a reference); otherwise a new one is allocated. At most
+    ``size`` arrays are kept, the least recently used idle one making room.
     """
 
     def __init__(self, size: int) -> None:
@@ -224,21 +228,39 @@ class BufferPool:
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
         with self._lock:
-            counts = _refcounts(self._arrays)
-            for i, n in enumerate(counts):
-                if n == self._idle and self._arrays[i].shape == shape:
+            idle = [i for i, n in enumerate(_refcounts(self._arrays)) if n == self._idle]
+            for i in idle:
+                if self._arrays[i].shape == shape:
                     a = self._arrays.pop(i)
                     self._arrays.append(a)
                     return a
             out = np.empty(shape, np.uint8)
+            if len(self._arrays) >= self._size and idle:
+                del self._arrays[idle[0]]
             if len(self._arrays) < self._size:
                 self._arrays.append(out)
             return out
+
+    def reserve(self, size: int) -> None:
+        """Keep at least ``size`` arrays from now on."""
+        with self._lock:
+            self._size = max(self._size, size)
+
+    def clear(self) -> None:
+        """Drop every kept array (those still in use live on with their users)."""
+        with self._lock:
+            self._arrays, self._size = [], 0
 
 
 def _refcounts(arrays: list[np.ndarray]) -> list[int]:
     """References to each array; the same expression measures the idle count."""
     return [sys.getrefcount(a) for a in arrays]
+
+
+#: Batch arrays shared by the process's streams: the next stream (the next stage over the
+#: same slide, the next slide) reuses the last one's arrays instead of faulting in new
+#: memory. It keeps the largest window any stream needed (see ``reserve``).
+BUFFERS = BufferPool(0)
 
 
 def read_batch(path: str, level: int, engine: Engine, level_xy: np.ndarray, read_px: int,
