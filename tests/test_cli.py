@@ -108,3 +108,15 @@ def test_tile_over_shared_folder_isolates_bad_files(shared_slides: Path, tmp_pat
     lines = (tmp_path / "manifest.csv").read_text().splitlines()
     assert sum(",done," in line for line in lines) == 3
     assert sum(",failed," in line for line in lines) == 5
+
+
+def test_tile_reads_every_tile_for_quality_scores(svs_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["tile", str(svs_slide), "-o", str(out)]).exit_code == 0
+    g = open_store(out / "aperio" / "slide.zarr", "r")
+    qc = np.asarray(g["tile_qc"][...])
+    assert qc.shape == (len(read_grid(g)), 2) and list(g["tile_qc"].attrs["scores"]) == [
+        "background", "focus"]
+    assert ((qc[:, 0] >= 0) & (qc[:, 0] <= 1)).all() and (qc[:, 1] > 0).all()
+    done = json.loads((out / "aperio" / "done.json").read_text())
+    assert done["summary"]["tiles"]["tiles_per_s"] > 0

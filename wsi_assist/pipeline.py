@@ -119,7 +119,28 @@ def run_tiles(run: SlideRun) -> dict[str, Any]:
     drawn = thumbnail.draw(img, ds, tissue_geom, g if out.draw_tiles else None,
                            max_px=out.thumbnail_px, synthetic=run.info.synthetic)
     drawn.save(run.out_dir / "thumbnail.png")
-    return {"n_tiles": len(g), "level": g.level, "delivered_mpp": g.delivered_mpp}
+    summary = {"n_tiles": len(g), "level": g.level, "delivered_mpp": g.delivered_mpp}
+    if len(g):
+        summary |= write_tile_qc(run, g)
+    return summary
+
+
+def write_tile_qc(run: SlideRun, g: Any) -> dict[str, Any]:
+    """Read every tile through the stream and store its quality scores (``tile_qc``)."""
+    from wsi_assist.qc import WHITE, tile_qc
+    from wsi_assist.stream import stream
+
+    sc = run.config.stream
+    qc = tile_qc(stream(run.path, g, batch_size=sc.batch_size, prefetch=sc.prefetch,
+                        threads=sc.threads), len(g))
+    store.write_array(run.store, "tile_qc", qc.as_array(), axes=["tile", "score"],
+                      scores=["background", "focus"],
+                      description=f"background: fraction of pixels with R, G, B > {WHITE}; "
+                                  "focus: variance of the Laplacian of grey at half "
+                                  "resolution (higher is sharper)")
+    return {"tiles_per_s": round(qc.tiles_per_s, 1),
+            "median_focus": round(float(np.median(qc.focus)), 1),
+            "median_background": round(float(np.median(qc.background)), 3)}
 
 
 def read_thumbnail(run: SlideRun, max_px: int) -> tuple[np.ndarray, float]:
