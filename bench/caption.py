@@ -26,8 +26,8 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_assist.models import random_vlm  # noqa: E402
-from wsi_assist.models.captioner import Captioner, build_prompt  # noqa: E402
+from wsi_assist.models import random_vlm
+from wsi_assist.models.captioner import Captioner, build_prompt
 
 
 def measure(cap: Captioner, tiles: list[np.ndarray], prompts: list[str], batch: int,

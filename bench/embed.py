@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's wsi_assist
 
-from wsi_assist.models.embed import TorchEncoder, embed_batches  # noqa: E402
-from wsi_assist.models.pathclip import LoadedModel, ModelSpec, encode_images  # noqa: E402
+from wsi_assist.models.embed import TorchEncoder, embed_batches
+from wsi_assist.models.pathclip import LoadedModel, ModelSpec, encode_images
 
 DEFAULT_SLIDE = (Path(__file__).resolve().parents[1].parent / "shared" / "slides"
                  / "CMU-1-Small-Region.svs")

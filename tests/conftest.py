@@ -62,4 +62,4 @@ def blank_slide(syn_dir: Path) -> Path:
     return write_slide(syn_dir / "blank.svs", SyntheticSlide(1024, 768, blank=True), kind="svs")
 
 
-__all__ = ["Ellipse", "REAL_SLIDES"]
+__all__ = ["REAL_SLIDES", "Ellipse"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +13,14 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from wsi_assist import config as config_mod  # noqa: E402
-from wsi_assist import pipeline, represent, store  # noqa: E402
-from wsi_assist.caption import CaptionParams, tile_findings  # noqa: E402
-from wsi_assist.errors import ModelError  # noqa: E402
-from wsi_assist.models import random_vlm  # noqa: E402
-from wsi_assist.models.captioner import build_prompt, findings_text  # noqa: E402
-from wsi_assist.slide import describe  # noqa: E402
+from wsi_assist import config as config_mod
+from wsi_assist import pipeline, represent, store
+from wsi_assist.caption import CaptionParams, tile_findings
+from wsi_assist.errors import ModelError
+from wsi_assist.models import random_vlm
+from wsi_assist.models.captioner import build_prompt, findings_text
+from wsi_assist.slide import describe
+
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:

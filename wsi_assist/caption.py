@@ -167,7 +167,7 @@ def _submodel_rows(sub: zarr.Group, grid: TileGrid, rows: np.ndarray
     """One sub-model's result for each tile in ``rows`` (counts inside the tile, or its
     tile-classification label)."""
     classes = list(sub.attrs.get("classes", []))
-    name_of = (lambda i: classes[i] if 0 <= i < len(classes) else str(i))  # noqa: E731
+    name_of = (lambda i: classes[i] if 0 <= i < len(classes) else str(i))
     task = sub.attrs.get("task")
     if task == "tile-classification" and "probs" in sub:
         probs, labels = np.asarray(sub["probs"][...]), np.asarray(sub["labels"][...])

@@ -21,9 +21,9 @@ import yaml
 from wsi_assist.caption import CaptionParams
 from wsi_assist.errors import ConfigError
 from wsi_assist.models.pathclip import EmbedParams
+from wsi_assist.models.submodels import SubmodelParams
 from wsi_assist.models.zeroshot import ZeroShotParams
 from wsi_assist.report.params import ReportParams
-from wsi_assist.models.submodels import SubmodelParams
 from wsi_assist.tiling import TilingParams
 from wsi_assist.tissue import TissueParams
 

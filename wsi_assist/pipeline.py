@@ -24,8 +24,8 @@ from wsi_assist.caption import run_caption
 from wsi_assist.config import Config
 from wsi_assist.errors import StageSkipped, WsiAssistError
 from wsi_assist.models.embed import run_embed
-from wsi_assist.models.zeroshot import run_zeroshot
 from wsi_assist.models.submodels import run_submodels
+from wsi_assist.models.zeroshot import run_zeroshot
 from wsi_assist.report.build import run_report
 from wsi_assist.slide import SlideInfo
 

@@ -126,7 +126,7 @@ def open_slide(path: str | Path) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             slide = tiffslide.TiffSlide(path)
-            slide.properties  # noqa: B018  (parse now so errors surface here)
+            slide.properties
     except Exception as e:  # tifffile raises many types for malformed files
         raise SlideError(f"{path}: not a readable TIFF-based slide "
                          f"({type(e).__name__}: {_first_line(e)})") from e

@@ -194,7 +194,7 @@ class _Scatter:
                 for b in complete:
                     self._finish(b)
                 complete.clear()
-        except BaseException as e:  # handed to the consumer, which re-raises it
+        except BaseException as e:  # noqa: BLE001  (the consumer re-raises it)
             with self.batch_done:
                 self.errors.append(e)
                 self.stopped = True

@@ -13,8 +13,8 @@ from typing import Literal
 
 import numpy as np
 import shapely
-from shapely import affinity
 from scipy import ndimage
+from shapely import affinity
 
 Background = Literal["auto", "bright", "dark"]
 BACKGROUNDS = ("auto", "bright", "dark")

@@ -179,7 +179,7 @@ class _client:
             self.client = Client(self.cluster)
         return self.client
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:

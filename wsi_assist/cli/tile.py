@@ -34,4 +34,4 @@ def tile(
             overrides=overrides)
 
 
-__all__ = ["tile", "Path"]
+__all__ = ["Path", "tile"]

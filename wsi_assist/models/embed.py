@@ -19,8 +19,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from wsi_assist.errors import ModelError, StageSkipped, WsiAssistError
-from wsi_assist.models.pathclip import (EmbedParams, LoadedModel, ModelSpec, configured_spec,
-                                        encode_images, load_model, preprocess, spec_sha256)
+from wsi_assist.models.pathclip import (
+    EmbedParams,
+    LoadedModel,
+    ModelSpec,
+    configured_spec,
+    encode_images,
+    load_model,
+    preprocess,
+    spec_sha256,
+)
 from wsi_assist.stream import TileBatch
 
 log = logging.getLogger(__name__)

@@ -88,8 +88,13 @@ def build_llava(out: Path, size: VlmSize = VlmSize(), seed: int = 0,
                 dtype: str = "float32") -> Path:
     """Save a random LLaVA (model, processor, chat template) into ``out``."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = tokenizer()
     proc = LlavaProcessor(
