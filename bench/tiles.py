@@ -6,19 +6,19 @@
 
 All figures come from one process and one grid (every tile of the slide at the target
 mpp). MP/s counts source-level pixels (read_px^2 per tile), the unit of the decode limit.
-Each round measures, back to back, (b), (c) and (a) just before and after the warm
-stream, averaged: (a) decode limit: a sample of the level's compressed chunks, read into memory, decoded by
-one thread pinned to each core in turn into one reused buffer (the stream's own fastest
-decoder, ``TiffUnits.decode_chunk``); the per-core rates summed. (b) naive: one tiffslide
-``read_region`` per tile. Also the sample decoded by N threads at once (``decode_threads``): what the cores give
-together, as opposed to one core's rate times N. (c) stream: ``wsi_assist.stream.stream``
-with N threads over
-the whole grid (repeated for 0.3 s at least), the slide already open (the decode limit
-does not open the file either);
-the same with the slide opened inside the timing (``stream_cold``), and with
-``engine="zarr"`` (tiffslide's zarr store). Rates and ratios are medians over rounds:
-the cores of these shared machines change speed from minute to minute (one core alone
-has been seen decoding at 200 and at 340 MP/s), so each ratio is taken within a round.
+Each round measures, back to back:
+(b) naive: one tiffslide ``read_region`` per tile; tiffslide's zarr store through the
+stream (``engine="zarr"``); the stream with the slide's opening timed (``stream_cold``).
+(a) decode limit: a sample of the level's compressed chunks, read into memory, decoded by
+one thread pinned to each core in turn into one reused buffer (the stream's own decoder,
+``TiffUnits.decode_chunk``); the per-core rates summed. Also the sample decoded by N
+threads at once (``decode_threads``): what the cores give together.
+(c) stream: ``wsi_assist.stream.stream`` with N threads over the whole grid, repeated
+for 0.3 s at least, the slide already open (the decode limit does not open it either).
+(a) again; the round's limit is the mean of the two.
+Rates and ratios are medians over rounds: the cores of these shared machines change
+speed from minute to minute (one core alone has been seen decoding at 200 and at
+340 MP/s), so each ratio is taken within a round.
 Peak RSS is the whole process's. The last line is a JSON object.
 """
 
@@ -101,27 +101,24 @@ def full_grid(path: Path, mpp: float, tile: int) -> TileGrid:
                 TilingParams(target_mpp=mpp, tile_px=tile, min_tissue=0.0))
 
 
-def decode_sample(path: Path, level: int, max_chunks: int) -> tuple[Any, list, int]:
-    """The open unit source, a spread sample of (index, bytes, rows) of its chunks, and
-    their pixel count."""
-    cm = SOURCES.lease(str(path), level, "tifffile")
-    src = cm.__enter__()
-    page = src._page
-    n = len(page.dataoffsets)
-    pick = np.unique(np.linspace(0, n - 1, min(n, max_chunks)).astype(int)).tolist()
-    ch, h = src._chunk_rows, src.level_shape[0]
-    rows = [ch if not src._strips else min(ch, h - (i // src._ncols) * ch)
-            for i in pick]
-    data = [(i, src.read_chunk(i), r) for i, r in zip(pick, rows, strict=True)]
-    px = sum(r for r in rows) * src.unit_shape[1]
-    return src, data, px
+def decode_sample(src: Any, max_chunks: int) -> list[tuple[int, bytes | None, int]]:
+    """(index, compressed bytes, rows) of up to ``max_chunks`` chunks spread over the
+    level of ``src`` (a ``TiffUnits``)."""
+    pick = np.unique(np.linspace(0, src.n_chunks - 1, min(src.n_chunks, max_chunks))
+                     .astype(int)).tolist()
+    return [(i, src.read_chunk(i), src.chunk_rows(i)) for i in pick]
 
 
-def decode_rate(src: Any, data: list, px: int, min_s: float = 0.2) -> tuple[float, float]:
+def pixels(src: Any, sample: list[tuple[int, bytes | None, int]]) -> int:
+    return sum(rows for _, _, rows in sample) * src.unit_shape[1]
+
+
+def decode_rate(src: Any, data: list, min_s: float = 0.2) -> tuple[float, float]:
     """MP/s and MP per CPU-second of one thread decoding ``data`` into one buffer, over
     and over for at least ``min_s`` seconds."""
     buf = np.empty((*src.unit_shape, 3), np.uint8)
     src.decode_chunk(data[0][1], data[0][0], buf[:data[0][2]])  # warm up
+    px = pixels(src, data)
     t, c, done = time.perf_counter(), time.thread_time(), 0
     while not done or time.perf_counter() - t < min_s:
         for i, d, r in data:
@@ -130,23 +127,21 @@ def decode_rate(src: Any, data: list, px: int, min_s: float = 0.2) -> tuple[floa
     return done / (time.perf_counter() - t) / 1e6, done / (time.thread_time() - c) / 1e6
 
 
-def decode_limit(src: Any, data: list, px: int, cpus: list[int]) -> tuple[float, float, float]:
+def decode_limit(src: Any, data: list, cpus: list[int]) -> tuple[float, float, float]:
     """Sum over ``cpus`` of one pinned thread's decode rate (MP/s); the mean MP per
     CPU-second; and MP/s of len(cpus) threads decoding the sample together."""
     rates, per_cpu = [], []
     for cpu in cpus:
         os.sched_setaffinity(0, {cpu})  # this thread only
         try:
-            r, c = decode_rate(src, data, px)
+            r, c = decode_rate(src, data)
         finally:
             os.sched_setaffinity(0, cpus)
         rates.append(r)
         per_cpu.append(c)
     parts = [data[k::len(cpus)] for k in range(len(cpus))]
     with ThreadPoolExecutor(len(cpus)) as ex:
-        pooled = sum(r for r, _ in ex.map(
-            lambda part: decode_rate(src, part, sum(x[2] for x in part) * src.unit_shape[1]),
-            parts))
+        pooled = sum(r for r, _ in ex.map(lambda part: decode_rate(src, part), parts))
     return sum(rates), float(np.mean(per_cpu)), pooled
 
 
@@ -212,6 +207,32 @@ def lazyslide_rate(python: str, path: Path, mpp: float, tile: int, limit: int
     return out
 
 
+def measure_round(a: argparse.Namespace, g: TileGrid, src: Any, sample: list,
+                  cpus: list[int], r: int) -> dict[str, float]:
+    """One round of (b), (a), (c), (a); rates in MP/s and their ratios."""
+    mp = g.read_px ** 2 / 1e6  # per tile
+    naive = timed(lambda: stream_naive(a.slide, g, a.batch), a.baseline_tiles, min_s=0.2)
+    zarr = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores, engine="zarr"),
+                 a.baseline_tiles, min_s=0.2)
+    cold = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores),
+                 before=SOURCES.clear)
+    before = decode_limit(src, sample, cpus)
+    n, dt, cpu = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores), min_s=0.3)
+    after = decode_limit(src, sample, cpus)
+    limit, per_cpu_s, threaded = (float(np.mean(v)) for v in zip(before, after, strict=True))
+    row = {"limit": limit, "threaded": threaded, "per_cpu_s": per_cpu_s,
+           "naive": naive[0] * mp / naive[1], "zarr": zarr[0] * mp / zarr[1],
+           "cold": cold[0] * mp / cold[1], "stream": n * mp / dt,
+           "stream_cpu": n * mp / cpu, "tiles_s": n / dt}
+    row |= {"r_limit": row["stream"] / limit, "r_naive": row["stream"] / row["naive"],
+            "r_cold": row["cold"] / limit, "r_threaded": row["stream"] / threaded}
+    log.info("round %d: limit %6.1f MP/s (threads %6.1f), naive %5.1f, zarr %5.1f, "
+             "stream %6.1f (cold %6.1f) MP/s, %7.1f tiles/s; ratio to limit %.3f, "
+             "to naive %.1f", r + 1, limit, threaded, row["naive"], row["zarr"],
+             row["stream"], row["cold"], row["tiles_s"], row["r_limit"], row["r_naive"])
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("slide", nargs="?", type=Path)
@@ -247,37 +268,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if a.slide is None:
         ap.error("give SLIDE or --synthetic PX")
     g = full_grid(a.slide, a.mpp, a.tile)
-    mp = g.read_px ** 2 / 1e6  # per tile
     rounds = a.rounds or (7 if len(g) < 5000 else 3)
     log.info("%s: %d tiles of %d px (read %d px at level %d), cores=%d, %d rounds, load %s",
              a.slide, len(g), g.tile_px, g.read_px, g.level, a.cores, rounds,
              " ".join(f"{v:.2f}" for v in os.getloadavg()))
-    src, sample, sample_px = decode_sample(a.slide, g.level, a.decode_chunks)
-    rows: list[dict[str, float]] = []
-    for r in range(rounds):
-        naive = timed(lambda: stream_naive(a.slide, g, a.batch), a.baseline_tiles,
-                      min_s=0.2)
-        zarr = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores, engine="zarr"),
-                     a.baseline_tiles, min_s=0.2)
-        cold = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores),
-                     before=SOURCES.clear)
-        before = decode_limit(src, sample, sample_px, cpus)
-        n, dt, cpu = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores),
-                           min_s=0.3)
-        after = decode_limit(src, sample, sample_px, cpus)
-        limit, per_cpu_s, threaded = (float(np.mean(v)) for v in zip(before, after,
-                                                                      strict=True))
-        row = {"limit": limit, "threaded": threaded, "per_cpu_s": per_cpu_s,
-               "naive": naive[0] * mp / naive[1], "zarr": zarr[0] * mp / zarr[1],
-               "cold": cold[0] * mp / cold[1], "stream": n * mp / dt,
-               "stream_cpu": n * mp / cpu, "tiles_s": n / dt}
-        row |= {"r_limit": row["stream"] / limit, "r_naive": row["stream"] / row["naive"],
-                "r_cold": row["cold"] / limit, "r_threaded": row["stream"] / threaded}
-        rows.append(row)
-        log.info("round %d: limit %6.1f MP/s (threads %6.1f), naive %5.1f, zarr %5.1f, "
-                 "stream %6.1f (cold %6.1f) MP/s, %7.1f tiles/s; ratio to limit %.3f, "
-                 "to naive %.1f", r + 1, limit, threaded, row["naive"], row["zarr"],
-                 row["stream"], row["cold"], row["tiles_s"], row["r_limit"], row["r_naive"])
+    with SOURCES.lease(str(a.slide), g.level, "tifffile") as src:
+        sample = decode_sample(src, a.decode_chunks)
+        rows = [measure_round(a, g, src, sample, cpus, r) for r in range(rounds)]
 
     def med(k: str) -> float:
         return float(np.median([row[k] for row in rows]))

@@ -47,6 +47,8 @@ class UnitSource(Protocol):
 
     def decode(self, uy: int, ux: int) -> np.ndarray: ...
 
+    def close(self) -> None: ...
+
 
 def unit_bounds(src: UnitSource, uy: int, ux: int) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) level pixels of a unit, cropped to the image."""
@@ -67,6 +69,9 @@ class ZarrUnits:
         self.level_shape = (int(arr.shape[0]), int(arr.shape[1]))
         ch, cw = int(arr.chunks[0]), int(arr.chunks[1])
         self.unit_shape = (ch * max(1, UNIT_ROWS // ch), cw)
+
+    def close(self) -> None:
+        """Nothing to close: the slide owns the zarr store."""
 
     def decode(self, uy: int, ux: int) -> np.ndarray:
         y0, y1, x0, x1 = unit_bounds(self, uy, ux)
@@ -107,6 +112,7 @@ class TiffUnits:
         ch, cw = int(page.chunks[0]), int(page.chunks[1])
         self._chunk_rows = ch
         self._strips = not page.is_tiled  # the last strip may be shorter
+        self.n_chunks = len(page.dataoffsets)
         self._ncols = int(page.chunked[1])
         self._nrows = int(page.chunked[0])
         self._rows_per_unit = max(1, UNIT_ROWS // ch)
@@ -120,6 +126,11 @@ class TiffUnits:
 
     def __del__(self) -> None:
         self.close()
+
+    def chunk_rows(self, i: int) -> int:
+        """Rows of chunk ``i`` (a last strip may be shorter than the others)."""
+        ch = self._chunk_rows
+        return min(ch, self.level_shape[0] - (i // self._ncols) * ch) if self._strips else ch
 
     def read_chunk(self, i: int) -> bytes | None:
         """The compressed bytes of chunk ``i`` (None where the file has none)."""
@@ -157,9 +168,8 @@ class TiffUnits:
         cy1 = min(self._nrows, cy0 + self._rows_per_unit)
         try:
             for k, cy in enumerate(range(cy0, cy1)):
-                rows = min(ch, self.level_shape[0] - cy * ch) if self._strips else ch
                 i = cy * self._ncols + ux
-                self.decode_chunk(self.read_chunk(i), i, buf[k * ch:k * ch + rows])
+                self.decode_chunk(self.read_chunk(i), i, buf[k * ch:k * ch + self.chunk_rows(i)])
         except Exception as e:  # codec errors have no common base class
             raise SlideError(f"{self._where}: cannot decode chunk row {cy0}, column {ux}: "
                              f"{e}") from e
@@ -228,7 +238,7 @@ class _Open:
     evicted: bool = False
 
     def close(self) -> None:
-        getattr(self.src, "close", lambda: None)()
+        self.src.close()
         self.slide.close()
 
 

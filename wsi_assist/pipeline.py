@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from wsi_assist.models.submodels import run_submodels
 from wsi_assist.models.zeroshot import run_zeroshot
 from wsi_assist.report.build import run_report
 from wsi_assist.slide import SlideInfo
+from wsi_assist.stream import TileBatch
+from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,15 @@ class SlideRun:
         from wsi_assist.slide import open_slide
 
         return open_slide(self.path)
+
+    def stream(self, grid: TileGrid, batch_size: int | None = None) -> Iterator[TileBatch]:
+        """The slide's tiles of ``grid`` with the ``stream`` settings (an iterator of
+        ``TileBatch``); ``batch_size`` overrides ``stream.batch_size``."""
+        from wsi_assist.stream import stream
+
+        sc = self.config.stream
+        return stream(self.path, grid, batch_size=batch_size or sc.batch_size,
+                      prefetch=sc.prefetch, threads=sc.threads)
 
 
 def run_tissue(run: SlideRun) -> dict[str, Any]:
@@ -125,14 +136,11 @@ def run_tiles(run: SlideRun) -> dict[str, Any]:
     return summary
 
 
-def write_tile_qc(run: SlideRun, g: Any) -> dict[str, Any]:
+def write_tile_qc(run: SlideRun, g: TileGrid) -> dict[str, Any]:
     """Read every tile through the stream and store its quality scores (``tile_qc``)."""
     from wsi_assist.qc import WHITE, tile_qc
-    from wsi_assist.stream import stream
 
-    sc = run.config.stream
-    qc = tile_qc(stream(run.path, g, batch_size=sc.batch_size, prefetch=sc.prefetch,
-                        threads=sc.threads), len(g))
+    qc = tile_qc(run.stream(g), len(g))
     store.write_array(run.store, "tile_qc", qc.as_array(), axes=["tile", "score"],
                       scores=["background", "focus"],
                       description=f"background: fraction of pixels with R, G, B > {WHITE}; "

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 #: fills neighbouring tiles).
 RUN_LEN = 8
 
+
 @dataclass(frozen=True)
 class TileBatch:
     """Rows ``index`` of the grid and their tiles, (N, tile_px, tile_px, 3) uint8."""
@@ -114,7 +115,6 @@ class _Scatter:
         self.frontier = np.minimum(np.maximum(need, np.arange(nb) + prefetch - 1),
                                    nb - 1).tolist()
         window = int(max(f - b for b, f in enumerate(self.frontier))) + 1
-        self.buffers = BUFFERS
         BUFFERS.reserve(2 * window + 4 if grid.resized else window + 4)
         self.filling: dict[int, np.ndarray] = {}  # batch -> read_px array being filled
         self.done: dict[int, np.ndarray] = {}  # batch -> finished tile_px array
@@ -126,7 +126,6 @@ class _Scatter:
         self.stopped = False
 
     def run(self, n_threads: int) -> Iterator[TileBatch]:
-        self.run_len = RUN_LEN
         workers = [threading.Thread(target=self._work, name=f"wsi-tiles-{i}", daemon=True)
                    for i in range(n_threads)]
         for t in workers:
@@ -156,7 +155,7 @@ class _Scatter:
         return min(self.bs, len(self.grid) - b * self.bs), px, px, 3
 
     def _allocate(self, b: int) -> None:
-        arr = self.buffers.take(self._shape(b, self.grid.read_px))
+        arr = BUFFERS.take(self._shape(b, self.grid.read_px))
         arr[self.p.partial[b * self.bs:b * self.bs + len(arr)]] = 255
         with self.batch_made:
             self.filling[b] = arr
@@ -167,7 +166,6 @@ class _Scatter:
 
     def _work(self) -> None:
         bs, nu, rows_of = self.bs, len(self.units), self.p.rows
-        complete: list[int] = []
         try:
             while True:
                 with self.batch_made:
@@ -177,7 +175,7 @@ class _Scatter:
                     if self.stopped or self.next_unit >= nu:
                         return
                     k0 = k1 = self.next_unit
-                    while k1 < min(nu, k0 + self.run_len) and self.unit_hi[k1] <= self.made:
+                    while k1 < min(nu, k0 + RUN_LEN) and self.unit_hi[k1] <= self.made:
                         k1 += 1
                     self.next_unit = k1
                 fed = []
@@ -189,11 +187,9 @@ class _Scatter:
                 with self.batch_made:
                     for b in fed:
                         self.remaining[b] -= 1
-                        if self.remaining[b] == 0:
-                            complete.append(b)
+                    complete = [b for b in set(fed) if self.remaining[b] == 0]
                 for b in complete:
                     self._finish(b)
-                complete.clear()
         except BaseException as e:  # noqa: BLE001  (the consumer re-raises it)
             with self.batch_done:
                 self.errors.append(e)
@@ -204,7 +200,7 @@ class _Scatter:
     def _finish(self, b: int) -> None:
         tiles = self.filling[b]
         if self.grid.resized:
-            out = self.buffers.take(self._shape(b, self.grid.tile_px))
+            out = BUFFERS.take(self._shape(b, self.grid.tile_px))
             tiles = resize_tiles(tiles, self.grid.tile_px, out)
         with self.batch_done:
             del self.filling[b]

@@ -183,7 +183,6 @@ def embed_batches(encoder: Encoder, batches: Iterable[TileBatch], n: int) -> Emb
 def run_embed(run: Any) -> dict[str, Any]:
     """Stage: embeddings of every tile in ``slide.zarr``; StageSkipped without a model."""
     from wsi_assist import store
-    from wsi_assist.stream import stream
 
     params: EmbedParams = run.config.embed
     spec = configured_spec(params)
@@ -194,10 +193,7 @@ def run_embed(run: Any) -> dict[str, Any]:
     except KeyError as e:
         raise WsiAssistError(f"{run.path}: {e.args[0]}") from e
     encoder = make_encoder(spec, params, run.device)
-    sp = run.config.stream
-    batches = stream(run.path, grid, batch_size=params.batch_size or sp.batch_size,
-                     prefetch=sp.prefetch, threads=sp.threads)
-    res = embed_batches(encoder, batches, len(grid))
+    res = embed_batches(encoder, run.stream(grid, params.batch_size), len(grid))
     store.write_array(run.store, "embeddings", res.embeddings, model=spec.spec,
                       model_sha256=encoder.sha256, engine=params.engine,
                       precision=used_precision(params, run.device), axes=["tile", "feature"])

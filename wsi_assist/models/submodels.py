@@ -252,8 +252,6 @@ def run_submodels(run: Any) -> dict[str, Any]:
 
 def _run_models(run: Any, grid: Any, active: list[tuple[Submodel, np.ndarray]],
                 params: SubmodelParams) -> list[Accumulator]:
-    from wsi_assist.stream import stream
-
     union = np.zeros(len(grid), bool)
     for _, sel in active:
         union |= sel
@@ -263,9 +261,7 @@ def _run_models(run: Any, grid: Any, active: list[tuple[Submodel, np.ndarray]],
     accs = [Accumulator(m.spec, len(grid), grid.mpp) for m, _ in active]
     sizes = [m.model_px(grid.tile_px, grid.delivered_mpp) for m, _ in active]
     _check_mpp(active, sizes, grid, params.mpp_tolerance)
-    sc = run.config.stream
-    for batch in stream(run.path, sub, batch_size=sc.batch_size, prefetch=sc.prefetch,
-                        threads=sc.threads):
+    for batch in run.stream(sub):
         brows = rows[batch.index]
         for (m, sel), acc, size in zip(active, accs, sizes, strict=True):
             take = sel[brows]
