@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -24,8 +23,6 @@ import numpy as np
 from wsi_assist.errors import ModelError, WsiAssistError
 from wsi_assist.models.embed import ONNX_META, OnnxEncoder
 from wsi_assist.models.pathclip import LoadedModel, encode_images, load_model
-
-log = logging.getLogger(__name__)
 
 
 def _wrapper(lm: LoadedModel) -> Any:
@@ -78,13 +75,13 @@ def export(lm: LoadedModel, out: Path, opset: int = 17) -> Path:
     return out
 
 
-def parity(lm: LoadedModel, onnx_path: Path, n: int = 4, tile_px: int | None = None,
-           seed: int = 0) -> float:
-    """Max |ONNX - PyTorch| over ``n`` random uint8 tiles (normalised embeddings)."""
+def parity(lm: LoadedModel, onnx_path: Path, n: int = 4, seed: int = 0) -> float:
+    """Max |ONNX - PyTorch| over ``n`` random uint8 tiles of the model's input size
+    (normalised embeddings)."""
     import torch
 
     rng = np.random.default_rng(seed)
-    size = tile_px or lm.image_size
+    size = lm.image_size
     tiles = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     ref = encode_images(lm, torch.from_numpy(tiles), "fp32").numpy()
     enc = OnnxEncoder(onnx_path, "cpu", expect_sha256=lm.sha256)

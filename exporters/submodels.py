@@ -28,13 +28,12 @@ import yaml
 from torch import nn
 
 from wsi_assist.errors import ModelError
+from wsi_assist.models.submodel_spec import DETECTION_OUTPUTS, TASKS, affine
 
 log = logging.getLogger(__name__)
 
 PALETTE = ((220, 50, 50), (50, 110, 220), (40, 170, 80), (230, 160, 30), (150, 70, 200),
            (30, 180, 190), (200, 80, 150), (120, 120, 120))
-DETECTION_NAMES = {"point-detection": ["points", "scores", "labels"],
-                   "box-detection": ["boxes", "scores", "labels"]}
 
 
 class TimmClassifier(nn.Module):
@@ -59,9 +58,9 @@ class Uint8Input(nn.Module):
                  scale: float = 255.0) -> None:
         super().__init__()
         self.model = model
-        m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        self.register_buffer("gain", 1.0 / (scale * sd))
-        self.register_buffer("bias", -m / sd)
+        gain, bias = affine(mean, std, scale)
+        self.register_buffer("gain", torch.from_numpy(gain).view(1, 3, 1, 1))
+        self.register_buffer("bias", torch.from_numpy(bias).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model(x.permute(0, 3, 1, 2).to(torch.float32) * self.gain + self.bias)
@@ -197,8 +196,8 @@ def export_model(model: nn.Module, out_dir: Path, spec: dict[str, Any], atol: fl
         example = torch.randint(0, 256, (batch, px, px, 3), generator=g, dtype=torch.uint8)
     else:
         example = torch.randn((batch, 3, px, px), generator=g)
-    names = DETECTION_NAMES.get(spec["task"], ["output"])
-    names = names + list(spec.pop("extra_outputs", []))
+    names = [*DETECTION_OUTPUTS.get(spec["task"], ["output"]),
+             *spec.pop("extra_outputs", [])]
     onnx_path = out_dir / spec["model"]
     export_onnx(model, example, onnx_path, names, dynamic_hw=inp["tile_px"] is None)
     diff = parity(model, onnx_path, example, atol=atol, rtol=atol)
@@ -274,8 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--factory", required=True, help="module:function returning nn.Module")
     f.add_argument("--measurements", default="",
                    help="point/box detection: names of a 4th output 'measurements' (B,P,K)")
-    f.add_argument("--task", required=True, choices=["tile-classification", "point-detection",
-                                                     "box-detection", "segmentation"])
+    f.add_argument("--task", required=True, choices=list(TASKS))
     return p
 
 

@@ -54,6 +54,12 @@ def tile_features(layout: TileLayout, zs: ZeroShot | None,
     """One ``tile`` object per tile: top zero-shot class, probabilities as measurements."""
     subs = [s for s in tile_subs if "probs" in s.group]
     n = len(layout.coords)
+    if not n:
+        return
+    # measurement names, once per slide
+    zs_keys = [] if zs is None else [f"p({c})" for c in zs.classes]
+    sub_keys = [[f"{s.name}: p({c})" for c in s.attrs.get("classes")
+                 or [str(j) for j in range(s.group["probs"].shape[1])]] for s in subs]
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         probs = None if zs is None else np.asarray(zs.probs[start:stop], np.float64)
@@ -63,12 +69,11 @@ def tile_features(layout: TileLayout, zs: ZeroShot | None,
             m: dict[str, float] = {}
             cls = None
             if zs is not None and probs is not None:
-                m.update({f"p({c})": p for c, p in zip(zs.classes, probs[i], strict=True)})
+                m.update(zip(zs_keys, probs[i], strict=True))
                 k = int(zs.top[start + i])
                 cls = (zs.classes[k], zs.colors[k])
-            for s, sp in zip(subs, sub_probs, strict=True):
-                names = s.attrs.get("classes") or [str(j) for j in range(sp.shape[1])]
-                m.update({f"{s.name}: p({c})": p for c, p in zip(names, sp[i], strict=False)})
+            for keys, sp in zip(sub_keys, sub_probs, strict=True):
+                m.update(zip(keys, sp[i], strict=False))
             yield geojson.feature(box, "tile", classification=cls, measurements=m)
 
 
@@ -89,22 +94,25 @@ def detection_features(sub: SubModel) -> Iterator[Feature]:
     n_classes = max(len(sub.attrs.get("classes") or []), 1)
     classes = {k: _classification(sub, k) for k in range(n_classes)}
     meta = {"sub-model": sub.name}
-    for start in range(0, arr.shape[0], DETECTION_CHUNK):
-        stop = min(arr.shape[0], start + DETECTION_CHUNK)
+    n = arr.shape[0]
+    if not n:
+        return
+    has_labels, has_scores, has_meas = "labels" in g, "scores" in g, "measurements" in g
+    keys = (["Score"] if has_scores else []) + (
+        [names[j] if j < len(names) else f"m{j}" for j in range(g["measurements"].shape[1])]
+        if has_meas else [])
+    for start in range(0, n, DETECTION_CHUNK):
+        stop = min(n, start + DETECTION_CHUNK)
         xy = np.asarray(arr[start:stop], np.float64)
         finite = np.isfinite(xy).all(axis=1)
-        labels = (np.asarray(g["labels"][start:stop], np.int64) if "labels" in g
+        labels = (np.asarray(g["labels"][start:stop], np.int64) if has_labels
                   else np.zeros(stop - start, np.int64))
         cols = []
-        if "scores" in g:
-            cols.append(("Score", np.asarray(g["scores"][start:stop], np.float64)[:, None]))
-        if "measurements" in g:
-            m = np.asarray(g["measurements"][start:stop], np.float64)
-            cols.append(("", m))
-        keys = (["Score"] if "scores" in g else []) + (
-            [names[j] if j < len(names) else f"m{j}" for j in range(cols[-1][1].shape[1])]
-            if "measurements" in g else [])
-        values = np.concatenate([c for _, c in cols], axis=1).tolist() if cols else None
+        if has_scores:
+            cols.append(np.asarray(g["scores"][start:stop], np.float64)[:, None])
+        if has_meas:
+            cols.append(np.asarray(g["measurements"][start:stop], np.float64))
+        values = np.concatenate(cols, axis=1).tolist() if cols else None
         ids = _uuid4s(stop - start)
         for i, (row, label, ok) in enumerate(zip(xy.tolist(), labels.tolist(), finite,
                                                  strict=True)):
@@ -192,4 +200,4 @@ def _is_uuid(value: Any) -> bool:
         uuid.UUID(str(value))
     except ValueError:
         return False
-    return value is not None
+    return True

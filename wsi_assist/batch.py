@@ -164,14 +164,14 @@ def process_slide(path: Path, slide_id: str, out: Path, config: Config,
     """Run the stages of one slide that are not already done; never raises for a bad slide."""
     result = SlideResult(path=str(path), slide_id=slide_id, status="done")
     final = inside(out, out / slide_id)
-    stage = "open"
     lock: locks.Lock | str | None = None
     try:
         fp = slide_fingerprint(path)
         want = stage_fingerprints(fp, config)
-        todo = stages_to_run(read_done(final), want, config.stages, force)
+        done = read_done(final)
+        todo = stages_to_run(done, want, config.stages, force)
         if not todo:
-            return _skipped(result, final)
+            return _skipped(result, done)
         lock = locks.acquire(inside(out, out / ".locks" / f"{slide_id}.lock"))
         if isinstance(lock, str):
             result.status, result.error = "skipped", f"being processed by {lock}"
@@ -179,13 +179,13 @@ def process_slide(path: Path, slide_id: str, out: Path, config: Config,
         done = read_done(final)  # another run may have finished it meanwhile
         todo = stages_to_run(done, want, config.stages, force)
         if not todo:
-            return _skipped(result, final)
+            return _skipped(result, done)
         log.info("start %s (%s): %s", slide_id, path, ", ".join(todo))
         _run_in_work_folder(path, slide_id, out, config, mpp_table, todo, done, want,
                             fp, result)
     except Exception as e:  # one bad slide must not stop the batch
         result.status = "failed"
-        result.stage = getattr(e, "stage", stage)
+        result.stage = getattr(e, "stage", "open")
         result.error = _one_line(e, path)
         result.traceback = traceback.format_exc()
         log.error("%s failed in %s: %s", path, result.stage, result.error)
@@ -222,12 +222,11 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
                             "slide_mpp": info.mpp, "synthetic": info.synthetic,
                             "slide_fingerprint": fp, "wsi_assist_version": _version()})
         run = SlideRun(path=path, slide_id=slide_id, out_dir=work, config=config,
-                       info=info, store=group)
+                       info=info, store=group, out_root=out)
         result.seconds.update(run_stages(run, todo))
-        summary = {**(done or {}).get("summary", {}), **run.summary} if partial \
-            else run.summary
-        stages = {**(done or {}).get("stages", {}), **{s: want[s] for s in todo}} \
-            if partial else {s: want[s] for s in todo}
+        kept = done if partial and done is not None else {}  # what the partial run keeps
+        summary = {**kept.get("summary", {}), **run.summary}
+        stages = {**kept.get("stages", {}), **{s: want[s] for s in todo}}
         n_tiles = summary.get("tiles", {}).get("n_tiles")
         result.n_tiles = n_tiles
         _write_json(work / "done.json", {
@@ -248,10 +247,9 @@ def _swap_into_place(work: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _skipped(result: SlideResult, final: Path) -> SlideResult:
-    done = read_done(final) or {}
+def _skipped(result: SlideResult, done: dict[str, Any] | None) -> SlideResult:
     result.status = "skipped"
-    result.n_tiles = done.get("n_tiles")
+    result.n_tiles = (done or {}).get("n_tiles")
     return result
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
-from wsi_assist.errors import StageSkipped, WsiAssistError
+from wsi_assist.errors import StageSkipped
 from wsi_assist.models.captioner import DEFAULT_PROMPT, build_prompt
 from wsi_assist.represent import Pick
 from wsi_assist.tiling import TileGrid
@@ -63,23 +63,9 @@ class CaptionParams:
             raise ValueError(f"queries must be non-empty texts, got {self.queries!r}")
 
 
-def slide_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
-    """A content hash of a slide file: its size and its first and last ``chunk`` bytes."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        f.seek(max(0, size - chunk))
-        h.update(f.read(chunk))
-    return h.hexdigest()[:16]
-
-
-def cache_file(out_dir: Path, slide_id: str) -> Path:
-    """``OUT/.cache/captions/<slide_id>.json``; a slide folder being built lives in
-    ``OUT/.work/<id>.<pid>``, so the output root is found above either."""
-    root = out_dir.parent.parent if out_dir.parent.name == ".work" else out_dir.parent
-    return root / ".cache" / "captions" / f"{slide_id}.json"
+def cache_file(out_root: Path, slide_id: str) -> Path:
+    """``OUT/.cache/captions/<slide_id>.json`` for the output folder ``out_root``."""
+    return out_root / ".cache" / "captions" / f"{slide_id}.json"
 
 
 def cache_key(model: str, prompt: str, fingerprint: str, xy: tuple[int, int],
@@ -146,10 +132,9 @@ def tile_findings(group: zarr.Group, grid: TileGrid, rows: Sequence[int]
     """Per chosen tile: zero-shot class/prob (and runner-up) and sub-model results."""
     out: list[dict[str, Any]] = [{"submodels": {}} for _ in rows]
     rows_a = np.asarray(rows, dtype=np.int64)
-    probs = _array(group, "zeroshot/probs")
-    if probs is not None:
+    if "zeroshot/probs" in group:
         classes = list(group["zeroshot"].attrs["classes"])
-        for f, p in zip(out, probs[rows_a]):
+        for f, p in zip(out, group["zeroshot/probs"].oindex[rows_a]):
             order = np.argsort(-p)
             f["class"], f["prob"] = classes[order[0]], float(p[order[0]])
             if len(order) > 1:
@@ -170,9 +155,9 @@ def _submodel_rows(sub: zarr.Group, grid: TileGrid, rows: np.ndarray
     name_of = (lambda i: classes[i] if 0 <= i < len(classes) else str(i))
     task = sub.attrs.get("task")
     if task == "tile-classification" and "probs" in sub:
-        probs, labels = np.asarray(sub["probs"][...]), np.asarray(sub["labels"][...])
-        return [{"label": name_of(int(labels[r])), "prob": float(probs[r, labels[r]])}
-                for r in rows]
+        probs, labels = sub["probs"].oindex[rows], sub["labels"].oindex[rows]
+        return [{"label": name_of(int(label)), "prob": float(p[label])}
+                for p, label in zip(probs, labels)]
     if task == "point-detection" and "points" in sub:
         xy = np.asarray(sub["points"][...], dtype=np.float64).reshape(-1, 2)
     elif task == "box-detection" and "boxes" in sub:
@@ -197,33 +182,33 @@ def _submodel_rows(sub: zarr.Group, grid: TileGrid, rows: np.ndarray
 
 def run_caption(run: Any) -> dict[str, Any]:
     """Stage: caption representative tiles (cached), save their PNGs, draft a summary."""
-    from wsi_assist import represent, store
+    from wsi_assist import batch, represent  # batch imports pipeline, which imports us
 
     params: CaptionParams = run.config.caption
     if params.model is None:
         raise StageSkipped(ENABLE_HINT)
-    try:
-        grid = store.read_grid(run.store)
-    except KeyError as e:
-        raise WsiAssistError(f"{run.path}: {e.args[0]}") from e
+    grid = run.read_grid()
     picks, notes = choose(run.store, grid, params)
     rows = [p.row for p in picks]
-    fingerprint = run.store.attrs.get("slide_fingerprint") or slide_fingerprint(run.path)
-    run.store.attrs["slide_fingerprint"] = fingerprint
+    fingerprint = run.store.attrs.get("slide_fingerprint")
+    if not fingerprint:  # a batch stores it before the stages run
+        fingerprint = batch.slide_fingerprint(run.path)
+        run.store.attrs["slide_fingerprint"] = fingerprint
     findings = tile_findings(run.store, grid, rows)
     prompts = [build_prompt(params.prompt, f) for f in findings]
     extra = {"max_new_tokens": params.max_new_tokens, "tile_px": grid.tile_px,
              "mpp": grid.delivered_mpp}
     keys = [cache_key(params.model, pr, fingerprint, tuple(map(int, grid.coords[r])), extra)
             for pr, r in zip(prompts, rows)]
-    cpath = cache_file(run.out_dir, run.slide_id)
+    cpath = cache_file(run.out_root if run.out_root is not None else run.out_dir.parent,
+                       run.slide_id)
     cache = load_cache(cpath)
     with run.open_slide() as slide:
         tiles = represent.read_tiles(slide, grid, rows)
     pngs = [represent.save_png(run.out_dir, *grid.coords[r], t) for r, t in zip(rows, tiles)]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
-        _generate(run, params, params.model, [tiles[i] for i in todo], [prompts[i] for i in todo],
+        _generate(run, params, [tiles[i] for i in todo], [prompts[i] for i in todo],
                   [keys[i] for i in todo], cache)
         save_json(cpath, cache)
     records = [_record(p, f, grid, png, pr, cache[k], params.model)
@@ -235,12 +220,12 @@ def run_caption(run: Any) -> dict[str, Any]:
             **notes}
 
 
-def _generate(run: Any, params: CaptionParams, model: str, tiles: list[np.ndarray],
+def _generate(run: Any, params: CaptionParams, tiles: list[np.ndarray],
               prompts: list[str], keys: list[str], cache: dict[str, Any]) -> None:
-    """Caption the cache misses and add them to ``cache``."""
+    """Caption the cache misses with ``params.model`` and add them to ``cache``."""
     from wsi_assist.models.captioner import Captioner
 
-    cap = Captioner(model, run.device, params.dtype)
+    cap = Captioner(params.model, run.device, params.dtype)
     for key, c in zip(keys, cap.caption(tiles, prompts, params.max_new_tokens,
                                         params.batch_size)):
         cache[key] = {"caption": c.text, "n_tokens": c.n_tokens}

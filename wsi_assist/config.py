@@ -193,13 +193,19 @@ def save(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The raw data of a YAML file; ``error`` (naming the file and ``what`` it should be)
+    when it cannot be read or parsed."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = read_yaml(path, "config")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -25,11 +25,8 @@ class Lock:
     pid: int
 
     def release(self) -> None:
-        try:
-            if _read(self.path) == (self.host, self.pid):
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
+        if _read(self.path) == (self.host, self.pid):
+            self.path.unlink(missing_ok=True)
 
 
 def acquire(path: Path, stale_after: float = 24 * 3600) -> Lock | str:
@@ -43,7 +40,7 @@ def acquire(path: Path, stale_after: float = 24 * 3600) -> Lock | str:
             holder = _read(path)
             if holder is None or _is_stale(path, holder, stale_after):
                 log.warning("taking over stale lock %s (held by %s)", path, holder)
-                _remove(path)
+                path.unlink(missing_ok=True)
                 continue
             return f"host {holder[0]} pid {holder[1]}"
         with os.fdopen(fd, "w") as f:
@@ -85,10 +82,3 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except FileNotFoundError:
         return 0.0
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

@@ -47,11 +47,20 @@ class SlideRun:
     info: SlideInfo
     store: zarr.Group
     summary: dict[str, Any] = field(default_factory=dict)
+    #: The batch output folder (OUT); None when the slide is run outside a batch.
+    out_root: Path | None = None
 
     @property
     def device(self) -> str:
         """The configured device, with ``auto`` resolved (cuda when available)."""
         return resolve_device(self.config.parallelism.device)
+
+    def read_grid(self) -> TileGrid:
+        """The stored tile grid; a WsiAssistError naming the slide when there is none."""
+        try:
+            return store.read_grid(self.store)
+        except KeyError as e:
+            raise WsiAssistError(f"{self.path}: {e.args[0]}") from e
 
     def open_slide(self) -> Any:
         from wsi_assist.slide import open_slide

@@ -15,7 +15,6 @@ class BatchProgress:
     def __init__(self, live: bool, quiet: bool = False, every: float = 30.0) -> None:
         self.live, self.quiet, self.every = live and not quiet, quiet, every
         self.total = self.done = 0
-        self.tiles = 0
         self.t0 = self.last = time.monotonic()
         self._bar: Any = None
         self._task: Any = None
@@ -43,7 +42,6 @@ class BatchProgress:
 
     def advance(self, result: Any) -> None:
         self.done += 1
-        self.tiles += result.n_tiles or 0 if result.status == "done" else 0
         tps = result.tiles_per_s
         note = f"{result.slide_id}: {result.status}" + (f", {tps:.0f} tiles/s" if tps else "")
         if self._bar is not None:

@@ -76,6 +76,11 @@ class TileGrid:
         """Tile side in level-0 pixels."""
         return self.read_px * self.level_downsample
 
+    @property
+    def cell_area_mm2(self) -> float:
+        """Area of one grid cell (stride x stride, level-0 scale) in mm^2."""
+        return (self.stride_px * self.level_downsample * self.mpp) ** 2 / 1e6
+
     def level_coords(self) -> np.ndarray:
         """Tile corners in source-level pixels (exact inverse of the level-0 rounding)."""
         return np.rint(self.coords / self.level_downsample).astype(np.int64)

@@ -28,39 +28,39 @@ def report(
     and OUT/summary.csv when OUT/manifest.csv exists.
     """
     import csv
-    import json
 
     from wsi_assist import config as config_mod
     from wsi_assist import store
+    from wsi_assist.batch import read_done
     from wsi_assist.errors import WsiAssistError
     from wsi_assist.report.build import build_slide_outputs
     from wsi_assist.report.index import write_batch_outputs
 
+    configs: dict[Path, config_mod.Config] = {}
+    done_in: dict[Path, None] = {}  # output folders with a rebuilt slide, in order
     with user_errors():
-        for d in slide_dirs:
-            if not (d / "slide.zarr").is_dir():
-                raise WsiAssistError(f"{d}: no slide.zarr here; give a slide output folder "
-                                     "OUT/<slide-id>")
-            run_cfg = d.parent / "config.yaml"
-            cfg = config_mod.load(config or (run_cfg if run_cfg.is_file() else None))
-            cfg = cfg.with_overrides(report={"pdf": pdf, "include_tiles": tiles})
-            done = _read(d / "done.json", json)
-            group = store.open_store(d / "slide.zarr", mode="r")
-            summary = build_slide_outputs(d, group, cfg, slide_id=d.name,
-                                          info=done.get("info"), seconds=done.get("seconds"))
-            typer.echo(f"{d}: {summary['annotations']} annotations, "
-                       f"{summary['heatmaps']} heatmaps, pdf {summary['pdf']}")
-            manifest = d.parent / "manifest.csv"
-            if manifest.is_file():
-                with manifest.open(newline="", encoding="utf-8") as f:
-                    write_batch_outputs(d.parent, list(csv.DictReader(f)))
-
-
-def _read(path: Path, json_mod) -> dict:  # type: ignore[no-untyped-def,type-arg]
-    if not path.is_file():
-        return {}
-    try:
-        data = json_mod.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        try:
+            for d in slide_dirs:
+                if not (d / "slide.zarr").is_dir():
+                    raise WsiAssistError(f"{d}: no slide.zarr here; give a slide output "
+                                         "folder OUT/<slide-id>")
+                cfg = configs.get(d.parent)
+                if cfg is None:
+                    run_cfg = d.parent / "config.yaml"
+                    cfg = config_mod.load(config or (run_cfg if run_cfg.is_file() else None))
+                    cfg = cfg.with_overrides(report={"pdf": pdf, "include_tiles": tiles})
+                    configs[d.parent] = cfg
+                done = read_done(d) or {}
+                group = store.open_store(d / "slide.zarr", mode="r")
+                summary = build_slide_outputs(d, group, cfg, slide_id=d.name,
+                                              info=done.get("info"),
+                                              seconds=done.get("seconds"))
+                typer.echo(f"{d}: {summary['annotations']} annotations, "
+                           f"{summary['heatmaps']} heatmaps, pdf {summary['pdf']}")
+                done_in[d.parent] = None
+        finally:  # slides rebuilt before a failing one still get their index refreshed
+            for out in done_in:
+                manifest = out / "manifest.csv"
+                if manifest.is_file():
+                    with manifest.open(newline="", encoding="utf-8") as f:
+                        write_batch_outputs(out, list(csv.DictReader(f)))

@@ -10,6 +10,7 @@ Results: ``embeddings`` (N, D) float16, L2-normalised, rows aligned with ``coord
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -120,13 +121,30 @@ def ort_session(path: Path, device: str) -> Any:
                          f"{e}") from e
 
 
+_ONNX_LOCK = threading.Lock()
+_ONNX_ENCODERS: dict[tuple[Any, ...], OnnxEncoder] = {}
+
+
 def make_encoder(spec: ModelSpec, params: EmbedParams, device: str) -> Encoder:
-    """The configured engine for ``spec`` on ``device``."""
+    """The configured engine for ``spec`` on ``device``. ONNX encoders (sessions) are made
+    once per process for a file, device and expected weights, and again only when the
+    file changes."""
     if params.engine == "onnx":
         if not params.onnx:
             raise ModelError("embed.engine is 'onnx' but embed.onnx is not set; export the "
                              "encoder with `python -m exporters.pathclip_onnx SPEC -o FILE`")
-        return OnnxEncoder(Path(params.onnx), device, expect_sha256=spec_sha256(spec))
+        path, sha = Path(params.onnx), spec_sha256(spec)
+        try:
+            st = path.stat()
+        except OSError:  # missing: the constructor says so
+            return OnnxEncoder(path, device, expect_sha256=sha)
+        key = (str(path.resolve()), device, sha, st.st_size, st.st_mtime_ns)
+        with _ONNX_LOCK:
+            enc = _ONNX_ENCODERS.get(key)
+            if enc is None:
+                enc = OnnxEncoder(path, device, expect_sha256=sha)
+                _ONNX_ENCODERS[key] = enc
+            return enc
     return TorchEncoder(load_model(spec, device), params.precision)
 
 
@@ -188,10 +206,7 @@ def run_embed(run: Any) -> dict[str, Any]:
     spec = configured_spec(params)
     if spec is None:
         raise StageSkipped(HOW_TO_ENABLE)
-    try:
-        grid = store.read_grid(run.store)
-    except KeyError as e:
-        raise WsiAssistError(f"{run.path}: {e.args[0]}") from e
+    grid = run.read_grid()
     encoder = make_encoder(spec, params, run.device)
     res = embed_batches(encoder, run.stream(grid, params.batch_size), len(grid))
     store.write_array(run.store, "embeddings", res.embeddings, model=spec.spec,

@@ -105,8 +105,7 @@ def evaluate(root: Path, prompts: PromptSet, model: Any, *, device: str = "cpu",
     from wsi_assist.models import pathclip
 
     folder = scan(root, prompts)
-    lm = model if isinstance(model, pathclip.LoadedModel) else pathclip.load_model(model,
-                                                                                   device)
+    lm = pathclip.load_model(model, device)
     text = text_embeddings(lm, prompts, cache=cache, model_sha256=lm.sha256)
     preds = []
     for tiles in _batches(folder.paths, lm.image_size, batch_size):

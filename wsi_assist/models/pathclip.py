@@ -16,6 +16,7 @@ architecture key for key and shape for shape.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -96,6 +97,17 @@ class LoadedModel:
     def logit_scale(self) -> float:
         """exp(logit_scale), clipped at 100 as in CLIP."""
         return float(min(100.0, float(self.model.logit_scale.detach().exp().cpu())))
+
+    @functools.cached_property
+    def norm_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as float32 (1, 3, 1, 1) tensors on ``device``, made once
+        (not per batch: building them on a GPU waits for the host)."""
+        import torch
+
+        with torch.inference_mode(False):  # plain tensors, even when first asked for in one
+            m, s = (torch.tensor(v, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+                    for v in (self.mean, self.std))
+        return m, s
 
 
 def pathclip_weights(configured: str | None = None) -> str | None:
@@ -206,9 +218,12 @@ _MODELS: dict[tuple[Any, ...], LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
-def load_model(spec: ModelSpec | str, device: str = "cpu",
+def load_model(spec: ModelSpec | str | LoadedModel, device: str = "cpu",
                pathclip: str | None = None) -> LoadedModel:
-    """Build and load a model once per (spec, file state, device); eval mode, fp32."""
+    """Build and load a model once per (spec, file state, device); eval mode, fp32.
+    An already loaded model is returned as it is."""
+    if isinstance(spec, LoadedModel):
+        return spec
     if isinstance(spec, str):
         spec = parse_spec(spec, pathclip)
     key: tuple[Any, ...] = (spec, device)
@@ -274,9 +289,10 @@ def _quiet_open_clip() -> Iterator[None]:
         logging.getLogger().removeFilter(f)
 
 
-def preprocess(tiles: torch.Tensor, size: int, mean: tuple[float, ...],
-               std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there."""
+def preprocess(tiles: torch.Tensor, size: int, mean: tuple[float, ...] | torch.Tensor,
+               std: tuple[float, ...] | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there.
+    ``mean`` and ``std``: 3 values, or tensors already there (no host copy per batch)."""
     import torch
     import torch.nn.functional as F
 
@@ -284,8 +300,8 @@ def preprocess(tiles: torch.Tensor, size: int, mean: tuple[float, ...],
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
                           align_corners=False).clamp_(0.0, 1.0)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
 
 
@@ -306,7 +322,7 @@ def encode_images(lm: LoadedModel, tiles: torch.Tensor, precision: str = "auto"
 
     dtype = autocast_dtype(precision, lm.device)
     with torch.inference_mode():
-        x = preprocess(tiles, lm.image_size, lm.mean, lm.std)
+        x = preprocess(tiles, lm.image_size, *lm.norm_tensors)
         with torch.autocast(device_type="cuda", dtype=dtype or torch.float32,
                             enabled=dtype is not None):
             feats = lm.model.encode_image(x)
@@ -321,8 +337,7 @@ def encode_text(model_spec: ModelSpec | str | LoadedModel, texts: list[str], *,
     import torch
     import torch.nn.functional as F
 
-    lm = model_spec if isinstance(model_spec, LoadedModel) else load_model(
-        model_spec, device, pathclip)
+    lm = load_model(model_spec, device, pathclip)
     if not texts:
         return np.zeros((0, lm.embed_dim), np.float32)
     tokenizer = open_clip.get_tokenizer(lm.spec.arch)

@@ -163,8 +163,8 @@ class Accumulator:
         else:
             arrays = self._dedup(arrays)
             counts = np.bincount(arrays["labels"].astype(np.int64), minlength=len(o.classes))
-        count_map = {c: int(counts[i]) if i < len(counts) else 0
-                     for i, c in enumerate(o.classes)}
+        # every branch above counts at least one entry per class
+        count_map = {c: int(counts[i]) for i, c in enumerate(o.classes)}
         scores = {n: {"value": slide_score(s, count_map, analysed_mm2),
                       "definition": s.definition} for n, s in self.spec.scores.items()}
         return arrays, {"counts": count_map, "scores": scores}

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_assist.models.submodel_spec import SubmodelSpec
+from wsi_assist.models.submodel_spec import SubmodelSpec, affine
 
 log = logging.getLogger(__name__)
 INPUT = "tiles_uint8"
@@ -27,9 +27,7 @@ def _prefix_graph(spec: SubmodelSpec, out_name: str, opset: int, ir_version: int
 
     inp = spec.input
     shape = (1, 3, 1, 1) if inp.layout == "NCHW" else (1, 1, 1, 3)
-    std, mean = np.asarray(inp.std, np.float32), np.asarray(inp.mean, np.float32)
-    gain = (1.0 / (np.float32(inp.scale) * std)).reshape(shape).astype(np.float32)
-    bias = (-mean / std).reshape(shape).astype(np.float32)
+    gain, bias = (a.reshape(shape) for a in affine(inp.mean, inp.std, inp.scale))
     inits = [numpy_helper.from_array(gain, "pre_gain"), numpy_helper.from_array(bias, "pre_bias")]
     nodes = [helper.make_node("Cast", [INPUT], ["pre_f"], to=TensorProto.FLOAT)]
     cur = "pre_f"

@@ -11,12 +11,11 @@ optionally ``measurements`` (B,P,K); box-detection ``boxes`` (B,P,4) x0,y0,x1,y1
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+import numpy as np
 
 from wsi_assist.errors import ModelError
 
@@ -141,23 +140,20 @@ class SubmodelSpec:
             if bad:
                 raise ValueError(f"scores: {sname!r} names unknown class {bad[0]!r}")
 
-    def model_sha256(self) -> str:
-        h = hashlib.sha256()
-        with self.model_path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+
+def affine(mean: Any, std: Any, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(v / scale - mean) / std`` as one multiply-add ``v * gain + bias``: float32
+    ``gain = 1 / (scale * std)`` and ``bias = -mean / std``, one value per channel."""
+    std, mean = np.asarray(std, np.float32), np.asarray(mean, np.float32)
+    return 1.0 / (np.float32(scale) * std), -mean / std
 
 
 def load_spec(path: str | Path) -> SubmodelSpec:
     """Read and validate a spec YAML; ``model`` is resolved next to the YAML file."""
+    from wsi_assist.config import read_yaml  # config imports this module
+
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read sub-model spec ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ModelError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    data = read_yaml(path, "sub-model spec", ModelError)
     if not isinstance(data, dict):
         raise ModelError(f"{path}: a sub-model spec must be a mapping")
     try:

@@ -20,8 +20,9 @@ import numpy as np
 import zarr
 
 from wsi_assist.errors import ModelError, StageSkipped, WsiAssistError
+from wsi_assist.models.pathclip import file_sha256
 from wsi_assist.models.submodel_decode import Accumulator, TileFrame
-from wsi_assist.models.submodel_spec import SubmodelSpec, check_against_model, load_spec
+from wsi_assist.models.submodel_spec import SubmodelSpec, affine, check_against_model, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,11 @@ class SubmodelParams:
 
 
 def builtin_dir() -> Path:
-    """``configs/submodels`` of a source checkout, or the copy packaged in the wheel."""
-    here = Path(__file__).resolve().parents[1]
-    for p in (here / "configs" / "submodels", here.parent / "configs" / "submodels"):
-        if p.is_dir():
-            return p
-    raise ModelError("configs/submodels not found next to the wsi_assist package")
+    """``configs/submodels`` of a source checkout, or the copy packaged in the wheel
+    (next to ``configs/default.yaml``)."""
+    from wsi_assist.config import default_config_path
+
+    return default_config_path().parent / "submodels"
 
 
 def resolve_spec_path(entry: str) -> Path:
@@ -96,7 +96,7 @@ def get_submodel(spec_path: str | Path, providers: list[str]) -> Submodel:
     with _LOCK:
         sub = _SUBMODELS.get(key)
         if sub is None:
-            sub = Submodel.load(path, providers)
+            sub = Submodel.load(path, providers, spec=spec)
             _SUBMODELS[key] = sub
         return sub
 
@@ -115,25 +115,31 @@ def clear_cache() -> None:
 
 
 class Submodel:
-    """A spec and its InferenceSession (checked against each other at load)."""
+    """A spec and its InferenceSession (checked against each other by :meth:`load`)."""
 
     def __init__(self, spec: SubmodelSpec, session: Any, fused: Any = None) -> None:
         """``fused``: a session of the same model with preprocessing in its graph (uint8
         NHWC input, see :mod:`submodel_prefix`); used instead of ``session`` when given."""
-        check_against_model(spec, session)
         self.spec = spec
         self.fused = fused is not None
         self.session = fused if fused is not None else session
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in session.get_outputs()]
-        self.sha256 = spec.model_sha256()
+        self.sha256 = file_sha256(spec.model_path)
+        inp = spec.input
+        shape = (1, 3, 1, 1) if inp.layout == "NCHW" else (1, 1, 1, 3)
+        self._gain, self._bias = (a.reshape(shape) for a in affine(inp.mean, inp.std,
+                                                                   inp.scale))
 
     @classmethod
-    def load(cls, spec_path: Path, providers: list[str], fuse: bool = True) -> Submodel:
-        """Load and check; float-input models get their preprocessing fused when ``fuse``."""
+    def load(cls, spec_path: Path, providers: list[str], fuse: bool = True,
+             spec: SubmodelSpec | None = None) -> Submodel:
+        """Load and check; float-input models get their preprocessing fused when ``fuse``.
+        ``spec``: the spec already read from ``spec_path``, if it was."""
         from wsi_assist.models.submodel_prefix import fused_model
 
-        spec = load_spec(spec_path)
+        if spec is None:
+            spec = load_spec(spec_path)
         session = create_session(spec.model_path, providers)
         check_against_model(spec, session)
         blob = fused_model(spec.model_path, spec) if fuse else None
@@ -153,9 +159,9 @@ class Submodel:
         """uint8 (B,H,W,3) RGB tiles -> the model's input array."""
         inp = self.spec.input
         if tiles.shape[1] != size:
-            from wsi_assist.stream import resize_area
+            from wsi_assist.stream import resize_tiles
 
-            tiles = np.stack([resize_area(t, size) for t in tiles])
+            tiles = resize_tiles(tiles, size, np.empty((len(tiles), size, size, 3), np.uint8))
         if self.fused:
             return np.ascontiguousarray(tiles)
         if inp.channel_order == "BGR":
@@ -166,18 +172,10 @@ class Submodel:
         if inp.dtype == "uint8":
             return tiles
         # (v / scale - mean) / std as one multiply-add on float32, in place
-        gain, bias = self._affine
-        shape = (1, 3, 1, 1) if inp.layout == "NCHW" else (1, 1, 1, 3)
         x = tiles.astype(np.float32)
-        x *= gain.reshape(shape)
-        x += bias.reshape(shape)
+        x *= self._gain
+        x += self._bias
         return x.astype(inp.dtype, copy=False)
-
-    @property
-    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
-        inp = self.spec.input
-        std, mean = np.asarray(inp.std, np.float32), np.asarray(inp.mean, np.float32)
-        return 1.0 / (np.float32(inp.scale) * std), -mean / std
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """One session.run; outputs by name."""
@@ -224,14 +222,13 @@ def select_rows(spec: SubmodelSpec, store: zarr.Group, n: int) -> np.ndarray:
 
 def run_submodels(run: Any) -> dict[str, Any]:
     """The ``submodels`` stage: every configured sub-model over the slide's tiles."""
-    from wsi_assist.store import read_grid
 
     params: SubmodelParams = run.config.submodels
     if not params.specs:
         raise StageSkipped("no sub-models configured; list spec files under submodels.specs")
     providers = choose_providers(params.providers, run.device)
     models = [get_submodel(resolve_spec_path(s), providers) for s in params.specs]
-    grid = read_grid(run.store)
+    grid = run.read_grid()
     background = run.store.attrs.get("tissue_background")
     active, summary = [], {}
     for m in models:

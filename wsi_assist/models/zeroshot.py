@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from wsi_assist.errors import ConfigError, ModelError, StageSkipped, WsiAssistError
 
@@ -119,13 +118,10 @@ def resolve_prompts(ref: str) -> Path:
 
 def load_prompt_set(ref: str | Path) -> PromptSet:
     """Read and validate a prompt-set YAML; errors name the file and the class."""
+    from wsi_assist.config import read_yaml  # config imports this module
+
     path = resolve_prompts(str(ref))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read prompt set ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    data = read_yaml(path, "prompt set")
     try:
         return _parse_prompt_set(data, path.stem)
     except (ValueError, TypeError, KeyError) as e:
@@ -199,7 +195,7 @@ def text_embeddings(model: Any, prompts: PromptSet, *, cache: str | None = None,
         hit = _read_cache(cache_path(model_sha256, prompts, directory))
         if hit is not None:
             return hit
-    lm = model if isinstance(model, pathclip.LoadedModel) else pathclip.load_model(model, device)
+    lm = pathclip.load_model(model, device)
     if model_sha256 is not None and lm.sha256 != model_sha256:
         raise ModelError(f"{lm.spec.spec}: weights {lm.sha256[:12]} differ from those the "
                          f"embeddings were made with ({model_sha256[:12]}); rerun 'embed'")
@@ -225,7 +221,7 @@ def _read_cache(path: Path) -> TextEmbeddings | None:
 def _write_cache(path: Path, emb: TextEmbeddings) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # one per process
         np.savez(tmp, classes=emb.classes, logit_scale=np.float64(emb.logit_scale))
         tmp.replace(path)
     except OSError as e:
@@ -279,9 +275,8 @@ def run_zeroshot(run: Any) -> dict[str, Any]:
     probs = classify(emb, text)
     top = probs.argmax(axis=1).astype(np.int16) if len(probs) else np.zeros(0, np.int16)
     uncertain = probs.max(axis=1, initial=0.0) < params.threshold
-    grid = store.read_grid(run.store)
-    side_um = grid.stride_px * grid.level_downsample * grid.mpp
-    per_class, unc = composition(top, uncertain, grid.tissue_fraction, side_um**2 / 1e6,
+    grid = run.read_grid()
+    per_class, unc = composition(top, uncertain, grid.tissue_fraction, grid.cell_area_mm2,
                                  prompts.names)
     store.write_array(run.store, "zeroshot/probs", probs, axes=["tile", "class"])
     store.write_array(run.store, "zeroshot/top", top, axes=["tile"])

@@ -42,11 +42,12 @@ PACKAGES = ("wsi-assist", "numpy", "zarr", "shapely", "pillow", "tiffslide", "to
 
 @dataclass(frozen=True)
 class ZeroShot:
-    """Stored zero-shot results: names, colours, probabilities and attrs."""
+    """Stored zero-shot results: names, colours, probabilities (read once, float32)
+    and attrs."""
 
     classes: list[str]
     colors: list[Color]
-    probs: zarr.Array
+    probs: np.ndarray
     top: np.ndarray
     uncertain: np.ndarray | None
     attrs: dict[str, Any]
@@ -94,9 +95,10 @@ def read_zeroshot(store: zarr.Group) -> ZeroShot | None:
         return None
     g = store["zeroshot"]
     a = dict(g.attrs)
-    probs = g["probs"]
+    stored = np.asarray(g["probs"][...])
     top = (np.asarray(g["top"][...], np.int64) if "top" in g
-           else np.asarray(probs[...]).argmax(axis=1))
+           else stored.argmax(axis=1))
+    probs = stored.astype(np.float32, copy=False)
     uncertain = np.asarray(g["uncertain"][...], bool) if "uncertain" in g else None
     classes = [str(c) for c in a.get("classes", [])]
     colors = [tuple(int(v) for v in c) for c in a.get("colors", [])] or \
@@ -114,14 +116,15 @@ def read_submodels(store: zarr.Group) -> list[SubModel]:
             for name, sub in sorted(g.groups())]
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's content, or None when absent or unreadable (logged)."""
+def read_json(path: Path, left_out_of: str = "the report") -> Any:
+    """A JSON file's content, or None when absent or unreadable (logged as left out of
+    ``left_out_of``)."""
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        log.warning("%s: cannot read (%s); left out of the report", path, e)
+        log.warning("%s: cannot read (%s); left out of %s", path, e, left_out_of)
         return None
 
 

@@ -4,18 +4,14 @@
 from __future__ import annotations
 
 import csv
-import json
-import logging
 import os
 from html import escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from wsi_assist.report.data import NOTICE
+from wsi_assist.report.data import NOTICE, read_json
 from wsi_assist.report.markdown import fmt, pct
-
-log = logging.getLogger(__name__)
 
 BASE_FIELDS = ["slide_id", "status", "error", "stage", "path", "n_tiles", "tiles_per_s",
                "tissue_area_mm2", "empty_tile_fraction", "top_class", "top_class_fraction"]
@@ -47,14 +43,9 @@ def key_findings(report: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _read_report(out: Path, slide_id: str) -> dict[str, Any] | None:
-    path = out / slide_id / "report.json"
-    if not slide_id or not path.is_file():
+    if not slide_id:
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        log.warning("%s: unreadable (%s); left out of the index", path, e)
-        return None
+    return read_json(out / slide_id / "report.json", left_out_of="the index")
 
 
 def write_batch_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
