@@ -25,8 +25,11 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the random-weight LLaVA in the released layout is a test fixture
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from wsi_assist.models import random_vlm
+import random_vlm  # noqa: E402
+
 from wsi_assist.models.captioner import Captioner, build_prompt
 
 

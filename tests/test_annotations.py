@@ -15,9 +15,10 @@ import shapely
 from findings_helper import CLASSES, report_config, tiled_slide, write_findings
 from shapely.geometry import shape
 
-from wsi_assist import store
-from wsi_assist.aggregate import TileLayout, class_regions
-from wsi_assist.report.build import build_slide_outputs
+from wsi_assist.aggregate import class_regions
+from wsi_assist.stages import rebuild_report
+from wsi_assist.store import SlideStore
+from wsi_assist.tiling import TileGrid
 
 OBJECT_TYPES = {"annotation", "detection", "cell", "tile"}
 
@@ -58,10 +59,9 @@ def slide_dir(tmp_path_factory: pytest.TempPathFactory, svs_slide: Path, syn_spe
 
 
 def test_annotations_read_like_qupath(slide_dir: Path, syn_spec) -> None:
-    group = store.open_store(slide_dir / "slide.zarr", mode="r")
-    build_slide_outputs(slide_dir, group, report_config(include_tiles=True))
+    rebuild_report(slide_dir, report_config(include_tiles=True))
     feats = qupath_read(slide_dir / "annotations.geojson")
-    n_tiles = group["coords"].shape[0]
+    n_tiles = len(SlideStore(slide_dir, mode="r").read_grid())
     by_type: dict[str, list[dict]] = {}
     for f in feats:
         by_type.setdefault(f["objectType"], []).append(f)
@@ -89,14 +89,16 @@ def test_annotations_read_like_qupath(slide_dir: Path, syn_spec) -> None:
 
 
 def test_class_regions_follow_tile_classes(slide_dir: Path, syn_spec) -> None:
-    group = store.open_store(slide_dir / "slide.zarr", mode="r")
-    build_slide_outputs(slide_dir, group, report_config(min_region_um2=0.0))
+    rebuild_report(slide_dir, report_config(min_region_um2=0.0))
+    st = SlideStore(slide_dir, mode="r")
     feats = qupath_read(slide_dir / "annotations.geojson")
     regions = {f["classification"]["name"]: f for f in feats
                if f["objectType"] == "annotation" and f.get("name", "").endswith("region")}
     tumor = regions["Tumor"]["geometry"]
-    coords = np.asarray(group["coords"][...])
-    top = np.asarray(group["zeroshot/top"][...])
+    coords = st.read_grid().coords
+    zs = st.read_zeroshot()
+    assert zs is not None
+    top = zs.top
     centres = shapely.points(coords + 112)
     inside = shapely.contains(tumor, centres)
     # the one uncertain tile (row 0) is left out; other Tumor tiles are inside
@@ -110,7 +112,7 @@ def test_class_regions_follow_tile_classes(slide_dir: Path, syn_spec) -> None:
     m = regions["Tumor"]["measurements"]
     assert m["Area mm^2"] == pytest.approx(tumor.area * 0.25 / 1e6)
     assert m["Fraction of tissue"] == pytest.approx(
-        tumor.area * 0.25 / group.attrs["tissue_area_um2"])
+        tumor.area * 0.25 / st.read_tissue().area_um2)
 
 
 def test_regions_dissolve_and_drop_islands() -> None:
@@ -119,7 +121,9 @@ def test_regions_dissolve_and_drop_islands() -> None:
                       np.int64)
     top = np.ones(16, np.int16)
     top[[0, 1, 4, 5, 15]] = 0
-    layout = TileLayout(coords=coords, size_l0=100.0, stride_l0=100.0, mpp=0.5)
+    layout = TileGrid(coords=coords, tissue_fraction=np.ones(16, np.float32), level=0,
+                      level_downsample=1.0, read_px=100, stride_px=100, tile_px=100,
+                      target_mpp=0.5, mpp=0.5, delivered_mpp=0.5)
     regions = class_regions(layout, top, ["A", "B"], [(255, 0, 0), (0, 0, 255)],
                             tissue_area_um2=16 * 2500.0)
     a = regions[0]
@@ -138,20 +142,20 @@ def test_regions_dissolve_and_drop_islands() -> None:
 STREAM_SCRIPT = """
 import resource, sys, numpy as np
 from pathlib import Path
-from wsi_assist import store
-from wsi_assist import annotate
 from wsi_assist.geojson import write_features
-from wsi_assist.report.data import SubModel
+from wsi_assist.report import annotations
+from wsi_assist.store import SlideStore
 n, tmp = int(sys.argv[1]), Path(sys.argv[2])
-g = store.open_store(tmp / "s.zarr", mode="w")
+st = SlideStore(tmp, mode="w")
 rng = np.random.default_rng(1)
-store.write_array(g, "submodels/p/points", rng.uniform(0, 1e5, (n, 2)))
-store.write_array(g, "submodels/p/labels", rng.integers(0, 2, n).astype(np.int16))
-store.write_array(g, "submodels/p/scores", rng.random(n).astype(np.float32))
-g["submodels/p"].attrs.update({"task": "point-detection", "classes": ["a", "b"],
-                               "colors": [[1, 2, 3], [4, 5, 6]]})
-sub = SubModel("p", dict(g["submodels/p"].attrs), g["submodels/p"])
-feats = annotate.detection_features(sub)
+st.write_submodel("p", {"points": rng.uniform(0, 1e5, (n, 2)),
+                        "labels": rng.integers(0, 2, n).astype(np.int16),
+                        "scores": rng.random(n).astype(np.float32)},
+                  {"task": "point-detection", "classes": ["a", "b"],
+                   "colors": [[1, 2, 3], [4, 5, 6]]})
+del st
+sub = SlideStore(tmp, mode="r").read_submodels()[0]
+feats = annotations.detection_features(sub)
 print(type(feats).__name__)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 count = write_features(tmp / "a.geojson", feats)

@@ -9,29 +9,29 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
+from random_vlm import build_causal_lm, build_llava
+from stage_helper import run_slide, run_stage
 
 from wsi_assist import config as config_mod
-from wsi_assist import pipeline, represent, store
-from wsi_assist.caption import CaptionParams, tile_findings
+from wsi_assist import represent
+from wsi_assist.caption import tile_findings
 from wsi_assist.errors import ModelError
-from wsi_assist.models import random_vlm
+from wsi_assist.settings import CaptionParams
+from wsi_assist.stages import SlideContext, run_stages
+from wsi_assist.store import Embeddings, ZeroShot
 from wsi_assist.models.captioner import build_prompt, findings_text
-from wsi_assist.slide import describe
 
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """CLIP vision (32 px, patch 8) + Llama (2 layers) LLaVA, a BPE tokenizer trained
     locally with <image>, CLIPImageProcessor, LlavaProcessor + chat template; saved."""
-    return random_vlm.build_llava(tmp_path_factory.mktemp("tiny-llava"))
+    return build_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return random_vlm.build_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+    return build_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
 
 
 def test_tiny_llava_is_saved_in_real_format(tiny_llava: Path) -> None:
@@ -45,37 +45,49 @@ def test_tiny_llava_is_saved_in_real_format(tiny_llava: Path) -> None:
 CLASSES = ["Tumor", "Stroma"]
 
 
-def _make_run(slide: Path, out: Path, **caption: Any) -> pipeline.SlideRun:
-    """A slide with tissue, tiles, fake embeddings, zero-shot probs and a Ki-67 model."""
-    cfg = config_mod.load().with_overrides(caption=caption, parallelism={"device": "cpu"})
-    out.mkdir(parents=True, exist_ok=True)
-    group = store.open_store(out / "slide.zarr", mode="w")
-    run = pipeline.SlideRun(path=slide, slide_id="s1", out_dir=out, config=cfg,
-                            info=describe(slide), store=group)
-    pipeline.run_stages(run, ("tissue", "tiles"))
-    return run
+class Run:
+    """A slide with tissue and tiles, and the config its caption stage runs with."""
+
+    def __init__(self, slide: Path, out: Path, **caption: Any) -> None:
+        self.cfg = config_mod.override(config_mod.load(), caption=caption,
+                                       parallelism={"device": "cpu"})
+        self.ctx: SlideContext = run_slide(slide, out, self.cfg, ("tissue", "tiles"),
+                                           slide_id="s1")[0]
+        self.store, self.out_dir = self.ctx.store, self.ctx.out_dir
+        self.coords = self.store.read_grid().coords
+
+    def caption(self) -> dict:
+        return run_stage(self.ctx, self.cfg, "caption")
 
 
-def _add_findings(run: pipeline.SlideRun) -> None:
-    n = run.store["coords"].shape[0]
+def _make_run(slide: Path, out: Path, **caption: Any) -> Run:
+    """A slide with tissue, tiles; findings follow with :func:`_add_findings`."""
+    return Run(slide, out, **caption)
+
+
+def _add_findings(run: Run) -> None:
+    """Fake embeddings, zero-shot probs and a Ki-67 model."""
+    n = len(run.coords)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(n, 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    store.write_array(run.store, "embeddings", emb.astype(np.float16), model="fake")
+    run.store.write_embeddings(Embeddings(emb.astype(np.float16), model="fake",
+                                          model_sha256="0" * 64))
     p_tumor = np.linspace(0.95, 0.05, n).astype(np.float32)
-    store.write_array(run.store, "zeroshot/probs", np.stack([p_tumor, 1 - p_tumor], 1))
-    run.store["zeroshot"].attrs.update({"classes": CLASSES, "colors": [[200, 0, 0], [0, 0, 200]],
-                                        "composition": {"Tumor": {"fraction": 0.5},
-                                                        "Stroma": {"fraction": 0.5}}})
-    x0, y0 = (int(v) for v in run.store["coords"][0])
+    probs = np.stack([p_tumor, 1 - p_tumor], 1)
+    run.store.write_zeroshot(ZeroShot(
+        classes=CLASSES, colors=[(200, 0, 0), (0, 0, 200)], probs=probs,
+        top=probs.argmax(axis=1), uncertain=np.zeros(n, bool),
+        composition={"Tumor": {"fraction": 0.5}, "Stroma": {"fraction": 0.5}}))
+    x0, y0 = (int(v) for v in run.coords[0])
     pts = np.array([[x0 + 10, y0 + 10], [x0 + 20, y0 + 30], [x0 + 40, y0 + 5],
                     [x0 - 50, y0 - 50]], np.float64)
-    sub = run.store.require_group("submodels/ki67")
-    store.write_array(sub, "points", pts)
-    store.write_array(sub, "labels", np.array([0, 0, 1, 0], np.int16))
-    sub.attrs.update({"task": "point-detection", "classes": ["positive", "negative"],
-                      "counts": {"positive": 3, "negative": 1},
-                      "scores": {"ki67_index": {"value": 0.75, "definition": "pos / all"}}})
+    run.store.write_submodel("ki67", {"points": pts,
+                                      "labels": np.array([0, 0, 1, 0], np.int16)},
+                             {"task": "point-detection", "classes": ["positive", "negative"],
+                              "counts": {"positive": 3, "negative": 1},
+                              "scores": {"ki67_index": {"value": 0.75,
+                                                        "definition": "pos / all"}}})
 
 
 @pytest.fixture
@@ -99,17 +111,17 @@ def test_caption_stage_batched_with_findings_and_cache(
     run = _make_run(svs_slide, tmp_path / "s1", model=str(tiny_llava), top_k=2,
                     batch_size=3, max_new_tokens=6)
     _add_findings(run)
-    summary = pipeline.STAGE_FUNCS["caption"](run)
+    summary = run.caption()
     caps = json.loads((run.out_dir / "captions.json").read_text())
     assert len(caps) == 4 and summary["generated"] == 4 and summary["cached"] == 0
     assert count_generate == [3, 1]
     assert {c["class"] for c in caps} == set(CLASSES)
-    first = next(c for c in caps if (c["x"], c["y"]) == tuple(run.store["coords"][0]))
+    first = next(c for c in caps if (c["x"], c["y"]) == tuple(run.coords[0]))
     assert "Zero-shot tissue class: Tumor (probability 0.95)" in first["prompt"]
     assert "ki67: positive: 2, negative: 1" in first["prompt"]
     assert all(isinstance(c["caption"], str) and c["n_tokens"] >= 1 for c in caps)
-    grid = store.read_grid(run.store)
-    with run.open_slide() as s:
+    grid = run.store.read_grid()
+    with run.ctx.open_slide() as s:
         want = represent.read_tiles(s, grid, [0])[0]
     from PIL import Image
     assert np.array_equal(np.asarray(Image.open(run.out_dir / first["tile_png"])), want)
@@ -117,7 +129,7 @@ def test_caption_stage_batched_with_findings_and_cache(
     assert doc["draft"] is True and doc["provenance"]["method"] == "template"
     assert "Tumor 50%" in doc["text"] and "ki67_index = 0.75" in doc["text"]
 
-    again = pipeline.STAGE_FUNCS["caption"](run)
+    again = run.caption()
     assert count_generate == [3, 1]  # no new generate calls
     assert again["cached"] == 4 and again["generated"] == 0
     assert json.loads((run.out_dir / "captions.json").read_text()) == caps
@@ -125,7 +137,7 @@ def test_caption_stage_batched_with_findings_and_cache(
     other = _make_run(svs_slide, tmp_path / "s1b", model=str(tiny_llava), top_k=2,
                       batch_size=3, max_new_tokens=6, prompt="Describe. {findings}")
     _add_findings(other)
-    assert pipeline.STAGE_FUNCS["caption"](other)["generated"] == 4  # new prompt, new key
+    assert other.caption()["generated"] == 4  # new prompt, new key
 
 
 def test_captioner_matches_unbatched(tiny_llava: Path) -> None:
@@ -143,26 +155,26 @@ def test_captioner_matches_unbatched(tiny_llava: Path) -> None:
 
 def test_no_captioner_is_skipped(svs_slide: Path, tmp_path: Path) -> None:
     run = _make_run(svs_slide, tmp_path / "s1")
-    pipeline.run_stages(run, ("caption",))
-    assert "caption.model" in run.summary["caption"]["skipped"]
-    assert "caption.model" in run.store.attrs["caption_skipped"]
+    summary, _ = run_stages(run.ctx, run.cfg, ("caption",))
+    assert "caption.model" in summary["caption"]["skipped"]
+    assert "caption.model" in (run.store.skipped("caption") or "")
     assert not (run.out_dir / "captions.json").exists()
 
 
 def test_missing_model_is_model_error(svs_slide: Path, tmp_path: Path) -> None:
     run = _make_run(svs_slide, tmp_path / "s1", model=str(tmp_path / "nope"))
     with pytest.raises(ModelError, match="nope"):
-        pipeline.STAGE_FUNCS["caption"](run)
+        run.caption()
 
 
 def test_llm_summary_and_fallback_selection(svs_slide: Path, tmp_path: Path,
                                             tiny_llava: Path, tiny_lm: Path) -> None:
     run = _make_run(svs_slide, tmp_path / "s1", model=str(tiny_llava), fallback_k=3,
                     max_new_tokens=4, summary_model=str(tiny_lm), summary_max_new_tokens=5)
-    n = run.store["coords"].shape[0]
-    out = pipeline.STAGE_FUNCS["caption"](run)
+    n = len(run.coords)
+    out = run.caption()
     caps = json.loads((run.out_dir / "captions.json").read_text())
-    coords = run.store["coords"][...]
+    coords = run.coords
     want = [tuple(int(v) for v in coords[r]) for r in (0, round((n - 1) / 2), n - 1)]
     assert out["selection"] == "tissue fraction" and [(c["x"], c["y"]) for c in caps] == want
     assert [c["reason"] for c in caps] == ["tissue"] * 3
@@ -177,7 +189,7 @@ def test_queries_use_pathclip_text_encoder(svs_slide: Path, tmp_path: Path, tiny
     run = _make_run(svs_slide, tmp_path / "s1", model=str(tiny_llava), top_k=1,
                     max_new_tokens=3, queries=["mitotic figures"], query_k=1)
     _add_findings(run)
-    emb = np.asarray(run.store["embeddings"][...], np.float32)
+    emb = run.store.read_embeddings().vectors.astype(np.float32)
     target = len(emb) // 2
     seen: list[tuple[str, list[str]]] = []
     from wsi_assist.models import pathclip
@@ -187,11 +199,11 @@ def test_queries_use_pathclip_text_encoder(svs_slide: Path, tmp_path: Path, tiny
         return emb[[target]]
 
     monkeypatch.setattr(pathclip, "encode_text", encode_text)
-    pipeline.STAGE_FUNCS["caption"](run)
+    run.caption()
     caps = json.loads((run.out_dir / "captions.json").read_text())
     hit = [c for c in caps if c["reason"] == "query: mitotic figures"]
     assert seen == [("fake", ["mitotic figures"])]
-    assert [(h["x"], h["y"]) for h in hit] == [tuple(run.store["coords"][target])]
+    assert [(h["x"], h["y"]) for h in hit] == [tuple(run.coords[target])]
 
 
 def test_farthest_point_and_by_class_are_diverse() -> None:
@@ -226,17 +238,15 @@ def test_findings_text_and_prompt() -> None:
 def test_tile_findings_counts_points_inside_tile(svs_slide: Path, tmp_path: Path) -> None:
     run = _make_run(svs_slide, tmp_path / "s1")
     _add_findings(run)
-    grid = store.read_grid(run.store)
-    f0, f1 = tile_findings(run.store, grid, [0, 1])
+    grid = run.store.read_grid()
+    f0, f1 = tile_findings(grid, [0, 1], run.store.read_zeroshot(), run.store.read_submodels())
     assert f0["submodels"]["ki67"]["counts"] == {"positive": 2, "negative": 1}
     assert f1["submodels"]["ki67"]["counts"] == {"positive": 0, "negative": 0}
-    n = run.store["coords"].shape[0]
-    cls = run.store.require_group("submodels/lbc")
+    n = len(run.coords)
     probs = np.tile(np.array([[0.2, 0.8]], np.float32), (n, 1))
-    store.write_array(cls, "probs", probs)
-    store.write_array(cls, "labels", np.ones(n, np.int16))
-    cls.attrs.update({"task": "tile-classification", "classes": ["NILM", "HSIL"]})
-    (f1,) = tile_findings(run.store, grid, [1])
+    run.store.write_submodel("lbc", {"probs": probs, "labels": np.ones(n, np.int16)},
+                             {"task": "tile-classification", "classes": ["NILM", "HSIL"]})
+    (f1,) = tile_findings(grid, [1], run.store.read_zeroshot(), run.store.read_submodels())
     assert f1["submodels"]["lbc"] == {"label": "HSIL", "prob": pytest.approx(0.8)}
 
 
@@ -266,7 +276,7 @@ def test_cli_run_query_reaches_config(svs_slide: Path, tmp_path: Path) -> None:
                                    "--query", "mitotic figures", "--query", "necrosis"])
     assert res.exit_code == 0, res.output
     cfg = config_mod.load(tmp_path / "out" / "config.yaml")
-    assert cfg.caption.queries == ["mitotic figures", "necrosis"]
+    assert list(cfg.caption.queries) == ["mitotic figures", "necrosis"]
     done = json.loads((tmp_path / "out" / "aperio" / "done.json").read_text())
     assert "caption.model" in done["summary"]["caption"]["skipped"]
 

@@ -9,13 +9,14 @@ import yaml
 
 from wsi_assist import config
 from wsi_assist.errors import ConfigError
+from wsi_assist.settings import SECTIONS, Config
 
 
 def test_default_yaml_matches_code_defaults() -> None:
     loaded = config.load()
-    assert loaded.to_dict() == config.Config(stages=loaded.stages).to_dict()
+    assert loaded.to_dict() == Config(stages=loaded.stages).to_dict()
     assert set(yaml.safe_load(config.default_config_path().read_text())) == \
-        {"stages", *config.SECTIONS}
+        {"stages", *SECTIONS}
 
 
 def test_every_key_has_a_comment() -> None:
@@ -55,7 +56,7 @@ def test_user_file_and_overrides_merge(tmp_path: Path) -> None:
     p.write_text("tiling:\n  tile_px: 256\n")
     c = config.load(p)
     assert c.tiling.tile_px == 256 and c.tiling.target_mpp == 0.5
-    c2 = c.with_overrides(tiling={"target_mpp": 0.25, "min_tissue": None})
+    c2 = config.override(c, tiling={"target_mpp": 0.25, "min_tissue": None})
     assert (c2.tiling.tile_px, c2.tiling.target_mpp, c2.tiling.min_tissue) == (256, 0.25, 0.25)
     assert c.section_hash("tiling") != c2.section_hash("tiling")
     assert c.section_hash("tissue") == c2.section_hash("tissue")

@@ -15,12 +15,13 @@ from findings_helper import CLASSES, report_config, tiled_slide, write_findings
 from PIL import Image
 from typer.testing import CliRunner
 
-from wsi_assist import config, store
+from wsi_assist import config
 from wsi_assist.aggregate import nice_length
 from wsi_assist.cli import app
 from wsi_assist.errors import ConfigError
 from wsi_assist.report import pdf
-from wsi_assist.report.build import build_slide_outputs
+from wsi_assist.stages import rebuild_report
+from wsi_assist.store import SlideStore
 from wsi_assist.report.index import write_batch_outputs
 
 needs_chromium = pytest.mark.skipif(pdf.find_browser() is None,
@@ -51,19 +52,21 @@ def slide_dir(batch_out: Path) -> Path:
 
 def test_report_json_from_stored_findings(slide_dir: Path, syn_spec) -> None:
     r = json.loads((slide_dir / "report.json").read_text(encoding="utf-8"))
-    g = store.open_store(slide_dir / "slide.zarr", mode="r")
+    st = SlideStore(slide_dir, mode="r")
+    grid, zs = st.read_grid(), st.read_zeroshot()
+    assert zs is not None
     assert (r["schema"], r["schema_version"]) == ("wsi-assist/report", "1.0")
     assert r["notice"] == "Draft for research use; not a diagnosis"
     s = r["slide"]
     assert (s["mpp"], s["mpp_source"], s["synthetic"]) == (0.5, "metadata", True)
     assert (s["width"], s["height"]) == (2048, 1536) and s["grid"]["tile_px"] == 224
     q = r["qc"]
-    frac = np.asarray(g["tissue_fraction"][...])
+    frac = grid.tissue_fraction
     assert q["n_tiles"] == len(frac)
     assert q["empty_tile_fraction"] == pytest.approx((frac < 0.5).mean())
-    assert q["tissue_area_mm2"] == pytest.approx(g.attrs["tissue_area_um2"] / 1e6)
+    assert q["tissue_area_mm2"] == pytest.approx(st.read_tissue().area_um2 / 1e6)
     comp = {c["name"]: c for c in r["composition"]["classes"]}
-    top = np.asarray(g["zeroshot/top"][...])
+    top = zs.top
     assert [comp[c]["n_tiles"] for c in CLASSES] == [int((top == k).sum()) for k in range(4)]
     assert comp["Tumor"]["region_area_mm2"] > 0 and comp["Lymphocytes"]["n_tiles"] == 0
     assert r["composition"]["n_uncertain"] == 1
@@ -75,7 +78,7 @@ def test_report_json_from_stored_findings(slide_dir: Path, syn_spec) -> None:
     assert "positive nuclei" in ki67["scores"]["Ki-67 index"]["definition"]
     tiles = r["representative_tiles"]
     assert next(t["caption"] for t in tiles).startswith("Test caption 0")
-    assert tiles[0]["x"] == int(g["coords"][0, 0])
+    assert tiles[0]["x"] == int(grid.coords[0, 0])
     assert r["summary"]["summary"].startswith("Synthetic tissue")
     assert all(v["status"] == "done" for v in r["stages"].values())
     p = r["provenance"]
@@ -100,17 +103,10 @@ def test_markdown_and_html_are_self_contained(slide_dir: Path) -> None:
     assert "Draft for research use; not a diagnosis" in html and "SYNTHETIC SLIDE" in html
 
 
-def test_stages_not_run_are_shown_with_how_to_enable(tmp_path: Path, batch_out: Path) -> None:
-    d = tmp_path / "bare"
-    d.mkdir()
-    for name in ("slide.zarr", "tissue.geojson", "thumbnail.png", "done.json"):
-        src = batch_out / "case-1" / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, d / name)
-    g = store.open_store(d / "slide.zarr", mode="a")
-    for name in ("embeddings", "zeroshot", "submodels"):
-        del g[name]
-    g.attrs["embed_skipped"] = "no PathCLIP weights configured; set models.pathclip"
-    build_slide_outputs(d, g, report_config())
+def test_stages_not_run_are_shown_with_how_to_enable(tmp_path: Path, svs_slide: Path) -> None:
+    d = tiled_slide(tmp_path, svs_slide)  # tissue and tiles only
+    SlideStore(d).mark_skipped("embed", "no PathCLIP weights configured; set models.pathclip")
+    rebuild_report(d, report_config())
     r = json.loads((d / "report.json").read_text(encoding="utf-8"))
     assert r["stages"]["embed"] == {"status": "not run",
                                     "reason": "no PathCLIP weights configured; set "

@@ -16,6 +16,7 @@ import numpy as np
 import shapely
 from PIL import Image, ImageDraw, ImageFont
 
+from wsi_assist.tiling import TileGrid
 from wsi_assist.tissue import as_multipolygon
 
 Color = tuple[int, int, int]
@@ -43,29 +44,7 @@ class ClassRegion:
             raise ValueError(f"area_mm2 must be >= 0, got {self.area_mm2!r}")
 
 
-@dataclass(frozen=True)
-class TileLayout:
-    """Where tiles sit: level-0 corners, side and grid stride (level-0 px), and the mpp."""
-
-    coords: np.ndarray
-    size_l0: float
-    stride_l0: float
-    mpp: float
-
-    def __post_init__(self) -> None:
-        if self.coords.ndim != 2 or self.coords.shape[1] != 2:
-            raise ValueError(f"coords must be (N, 2), got {self.coords.shape}")
-        if not (self.size_l0 > 0 and self.stride_l0 > 0 and self.mpp > 0):
-            raise ValueError("size_l0, stride_l0 and mpp must be positive, got "
-                             f"{self.size_l0!r}, {self.stride_l0!r}, {self.mpp!r}")
-
-    def boxes(self, rows: np.ndarray | None = None) -> np.ndarray:
-        xy = self.coords if rows is None else self.coords[rows]
-        x, y = xy[:, 0].astype(np.float64), xy[:, 1].astype(np.float64)
-        return shapely.box(x, y, x + self.size_l0, y + self.size_l0)
-
-
-def class_regions(layout: TileLayout, top: np.ndarray, classes: list[str],
+def class_regions(grid: TileGrid, top: np.ndarray, classes: list[str],
                   colors: list[Color], *, min_region_um2: float = 0.0,
                   tissue: shapely.Geometry | None = None,
                   tissue_area_um2: float | None = None,
@@ -74,20 +53,20 @@ def class_regions(layout: TileLayout, top: np.ndarray, classes: list[str],
     with polygons smaller than ``min_region_um2`` dropped. ``exclude`` marks tiles left
     out (e.g. uncertain ones)."""
     top = np.asarray(top)
-    if top.shape != (len(layout.coords),):
-        raise ValueError(f"top must have one class per tile ({len(layout.coords)}), "
+    if top.shape != (len(grid.coords),):
+        raise ValueError(f"top must have one class per tile ({len(grid.coords)}), "
                          f"got shape {top.shape}")
     if len(colors) != len(classes):
         raise ValueError(f"colors must have one entry per class ({len(classes)}), "
                          f"got {len(colors)}")
     keep = np.ones(len(top), bool) if exclude is None else ~np.asarray(exclude, bool)
-    px_um2 = layout.mpp ** 2
+    px_um2 = grid.mpp ** 2
     if tissue is not None and not tissue.is_empty:
         shapely.prepare(tissue)
     out = []
     for k, (name, color) in enumerate(zip(classes, colors, strict=True)):
         rows = np.flatnonzero((top == k) & keep)
-        geom = _dissolve(layout.boxes(rows)) if len(rows) else shapely.MultiPolygon()
+        geom = _dissolve(grid.boxes(rows)) if len(rows) else shapely.MultiPolygon()
         if tissue is not None and not geom.is_empty:
             geom = as_multipolygon(shapely.intersection(geom, tissue))
         parts = [p for p in geom.geoms if p.area * px_um2 >= min_region_um2]
@@ -106,18 +85,18 @@ def _dissolve(boxes: np.ndarray) -> shapely.MultiPolygon:
     return as_multipolygon(shapely.union_all(boxes, grid_size=1e-3))
 
 
-def prob_grid(layout: TileLayout, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tile values on the regular tile lattice: ``(grid (rows, cols) float, NaN where no
-    tile; origin (x, y) level-0 px of cell (0, 0))``."""
+def prob_grid(tiles: TileGrid, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tile values on the regular tile lattice: ``(lattice (rows, cols) float, NaN where
+    no tile; origin (x, y) level-0 px of cell (0, 0))``."""
     values = np.asarray(values, np.float64)
-    if len(layout.coords) == 0:
+    if len(tiles.coords) == 0:
         return np.full((0, 0), np.nan), np.zeros(2)
-    origin = layout.coords.min(axis=0).astype(np.float64)
-    cells = np.rint((layout.coords - origin) / layout.stride_l0).astype(np.int64)
+    origin = tiles.coords.min(axis=0).astype(np.float64)
+    cells = np.rint((tiles.coords - origin) / tiles.stride_l0).astype(np.int64)
     rows, cols = cells[:, 1].max() + 1, cells[:, 0].max() + 1
-    grid = np.full((rows, cols), np.nan)
-    grid[cells[:, 1], cells[:, 0]] = values
-    return grid, origin
+    lattice = np.full((rows, cols), np.nan)
+    lattice[cells[:, 1], cells[:, 0]] = values
+    return lattice, origin
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -164,24 +143,24 @@ def view(overview: np.ndarray, downsample: float, max_px: int,
     return View(img, c0 * downsample, r0 * downsample, scale / downsample)
 
 
-def heatmap(overview: np.ndarray, downsample: float, layout: TileLayout,
+def heatmap(overview: np.ndarray, downsample: float, tiles: TileGrid,
             probs: np.ndarray, title: str, *, max_px: int = 768, alpha: float = 0.7,
             bounds: tuple[float, float, float, float] | None = None) -> Image.Image:
     """Tile probabilities of one class over a faded overview, with legend and scale bar."""
     v = view(overview, downsample, max_px, bounds)
     faded = Image.blend(v.image.convert("L").convert("RGB"),
                         Image.new("RGB", v.image.size, (255, 255, 255)), 0.35)
-    grid, origin = prob_grid(layout, probs)
-    if grid.size:
-        rgba = np.dstack([colormap(grid), np.where(np.isnan(grid), 0,
+    lattice, origin = prob_grid(tiles, probs)
+    if lattice.size:
+        rgba = np.dstack([colormap(lattice), np.where(np.isnan(lattice), 0,
                                                    round(255 * alpha)).astype(np.uint8)])
         layer = Image.fromarray(rgba, "RGBA")
-        w = max(1, round(grid.shape[1] * layout.stride_l0 * v.scale))
-        h = max(1, round(grid.shape[0] * layout.stride_l0 * v.scale))
+        w = max(1, round(lattice.shape[1] * tiles.stride_l0 * v.scale))
+        h = max(1, round(lattice.shape[0] * tiles.stride_l0 * v.scale))
         layer = layer.resize((w, h), Image.Resampling.NEAREST)
         x, y = v.xy(*origin)
         faded.paste(layer, (round(x), round(y)), layer)
-    return _frame(faded, title, layout.mpp / v.scale, legend=_ramp_legend)
+    return _frame(faded, title, tiles.mpp / v.scale, legend=_ramp_legend)
 
 
 def class_overlay(overview: np.ndarray, downsample: float, regions: list[ClassRegion],

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_assist import __version__, files, locks, stages
 from wsi_assist import config as config_mod
-from wsi_assist import locks, store
-from wsi_assist.config import Config
 from wsi_assist.errors import WsiAssistError
-from wsi_assist.pipeline import SlideRun, run_stages
 from wsi_assist.report.index import write_batch_outputs
-from wsi_assist.slide import describe, mpp_for, read_mpp_csv
+from wsi_assist.settings import Config
+from wsi_assist.slide import SlideInfo, describe, find_slides, mpp_for, read_mpp_csv
+from wsi_assist.store import SlideStore
 
 log = logging.getLogger(__name__)
 #: Tracebacks of failed slides: run.log keeps them; the console shows them only with --debug.
@@ -107,54 +107,12 @@ def inside(base: Path, target: Path) -> Path:
     return target
 
 
-#: Stage -> (stages whose results it reads, config sections it depends on).
-STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "tissue": ((), ("mpp", "tissue")),
-    "tiles": (("tissue",), ("tiling", "outputs")),
-    "embed": (("tiles",), ("embed",)),
-    "zeroshot": (("embed",), ("zeroshot",)),
-    "submodels": (("tiles", "zeroshot"), ("submodels",)),
-    "caption": (("embed", "zeroshot", "submodels"), ("caption",)),
-    "report": (("tiles", "embed", "zeroshot", "submodels", "caption"), ("report",)),
-}
-
-
-def slide_fingerprint(path: Path) -> str:
-    """Size, mtime and a hash of the first MB: cheap, and changes when the file does."""
-    st = path.stat()
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:".encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:20]
-
-
-def stage_fingerprints(slide_fp: str, config: Config) -> dict[str, str]:
-    """One fingerprint per stage: the slide, the stage's config sections, its inputs'."""
-    d = config.to_dict()
-    fps: dict[str, str] = {}
-    for stage, (deps, sections) in STAGE_INPUTS.items():
-        blob = json.dumps({"slide": slide_fp, "deps": [fps[x] for x in deps],
-                           "config": {s: d.get(s) for s in sections}},
-                          sort_keys=True, default=str)
-        fps[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return fps
-
-
-def stages_to_run(done: dict[str, Any] | None, want: dict[str, str],
-                  stages: tuple[str, ...], force: bool) -> tuple[str, ...]:
-    """The configured stages whose stored fingerprint differs from the wanted one."""
-    if force or not done:
-        return stages
-    have = done.get("stages", {})
-    return tuple(s for s in stages if have.get(s) != want[s])
+DONE_FILE = "done.json"
 
 
 def read_done(folder: Path) -> dict[str, Any] | None:
     """The slide's done.json, or None when absent or unreadable."""
-    try:
-        d = json.loads((folder / "done.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    d = files.read_json(folder / DONE_FILE)
     return d if isinstance(d, dict) else None
 
 
@@ -166,10 +124,13 @@ def process_slide(path: Path, slide_id: str, out: Path, config: Config,
     final = inside(out, out / slide_id)
     lock: locks.Lock | str | None = None
     try:
-        fp = slide_fingerprint(path)
-        want = stage_fingerprints(fp, config)
+        fp = files.file_fingerprint(path)
+        t0 = time.perf_counter()
+        info = describe(path, mpp_override=mpp_for(path, config.mpp.override, mpp_table))
+        result.seconds["open"] = time.perf_counter() - t0
+        want = stages.fingerprints(fp, config, info)
         done = read_done(final)
-        todo = stages_to_run(done, want, config.stages, force)
+        todo = stages.stages_to_run(done, want, config.stages, force)
         if not todo:
             return _skipped(result, done)
         lock = locks.acquire(inside(out, out / ".locks" / f"{slide_id}.lock"))
@@ -177,12 +138,11 @@ def process_slide(path: Path, slide_id: str, out: Path, config: Config,
             result.status, result.error = "skipped", f"being processed by {lock}"
             return result
         done = read_done(final)  # another run may have finished it meanwhile
-        todo = stages_to_run(done, want, config.stages, force)
+        todo = stages.stages_to_run(done, want, config.stages, force)
         if not todo:
             return _skipped(result, done)
         log.info("start %s (%s): %s", slide_id, path, ", ".join(todo))
-        _run_in_work_folder(path, slide_id, out, config, mpp_table, todo, done, want,
-                            fp, result)
+        _run_in_work_folder(path, slide_id, out, config, info, todo, done, want, fp, result)
     except Exception as e:  # one bad slide must not stop the batch
         result.status = "failed"
         result.stage = getattr(e, "stage", "open")
@@ -197,9 +157,8 @@ def process_slide(path: Path, slide_id: str, out: Path, config: Config,
 
 
 def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
-                        mpp_table: dict[str, float] | None, todo: tuple[str, ...],
-                        done: dict[str, Any] | None, want: dict[str, str], fp: str,
-                        result: SlideResult) -> None:
+                        info: SlideInfo, todo: tuple[str, ...], done: dict[str, Any] | None,
+                        want: dict[str, str], fp: str, result: SlideResult) -> None:
     """Copy what is kept into a work folder, run ``todo`` there, swap it into place."""
     final = out / slide_id
     work = inside(out, out / ".work" / f"{slide_id}.{os.getpid()}")
@@ -207,30 +166,28 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
     work.parent.mkdir(parents=True, exist_ok=True)
     partial = done is not None and todo != config.stages and done.get("slide") == fp
     try:
-        override = mpp_for(path, config.mpp.override, mpp_table)
-        t0 = time.perf_counter()
-        info = describe(path, mpp_override=override)
         info.require_mpp()
-        result.seconds["open"] = time.perf_counter() - t0
         if partial:
             shutil.copytree(final, work)
-            (work / "done.json").unlink(missing_ok=True)
+            (work / DONE_FILE).unlink(missing_ok=True)
         else:
             work.mkdir()
-        group = store.open_store(work / "slide.zarr", mode="a" if partial else "w")
-        group.attrs.update({"slide_path": str(path), "mpp_source": info.mpp_source,
-                            "slide_mpp": info.mpp, "synthetic": info.synthetic,
-                            "slide_fingerprint": fp, "wsi_assist_version": _version()})
-        run = SlideRun(path=path, slide_id=slide_id, out_dir=work, config=config,
-                       info=info, store=group, out_root=out)
-        result.seconds.update(run_stages(run, todo))
+        store = SlideStore(work, mode="a" if partial else "w")
+        store.write_slide(path, info.mpp, info.mpp_source, info.synthetic, fp, __version__)
+        slide = stages.SlideContext(
+            path=path, slide_id=slide_id, info=info, store=store,
+            device=stages.resolve_device(config.parallelism.device),
+            stream_params=config.stream, out_root=out, config_hash=config.section_hash(),
+            stage_status=stages.stage_table)
+        ran, seconds = stages.run_stages(slide, config, todo)
+        result.seconds.update(seconds)
         kept = done if partial and done is not None else {}  # what the partial run keeps
-        summary = {**kept.get("summary", {}), **run.summary}
-        stages = {**kept.get("stages", {}), **{s: want[s] for s in todo}}
+        summary = {**kept.get("summary", {}), **ran}
+        fingerprints = {**kept.get("stages", {}), **{s: want[s] for s in todo}}
         n_tiles = summary.get("tiles", {}).get("n_tiles")
         result.n_tiles = n_tiles
-        _write_json(work / "done.json", {
-            "slide_id": slide_id, "path": str(path), "slide": fp, "stages": stages,
+        files.write_json(work / DONE_FILE, {
+            "slide_id": slide_id, "path": str(path), "slide": fp, "stages": fingerprints,
             "summary": summary, "seconds": result.seconds, "n_tiles": n_tiles,
             "info": info.to_json(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _swap_into_place(work, final)
@@ -276,8 +233,6 @@ class BatchPlan:
 
 def plan(inputs: list[Path], config: Config) -> BatchPlan:
     """Find slides and give them ids; raises WsiAssistError for unusable inputs."""
-    from wsi_assist.slide import find_slides
-
     missing = [p for p in inputs if not p.exists()]
     if missing:
         raise WsiAssistError(f"{missing[0]}: no such file or folder")
@@ -344,19 +299,11 @@ def _run_on_cluster(client: Any, p: BatchPlan, out: Path, config: Config, force:
 
 
 def write_manifest(path: Path, results: list[SlideResult]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with files.atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         w.writeheader()
         for r in results:
             w.writerow(r.row())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _one_line(e: BaseException, path: Path) -> str:
@@ -364,9 +311,3 @@ def _one_line(e: BaseException, path: Path) -> str:
     if isinstance(e, WsiAssistError):
         return msg
     return f"{path}: {type(e).__name__}: {msg}"
-
-
-def _version() -> str:
-    from wsi_assist import __version__
-
-    return __version__

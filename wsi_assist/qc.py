@@ -19,6 +19,9 @@ from wsi_assist.stream import TileBatch
 
 #: A pixel is background when all of R, G, B exceed this.
 WHITE = 220
+#: What the stored scores mean (``tile_qc`` attrs).
+DESCRIPTION = (f"background: fraction of pixels with R, G, B > {WHITE}; focus: variance of "
+               "the Laplacian of grey at half resolution (higher is sharper)")
 #: ITU-R BT.601 luma weights.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 

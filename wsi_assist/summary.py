@@ -10,10 +10,9 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import zarr
+from wsi_assist.store import SlideStore
 
 log = logging.getLogger(__name__)
 
@@ -21,25 +20,24 @@ DISCLAIMER = ("DRAFT generated automatically from model outputs; not a diagnosis
               "It must be reviewed and corrected by a pathologist.")
 
 
-def collect_findings(group: zarr.Group) -> dict[str, Any]:
+def collect_findings(store: SlideStore) -> dict[str, Any]:
     """Slide-level findings from the store: tiles, composition, sub-model counts/scores."""
-    attrs = dict(group.attrs)
-    out: dict[str, Any] = {"n_tiles": int(attrs.get("n_tiles", 0)),
-                           "mpp": attrs.get("slide_mpp", attrs.get("mpp"))}
-    if "tissue_area_um2" in attrs:
-        out["tissue_area_mm2"] = float(attrs["tissue_area_um2"]) / 1e6
-    if "zeroshot" in group:
-        z = dict(group["zeroshot"].attrs)
-        out["composition"] = z.get("composition", {})
-        out["zeroshot_model"] = z.get("model")
-    if "submodels" in group:
-        subs = {}
-        for name, sub in group["submodels"].groups():
-            a = dict(sub.attrs)
-            subs[name] = {"task": a.get("task"), "counts": a.get("counts", {}),
-                          "scores": {k: v.get("value") if isinstance(v, dict) else v
-                                     for k, v in (a.get("scores") or {}).items()}}
-        out["submodels"] = subs
+    out: dict[str, Any] = {"n_tiles": len(store.read_grid()) if store.has_grid() else 0,
+                           "mpp": store.read_slide().mpp}
+    area = store.read_tissue().area_um2
+    if area is not None:
+        out["tissue_area_mm2"] = area / 1e6
+    zs = store.read_zeroshot()
+    if zs is not None:
+        out["composition"] = zs.composition
+        out["zeroshot_model"] = zs.model
+    subs = store.read_submodels()
+    if subs:
+        out["submodels"] = {
+            s.name: {"task": s.task, "counts": s.attrs.get("counts", {}),
+                     "scores": {k: v.get("value") if isinstance(v, dict) else v
+                                for k, v in (s.attrs.get("scores") or {}).items()}}
+            for s in subs}
     return out
 
 
@@ -102,13 +100,10 @@ def llm_summary(spec: str, prompt: str, device: str = "cpu", max_new_tokens: int
                           skip_special_tokens=True)).strip()
 
 
-def write_summary(path: Path, text: str, method: str, model: str | None,
-                  findings: Mapping[str, Any], n_captions: int,
-                  caption_model: str | None) -> dict[str, Any]:
-    """``summary.json``: the draft text with its provenance."""
-    doc = {"draft": True, "disclaimer": DISCLAIMER, "text": text,
-           "provenance": {"method": method, "model": model, "caption_model": caption_model,
-                          "n_captions": n_captions, "findings": dict(findings),
-                          "created": datetime.now(UTC).isoformat(timespec="seconds")}}
-    path.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
-    return doc
+def summary_doc(text: str, method: str, model: str | None, findings: Mapping[str, Any],
+                n_captions: int, caption_model: str | None) -> dict[str, Any]:
+    """The content of ``summary.json``: the draft text with its provenance."""
+    return {"draft": True, "disclaimer": DISCLAIMER, "text": text,
+            "provenance": {"method": method, "model": model, "caption_model": caption_model,
+                           "n_captions": n_captions, "findings": dict(findings),
+                           "created": datetime.now(UTC).isoformat(timespec="seconds")}}

@@ -13,30 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import shapely
 
+from wsi_assist.settings import TilingParams
 from wsi_assist.slide import SlideInfo
-
-
-@dataclass(frozen=True)
-class TilingParams:
-    """Settings of the grid (config section ``tiling``)."""
-
-    target_mpp: float = 0.5
-    tile_px: int = 224
-    overlap_px: int = 0
-    min_tissue: float = 0.25
-    mpp_tolerance: float = 0.05
-
-    def __post_init__(self) -> None:
-        if not self.target_mpp > 0:
-            raise ValueError(f"target_mpp must be > 0, got {self.target_mpp!r}")
-        if not self.tile_px >= 8:
-            raise ValueError(f"tile_px must be >= 8, got {self.tile_px!r}")
-        if not 0 <= self.overlap_px < self.tile_px:
-            raise ValueError(f"overlap_px must be in [0, tile_px), got {self.overlap_px!r}")
-        if not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"min_tissue must be in [0, 1], got {self.min_tissue!r}")
-        if not 0 <= self.mpp_tolerance < 1:
-            raise ValueError(f"mpp_tolerance must be in [0, 1), got {self.mpp_tolerance!r}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +55,11 @@ class TileGrid:
         return self.read_px * self.level_downsample
 
     @property
+    def stride_l0(self) -> float:
+        """Grid step in level-0 pixels."""
+        return self.stride_px * self.level_downsample
+
+    @property
     def cell_area_mm2(self) -> float:
         """Area of one grid cell (stride x stride, level-0 scale) in mm^2."""
         return (self.stride_px * self.level_downsample * self.mpp) ** 2 / 1e6
@@ -85,9 +68,10 @@ class TileGrid:
         """Tile corners in source-level pixels (exact inverse of the level-0 rounding)."""
         return np.rint(self.coords / self.level_downsample).astype(np.int64)
 
-    def boxes(self) -> np.ndarray:
-        """Tile footprints as shapely boxes in level-0 px."""
-        x, y = self.coords[:, 0], self.coords[:, 1]
+    def boxes(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Tile footprints (all, or those at ``rows``) as shapely boxes in level-0 px."""
+        xy = self.coords if rows is None else self.coords[rows]
+        x, y = xy[:, 0].astype(np.float64), xy[:, 1].astype(np.float64)
         s = self.size_l0
         return shapely.box(x, y, x + s, y + s)
 

@@ -16,26 +16,8 @@ import shapely
 from scipy import ndimage
 from shapely import affinity
 
-Background = Literal["auto", "bright", "dark"]
-BACKGROUNDS = ("auto", "bright", "dark")
+from wsi_assist.settings import TissueParams
 
-
-@dataclass(frozen=True)
-class TissueParams:
-    """Settings of tissue detection (config section ``tissue``)."""
-
-    background: Background = "auto"
-    overview_mpp: float = 8.0
-    min_area_um2: float = 20_000.0
-    min_hole_um2: float = 5_000.0
-    smoothing_um: float = 16.0
-
-    def __post_init__(self) -> None:
-        if self.background not in BACKGROUNDS:
-            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
-        for name in ("overview_mpp", "min_area_um2", "min_hole_um2", "smoothing_um"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def zeroshot(
     from wsi_assist.models.evaluate import evaluate
     from wsi_assist.models.pathclip import parse_spec
     from wsi_assist.models.zeroshot import load_prompt_set
-    from wsi_assist.pipeline import resolve_device
+    from wsi_assist.stages.context import resolve_device
 
     with user_errors():
         ps = load_prompt_set(prompts)

@@ -32,11 +32,11 @@ def models(
     from wsi_assist.errors import WsiAssistError
     from wsi_assist.models import pathclip as pc
     from wsi_assist.models.zeroshot import load_prompt_set, shipped_prompt_sets
-    from wsi_assist.pipeline import resolve_device
+    from wsi_assist.stages.context import resolve_device
 
     with user_errors():
-        cfg = config_mod.load(config).with_overrides(embed={"pathclip": pathclip,
-                                                            "model": model})
+        cfg = config_mod.override(config_mod.load(config),
+                                  embed={"pathclip": pathclip, "model": model})
     params = cfg.embed
     typer.echo(f"embed.model     {params.model}")
     source = ("--pathclip" if pathclip else "embed.pathclip" if params.pathclip

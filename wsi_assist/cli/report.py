@@ -30,31 +30,24 @@ def report(
     import csv
 
     from wsi_assist import config as config_mod
-    from wsi_assist import store
     from wsi_assist.batch import read_done
-    from wsi_assist.errors import WsiAssistError
-    from wsi_assist.report.build import build_slide_outputs
     from wsi_assist.report.index import write_batch_outputs
+    from wsi_assist.stages import rebuild_report
 
     configs: dict[Path, config_mod.Config] = {}
     done_in: dict[Path, None] = {}  # output folders with a rebuilt slide, in order
     with user_errors():
         try:
             for d in slide_dirs:
-                if not (d / "slide.zarr").is_dir():
-                    raise WsiAssistError(f"{d}: no slide.zarr here; give a slide output "
-                                         "folder OUT/<slide-id>")
                 cfg = configs.get(d.parent)
                 if cfg is None:
                     run_cfg = d.parent / "config.yaml"
                     cfg = config_mod.load(config or (run_cfg if run_cfg.is_file() else None))
-                    cfg = cfg.with_overrides(report={"pdf": pdf, "include_tiles": tiles})
+                    cfg = config_mod.override(cfg, report={"pdf": pdf, "include_tiles": tiles})
                     configs[d.parent] = cfg
                 done = read_done(d) or {}
-                group = store.open_store(d / "slide.zarr", mode="r")
-                summary = build_slide_outputs(d, group, cfg, slide_id=d.name,
-                                              info=done.get("info"),
-                                              seconds=done.get("seconds"))
+                summary = rebuild_report(d, cfg, info=done.get("info"),
+                                         seconds=done.get("seconds"))
                 typer.echo(f"{d}: {summary['annotations']} annotations, "
                            f"{summary['heatmaps']} heatmaps, pdf {summary['pdf']}")
                 done_in[d.parent] = None

@@ -74,11 +74,9 @@ def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: 
         sections = {k: dict(v) for k, v in (overrides or {}).items()}
         sections.setdefault("mpp", {}).update(
             {"override": mpp, "csv": str(mpp_csv) if mpp_csv else None})
-        cfg = cfg.with_overrides(**sections)
+        cfg = config.override(cfg, **sections)
         if stages:
-            d = cfg.to_dict()
-            d["stages"] = stages
-            cfg = config.from_dict(d, "--stages")
+            cfg = config.from_dict({**cfg.to_dict(), "stages": stages}, "--stages")
         batch.check_writable(out)
     handler = _log_to_file(out / "run.log")
     if quiet:  # the console only; run.log keeps everything

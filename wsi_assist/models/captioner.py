@@ -21,13 +21,6 @@ from wsi_assist.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = (
-    "You are assisting a pathologist. This is an H&E-stained tile from a whole-slide image."
-    "\nFindings from analysis tools for this tile:\n{findings}\n"
-    "Describe the tissue and cells you see in one or two sentences, noting whether the "
-    "image supports the tool findings. Be concise and do not give a diagnosis.")
-
-
 @dataclass(frozen=True)
 class Caption:
     """One generated caption and the number of new tokens it took."""

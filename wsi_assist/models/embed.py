@@ -1,4 +1,4 @@
-"""The ``embed`` stage: the image encoder over a slide's tile stream.
+"""Image encoders over a slide's tile stream, for the ``embed`` stage.
 
 Two engines share one loop. ``torch`` preprocesses on the device (pinned host memory and
 non-blocking copies on CUDA, bf16/fp16 autocast) and keeps one batch in flight, so the
@@ -10,7 +10,6 @@ Results: ``embeddings`` (N, D) float16, L2-normalised, rows aligned with ``coord
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,24 +18,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from wsi_assist.errors import ModelError, StageSkipped, WsiAssistError
+from wsi_assist.errors import ModelError, WsiAssistError
+from wsi_assist.files import FileCache
 from wsi_assist.models.pathclip import (
-    EmbedParams,
     LoadedModel,
     ModelSpec,
-    configured_spec,
     encode_images,
     load_model,
     preprocess,
     spec_sha256,
 )
+from wsi_assist.settings import EmbedParams
 from wsi_assist.stream import TileBatch
 
 log = logging.getLogger(__name__)
 
-HOW_TO_ENABLE = ("no PathCLIP weights configured: set embed.pathclip (or pass --pathclip "
-                 "PATH, or set WSI_ASSIST_PATHCLIP) to pathclip-base.pt, or set embed.model "
-                 "to another open_clip spec (ARCH:/path/ckpt.pt or hf-hub:org/repo)")
 ONNX_META = "wsi_assist."
 
 
@@ -121,8 +117,7 @@ def ort_session(path: Path, device: str) -> Any:
                          f"{e}") from e
 
 
-_ONNX_LOCK = threading.Lock()
-_ONNX_ENCODERS: dict[tuple[Any, ...], OnnxEncoder] = {}
+_ONNX_ENCODERS: FileCache[OnnxEncoder] = FileCache()
 
 
 def make_encoder(spec: ModelSpec, params: EmbedParams, device: str) -> Encoder:
@@ -134,17 +129,8 @@ def make_encoder(spec: ModelSpec, params: EmbedParams, device: str) -> Encoder:
             raise ModelError("embed.engine is 'onnx' but embed.onnx is not set; export the "
                              "encoder with `python -m exporters.pathclip_onnx SPEC -o FILE`")
         path, sha = Path(params.onnx), spec_sha256(spec)
-        try:
-            st = path.stat()
-        except OSError:  # missing: the constructor says so
-            return OnnxEncoder(path, device, expect_sha256=sha)
-        key = (str(path.resolve()), device, sha, st.st_size, st.st_mtime_ns)
-        with _ONNX_LOCK:
-            enc = _ONNX_ENCODERS.get(key)
-            if enc is None:
-                enc = OnnxEncoder(path, device, expect_sha256=sha)
-                _ONNX_ENCODERS[key] = enc
-            return enc
+        return _ONNX_ENCODERS.get((device, sha), (path,),
+                                  lambda: OnnxEncoder(path, device, expect_sha256=sha))
     return TorchEncoder(load_model(spec, device), params.precision)
 
 
@@ -196,25 +182,3 @@ def embed_batches(encoder: Encoder, batches: Iterable[TileBatch], n: int) -> Emb
     if not seen.all():
         raise WsiAssistError(f"tile stream delivered {int(seen.sum())} of {n} tiles")
     return EmbedResult(out, time.perf_counter() - t_start, wait)
-
-
-def run_embed(run: Any) -> dict[str, Any]:
-    """Stage: embeddings of every tile in ``slide.zarr``; StageSkipped without a model."""
-    from wsi_assist import store
-
-    params: EmbedParams = run.config.embed
-    spec = configured_spec(params)
-    if spec is None:
-        raise StageSkipped(HOW_TO_ENABLE)
-    grid = run.read_grid()
-    encoder = make_encoder(spec, params, run.device)
-    res = embed_batches(encoder, run.stream(grid, params.batch_size), len(grid))
-    store.write_array(run.store, "embeddings", res.embeddings, model=spec.spec,
-                      model_sha256=encoder.sha256, engine=params.engine,
-                      precision=used_precision(params, run.device), axes=["tile", "feature"])
-    log.info("%s: %d tiles embedded at %.1f tiles/s (%.0f%% waiting for input)",
-             run.slide_id, len(grid), res.tiles_per_s,
-             100 * res.input_wait_s / max(res.seconds, 1e-9))
-    return {"n_tiles": len(grid), "dim": encoder.embed_dim, "engine": params.engine,
-            "tiles_per_s": round(res.tiles_per_s, 2),
-            "input_wait_fraction": round(res.input_wait_s / max(res.seconds, 1e-9), 3)}

@@ -21,15 +21,16 @@ import hashlib
 import logging
 import os
 import pickle
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_assist.errors import ModelError
+from wsi_assist.files import FileCache
+from wsi_assist.settings import EmbedParams
 
 if TYPE_CHECKING:
     import torch
@@ -39,29 +40,6 @@ log = logging.getLogger(__name__)
 PATHCLIP_ARCH = "ViT-B-16"
 PATHCLIP_ENV = "WSI_ASSIST_PATHCLIP"
 HUB_PREFIX = "hf-hub:"
-
-
-@dataclass(frozen=True)
-class EmbedParams:
-    """Tile embeddings (config section ``embed``)."""
-
-    model: str = "pathclip"
-    pathclip: str | None = None
-    engine: Literal["torch", "onnx"] = "torch"
-    onnx: str | None = None
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.model.strip():
-            raise ValueError("model must be a model spec such as 'pathclip', got ''")
-        if self.engine not in ("torch", "onnx"):
-            raise ValueError(f"engine must be torch or onnx, got {self.engine!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, "
-                             f"got {self.precision!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (or null), got {self.batch_size!r}")
 
 
 @dataclass(frozen=True)
@@ -149,20 +127,19 @@ def configured_spec(params: EmbedParams) -> ModelSpec | None:
     return parse_spec(params.model, params.pathclip)
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA256S: FileCache[str] = FileCache()
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, remembered per (path, size, mtime)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
+    """SHA-256 of a file, computed once per process for each state of the file."""
+    def digest() -> str:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
+        return h.hexdigest()
+
+    return _SHA256S.get("sha256", (path,), digest)
 
 
 def spec_sha256(spec: ModelSpec) -> str:
@@ -214,8 +191,7 @@ def check_state_dict(sd: dict[str, Any], model: Any, path: Path, arch: str) -> N
         raise ModelError(f"{path}: does not match open_clip {arch}: " + "; ".join(problems))
 
 
-_MODELS: dict[tuple[Any, ...], LoadedModel] = {}
-_LOCK = threading.Lock()
+_MODELS: FileCache[LoadedModel] = FileCache()
 
 
 def load_model(spec: ModelSpec | str | LoadedModel, device: str = "cpu",
@@ -226,14 +202,8 @@ def load_model(spec: ModelSpec | str | LoadedModel, device: str = "cpu",
         return spec
     if isinstance(spec, str):
         spec = parse_spec(spec, pathclip)
-    key: tuple[Any, ...] = (spec, device)
-    if spec.weights is not None and spec.weights.is_file():
-        st = spec.weights.stat()
-        key += (st.st_size, st.st_mtime_ns)
-    with _LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = _load(spec, device)
-        return _MODELS[key]
+    weights = (spec.weights,) if spec.weights is not None else ()
+    return _MODELS.get((spec, device), weights, lambda: _load(spec, device))
 
 
 def _load(spec: ModelSpec, device: str) -> LoadedModel:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from wsi_assist.errors import ModelError
+from wsi_assist.files import read_yaml
 
 Task = Literal["tile-classification", "point-detection", "box-detection", "segmentation"]
 TASKS = ("tile-classification", "point-detection", "box-detection", "segmentation")
@@ -150,8 +151,6 @@ def affine(mean: Any, std: Any, scale: float) -> tuple[np.ndarray, np.ndarray]:
 
 def load_spec(path: str | Path) -> SubmodelSpec:
     """Read and validate a spec YAML; ``model`` is resolved next to the YAML file."""
-    from wsi_assist.config import read_yaml  # config imports this module
-
     path = Path(path)
     data = read_yaml(path, "sub-model spec", ModelError)
     if not isinstance(data, dict):

@@ -1,60 +1,38 @@
-"""ONNX sub-models per tile: sessions, preprocessing, the ``submodels`` stage, detections.
+"""ONNX sub-models per tile: sessions, preprocessing, running them over a tile stream.
 
 One ``InferenceSession`` per model file and provider list per process, created on first
 use and reused for every batch and slide. Tiles come from the slide's tile stream (read
 once for all sub-models); each model sees only the tiles it runs on (all, or those whose
-zero-shot class is listed in its spec). Findings go to ``slide.zarr/submodels/<name>``.
+zero-shot class is listed in its spec). The ``submodels`` stage stores what they find.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from wsi_assist.errors import ModelError, StageSkipped, WsiAssistError
+from wsi_assist.errors import ModelError, WsiAssistError
+from wsi_assist.files import FileCache, configs_dir
 from wsi_assist.models.pathclip import file_sha256
 from wsi_assist.models.submodel_decode import Accumulator, TileFrame
 from wsi_assist.models.submodel_spec import SubmodelSpec, affine, check_against_model, load_spec
+from wsi_assist.stream import TileBatch
+from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
-BUILTIN = "nuclei-stain.yaml"
-
-
-@dataclass(frozen=True)
-class SubmodelParams:
-    """Which sub-models run and where (config section ``submodels``)."""
-
-    specs: tuple[str, ...] = (BUILTIN,)
-    providers: tuple[str, ...] | None = None
-    mpp_tolerance: float = 0.25
-
-    def __post_init__(self) -> None:
-        bad = [p for p in (self.providers or ()) if p not in PROVIDERS]
-        if bad:
-            raise ValueError(f"providers must be among {', '.join(PROVIDERS)}, got {bad[0]!r}")
-        if self.providers is not None and not self.providers:
-            raise ValueError("providers must list at least one provider, or be null (auto)")
-        if not 0 <= self.mpp_tolerance < 1:
-            raise ValueError(f"mpp_tolerance must be in [0, 1), got {self.mpp_tolerance!r}")
 
 
 def builtin_dir() -> Path:
-    """``configs/submodels`` of a source checkout, or the copy packaged in the wheel
-    (next to ``configs/default.yaml``)."""
-    from wsi_assist.config import default_config_path
-
-    return default_config_path().parent / "submodels"
+    """``configs/submodels`` of a source checkout, or the copy packaged in the wheel."""
+    return configs_dir() / "submodels"
 
 
 def resolve_spec_path(entry: str) -> Path:
@@ -83,8 +61,7 @@ def choose_providers(requested: tuple[str, ...] | None, device: str) -> list[str
     return [p for p in PROVIDERS.values() if p in available] or ["CPUExecutionProvider"]
 
 
-_LOCK = threading.Lock()
-_SUBMODELS: dict[tuple[Any, ...], Submodel] = {}
+_SUBMODELS: FileCache[Submodel] = FileCache()
 
 
 def get_submodel(spec_path: str | Path, providers: list[str]) -> Submodel:
@@ -92,26 +69,13 @@ def get_submodel(spec_path: str | Path, providers: list[str]) -> Submodel:
     (and again only when the spec or model file changes)."""
     path = Path(spec_path).resolve()
     spec = load_spec(path)
-    key = (str(path), _mtime(path), _mtime(spec.model_path), tuple(providers))
-    with _LOCK:
-        sub = _SUBMODELS.get(key)
-        if sub is None:
-            sub = Submodel.load(path, providers, spec=spec)
-            _SUBMODELS[key] = sub
-        return sub
-
-
-def _mtime(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
+    return _SUBMODELS.get((tuple(providers),), (path, spec.model_path),
+                          lambda: Submodel.load(path, providers, spec=spec))
 
 
 def clear_cache() -> None:
     """Forget cached sessions (tests, or after replacing model files)."""
-    with _LOCK:
-        _SUBMODELS.clear()
+    _SUBMODELS.clear()
 
 
 class Submodel:
@@ -204,61 +168,31 @@ def create_session(model_path: Path, providers: list[str], model_bytes: bytes | 
                          f"({str(e).splitlines()[0][:200]})") from e
 
 
-def select_rows(spec: SubmodelSpec, store: zarr.Group, n: int) -> np.ndarray:
-    """Grid rows the sub-model runs on: all, or those whose zero-shot class is listed."""
+def select_rows(spec: SubmodelSpec, n: int, classes: list[str] | None = None,
+                top: np.ndarray | None = None) -> np.ndarray:
+    """Grid rows the sub-model runs on: all, or those whose zero-shot class (``top``,
+    indices into ``classes``) is listed in the spec."""
     if spec.zeroshot_classes is None:
         return np.ones(n, bool)
-    if "zeroshot" not in store or "top" not in store["zeroshot"]:
+    if classes is None or top is None:
         raise WsiAssistError(f"sub-model {spec.name!r} runs on zero-shot classes "
                              f"{list(spec.zeroshot_classes)}; run the 'zeroshot' stage first")
-    classes = list(store["zeroshot"].attrs["classes"])
     unknown = [c for c in spec.zeroshot_classes if c not in classes]
     if unknown:
         raise WsiAssistError(f"sub-model {spec.name!r}: zero-shot class {unknown[0]!r} is "
                              f"not among {classes}")
-    wanted = [classes.index(c) for c in spec.zeroshot_classes]
-    return np.isin(np.asarray(store["zeroshot/top"][...]), wanted)
+    return np.isin(top, [classes.index(c) for c in spec.zeroshot_classes])
 
 
-def run_submodels(run: Any) -> dict[str, Any]:
-    """The ``submodels`` stage: every configured sub-model over the slide's tiles."""
-
-    params: SubmodelParams = run.config.submodels
-    if not params.specs:
-        raise StageSkipped("no sub-models configured; list spec files under submodels.specs")
-    providers = choose_providers(params.providers, run.device)
-    models = [get_submodel(resolve_spec_path(s), providers) for s in params.specs]
-    grid = run.read_grid()
-    background = run.store.attrs.get("tissue_background")
-    active, summary = [], {}
-    for m in models:
-        want = m.spec.input.background
-        if want != "any" and background is not None and background != want:
-            why = f"needs a {want} background (bright-field); this slide's is {background}"
-            _write_skip(run.store, m, why)
-            summary[m.spec.name] = {"skipped": why}
-            log.info("%s: sub-model %s not run: %s", run.slide_id, m.spec.name, why)
-            continue
-        active.append((m, select_rows(m.spec, run.store, len(grid))))
-    if active:
-        results = _run_models(run, grid, active, params)
-        for (m, sel), acc in zip(active, results, strict=True):
-            summary[m.spec.name] = _store_results(run, grid, m, sel, acc)
-    return summary
-
-
-def _run_models(run: Any, grid: Any, active: list[tuple[Submodel, np.ndarray]],
-                params: SubmodelParams) -> list[Accumulator]:
-    union = np.zeros(len(grid), bool)
-    for _, sel in active:
-        union |= sel
-    rows = np.nonzero(union)[0]
-    sub = dataclasses.replace(grid, coords=grid.coords[rows],
-                              tissue_fraction=grid.tissue_fraction[rows])
+def run_models(batches: Iterable[TileBatch], grid: TileGrid, rows: np.ndarray,
+               active: list[tuple[Submodel, np.ndarray]], mpp_tolerance: float
+               ) -> list[Accumulator]:
+    """Every active (model, selected grid rows) over the stream of the grid's ``rows``;
+    one accumulator of decoded findings per model."""
     accs = [Accumulator(m.spec, len(grid), grid.mpp) for m, _ in active]
     sizes = [m.model_px(grid.tile_px, grid.delivered_mpp) for m, _ in active]
-    _check_mpp(active, sizes, grid, params.mpp_tolerance)
-    for batch in run.stream(sub):
+    _check_mpp(active, sizes, grid, mpp_tolerance)
+    for batch in batches:
         brows = rows[batch.index]
         for (m, sel), acc, size in zip(active, accs, sizes, strict=True):
             take = sel[brows]
@@ -270,7 +204,7 @@ def _run_models(run: Any, grid: Any, active: list[tuple[Submodel, np.ndarray]],
     return accs
 
 
-def _check_mpp(active: list[tuple[Submodel, np.ndarray]], sizes: list[int], grid: Any,
+def _check_mpp(active: list[tuple[Submodel, np.ndarray]], sizes: list[int], grid: TileGrid,
                tol: float) -> None:
     for (m, _), size in zip(active, sizes, strict=True):
         want = m.spec.input.mpp
@@ -279,62 +213,6 @@ def _check_mpp(active: list[tuple[Submodel, np.ndarray]], sizes: list[int], grid
             log.warning("sub-model %s expects %.3g um/px, tiles give it %.3g um/px; results "
                         "may be off (set tiling.target_mpp or the spec's input.mpp)",
                         m.spec.name, want, got)
-
-
-def _group(store: zarr.Group, name: str) -> zarr.Group:
-    root = store.require_group("submodels")
-    if name in root:
-        del root[name]
-    return root.create_group(name)
-
-
-def _base_attrs(m: Submodel) -> dict[str, Any]:
-    o = m.spec.output
-    return {"task": m.spec.task, "classes": list(o.classes),
-            "colors": [list(c) for c in o.colors], "model_path": str(m.spec.model_path),
-            "model_sha256": m.sha256, "spec_path": str(m.spec.spec_path or "")}
-
-
-def _write_skip(store: zarr.Group, m: Submodel, why: str) -> None:
-    g = _group(store, m.spec.name)
-    g.attrs.update({**_base_attrs(m), "counts": {}, "scores": {}, "skipped": why})
-
-
-def _store_results(run: Any, grid: Any, m: Submodel, sel: np.ndarray,
-                   acc: Accumulator) -> dict[str, Any]:
-    from wsi_assist import store as store_mod
-
-    stride_l0 = grid.stride_px * grid.level_downsample
-    area_mm2 = float(grid.tissue_fraction[sel].sum()) * (stride_l0 * grid.mpp) ** 2 / 1e6
-    arrays, attrs = acc.finish(area_mm2)
-    g = _group(run.store, m.spec.name)
-    o = m.spec.output
-    for key, arr in arrays.items():
-        extra = ({"measurement_names": list(o.measurement_names)}
-                 if key == "measurements" else {})
-        store_mod.write_array(g, key, arr, **extra)
-    attrs.update(_base_attrs(m))
-    attrs.update({"n_tiles_run": int(sel.sum()), "analysed_area_mm2": area_mm2,
-                  "draw_radius_px": o.draw_radius_um / grid.mpp})
-    if m.spec.task == "segmentation":
-        attrs["geojson"] = _write_segmentation(run.out_dir, m, acc)
-    g.attrs.update(attrs)
-    return {"counts": attrs["counts"],
-            "scores": {k: v["value"] for k, v in attrs["scores"].items()}}
-
-
-def _write_segmentation(out_dir: Path, m: Submodel, acc: Accumulator) -> str:
-    from wsi_assist import geojson
-
-    o = m.spec.output
-    rel = f"findings/{m.spec.name}.geojson"
-    path = Path(out_dir) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    feats = (geojson.feature(poly, "annotation", classification=(o.classes[c], o.colors[c]),
-                             measurements={"Area px^2": poly.area}, name=o.classes[c])
-             for c, mp in sorted(acc.merged.items()) for poly in mp.geoms)
-    geojson.write_features(path, feats)
-    return rel
 
 
 def detection_features(group: zarr.Group, name: str) -> Iterator[dict[str, Any]]:

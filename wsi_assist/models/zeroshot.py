@@ -19,24 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from wsi_assist.errors import ConfigError, ModelError, StageSkipped, WsiAssistError
+from wsi_assist.errors import ConfigError, ModelError
+from wsi_assist.files import atomic_path, configs_dir, read_yaml
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ZeroShotParams:
-    """Zero-shot classification (config section ``zeroshot``)."""
-
-    prompts: str = "crc100k"
-    threshold: float = 0.5
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.prompts.strip():
-            raise ValueError("prompts must name a prompt set or a YAML file, got ''")
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
 
 
 @dataclass(frozen=True)
@@ -96,9 +82,7 @@ class PromptSet:
 
 def prompts_dir() -> Path:
     """The shipped prompt sets, next to ``configs/default.yaml``."""
-    from wsi_assist.config import default_config_path
-
-    return default_config_path().parent / "prompts"
+    return configs_dir() / "prompts"
 
 
 def shipped_prompt_sets() -> list[str]:
@@ -118,10 +102,8 @@ def resolve_prompts(ref: str) -> Path:
 
 def load_prompt_set(ref: str | Path) -> PromptSet:
     """Read and validate a prompt-set YAML; errors name the file and the class."""
-    from wsi_assist.config import read_yaml  # config imports this module
-
     path = resolve_prompts(str(ref))
-    data = read_yaml(path, "prompt set")
+    data = read_yaml(path, "prompt set", ConfigError)
     try:
         return _parse_prompt_set(data, path.stem)
     except (ValueError, TypeError, KeyError) as e:
@@ -220,10 +202,8 @@ def _read_cache(path: Path) -> TextEmbeddings | None:
 
 def _write_cache(path: Path, emb: TextEmbeddings) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # one per process
-        np.savez(tmp, classes=emb.classes, logit_scale=np.float64(emb.logit_scale))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, classes=emb.classes, logit_scale=np.float64(emb.logit_scale))
     except OSError as e:
         log.warning("cannot cache text embeddings at %s: %s", path, e)
 
@@ -252,39 +232,3 @@ def composition(top: np.ndarray, uncertain: np.ndarray, tissue_fraction: np.ndar
 
     per_class = {n: entry((top == i) & ~uncertain) for i, n in enumerate(names)}
     return per_class, entry(uncertain)
-
-
-def run_zeroshot(run: Any) -> dict[str, Any]:
-    """Stage: class probabilities, top class, uncertainty and composition per slide."""
-    from wsi_assist import store
-    from wsi_assist.models.embed import HOW_TO_ENABLE
-    from wsi_assist.models.pathclip import configured_spec
-
-    params: ZeroShotParams = run.config.zeroshot
-    if "embeddings" not in run.store:
-        if configured_spec(run.config.embed) is None:
-            raise StageSkipped(HOW_TO_ENABLE)
-        raise WsiAssistError(f"{run.path}: slide.zarr has no embeddings; run 'embed' first")
-    arr = run.store["embeddings"]
-    emb = np.asarray(arr[...])
-    prompts = load_prompt_set(params.prompts)
-    spec = configured_spec(run.config.embed)
-    model: Any = spec if spec is not None else str(arr.attrs["model"])
-    text = text_embeddings(model, prompts, cache=params.cache_dir, device=run.device,
-                           model_sha256=str(arr.attrs["model_sha256"]))
-    probs = classify(emb, text)
-    top = probs.argmax(axis=1).astype(np.int16) if len(probs) else np.zeros(0, np.int16)
-    uncertain = probs.max(axis=1, initial=0.0) < params.threshold
-    grid = run.read_grid()
-    per_class, unc = composition(top, uncertain, grid.tissue_fraction, grid.cell_area_mm2,
-                                 prompts.names)
-    store.write_array(run.store, "zeroshot/probs", probs, axes=["tile", "class"])
-    store.write_array(run.store, "zeroshot/top", top, axes=["tile"])
-    store.write_array(run.store, "zeroshot/uncertain", uncertain, axes=["tile"])
-    run.store["zeroshot"].attrs.update({
-        "classes": prompts.names, "colors": prompts.colors, "prompt_set": prompts.name,
-        "prompt_sha256": prompts.sha256, "model": str(arr.attrs["model"]),
-        "threshold": params.threshold, "composition": per_class, "uncertain": unc})
-    top_class = max(per_class, key=lambda k: per_class[k]["area_mm2"]) if len(top) else None
-    return {"n_tiles": len(top), "prompt_set": prompts.name, "top_class": top_class,
-            "uncertain_fraction": round(unc["fraction"], 3)}

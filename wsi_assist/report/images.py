@@ -16,9 +16,10 @@ import shapely
 from PIL import Image
 
 from wsi_assist import aggregate
-from wsi_assist.aggregate import ClassRegion, TileLayout
-from wsi_assist.report.data import ZeroShot
-from wsi_assist.report.params import ReportParams
+from wsi_assist.aggregate import ClassRegion
+from wsi_assist.settings import ReportParams
+from wsi_assist.store import ZeroShot
+from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +30,26 @@ def file_name(name: str) -> str:
 
 
 def overlay_and_heatmaps(out_dir: Path, overview: np.ndarray, downsample: float,
-                         layout: TileLayout | None, zs: ZeroShot | None,
+                         grid: TileGrid | None, zs: ZeroShot | None,
                          regions: list[ClassRegion], tissue: shapely.Geometry,
                          mpp: float, params: ReportParams) -> dict[str, Any]:
     """Write ``overlays/classes.png`` and ``overlays/heatmap_<class>.png``; returns their
     paths relative to ``out_dir``."""
     folder = out_dir / "overlays"
     folder.mkdir(exist_ok=True)
-    bounds = _bounds(tissue, layout)
+    bounds = _bounds(tissue, grid)
     img = aggregate.class_overlay(overview, downsample, regions, tissue, mpp,
                                   max_px=params.image_px, bounds=bounds,
                                   title="Tissue classes (zero-shot)" if regions
                                   else "Tissue")
     img.save(folder / "classes.png", optimize=True)
     out: dict[str, Any] = {"overlay": "overlays/classes.png", "heatmaps": {}}
-    if zs is None or layout is None or not len(layout.coords):
+    if zs is None or grid is None or not len(grid.coords):
         return out
     for k in heatmap_classes(zs, params):
         probs = np.asarray(zs.probs[:, k], np.float32)
         name = zs.classes[k]
-        hm = aggregate.heatmap(overview, downsample, layout, probs,
+        hm = aggregate.heatmap(overview, downsample, grid, probs,
                                f"{name}: tile probability", max_px=params.image_px // 2 + 64,
                                bounds=bounds)
         rel = f"overlays/heatmap_{k:02d}_{file_name(name)}.png"
@@ -71,12 +72,12 @@ def heatmap_classes(zs: ZeroShot, params: ReportParams) -> list[int]:
     return idx[:params.max_heatmaps]
 
 
-def _bounds(tissue: shapely.Geometry, layout: TileLayout | None
+def _bounds(tissue: shapely.Geometry, grid: TileGrid | None
             ) -> tuple[float, float, float, float] | None:
     """Level-0 box around tissue and tiles, for cropping pictures to what matters."""
     boxes = [] if tissue.is_empty else [tissue.bounds]
-    if layout is not None and len(layout.coords):
-        lo, hi = layout.coords.min(axis=0), layout.coords.max(axis=0) + layout.size_l0
+    if grid is not None and len(grid.coords):
+        lo, hi = grid.coords.min(axis=0), grid.coords.max(axis=0) + grid.size_l0
         boxes.append((float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])))
     if not boxes:
         return None
@@ -84,7 +85,7 @@ def _bounds(tissue: shapely.Geometry, layout: TileLayout | None
     return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
 
 
-def pick_tiles(layout: TileLayout, zs: ZeroShot, per_class: int,
+def pick_tiles(grid: TileGrid, zs: ZeroShot, per_class: int,
                exclude: np.ndarray | None = None) -> list[dict[str, Any]]:
     """The most confident tiles of each class (top-1 and not excluded)."""
     probs = np.asarray(zs.probs[...], np.float32)
@@ -95,8 +96,8 @@ def pick_tiles(layout: TileLayout, zs: ZeroShot, per_class: int,
             ok &= ~exclude
         rows = np.flatnonzero(ok)
         best = rows[np.argsort(-probs[rows, k], kind="stable")[:per_class]]
-        out += [{"row": int(r), "x": int(layout.coords[r, 0]), "y": int(layout.coords[r, 1]),
-                 "size_l0": layout.size_l0, "class": name, "prob": float(probs[r, k])}
+        out += [{"row": int(r), "x": int(grid.coords[r, 0]), "y": int(grid.coords[r, 1]),
+                 "size_l0": grid.size_l0, "class": name, "prob": float(probs[r, k])}
                 for r in best]
     return out
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from wsi_assist.report.data import NOTICE, read_json
+from wsi_assist.files import read_json
+from wsi_assist.report.data import NOTICE
 from wsi_assist.report.markdown import fmt, pct
 
 BASE_FIELDS = ["slide_id", "status", "error", "stage", "path", "n_tiles", "tiles_per_s",

@@ -21,20 +21,26 @@ from typing import Any
 import numpy as np
 
 from wsi_assist import geojson
-from wsi_assist.aggregate import ClassRegion, TileLayout
-from wsi_assist.report.data import SubModel, ZeroShot
+from wsi_assist.aggregate import ClassRegion
+from wsi_assist.store import (
+    SUB_BOXES,
+    SUB_LABELS,
+    SUB_MEASUREMENTS,
+    SUB_POINTS,
+    SUB_PROBS,
+    SUB_SCORES,
+    SlideStore,
+    SubmodelRecord,
+    ZeroShot,
+)
+from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
 Feature = dict[str, Any]
+ANNOTATIONS_FILE = "annotations.geojson"
 CHUNK = 65536
 DETECTION_CHUNK = 16384  # detections per read; bounds memory while streaming
-
-
-def tissue_features(path: Path) -> Iterator[Feature]:
-    """The tissue annotations of ``tissue.geojson``, as stored."""
-    if path.is_file():
-        yield from geojson.read_features(path)
 
 
 def region_features(regions: Iterable[ClassRegion]) -> Iterator[Feature]:
@@ -49,22 +55,22 @@ def region_features(regions: Iterable[ClassRegion]) -> Iterator[Feature]:
                               name=f"{r.name} region", measurements=m)
 
 
-def tile_features(layout: TileLayout, zs: ZeroShot | None,
-                  tile_subs: Iterable[SubModel] = ()) -> Iterator[Feature]:
+def tile_features(grid: TileGrid, zs: ZeroShot | None,
+                  tile_subs: Iterable[SubmodelRecord] = ()) -> Iterator[Feature]:
     """One ``tile`` object per tile: top zero-shot class, probabilities as measurements."""
-    subs = [s for s in tile_subs if "probs" in s.group]
-    n = len(layout.coords)
+    subs = [s for s in tile_subs if SUB_PROBS in s.arrays]
+    n = len(grid.coords)
     if not n:
         return
     # measurement names, once per slide
     zs_keys = [] if zs is None else [f"p({c})" for c in zs.classes]
-    sub_keys = [[f"{s.name}: p({c})" for c in s.attrs.get("classes")
-                 or [str(j) for j in range(s.group["probs"].shape[1])]] for s in subs]
+    sub_keys = [[f"{s.name}: p({c})" for c in s.classes
+                 or [str(j) for j in range(s.arrays[SUB_PROBS].shape[1])]] for s in subs]
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         probs = None if zs is None else np.asarray(zs.probs[start:stop], np.float64)
-        sub_probs = [np.asarray(s.group["probs"][start:stop], np.float64) for s in subs]
-        boxes = layout.boxes(np.arange(start, stop))
+        sub_probs = [np.asarray(s.arrays[SUB_PROBS][start:stop], np.float64) for s in subs]
+        boxes = grid.boxes(np.arange(start, stop))
         for i, box in enumerate(boxes):
             m: dict[str, float] = {}
             cls = None
@@ -77,41 +83,39 @@ def tile_features(layout: TileLayout, zs: ZeroShot | None,
             yield geojson.feature(box, "tile", classification=cls, measurements=m)
 
 
-def detection_features(sub: SubModel) -> Iterator[Feature]:
+def detection_features(sub: SubmodelRecord) -> Iterator[Feature]:
     """Points or boxes of a detection sub-model as QuPath detections, chunk by chunk.
 
     Built as plain dicts (the hot path of slides with 10^5..10^6 cells): same layout as
     :func:`wsi_assist.geojson.feature`, from coordinates that are finite by construction.
     """
-    g = sub.group
-    kind = "points" if "points" in g else "boxes" if "boxes" in g else None
+    g = sub.arrays
+    kind = SUB_POINTS if SUB_POINTS in g else SUB_BOXES if SUB_BOXES in g else None
     if kind is None:
         return
     arr = g[kind]
-    names = [str(x) for x in sub.attrs.get("measurement_names")
-             or (g["measurements"].attrs.get("measurement_names", []) if "measurements" in g
-                 else [])]
-    n_classes = max(len(sub.attrs.get("classes") or []), 1)
+    names = sub.measurement_names
+    n_classes = max(len(sub.classes), 1)
     classes = {k: _classification(sub, k) for k in range(n_classes)}
     meta = {"sub-model": sub.name}
     n = arr.shape[0]
     if not n:
         return
-    has_labels, has_scores, has_meas = "labels" in g, "scores" in g, "measurements" in g
+    has_labels, has_scores, has_meas = SUB_LABELS in g, SUB_SCORES in g, SUB_MEASUREMENTS in g
     keys = (["Score"] if has_scores else []) + (
-        [names[j] if j < len(names) else f"m{j}" for j in range(g["measurements"].shape[1])]
+        [names[j] if j < len(names) else f"m{j}" for j in range(g[SUB_MEASUREMENTS].shape[1])]
         if has_meas else [])
     for start in range(0, n, DETECTION_CHUNK):
         stop = min(n, start + DETECTION_CHUNK)
         xy = np.asarray(arr[start:stop], np.float64)
         finite = np.isfinite(xy).all(axis=1)
-        labels = (np.asarray(g["labels"][start:stop], np.int64) if has_labels
+        labels = (np.asarray(g[SUB_LABELS][start:stop], np.int64) if has_labels
                   else np.zeros(stop - start, np.int64))
         cols = []
         if has_scores:
-            cols.append(np.asarray(g["scores"][start:stop], np.float64)[:, None])
+            cols.append(np.asarray(g[SUB_SCORES][start:stop], np.float64)[:, None])
         if has_meas:
-            cols.append(np.asarray(g["measurements"][start:stop], np.float64))
+            cols.append(np.asarray(g[SUB_MEASUREMENTS][start:stop], np.float64))
         values = np.concatenate(cols, axis=1).tolist() if cols else None
         ids = _uuid4s(stop - start)
         for i, (row, label, ok) in enumerate(zip(xy.tolist(), labels.tolist(), finite,
@@ -139,7 +143,7 @@ def _geometry(kind: str, row: list[float]) -> dict[str, Any]:
             "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
 
 
-def _classification(sub: SubModel, label: int) -> dict[str, Any]:
+def _classification(sub: SubmodelRecord, label: int) -> dict[str, Any]:
     name, color = sub.color(label)
     return {"name": name, "color": list(color)}
 
@@ -171,28 +175,25 @@ def segmentation_features(path: Path, name: str) -> Iterator[Feature]:
                "geometry": f["geometry"], "properties": props}
 
 
-def all_features(out_dir: Path, regions: list[ClassRegion], layout: TileLayout | None,
-                 zs: ZeroShot | None, subs: list[SubModel], include_tiles: bool
+def all_features(store: SlideStore, regions: list[ClassRegion], grid: TileGrid | None,
+                 zs: ZeroShot | None, subs: list[SubmodelRecord], include_tiles: bool
                  ) -> Iterator[Feature]:
     """Every feature of ``annotations.geojson``, lazily, in drawing order."""
-    parts: list[Iterable[Feature]] = [tissue_features(out_dir / "tissue.geojson"),
-                                      region_features(regions)]
-    if include_tiles and layout is not None:
-        parts.append(tile_features(layout, zs, [s for s in subs
-                                                 if s.task == "tile-classification"]))
+    parts: list[Iterable[Feature]] = [store.tissue_features(), region_features(regions)]
+    if include_tiles and grid is not None:
+        parts.append(tile_features(grid, zs, [s for s in subs
+                                              if s.task == "tile-classification"]))
     parts.extend(detection_features(s) for s in subs)
-    findings = out_dir / "findings"
-    if findings.is_dir():
-        parts.extend(segmentation_features(p, p.stem) for p in sorted(findings.glob("*.geojson")))
+    parts.extend(segmentation_features(p, p.stem) for p in store.findings_files())
     return itertools.chain.from_iterable(parts)
 
 
-def write_annotations(out_dir: Path, regions: list[ClassRegion], layout: TileLayout | None,
-                      zs: ZeroShot | None, subs: list[SubModel], *,
+def write_annotations(store: SlideStore, regions: list[ClassRegion], grid: TileGrid | None,
+                      zs: ZeroShot | None, subs: list[SubmodelRecord], *,
                       include_tiles: bool = False) -> int:
-    """Stream ``out_dir/annotations.geojson``; returns the number of features."""
-    feats = all_features(out_dir, regions, layout, zs, subs, include_tiles)
-    return geojson.write_features(out_dir / "annotations.geojson", feats)
+    """Stream ``annotations.geojson`` into the slide folder; returns the feature count."""
+    feats = all_features(store, regions, grid, zs, subs, include_tiles)
+    return geojson.write_features(store.folder / ANNOTATIONS_FILE, feats)
 
 
 def _is_uuid(value: Any) -> bool:

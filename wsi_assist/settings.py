@@ -1,0 +1,339 @@
+"""Every config section as a frozen pydantic model, and the whole ``Config``.
+
+A leaf module: it imports nothing of the package, so any module may import it. Pydantic
+v2 validates types strictly (``"0.5"`` is not a float, ``1`` is not a bool; ints pass as
+floats and YAML lists as tuples) and reports each error with its location, which
+:func:`describe_error` turns into one line naming the key and the allowed values.
+Constructing a section directly raises :class:`SettingsError` (a ``ValueError``) whose
+message starts with the field name, e.g. ``tile_px must be >= 8, got 4``.
+
+The key names and defaults are the interface of ``configs/default.yaml``; the tests
+check that file against the defaults here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+#: The captioner's default prompt; ``{findings}`` is replaced by the tile's findings.
+DEFAULT_CAPTION_PROMPT = (
+    "You are assisting a pathologist. This is an H&E-stained tile from a whole-slide image."
+    "\nFindings from analysis tools for this tile:\n{findings}\n"
+    "Describe the tissue and cells you see in one or two sentences, noting whether the "
+    "image supports the tool findings. Be concise and do not give a diagnosis.")
+#: The built-in sub-model spec (``configs/submodels``), which needs no weights.
+BUILTIN_SUBMODEL = "nuclei-stain.yaml"
+#: Short onnxruntime provider names accepted in ``submodels.providers``.
+Provider = Literal["tensorrt", "cuda", "cpu"]
+
+
+class SettingsError(ValueError):
+    """A section built directly with a bad value; the message names the field. Keeps
+    pydantic's error details, so a section nested in a Config reports its full path."""
+
+    def __init__(self, model: type[BaseModel], details: list[ErrorDetails]) -> None:
+        super().__init__(describe_error(model, details[0]))
+        self.model, self.details = model, details
+
+
+def _as_tuple(value: Any) -> Any:
+    """YAML has lists where the settings hold tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+T = typing.TypeVar("T")
+Tuple = Annotated[tuple[T, ...], BeforeValidator(_as_tuple)]
+RGB = Annotated[tuple[int, int, int], BeforeValidator(_as_tuple)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of all sections: frozen, strict types, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise SettingsError(type(self), e.errors()) from None
+
+
+class MppParams(Section):
+    """Resolution overrides for slides that carry none (``mpp``)."""
+
+    override: Annotated[float, Field(gt=0)] | None = None
+    csv: str | None = None
+
+
+class TissueParams(Section):
+    """Tissue detection (``tissue``)."""
+
+    background: Literal["auto", "bright", "dark"] = "auto"
+    overview_mpp: NonNegFloat = 8.0
+    min_area_um2: NonNegFloat = 20_000.0
+    min_hole_um2: NonNegFloat = 5_000.0
+    smoothing_um: NonNegFloat = 16.0
+
+
+class TilingParams(Section):
+    """The tile grid (``tiling``)."""
+
+    target_mpp: Annotated[float, Field(gt=0)] = 0.5
+    tile_px: Annotated[int, Field(ge=8)] = 224
+    overlap_px: NonNegInt = 0
+    min_tissue: Fraction = 0.25
+    mpp_tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.05
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> TilingParams:
+        if self.overlap_px >= self.tile_px:
+            raise ValueError(f"overlap_px must be in [0, tile_px), got {self.overlap_px!r}")
+        return self
+
+
+class StreamParams(Section):
+    """How tiles are read (``stream``); results do not depend on these."""
+
+    batch_size: PosInt = 64
+    prefetch: PosInt = 4
+    threads: Annotated[int, Field(ge=0, description="0 = all cores")] = 0
+
+
+class OutputParams(Section):
+    """What is written besides the zarr store (``outputs``)."""
+
+    thumbnail_px: Annotated[int, Field(ge=64)] = 1024
+    draw_tiles: bool = True
+
+
+class ParallelParams(Section):
+    """Where slides run (``parallelism``)."""
+
+    workers: PosInt = 1
+    scheduler: str | None = None
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+
+
+class CaptionParams(Section):
+    """Captions and the slide summary (``caption``)."""
+
+    model: str | None = None
+    prompt: str = DEFAULT_CAPTION_PROMPT
+    max_new_tokens: PosInt = 96
+    batch_size: PosInt = 4
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    top_k: NonNegInt = 3
+    pool: PosInt = 32
+    fallback_k: NonNegInt = 8
+    queries: Tuple[str] = ()
+    query_k: NonNegInt = 3
+    query_model: str | None = None
+    summary_model: str | None = None
+    summary_max_new_tokens: PosInt = 256
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("queries")
+    @classmethod
+    def _queries_not_blank(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not q.strip() for q in v):
+            raise ValueError(f"queries must be non-empty texts, got {v!r}")
+        return v
+
+
+class EmbedParams(Section):
+    """Tile embeddings (``embed``)."""
+
+    model: str = "pathclip"
+    pathclip: str | None = None
+    engine: Literal["torch", "onnx"] = "torch"
+    onnx: str | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: PosInt | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model must be a model spec such as 'pathclip', got ''")
+        return v
+
+
+class ZeroShotParams(Section):
+    """Zero-shot classification (``zeroshot``)."""
+
+    prompts: str = "crc100k"
+    threshold: Fraction = 0.5
+    cache_dir: str | None = None
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompts must name a prompt set or a YAML file, got ''")
+        return v
+
+
+class SubmodelParams(Section):
+    """Which sub-models run and where (``submodels``)."""
+
+    specs: Tuple[str] = (BUILTIN_SUBMODEL,)
+    providers: Annotated[Tuple[Provider], Field(min_length=1)] | None = None
+    mpp_tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.25
+
+
+class ReportParams(Section):
+    """What annotations and reports contain (``report``)."""
+
+    include_tiles: bool = False
+    min_region_um2: NonNegFloat = 50_000.0
+    exclude_uncertain: bool = True
+    heatmap_classes: Tuple[str] | None = None
+    max_heatmaps: NonNegInt = 6
+    image_px: Annotated[int, Field(ge=128)] = 900
+    gallery_per_class: NonNegInt = 2
+    empty_tile_tissue: Fraction = 0.5
+    pdf: bool = True
+
+
+class Config(BaseModel):
+    """The effective configuration: the stages to run and one model per section.
+
+    Stage names are checked against the stage registry by :mod:`wsi_assist.config`,
+    which builds every Config read from files or flags.
+    """
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    stages: Tuple[str] = ("tissue", "tiles", "embed", "zeroshot", "submodels", "caption",
+                          "report")
+    mpp: MppParams = MppParams()
+    tissue: TissueParams = TissueParams()
+    tiling: TilingParams = TilingParams()
+    stream: StreamParams = StreamParams()
+    outputs: OutputParams = OutputParams()
+    parallelism: ParallelParams = ParallelParams()
+    caption: CaptionParams = CaptionParams()
+    embed: EmbedParams = EmbedParams()
+    zeroshot: ZeroShotParams = ZeroShotParams()
+    report: ReportParams = ReportParams()
+    submodels: SubmodelParams = SubmodelParams()
+
+    def section(self, name: str) -> Section:
+        """The section called ``name``; KeyError for an unknown one."""
+        if name not in SECTIONS:
+            raise KeyError(name)
+        return typing.cast(Section, getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples), as written to ``config.yaml``."""
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *names: str) -> str:
+        """A short hash of some sections (all when none are named)."""
+        d = self.to_dict()
+        blob = json.dumps({n: d[n] for n in names or SECTIONS}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: Section name -> its model, in the order of ``configs/default.yaml``.
+SECTIONS: dict[str, type[Section]] = {
+    name: typing.cast(type[Section], f.annotation)
+    for name, f in Config.model_fields.items() if name != "stages"}
+
+
+_TYPE_NAMES = {"float": "float", "int": "int", "bool": "bool (true or false)",
+               "string": "str", "tuple": "a list", "list": "a list", "dict": "a mapping",
+               "model": "a mapping", "model_attributes": "a mapping"}
+
+
+def describe_error(model: type[BaseModel], err: ErrorDetails) -> str:
+    """One pydantic error as ``key: what is wrong``; ``key`` is the dotted location
+    inside ``model`` (empty for the model itself)."""
+    ctx = err.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, SettingsError):  # a nested section's own check
+        first = inner.details[0]
+        return describe_error(model, {**first, "loc": (*err["loc"], *first["loc"])})
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(loc)
+    name = loc[-1] if loc else ""
+    got = f", got {err['input']!r}" if "input" in err else ""
+    kind = err["type"]
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+              "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+    if kind in bounds:
+        op, key = bounds[kind]
+        text = f"{name} must be {op} {ctx[key]}{got}"
+    elif kind == "literal_error":
+        allowed = _allowed(model, loc)
+        text = f"must be one of {', '.join(allowed) if allowed else ctx.get('expected')}{got}"
+    elif kind == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        valid = ", ".join(parent.model_fields) if parent is not None else ""
+        if len(loc) == 1:
+            return f"unknown key {name!r}; valid keys: {valid}"
+        return f"{path}: unknown key; valid keys: {valid}"
+    elif kind == "value_error":
+        text = str(ctx.get("error", err["msg"]))
+    elif kind == "string_pattern_mismatch":
+        text = f"{name} must match {ctx.get('pattern')}{got}"
+    elif kind == "too_short":
+        text = f"{name} must list at least {ctx.get('min_length')} item(s){got}"
+    elif kind.endswith(("_type", "_parsing")):
+        base = kind.rsplit("_", 1)[0]
+        text = f"must be {_TYPE_NAMES.get(base, base)}{got}"
+    else:
+        text = f"{err['msg']}{got}"
+    return f"{path}: {text}" if path else text
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """The (nested) model class at ``loc``, or None when ``loc`` leaves the models."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        current = field.annotation
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _allowed(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """The Literal values allowed at ``loc`` (list positions skipped), if any."""
+    keys = [p for p in loc if not p.isdigit()]
+    parent = _model_at(model, keys[:-1]) if keys else None
+    field = parent.model_fields.get(keys[-1]) if parent is not None else None
+    return [] if field is None else [str(v) for v in _literal_args(field.annotation)]
+
+
+def _literal_args(hint: Any) -> list[Any]:
+    if typing.get_origin(hint) is Literal:
+        return list(typing.get_args(hint))
+    out: list[Any] = []
+    for arg in typing.get_args(hint):
+        out += _literal_args(arg)
+    return out

@@ -1,0 +1,179 @@
+"""The stage registry: every stage's function, the stages it needs, the config sections
+and per-slide inputs it reads, how to tell it ran, and how to enable it.
+
+Planning (which stages rerun), fingerprints, ``--stages`` validation and the report's
+"not run" table are all derived from :data:`REGISTRY`. A stage function is called as
+``run(slide, **sections)``: a :class:`SlideContext` and exactly the config sections the
+stage declares, and returns a short summary dict for logs and ``done.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsi_assist.errors import StageSkipped
+from wsi_assist.report.build import build_slide_outputs
+from wsi_assist.settings import Config, Section
+from wsi_assist.slide import SlideInfo
+from wsi_assist.stages import caption, embed, report, submodels, tiles, tissue, zeroshot
+from wsi_assist.stages.context import SlideContext, resolve_device
+from wsi_assist.store import SlideStore
+
+__all__ = ["REGISTRY", "STAGE_NAMES", "SlideContext", "Stage", "check_stage_names",
+           "fingerprints", "rebuild_report", "resolve_device", "run_stages", "stage_table", "stages_to_run"]
+
+log = logging.getLogger(__name__)
+
+StageFunc = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline and everything the batch needs to know about it."""
+
+    name: str
+    run: StageFunc
+    #: Stages whose stored results this one reads.
+    needs: tuple[str, ...]
+    #: Config sections passed to ``run`` (and hashed into its fingerprint).
+    sections: tuple[str, ...]
+    #: Per-slide values (see :data:`SLIDE_INPUTS`) its results depend on.
+    slide_inputs: tuple[str, ...]
+    #: Whether the slide's store holds this stage's results.
+    done: Callable[[SlideStore], bool]
+    #: How a user enables the stage when it did not run.
+    how_to_enable: str
+    #: Whether the stage can run with these sections (a model configured, ...); when
+    #: not, it is recorded as "not run" with ``how_to_enable``, not as a failure.
+    configured: Callable[..., bool] = lambda store, **sections: True
+
+
+#: Per-slide values a stage may depend on, beyond the file itself and its config.
+SLIDE_INPUTS: dict[str, Callable[[SlideInfo], Any]] = {
+    "mpp": lambda info: [info.mpp, info.mpp_source],
+}
+
+REGISTRY: dict[str, Stage] = {s.name: s for s in (
+    Stage("tissue", tissue.run, needs=(), sections=("tissue",), slide_inputs=("mpp",),
+          done=SlideStore.has_tissue, how_to_enable="add 'tissue' to stages"),
+    Stage("tiles", tiles.run, needs=("tissue",), sections=("tiling", "outputs"),
+          slide_inputs=(), done=SlideStore.has_grid,
+          how_to_enable="add 'tiles' to stages (after 'tissue')"),
+    Stage("embed", embed.run, needs=("tiles",), sections=("embed",), slide_inputs=(),
+          done=SlideStore.has_embeddings, how_to_enable=embed.HOW_TO_ENABLE,
+          configured=embed.configured),
+    Stage("zeroshot", zeroshot.run, needs=("embed",), sections=("zeroshot", "embed"),
+          slide_inputs=(), done=SlideStore.has_zeroshot,
+          how_to_enable="configure PathCLIP weights (see embed) and a prompt set, and add "
+                        "'embed' and 'zeroshot' to stages",
+          configured=zeroshot.configured),
+    Stage("submodels", submodels.run, needs=("tiles", "zeroshot"), sections=("submodels",),
+          slide_inputs=(), done=lambda store: bool(store.read_submodels()),
+          how_to_enable="list sub-model spec files (ONNX + YAML) under submodels.specs",
+          configured=submodels.configured),
+    Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
+          sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,
+          how_to_enable=caption.HOW_TO_ENABLE, configured=caption.configured),
+    Stage("report", report.run, needs=("tiles", "embed", "zeroshot", "submodels", "caption"),
+          sections=("report",), slide_inputs=(), done=report.done,
+          how_to_enable="add 'report' to stages"),
+)}
+#: Stage names in pipeline order.
+STAGE_NAMES = tuple(REGISTRY)
+
+
+def check_stage_names(names: Iterable[str]) -> None:
+    """ValueError naming the first unknown stage and the valid ones."""
+    bad = [n for n in names if n not in REGISTRY]
+    if bad:
+        raise ValueError(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGE_NAMES)}")
+
+
+def _sections(stage: Stage, config: Config) -> dict[str, Section]:
+    return {name: config.section(name) for name in stage.sections}
+
+
+def fingerprints(slide_fp: str, config: Config, info: SlideInfo) -> dict[str, str]:
+    """One fingerprint per stage: the slide file, the stage's config sections, its
+    per-slide inputs and the fingerprints of the stages it needs."""
+    fps: dict[str, str] = {}
+    for stage in REGISTRY.values():
+        blob = json.dumps({
+            "slide": slide_fp, "deps": [fps[d] for d in stage.needs],
+            "config": {n: s.model_dump(mode="json")
+                       for n, s in _sections(stage, config).items()},
+            "inputs": {k: SLIDE_INPUTS[k](info) for k in stage.slide_inputs}},
+            sort_keys=True, default=str)
+        fps[stage.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fps
+
+
+def stages_to_run(done: dict[str, Any] | None, want: dict[str, str],
+                  stages: tuple[str, ...], force: bool) -> tuple[str, ...]:
+    """The requested stages whose stored fingerprint differs from the wanted one."""
+    if force or not done:
+        return stages
+    have = done.get("stages", {})
+    return tuple(s for s in stages if have.get(s) != want[s])
+
+
+def run_stages(slide: SlideContext, config: Config, names: tuple[str, ...]
+               ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run ``names`` in pipeline order; returns (summary, seconds) per stage. An
+    exception leaving a stage carries the stage's name as ``.stage``."""
+    summary: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for name in (n for n in STAGE_NAMES if n in names):
+        stage = REGISTRY[name]
+        sections = _sections(stage, config)
+        t0 = time.perf_counter()
+        try:
+            if not stage.configured(slide.store, **sections):
+                raise StageSkipped(stage.how_to_enable)
+            summary[name] = stage.run(slide, **sections)
+        except StageSkipped as e:
+            summary[name] = {"skipped": str(e)}
+            slide.store.mark_skipped(name, str(e))
+            log.info("%s: %s not run: %s", slide.slide_id, name, e)
+            continue
+        except Exception as e:
+            e.stage = name  # type: ignore[attr-defined]
+            raise
+        seconds[name] = time.perf_counter() - t0
+        log.debug("%s: %s done in %.2f s: %s", slide.slide_id, name, seconds[name],
+                  summary[name])
+    return summary, seconds
+
+
+def rebuild_report(folder: Path, config: Config, info: dict[str, Any] | None = None,
+                   seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Rebuild a finished slide's annotations and reports from its stored results alone
+    (``wsi-assist report``): no model, no slide file."""
+    store = SlideStore(folder, mode="r")
+    return build_slide_outputs(store, config.report, stages=stage_table(store),
+                               config_hash=config.section_hash(), slide_id=folder.name,
+                               info=info, seconds=seconds)
+
+
+def stage_table(store: SlideStore) -> dict[str, dict[str, str]]:
+    """Per stage (the report itself excluded): ``done``, or ``not run`` with the reason
+    and how to enable it."""
+    out: dict[str, dict[str, str]] = {}
+    for stage in REGISTRY.values():
+        if stage.name == "report":
+            continue
+        if stage.done(store):
+            out[stage.name] = {"status": "done"}
+            continue
+        reason = store.skipped(stage.name)
+        out[stage.name] = {"status": "not run",
+                           "reason": reason or "not in the run's stages",
+                           "how_to_enable": reason or stage.how_to_enable}
+    return out

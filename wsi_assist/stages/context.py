@@ -1,0 +1,60 @@
+"""What a stage sees of one slide: the file, its description, its store, and how tiles
+are read. Built by the batch for each slide; stages know nothing of the CLI or Dask."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsi_assist.settings import StreamParams
+from wsi_assist.slide import SlideInfo, open_slide
+from wsi_assist.store import SlideStore
+from wsi_assist.stream import TileBatch, stream
+from wsi_assist.tiling import TileGrid
+
+
+@dataclass(frozen=True)
+class SlideContext:
+    """One slide being processed: ``store`` is its (work) folder's store."""
+
+    path: Path
+    slide_id: str
+    info: SlideInfo
+    store: SlideStore
+    device: str = "cpu"
+    stream_params: StreamParams = StreamParams()
+    #: The batch output folder (OUT); None when the slide is run outside a batch.
+    out_root: Path | None = None
+    #: Hash of the whole effective config, for the report's provenance.
+    config_hash: str = ""
+    #: Per stage, done or not run and why: the registry's ``stage_table``, given here
+    #: so that the report stage needs no import of the registry that lists it.
+    stage_status: Callable[[SlideStore], dict[str, dict[str, str]]] = lambda store: {}
+
+    @property
+    def out_dir(self) -> Path:
+        return self.store.folder
+
+    def open_slide(self) -> Any:
+        """The slide file opened with tiffslide (a context manager)."""
+        return open_slide(self.path)
+
+    def stream(self, grid: TileGrid, batch_size: int | None = None) -> Iterator[TileBatch]:
+        """The slide's tiles of ``grid`` with the ``stream`` settings; ``batch_size``
+        overrides ``stream.batch_size``."""
+        sp = self.stream_params
+        return stream(self.path, grid, batch_size=batch_size or sp.batch_size,
+                      prefetch=sp.prefetch, threads=sp.threads)
+
+
+def resolve_device(spec: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; other specs unchanged."""
+    if spec != "auto":
+        return spec
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,42 @@
+"""The ``embed`` stage: the configured image encoder over every tile."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from wsi_assist.errors import StageSkipped
+from wsi_assist.models.embed import embed_batches, make_encoder, used_precision
+from wsi_assist.models.pathclip import configured_spec
+from wsi_assist.settings import EmbedParams
+from wsi_assist.stages.context import SlideContext
+from wsi_assist.store import Embeddings, SlideStore
+
+log = logging.getLogger(__name__)
+
+HOW_TO_ENABLE = ("no PathCLIP weights configured: set embed.pathclip (or pass --pathclip "
+                 "PATH, or set WSI_ASSIST_PATHCLIP) to pathclip-base.pt, or set embed.model "
+                 "to another open_clip spec (ARCH:/path/ckpt.pt or hf-hub:org/repo)")
+
+
+def configured(store: SlideStore, embed: EmbedParams) -> bool:
+    """An embedding model is configured (PathCLIP weights, or another spec)."""
+    return configured_spec(embed) is not None
+
+
+def run(slide: SlideContext, embed: EmbedParams) -> dict[str, Any]:
+    """L2-normalised float16 embeddings of every tile, stored row-aligned with coords."""
+    spec = configured_spec(embed)
+    if spec is None:  # ``configured`` said so already; kept for direct callers
+        raise StageSkipped(HOW_TO_ENABLE)
+    grid = slide.store.read_grid()
+    encoder = make_encoder(spec, embed, slide.device)
+    res = embed_batches(encoder, slide.stream(grid, embed.batch_size), len(grid))
+    slide.store.write_embeddings(Embeddings(
+        vectors=res.embeddings, model=spec.spec, model_sha256=encoder.sha256,
+        engine=embed.engine, precision=used_precision(embed, slide.device)))
+    wait = res.input_wait_s / max(res.seconds, 1e-9)
+    log.info("%s: %d tiles embedded at %.1f tiles/s (%.0f%% waiting for input)",
+             slide.slide_id, len(grid), res.tiles_per_s, 100 * wait)
+    return {"n_tiles": len(grid), "dim": encoder.embed_dim, "engine": embed.engine,
+            "tiles_per_s": round(res.tiles_per_s, 2), "input_wait_fraction": round(wait, 3)}

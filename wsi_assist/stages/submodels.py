@@ -1,0 +1,102 @@
+"""The ``submodels`` stage: every configured ONNX sub-model over the slide's tiles, read
+once for all of them; findings stored per model (detections de-duplicated across tile
+borders, slide scores from class counts, segmentation polygons in ``findings/``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from wsi_assist import geojson
+from wsi_assist.models.submodel_decode import Accumulator
+from wsi_assist.models.submodels import (
+    Submodel,
+    choose_providers,
+    get_submodel,
+    resolve_spec_path,
+    run_models,
+    select_rows,
+)
+from wsi_assist.settings import SubmodelParams
+from wsi_assist.stages.context import SlideContext
+from wsi_assist.store import SUB_MEASUREMENTS, SlideStore
+from wsi_assist.tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+
+def configured(store: SlideStore, submodels: SubmodelParams) -> bool:
+    """At least one sub-model spec is listed."""
+    return bool(submodels.specs)
+
+
+def run(slide: SlideContext, submodels: SubmodelParams) -> dict[str, Any]:
+    """Run the sub-models whose input suits the slide; store each one's findings."""
+    providers = choose_providers(submodels.providers, slide.device)
+    models = [get_submodel(resolve_spec_path(s), providers) for s in submodels.specs]
+    store = slide.store
+    grid = store.read_grid()
+    background = store.read_tissue().background
+    zs = store.read_zeroshot()
+    active, summary = [], {}
+    for m in models:
+        want = m.spec.input.background
+        if want != "any" and background is not None and background != want:
+            why = f"needs a {want} background (bright-field); this slide's is {background}"
+            store.write_submodel(m.spec.name, {}, {**_base_attrs(m), "counts": {},
+                                                  "scores": {}, "skipped": why})
+            summary[m.spec.name] = {"skipped": why}
+            log.info("%s: sub-model %s not run: %s", slide.slide_id, m.spec.name, why)
+            continue
+        sel = select_rows(m.spec, len(grid), None if zs is None else zs.classes,
+                          None if zs is None else zs.top)
+        active.append((m, sel))
+    if not active:
+        return summary
+    union = np.logical_or.reduce([sel for _, sel in active])
+    rows = np.flatnonzero(union)
+    part = dataclasses.replace(grid, coords=grid.coords[rows],
+                               tissue_fraction=grid.tissue_fraction[rows])
+    accs = run_models(slide.stream(part), grid, rows, active, submodels.mpp_tolerance)
+    for (m, sel), acc in zip(active, accs, strict=True):
+        summary[m.spec.name] = _store(slide, grid, m, sel, acc)
+    return summary
+
+
+def _base_attrs(m: Submodel) -> dict[str, Any]:
+    o = m.spec.output
+    return {"task": m.spec.task, "classes": list(o.classes),
+            "colors": [list(c) for c in o.colors], "model_path": str(m.spec.model_path),
+            "model_sha256": m.sha256, "spec_path": str(m.spec.spec_path or "")}
+
+
+def _store(slide: SlideContext, grid: TileGrid, m: Submodel, sel: np.ndarray,
+           acc: Accumulator) -> dict[str, Any]:
+    area_mm2 = float(grid.tissue_fraction[sel].sum()) * (grid.stride_l0 * grid.mpp) ** 2 / 1e6
+    arrays, attrs = acc.finish(area_mm2)
+    o = m.spec.output
+    attrs.update(_base_attrs(m))
+    attrs.update({"n_tiles_run": int(sel.sum()), "analysed_area_mm2": area_mm2,
+                  "draw_radius_px": o.draw_radius_um / grid.mpp})
+    if m.spec.task == "segmentation":
+        attrs["geojson"] = _write_segmentation(slide.store, m, acc)
+    slide.store.write_submodel(
+        m.spec.name, arrays, attrs,
+        array_attrs={SUB_MEASUREMENTS: {"measurement_names": list(o.measurement_names)}})
+    return {"counts": attrs["counts"],
+            "scores": {k: v["value"] for k, v in attrs["scores"].items()}}
+
+
+def _write_segmentation(store: SlideStore, m: Submodel, acc: Accumulator) -> str:
+    """``findings/<name>.geojson``: one QuPath annotation per merged polygon."""
+    o = m.spec.output
+    path = store.findings_path(m.spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    feats = (geojson.feature(poly, "annotation", classification=(o.classes[c], o.colors[c]),
+                             measurements={"Area px^2": poly.area}, name=o.classes[c])
+             for c, mp in sorted(acc.merged.items()) for poly in mp.geoms)
+    geojson.write_features(path, feats)
+    return path.relative_to(store.folder).as_posix()

@@ -1,0 +1,50 @@
+"""The ``tiles`` stage: the tile grid over the stored tissue, the thumbnail, and quality
+scores of every tile read through the tile stream."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from wsi_assist import qc, thumbnail
+from wsi_assist.errors import WsiAssistError
+from wsi_assist.settings import OutputParams, TilingParams
+from wsi_assist.slide import read_lowres
+from wsi_assist.stages.context import SlideContext
+from wsi_assist.tiling import grid as lay_grid
+
+log = logging.getLogger(__name__)
+
+
+def run(slide: SlideContext, tiling: TilingParams, outputs: OutputParams) -> dict[str, Any]:
+    """Lay the grid, draw the thumbnail and score every tile."""
+    store = slide.store
+    if not store.has_tissue():
+        raise WsiAssistError(f"{slide.path}: no tissue.geojson; run the 'tissue' stage first")
+    tissue = store.read_tissue_geometry()
+    g = lay_grid(slide.info, tissue, tiling)
+    store.write_grid(g)
+    if len(g) == 0:
+        log.warning("%s: no tiles with at least %.0f%% tissue", slide.path,
+                    100 * tiling.min_tissue)
+    info = slide.info
+    thumb_mpp = info.require_mpp() * max(1.0, max(info.width, info.height)
+                                         / outputs.thumbnail_px)
+    with slide.open_slide() as s:
+        img, ds = read_lowres(s, info, thumb_mpp)
+    store.write_thumbnail(img, ds)
+    drawn = thumbnail.draw(img, ds, tissue, g if outputs.draw_tiles else None,
+                           max_px=outputs.thumbnail_px, synthetic=info.synthetic)
+    drawn.save(slide.out_dir / "thumbnail.png")
+    summary: dict[str, Any] = {"n_tiles": len(g), "level": g.level,
+                               "delivered_mpp": g.delivered_mpp}
+    if len(g):
+        scores = qc.tile_qc(slide.stream(g), len(g))
+        store.write_qc(scores.as_array(), ["background", "focus"], qc.DESCRIPTION)
+        summary |= {"tiles_per_s": round(scores.tiles_per_s, 1),
+                    "median_focus": round(float(np.median(scores.focus)), 1),
+                    "median_background": round(float(np.median(scores.background)), 3)}
+    return summary
+

@@ -1,0 +1,28 @@
+"""The ``tissue`` stage: an overview of the slide, tissue polygons, ``tissue.geojson``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from wsi_assist import slide as slide_mod
+from wsi_assist import tissue as tissue_mod
+from wsi_assist.settings import TissueParams
+from wsi_assist.stages.context import SlideContext
+from wsi_assist.store import Overview
+
+log = logging.getLogger(__name__)
+
+
+def run(slide: SlideContext, tissue: TissueParams) -> dict[str, Any]:
+    """Detect tissue on an overview at ``tissue.overview_mpp`` and store both."""
+    mpp = slide.info.require_mpp()
+    with slide.open_slide() as s:
+        image, ds = slide_mod.read_lowres(s, slide.info, tissue.overview_mpp)
+    found = tissue_mod.detect(image, ds, mpp, tissue)
+    pieces = slide.store.write_tissue(Overview(image, ds), found.mask, found.geometry,
+                                      found.background, found.threshold, mpp)
+    if found.geometry.is_empty:
+        log.warning("%s: no tissue found", slide.path)
+    return {"tissue_pieces": pieces, "tissue_area_mm2": found.area_um2 / 1e6,
+            "background": found.background}
