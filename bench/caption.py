@@ -25,8 +25,11 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the tiny random LLaVA is a test fixture (tests/random_vlm.py), not part of the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from wsi_assist.models import random_vlm
+import random_vlm
+
 from wsi_assist.models.captioner import Captioner, build_prompt
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import random_vlm
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -17,7 +18,6 @@ from wsi_assist import config as config_mod
 from wsi_assist import pipeline, represent, store
 from wsi_assist.caption import CaptionParams, tile_findings
 from wsi_assist.errors import ModelError
-from wsi_assist.models import random_vlm
 from wsi_assist.models.captioner import build_prompt, findings_text
 from wsi_assist.slide import describe
 

@@ -1,4 +1,4 @@
-"""ONNX sub-models per tile: sessions, preprocessing, the ``submodels`` stage, detections.
+"""ONNX sub-models per tile: sessions, preprocessing, the ``submodels`` stage.
 
 One ``InferenceSession`` per model file and provider list per process, created on first
 use and reused for every batch and slide. Tiles come from the slide's tile stream (read
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,48 +335,3 @@ def _write_segmentation(out_dir: Path, m: Submodel, acc: Accumulator) -> str:
     geojson.write_features(path, feats)
     return rel
 
-
-def detection_features(group: zarr.Group, name: str) -> Iterator[dict[str, Any]]:
-    """QuPath features of sub-model ``name`` stored in the slide group ``group``:
-    detections (circles for points, boxes) or tiles with their class; segmentation
-    polygons live in the GeoJSON file named by the group's ``geojson`` attr instead."""
-    import shapely
-
-    from wsi_assist.geojson import feature
-
-    g = group["submodels"][name]
-    a = dict(g.attrs)
-    classes, colors = a["classes"], [tuple(c) for c in a["colors"]]
-    task = a["task"]
-    if a.get("skipped") or task == "segmentation":
-        return
-    labels = np.asarray(g["labels"][...]).astype(np.int64)
-    if task == "tile-classification":
-        coords = np.asarray(group["coords"][...])
-        size = float(group.attrs["read_px"]) * float(group.attrs["level_downsample"])
-        probs = np.asarray(g["probs"][...])
-        for i in np.nonzero(labels >= 0)[0]:
-            x, y = (float(v) for v in coords[i])
-            meas = {f"P({c})": float(probs[i, k]) for k, c in enumerate(classes)}
-            yield feature(shapely.box(x, y, x + size, y + size), "tile",
-                          classification=(classes[labels[i]], colors[labels[i]]),
-                          measurements=meas)
-        return
-    scores = np.asarray(g["scores"][...])
-    meas = np.asarray(g["measurements"][...]) if "measurements" in g else None
-    names = list(g["measurements"].attrs.get("measurement_names", [])) if meas is not None \
-        else []
-    if task == "point-detection":
-        pts = np.asarray(g["points"][...])
-        geoms = shapely.buffer(shapely.points(pts), float(a.get("draw_radius_px", 6.0)),
-                               quad_segs=4)
-    else:
-        b = np.asarray(g["boxes"][...])
-        geoms = shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3])
-    for i, geom in enumerate(geoms):
-        m = {"score": float(scores[i])}
-        if meas is not None:
-            m.update({n: float(v) for n, v in zip(names, meas[i], strict=False)})
-        k = int(labels[i])
-        cls = (classes[k], colors[k]) if 0 <= k < len(classes) else None
-        yield feature(geom, "detection", classification=cls, measurements=m)
