@@ -25,10 +25,10 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# the random-weight LLaVA in the released layout is a test fixture
+# the tiny random LLaVA is a test fixture (tests/random_vlm.py), not part of the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import random_vlm  # noqa: E402
+import random_vlm
 
 from wsi_assist.models.captioner import Captioner, build_prompt
 

@@ -1,4 +1,4 @@
-"""The tile stream equals naive read_region, is bounded, and runs under dask.distributed."""
+"""The tile stream equals naive read_region and is bounded."""
 
 from __future__ import annotations
 
@@ -201,18 +201,6 @@ def test_real_slides_exact(shared_slides: Path, name: str) -> None:
         compare(path, g0, exact=True, batch_size=64)
 
 
-def test_dask_distributed_client(svs_slide: Path) -> None:
-    distributed = pytest.importorskip("distributed")
-    g = full_grid(svs_slide)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
-        idx, tiles = collect(stream(svs_slide, g, batch_size=8, prefetch=3, client=client))
-    _, naive = collect(stream_naive(svs_slide, g))
-    np.testing.assert_array_equal(idx, np.arange(len(g)))
-    np.testing.assert_array_equal(tiles, naive)
-
-
 @pytest.mark.real_slides
 @pytest.mark.parametrize("engine", ["tifffile", "zarr"])
 def test_corrupt_slide_raises_slide_error_naming_it(shared_slides: Path, engine: str) -> None:
@@ -221,22 +209,6 @@ def test_corrupt_slide_raises_slide_error_naming_it(shared_slides: Path, engine:
                  0.5, 0.5, 0.5)
     with pytest.raises(SlideError, match="unreadable.svs level 0: cannot decode"):
         list(stream(path, g, engine=engine))  # type: ignore[arg-type]
-
-
-@pytest.mark.slow
-def test_dask_distributed_worker_processes_open_the_slide(svs_slide: Path) -> None:
-    """Two worker processes on 127.0.0.1: only (path, level, corners) travel."""
-    distributed = pytest.importorskip("distributed")
-    g = full_grid(svs_slide)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
-        idx, tiles = collect(stream(svs_slide, g, batch_size=6, prefetch=4, client=client))
-        opened = client.run(lambda: len(__import__("wsi_assist.chunks").chunks.SOURCES))
-    _, naive = collect(stream_naive(svs_slide, g))
-    np.testing.assert_array_equal(idx, np.arange(len(g)))
-    np.testing.assert_array_equal(tiles, naive)
-    assert sum(opened.values()) >= 1  # workers opened the slide themselves
 
 
 def test_read_tile_reference_pads_white(svs_slide: Path) -> None:

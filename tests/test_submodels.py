@@ -3,6 +3,7 @@ segmentation merging, zero-shot tile selection, QuPath detections, the built-in 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,13 +12,16 @@ import _subnets
 import numpy as np
 import pytest
 import yaml
+from findings_helper import report_config
 from scipy.spatial import cKDTree
 
 from exporters.submodels import export_model, spec_dict
-from wsi_assist import config, pipeline, store
+from wsi_assist import annotate, config, pipeline, store
 from wsi_assist.errors import ConfigError, ModelError, StageSkipped
 from wsi_assist.models import submodels as sm
 from wsi_assist.models.submodel_spec import load_spec
+from wsi_assist.report.build import build_slide_outputs
+from wsi_assist.report.data import read_submodels
 from wsi_assist.slide import describe
 from wsi_assist.synthetic import SyntheticSlide, default_slide, write_slide
 
@@ -129,17 +133,23 @@ def test_builtin_store_layout_and_scores(builtin_run) -> None:
     assert a["scores"]["dab_positive_percent"]["value"] == 0.0
 
 
+def _detections(run: pipeline.SlideRun, name: str) -> list[dict]:
+    """The QuPath detections ``annotations.geojson`` gets for sub-model ``name``."""
+    sub = next(s for s in read_submodels(run.store) if s.name == name)
+    return list(annotate.detection_features(sub))
+
+
 def test_detection_features_are_qupath_detections(builtin_run) -> None:
     sg = builtin_run.store["submodels/nuclei-stain"]
-    feats = list(sm.detection_features(builtin_run.store, "nuclei-stain"))
+    feats = _detections(builtin_run, "nuclei-stain")
     assert len(feats) == sg["points"].shape[0]
     f = feats[0]
     p = f["properties"]
     assert p["objectType"] == "detection"
     assert p["classification"] == {"name": "DAB-negative nucleus", "color": [40, 80, 200]}
-    assert set(p["measurements"]) == {"score", "Haematoxylin OD", "Eosin OD", "DAB OD"}
-    ring = np.asarray(f["geometry"]["coordinates"][0])
-    assert np.allclose(ring[:-1].mean(axis=0), sg["points"][0], atol=0.5)
+    assert set(p["measurements"]) == {"Score", "Haematoxylin OD", "Eosin OD", "DAB OD"}
+    assert f["geometry"]["type"] == "Point"
+    assert np.allclose(f["geometry"]["coordinates"], sg["points"][0], atol=0.5)
 
 
 def test_classification_matches_direct_inference(models, small_slide, tmp_path) -> None:
@@ -159,7 +169,9 @@ def test_classification_matches_direct_inference(models, small_slide, tmp_path) 
     np.testing.assert_allclose(probs[:8], want, atol=1e-5)
     assert (labels == probs.argmax(axis=1)).all()
     assert sum(sg.attrs["counts"].values()) == len(grid)
-    tiles_feats = list(sm.detection_features(run.store, "cls"))
+    build_slide_outputs(tmp_path, run.store, report_config(include_tiles=True))
+    feats = json.loads((tmp_path / "annotations.geojson").read_text())["features"]
+    tiles_feats = [f for f in feats if f["properties"]["objectType"] == "tile"]
     assert len(tiles_feats) == len(grid) and tiles_feats[0]["properties"]["objectType"] == "tile"
 
 
@@ -365,4 +377,4 @@ def test_slide_without_tiles_gives_empty_findings(blank_slide, models, tmp_path)
     assert sg["points"].shape == (0, 2) and sg.attrs["counts"]["DAB-negative nucleus"] == 0
     assert sg.attrs["scores"]["dab_positive_percent"]["value"] is None
     assert run.store["submodels/cls"]["probs"].shape == (0, 3)
-    assert list(sm.detection_features(run.store, "nuclei-stain")) == []
+    assert _detections(run, "nuclei-stain") == []

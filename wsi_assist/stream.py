@@ -11,10 +11,10 @@ has dropped them (``BufferPool``). Tiles are padded white off the slide edge and
 with area interpolation only when ``grid.resized``.
 
 Opened slides are kept per process (``chunks.SOURCES``, checked against the file's size
-and mtime), so the stages that stream one slide in turn open it once. Under a
-``dask.distributed`` Client each batch is a task carrying only the slide path, level and
-the batch's tile corners; workers open the slide themselves. Units shared by two batches
-are then decoded by both.
+and mtime), so the stages that stream one slide in turn open it once. Slides, not
+batches, are the unit of distribution: under Dask each slide is one task
+(``batch._run_on_cluster``), the worker opens the slide itself and its tiles stream in
+that worker's threads.
 
 ``read_tile`` is the naive reference: one tiffslide ``read_region`` per tile.
 """
@@ -63,20 +63,15 @@ class TileBatch:
 
 
 def stream(path: str | Path, grid: TileGrid, batch_size: int = 64, prefetch: int = 4,
-           threads: int = 0, *, client: Any = None, engine: Engine = "auto"
-           ) -> Iterator[TileBatch]:
+           threads: int = 0, *, engine: Engine = "auto") -> Iterator[TileBatch]:
     """Yield the grid's tiles in order, ``batch_size`` at a time.
 
-    ``threads`` decoding threads (0: all cores); ``prefetch`` batches decoded ahead;
-    ``client`` a ``dask.distributed.Client`` to read on its workers instead.
+    ``threads`` decoding threads (0: all cores); ``prefetch`` batches decoded ahead.
     """
     if batch_size < 1 or prefetch < 1 or threads < 0:
         raise ValueError(f"batch_size and prefetch must be >= 1 and threads >= 0, got "
                          f"{batch_size!r}, {prefetch!r}, {threads!r}")
     if len(grid) == 0:
-        return
-    if client is not None:
-        yield from _stream_distributed(client, str(path), grid, batch_size, prefetch, engine)
         return
     with SOURCES.lease(str(path), grid.level, engine) as src:
         pieces = plan_pieces(grid.level_coords(), grid.read_px, src.level_shape,
@@ -257,47 +252,6 @@ def _refcounts(arrays: list[np.ndarray]) -> list[int]:
 #: same slide, the next slide) reuses the last one's arrays instead of faulting in new
 #: memory. It keeps the largest window any stream needed (see ``reserve``).
 BUFFERS = BufferPool(0)
-
-
-def read_batch(path: str, level: int, engine: Engine, level_xy: np.ndarray, read_px: int,
-               tile_px: int) -> np.ndarray:
-    """One batch, self-contained: open (cached), decode its units, cut. A dask task."""
-    n = len(level_xy)
-    tiles = np.empty((n, read_px, read_px, 3), np.uint8)
-    with SOURCES.lease(path, level, engine) as src:
-        p = plan_pieces(level_xy, read_px, src.level_shape, src.unit_shape)
-        tiles[p.partial] = 255
-        for k, (uy, ux) in enumerate(p.units.tolist()):
-            rows = p.rows[p.start[k]:p.start[k + 1]].tolist()
-            scatter(src.decode(uy, ux), rows, {0: tiles}, n)
-    if read_px == tile_px:
-        return tiles
-    return resize_tiles(tiles, tile_px, np.empty((n, tile_px, tile_px, 3), np.uint8))
-
-
-def _stream_distributed(client: Any, path: str, grid: TileGrid, batch_size: int,
-                        prefetch: int, engine: Engine) -> Iterator[TileBatch]:
-    level_xy = grid.level_coords()
-    n = len(grid)
-    batches = [np.arange(s, min(s + batch_size, n), dtype=np.int64)
-               for s in range(0, n, batch_size)]
-
-    def submit(rows: np.ndarray) -> Any:
-        return client.submit(read_batch, path, grid.level, engine, level_xy[rows],
-                             grid.read_px, grid.tile_px, pure=False)
-
-    window = [submit(rows) for rows in batches[:prefetch]]
-    try:
-        for b, rows in enumerate(batches):
-            tiles = window[b].result()
-            window[b] = None
-            if b + prefetch < len(batches):
-                window.append(submit(batches[b + prefetch]))
-            yield TileBatch(index=rows, tiles=tiles)
-    finally:
-        for f in window:
-            if f is not None:
-                f.cancel()
 
 
 def stream_naive(path: str | Path, grid: TileGrid, batch_size: int = 64

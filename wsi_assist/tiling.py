@@ -132,9 +132,3 @@ def tissue_fraction(coords: np.ndarray, size: float, tissue: shapely.Geometry) -
         out[edge] = shapely.area(shapely.intersection(boxes[edge], tissue)) / (size * size)
     return np.clip(out, 0.0, 1.0)
 
-
-def stream(path, grid, **kwargs):  # type: ignore[no-untyped-def]
-    """Tile batches of ``grid`` from the slide at ``path``; see :mod:`wsi_assist.stream`."""
-    from wsi_assist.stream import stream as _stream
-
-    return _stream(path, grid, **kwargs)

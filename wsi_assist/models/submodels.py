@@ -9,12 +9,11 @@ zero-shot class is listed in its spec). The ``submodels`` stage stores what they
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from wsi_assist.errors import ModelError, WsiAssistError
 from wsi_assist.files import FileCache, configs_dir
@@ -213,49 +212,3 @@ def _check_mpp(active: list[tuple[Submodel, np.ndarray]], sizes: list[int], grid
             log.warning("sub-model %s expects %.3g um/px, tiles give it %.3g um/px; results "
                         "may be off (set tiling.target_mpp or the spec's input.mpp)",
                         m.spec.name, want, got)
-
-
-def detection_features(group: zarr.Group, name: str) -> Iterator[dict[str, Any]]:
-    """QuPath features of sub-model ``name`` stored in the slide group ``group``:
-    detections (circles for points, boxes) or tiles with their class; segmentation
-    polygons live in the GeoJSON file named by the group's ``geojson`` attr instead."""
-    import shapely
-
-    from wsi_assist.geojson import feature
-
-    g = group["submodels"][name]
-    a = dict(g.attrs)
-    classes, colors = a["classes"], [tuple(c) for c in a["colors"]]
-    task = a["task"]
-    if a.get("skipped") or task == "segmentation":
-        return
-    labels = np.asarray(g["labels"][...]).astype(np.int64)
-    if task == "tile-classification":
-        coords = np.asarray(group["coords"][...])
-        size = float(group.attrs["read_px"]) * float(group.attrs["level_downsample"])
-        probs = np.asarray(g["probs"][...])
-        for i in np.nonzero(labels >= 0)[0]:
-            x, y = (float(v) for v in coords[i])
-            meas = {f"P({c})": float(probs[i, k]) for k, c in enumerate(classes)}
-            yield feature(shapely.box(x, y, x + size, y + size), "tile",
-                          classification=(classes[labels[i]], colors[labels[i]]),
-                          measurements=meas)
-        return
-    scores = np.asarray(g["scores"][...])
-    meas = np.asarray(g["measurements"][...]) if "measurements" in g else None
-    names = list(g["measurements"].attrs.get("measurement_names", [])) if meas is not None \
-        else []
-    if task == "point-detection":
-        pts = np.asarray(g["points"][...])
-        geoms = shapely.buffer(shapely.points(pts), float(a.get("draw_radius_px", 6.0)),
-                               quad_segs=4)
-    else:
-        b = np.asarray(g["boxes"][...])
-        geoms = shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3])
-    for i, geom in enumerate(geoms):
-        m = {"score": float(scores[i])}
-        if meas is not None:
-            m.update({n: float(v) for n, v in zip(names, meas[i], strict=False)})
-        k = int(labels[i])
-        cls = (classes[k], colors[k]) if 0 <= k < len(classes) else None
-        yield feature(geom, "detection", classification=cls, measurements=m)
