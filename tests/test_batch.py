@@ -14,14 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from wsi_assist import batch, config
 from wsi_assist.cli import app
-from wsi_assist.store import open_store
 from wsi_assist.synthetic import default_slide, write_slide
 
 runner = CliRunner()
+
+
+def open_store(path: Path, mode: str) -> zarr.Group:
+    """slide.zarr as written, read with zarr alone (the documented layout)."""
+    return zarr.open_group(str(path), mode=mode)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from wsi_assist.cli import app
-from wsi_assist.store import open_store, read_grid
+from wsi_assist.store import SlideStore
 
 runner = CliRunner()
 INFO_KEYS = {"path", "ok", "error", "format", "vendor", "width", "height", "level_count",
              "level_downsamples", "mpp", "mpp_source", "objective_power"}
+
+
+def open_store(path: Path, mode: str) -> zarr.Group:
+    """slide.zarr as written, read with zarr alone (the documented layout)."""
+    return zarr.open_group(str(path), mode=mode)
 
 
 def test_info_json(svs_slide: Path, nompp_slide: Path) -> None:
@@ -49,7 +55,7 @@ def test_tile_writes_layout(svs_slide: Path, tmp_path: Path) -> None:
     for name in ("thumbnail.png", "tissue.geojson", "slide.zarr", "done.json"):
         assert (d / name).exists(), name
     g = open_store(d / "slide.zarr", "r")
-    grid = read_grid(g)
+    grid = SlideStore(d, "r").read_grid()
     assert len(grid) > 10 and grid.coords.dtype == np.int64
     assert {"mpp", "mpp_source", "tile_px", "target_mpp", "level"} <= set(g.attrs)
     assert g.attrs["mpp_source"] == "metadata"
@@ -76,7 +82,7 @@ def test_tile_without_mpp_fails_clearly_then_override_works(nompp_slide: Path,
 def test_blank_slide_gives_zero_tiles_not_a_crash(blank_slide: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["tile", str(blank_slide), "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert len(read_grid(open_store(tmp_path / "blank" / "slide.zarr", "r"))) == 0
+    assert len(SlideStore(tmp_path / "blank", "r").read_grid()) == 0
 
 
 def test_one_by_one_slide(tmp_path: Path) -> None:
@@ -87,7 +93,7 @@ def test_one_by_one_slide(tmp_path: Path) -> None:
                      resolution=(20000, 20000), resolutionunit="CENTIMETER")
     r = runner.invoke(app, ["tile", str(p), "-o", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
-    assert len(read_grid(open_store(tmp_path / "o" / "dot" / "slide.zarr", "r"))) == 0
+    assert len(SlideStore(tmp_path / "o" / "dot", "r").read_grid()) == 0
 
 
 def test_demo(tmp_path: Path) -> None:
@@ -106,7 +112,8 @@ def test_tile_over_shared_folder_isolates_bad_files(shared_slides: Path, tmp_pat
     assert r.exit_code == 1
     assert "Traceback" not in r.output
     lines = (tmp_path / "manifest.csv").read_text().splitlines()
-    assert sum(",done," in line for line in lines) == 3
+    good = sorted(p.name for p in shared_slides.glob("*") if p.suffix in (".svs", ".tif", ".ndpi"))
+    assert sum(",done," in line for line in lines) == len(good) >= 3
     assert sum(",failed," in line for line in lines) == 5
 
 
@@ -115,7 +122,8 @@ def test_tile_reads_every_tile_for_quality_scores(svs_slide: Path, tmp_path: Pat
     assert runner.invoke(app, ["tile", str(svs_slide), "-o", str(out)]).exit_code == 0
     g = open_store(out / "aperio" / "slide.zarr", "r")
     qc = np.asarray(g["tile_qc"][...])
-    assert qc.shape == (len(read_grid(g)), 2) and list(g["tile_qc"].attrs["scores"]) == [
+    n = len(SlideStore(out / "aperio", "r").read_grid())
+    assert qc.shape == (n, 2) and list(g["tile_qc"].attrs["scores"]) == [
         "background", "focus"]
     assert ((qc[:, 0] >= 0) & (qc[:, 0] <= 1)).all() and (qc[:, 1] > 0).all()
     done = json.loads((out / "aperio" / "done.json").read_text())

@@ -115,18 +115,16 @@ def test_wrong_head_is_refused(tmp_path: Path) -> None:
 def test_random_point_model_through_cli_and_stage(tmp_path: Path, svs_slide: Path) -> None:
     from test_submodels import _run
 
-    from wsi_assist import store
-
     rc = ex.main(["factory", "--factory", "_subnets:random_points", "--task", "point-detection",
                   "--classes", "p,q,r", "--measurements", "m1,m2", "--name", "pts", "-o",
                   str(tmp_path), "--tile-px", "64"])
     assert rc == 0
     run = _run(svs_slide, tmp_path / "run", [str(tmp_path / "pts.yaml")])
-    sg = run.store["submodels/pts"]
-    grid = store.read_grid(run.store)
-    pts = np.asarray(sg["points"][...])
-    assert len(pts) > 0 and sg["measurements"].attrs["measurement_names"] == ["m1", "m2"]
-    assert (np.asarray(sg["scores"][...]) >= 0.5).all()  # the spec's default threshold
+    sg = run.sub("pts")
+    grid = run.store.read_grid()
+    pts = np.asarray(sg.arrays["points"][...])
+    assert len(pts) > 0 and sg.arrays["measurements"].attrs["measurement_names"] == ["m1", "m2"]
+    assert (np.asarray(sg.arrays["scores"][...]) >= 0.5).all()  # the spec's default threshold
     # every point lies in a tile it came from, on the 4-px cell-centre lattice
     rel = pts[:, None, :] - grid.coords[None, :, :]
     hit = ((rel >= 0) & (rel < grid.size_l0)).all(axis=2)

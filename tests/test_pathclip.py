@@ -13,7 +13,8 @@ from tinyclip import TINY_ARCH, register_tiny, save_tiny
 
 from wsi_assist.errors import ModelError
 from wsi_assist.models import pathclip
-from wsi_assist.models.pathclip import EmbedParams, configured_spec, load_model, parse_spec
+from wsi_assist.models.pathclip import configured_spec, load_model, parse_spec
+from wsi_assist.settings import EmbedParams
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -154,7 +155,7 @@ def test_onnx_export_parity_and_engine(tiny_ckpt: Path, tmp_path: Path, svs_slid
 
     from exporters import pathclip_onnx
     from wsi_assist import config as config_mod
-    from wsi_assist import store
+    from wsi_assist.store import SlideStore
     from wsi_assist.batch import run_batch
     from wsi_assist.models.embed import OnnxEncoder
 
@@ -187,9 +188,8 @@ def test_onnx_export_parity_and_engine(tiny_ckpt: Path, tmp_path: Path, svs_slid
     d["embed"]["engine"] = "torch"
     res += run_batch([svs_slide], tmp_path / "torch_out", config_mod.from_dict(d))
     assert [r.status for r in res] == ["done", "done"], res[0].error
-    a, b = (np.asarray(store.open_store(tmp_path / o / res[0].slide_id / "slide.zarr",
-                                        mode="r")["embeddings"][...], np.float32)
-            for o in ("onnx_out", "torch_out"))
+    a, b = (SlideStore(tmp_path / o / res[0].slide_id, "r").read_embeddings().vectors
+            .astype(np.float32) for o in ("onnx_out", "torch_out"))
     assert a.shape == b.shape and len(a) > 0
     np.testing.assert_allclose(a, b, atol=2e-3)
 

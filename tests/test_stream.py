@@ -23,7 +23,8 @@ from wsi_assist.stream import (
     stream_naive,
 )
 from wsi_assist.synthetic import SyntheticSlide, write_slide
-from wsi_assist.tiling import TileGrid, TilingParams, grid
+from wsi_assist.settings import TilingParams
+from wsi_assist.tiling import TileGrid, grid
 
 
 def full_grid(path: Path, **kw: object) -> TileGrid:

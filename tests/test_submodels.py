@@ -16,13 +16,15 @@ from findings_helper import report_config
 from scipy.spatial import cKDTree
 
 from exporters.submodels import export_model, spec_dict
-from wsi_assist import annotate, config, pipeline, store
-from wsi_assist.errors import ConfigError, ModelError, StageSkipped
+from stage_helper import run_slide
+
+from wsi_assist import config
+from wsi_assist.errors import ConfigError, ModelError
 from wsi_assist.models import submodels as sm
 from wsi_assist.models.submodel_spec import load_spec
-from wsi_assist.report.build import build_slide_outputs
-from wsi_assist.report.data import read_submodels
-from wsi_assist.slide import describe
+from wsi_assist.report import annotations
+from wsi_assist.stages import REGISTRY, SlideContext, rebuild_report
+from wsi_assist.store import SlideStore, SubmodelRecord, ZeroShot
 from wsi_assist.synthetic import SyntheticSlide, default_slide, write_slide
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -61,23 +63,25 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: out / f"{name}.yaml" for name in specs}
 
 
+class Run:
+    """A slide run through some stages outside a batch; its store and sub-models."""
+
+    def __init__(self, ctx: SlideContext) -> None:
+        self.ctx, self.store = ctx, ctx.store
+
+    def sub(self, name: str) -> SubmodelRecord:
+        return self.store.read_submodel(name)
+
+
 def _run(slide: Path, out: Path, specs: list[str], stages=("tissue", "tiles", "submodels"),
-         **tiling) -> pipeline.SlideRun:
-    cfg = config.load().with_overrides(tiling={"tile_px": TILE, **tiling},
-                                       parallelism={"device": "cpu"},
-                                       submodels={"specs": specs})
-    cfg = config.Config(stages=tuple(stages), sections=cfg.sections)
-    out.mkdir(parents=True, exist_ok=True)
-    g = store.open_store(out / "slide.zarr", "a")
-    run = pipeline.SlideRun(path=slide, slide_id=slide.stem, out_dir=out, config=cfg,
-                            info=describe(slide), store=g)
-    pipeline.run_stages(run, cfg.stages)
-    return run
+         **tiling) -> Run:
+    cfg = config.override(config.load(), tiling={"tile_px": TILE, **tiling},
+                          parallelism={"device": "cpu"}, submodels={"specs": specs})
+    return Run(run_slide(slide, out, cfg, tuple(stages))[0])
 
 
 @pytest.fixture(scope="module")
-def builtin_run(small_slide: Path, tmp_path_factory: pytest.TempPathFactory
-                ) -> pipeline.SlideRun:
+def builtin_run(small_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     return _run(small_slide, tmp_path_factory.mktemp("run"), ["nuclei-stain.yaml"])
 
 
@@ -92,10 +96,9 @@ def _truth_in_tiles(spec: SyntheticSlide, grid) -> np.ndarray:
 
 
 def test_builtin_points_match_synthetic_nuclei(builtin_run, small_spec) -> None:
-    g = builtin_run.store
-    grid = store.read_grid(g)
-    sg = g["submodels/nuclei-stain"]
-    pts = np.asarray(sg["points"][...])
+    grid = builtin_run.store.read_grid()
+    sg = builtin_run.sub("nuclei-stain")
+    pts = np.asarray(sg.arrays["points"][...])
     truth = _truth_in_tiles(small_spec, grid)
     assert len(truth) > 150
     d, _ = cKDTree(pts).query(truth)
@@ -114,16 +117,16 @@ def test_builtin_points_match_synthetic_nuclei(builtin_run, small_spec) -> None:
 
 
 def test_builtin_store_layout_and_scores(builtin_run) -> None:
-    sg = builtin_run.store["submodels/nuclei-stain"]
+    sg = builtin_run.sub("nuclei-stain")
     a = dict(sg.attrs)
     assert a["task"] == "point-detection"
     assert a["classes"] == ["DAB-negative nucleus", "DAB-positive nucleus"]
     assert len(a["colors"]) == 2 and len(a["model_sha256"]) == 64
-    m = sg["points"].shape[0]
-    assert sg["points"].dtype == np.float64 and sg["points"].shape == (m, 2)
-    assert sg["labels"].dtype == np.int16 and sg["scores"].dtype == np.float32
-    assert sg["measurements"].shape == (m, 3)
-    assert sg["measurements"].attrs["measurement_names"][2] == "DAB OD"
+    m = sg.arrays["points"].shape[0]
+    assert sg.arrays["points"].dtype == np.float64 and sg.arrays["points"].shape == (m, 2)
+    assert sg.arrays["labels"].dtype == np.int16 and sg.arrays["scores"].dtype == np.float32
+    assert sg.arrays["measurements"].shape == (m, 3)
+    assert sg.arrays["measurements"].attrs["measurement_names"][2] == "DAB OD"
     assert sum(a["counts"].values()) == m
     # synthetic nuclei are purple (H&E): none DAB-positive; density ~ 1 per (12 um)^2
     assert a["counts"]["DAB-positive nucleus"] == 0
@@ -133,23 +136,22 @@ def test_builtin_store_layout_and_scores(builtin_run) -> None:
     assert a["scores"]["dab_positive_percent"]["value"] == 0.0
 
 
-def _detections(run: pipeline.SlideRun, name: str) -> list[dict]:
+def _detections(run: Run, name: str) -> list[dict]:
     """The QuPath detections ``annotations.geojson`` gets for sub-model ``name``."""
-    sub = next(s for s in read_submodels(run.store) if s.name == name)
-    return list(annotate.detection_features(sub))
+    return list(annotations.detection_features(run.sub(name)))
 
 
 def test_detection_features_are_qupath_detections(builtin_run) -> None:
-    sg = builtin_run.store["submodels/nuclei-stain"]
+    sg = builtin_run.sub("nuclei-stain")
     feats = _detections(builtin_run, "nuclei-stain")
-    assert len(feats) == sg["points"].shape[0]
+    assert len(feats) == sg.arrays["points"].shape[0]
     f = feats[0]
     p = f["properties"]
     assert p["objectType"] == "detection"
     assert p["classification"] == {"name": "DAB-negative nucleus", "color": [40, 80, 200]}
     assert set(p["measurements"]) == {"Score", "Haematoxylin OD", "Eosin OD", "DAB OD"}
     assert f["geometry"]["type"] == "Point"
-    assert np.allclose(f["geometry"]["coordinates"], sg["points"][0], atol=0.5)
+    assert np.allclose(f["geometry"]["coordinates"], sg.arrays["points"][0], atol=0.5)
 
 
 def test_classification_matches_direct_inference(models, small_slide, tmp_path) -> None:
@@ -158,9 +160,9 @@ def test_classification_matches_direct_inference(models, small_slide, tmp_path) 
     from wsi_assist.stream import stream
 
     run = _run(small_slide, tmp_path, [str(models["cls"])])
-    sg = run.store["submodels/cls"]
-    probs, labels = np.asarray(sg["probs"][...]), np.asarray(sg["labels"][...])
-    grid = store.read_grid(run.store)
+    sg = run.sub("cls")
+    probs, labels = np.asarray(sg.arrays["probs"][...]), np.asarray(sg.arrays["labels"][...])
+    grid = run.store.read_grid()
     assert probs.shape == (len(grid), 3) and labels.shape == (len(grid),)
     sess = ort.InferenceSession(str(models["cls"].with_suffix(".onnx")))
     tiles = next(iter(stream(small_slide, grid, batch_size=8))).tiles
@@ -169,7 +171,7 @@ def test_classification_matches_direct_inference(models, small_slide, tmp_path) 
     np.testing.assert_allclose(probs[:8], want, atol=1e-5)
     assert (labels == probs.argmax(axis=1)).all()
     assert sum(sg.attrs["counts"].values()) == len(grid)
-    build_slide_outputs(tmp_path, run.store, report_config(include_tiles=True))
+    rebuild_report(tmp_path, report_config(include_tiles=True))
     feats = json.loads((tmp_path / "annotations.geojson").read_text())["features"]
     tiles_feats = [f for f in feats if f["properties"]["objectType"] == "tile"]
     assert len(tiles_feats) == len(grid) and tiles_feats[0]["properties"]["objectType"] == "tile"
@@ -177,36 +179,38 @@ def test_classification_matches_direct_inference(models, small_slide, tmp_path) 
 
 def test_zeroshot_selection_runs_listed_classes_only(models, small_slide, tmp_path) -> None:
     base = _run(small_slide, tmp_path, [], stages=("tissue", "tiles"))
-    n = len(store.read_grid(base.store))
+    n = len(base.store.read_grid())
     top = (np.arange(n) % 3).astype(np.int16)
-    store.write_array(base.store, "zeroshot/top", top)
-    base.store["zeroshot"].attrs["classes"] = ["tumor", "stroma", "fat"]
+    probs = np.eye(3, dtype=np.float32)[top]
+    base.store.write_zeroshot(ZeroShot(classes=["tumor", "stroma", "fat"],
+                                       colors=[(1, 1, 1), (2, 2, 2), (3, 3, 3)], probs=probs,
+                                       top=top, uncertain=np.zeros(n, bool)))
     data = yaml.safe_load(models["cls"].read_text())
     data["tiles"] = {"zeroshot_classes": ["stroma"]}
     data["model"] = str(models["cls"].with_suffix(".onnx"))
     spec = tmp_path / "zs.yaml"
     spec.write_text(yaml.safe_dump(data))
     run = _run(small_slide, tmp_path, [str(spec)], stages=("submodels",))
-    sg = run.store["submodels/cls"]
-    ran = ~np.isnan(np.asarray(sg["probs"][...])[:, 0])
+    sg = run.sub("cls")
+    ran = ~np.isnan(np.asarray(sg.arrays["probs"][...])[:, 0])
     assert (ran == (top == 1)).all()
     assert sg.attrs["n_tiles_run"] == int((top == 1).sum())
-    assert set(np.asarray(sg["labels"][...])[~ran]) == {-1}
+    assert set(np.asarray(sg.arrays["labels"][...])[~ran]) == {-1}
 
 
 def test_boxes_deduplicated_across_tiles(models, small_slide, small_spec, tmp_path) -> None:
     run = _run(small_slide, tmp_path, [str(models["boxes"])])
-    sg = run.store["submodels/boxes"]
-    boxes = np.asarray(sg["boxes"][...])
+    sg = run.sub("boxes")
+    boxes = np.asarray(sg.arrays["boxes"][...])
     assert boxes.dtype == np.float64 and boxes.shape[1] == 4
     assert np.allclose(boxes[:, 2] - boxes[:, 0], 12.0)  # 12 model px = 12 level-0 px here
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    truth = _truth_in_tiles(small_spec, store.read_grid(run.store))
+    truth = _truth_in_tiles(small_spec, run.store.read_grid())
     d, _ = cKDTree(centres).query(truth)
     assert (d < small_spec.nucleus_radius).mean() >= 0.97
     near = cKDTree(truth).query(centres)[1]
     assert len(np.unique(near)) >= 0.97 * len(centres)  # border duplicates suppressed
-    assert sorted(set(np.asarray(sg["labels"][...]).tolist())) <= [0, 1]
+    assert sorted(set(np.asarray(sg.arrays["labels"][...]).tolist())) <= [0, 1]
 
 
 def test_segmentation_polygons_merged_across_borders(models, small_slide, small_spec,
@@ -217,12 +221,12 @@ def test_segmentation_polygons_merged_across_borders(models, small_slide, small_
     from wsi_assist.geojson import read_features
 
     run = _run(small_slide, tmp_path, [str(models["seg"]), str(models["rseg"])])
-    a = dict(run.store["submodels/seg"].attrs)
+    a = dict(run.sub("seg").attrs)
     feats = read_features(tmp_path / a["geojson"])
     assert a["geojson"] == "findings/seg.geojson" and len(feats) == a["counts"]["nucleus"]
     polys = [shape(f["geometry"]) for f in feats]
     assert all(f["properties"]["classification"]["name"] == "nucleus" for f in feats)
-    truth = _truth_in_tiles(small_spec, store.read_grid(run.store))
+    truth = _truth_in_tiles(small_spec, run.store.read_grid())
     cents = np.array([[p.centroid.x, p.centroid.y] for p in polys])
     # each nucleus one polygon: no halves left at tile borders
     inside = shapely.contains_xy(shapely.MultiPolygon(polys), truth[:, 0], truth[:, 1])
@@ -231,7 +235,7 @@ def test_segmentation_polygons_merged_across_borders(models, small_slide, small_
     assert len(np.unique(near)) >= 0.97 * len(polys)
     area = np.median([p.area for p in polys])
     assert 0.6 * np.pi * 36 < area < 1.6 * np.pi * 36
-    assert run.store["submodels/rseg"].attrs["task"] == "segmentation"
+    assert run.sub("rseg").attrs["task"] == "segmentation"
 
 
 def test_session_created_once_and_reused(models, small_slide, tmp_path, monkeypatch) -> None:
@@ -320,12 +324,13 @@ def test_config_and_skips(tmp_path) -> None:
     assert cfg.submodels.specs == ("nuclei-stain.yaml",)
     assert sm.resolve_spec_path("nuclei-stain.yaml").is_file()
     with pytest.raises(ConfigError, match="submodels.providers"):
-        config.load().with_overrides(submodels={"providers": ["rocm"]})
+        config.override(config.load(), submodels={"providers": ["rocm"]})
     assert sm.choose_providers(None, "cpu") == ["CPUExecutionProvider"]
     assert sm.choose_providers(("cpu",), "cuda") == ["CPUExecutionProvider"]
-    run = type("R", (), {"config": cfg.with_overrides(submodels={"specs": []})})()
-    with pytest.raises(StageSkipped, match="submodels.specs"):
-        sm.run_submodels(run)
+    off = config.override(cfg, submodels={"specs": []})
+    stage = REGISTRY["submodels"]
+    assert not stage.configured(None, submodels=off.submodels)
+    assert "submodels.specs" in stage.how_to_enable
 
 
 @pytest.mark.real_slides
@@ -336,7 +341,7 @@ def test_builtin_on_real_slides(shared_slides, tmp_path) -> None:
     res = {}
     for name in ("CMU-1-Small-Region.svs", "HE_example.ome.tif", "test3-DAPI-2-387.ndpi"):
         run = _run(shared_slides / name, tmp_path / name, ["nuclei-stain.yaml"], tile_px=224)
-        res[name] = dict(run.store["submodels/nuclei-stain"].attrs)
+        res[name] = dict(run.sub("nuclei-stain").attrs)
     for name in ("CMU-1-Small-Region.svs", "HE_example.ome.tif"):
         s = res[name]["scores"]
         assert 2000 < s["nucleus_density_per_mm2"]["value"] < 20000, (name, s)
@@ -364,8 +369,8 @@ def test_run_cli_with_providers(small_slide, tmp_path) -> None:
     res = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--stages",
                                    "tissue,tiles,submodels", "--providers", "cpu"])
     assert res.exit_code == 0, res.output
-    g = store.open_store(out / small_slide.stem / "slide.zarr", "r")
-    assert g["submodels/nuclei-stain"].attrs["counts"]["DAB-negative nucleus"] > 150
+    sub = SlideStore(out / small_slide.stem, "r").read_submodel("nuclei-stain")
+    assert sub.attrs["counts"]["DAB-negative nucleus"] > 150
     bad = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--providers",
                                    "rocm"])
     assert bad.exit_code == 2 and "submodels.providers" in bad.output
@@ -373,8 +378,8 @@ def test_run_cli_with_providers(small_slide, tmp_path) -> None:
 
 def test_slide_without_tiles_gives_empty_findings(blank_slide, models, tmp_path) -> None:
     run = _run(blank_slide, tmp_path, ["nuclei-stain.yaml", str(models["cls"])])
-    sg = run.store["submodels/nuclei-stain"]
-    assert sg["points"].shape == (0, 2) and sg.attrs["counts"]["DAB-negative nucleus"] == 0
+    sg = run.sub("nuclei-stain")
+    assert sg.arrays["points"].shape == (0, 2) and sg.attrs["counts"]["DAB-negative nucleus"] == 0
     assert sg.attrs["scores"]["dab_positive_percent"]["value"] is None
-    assert run.store["submodels/cls"]["probs"].shape == (0, 3)
+    assert run.sub("cls").arrays["probs"].shape == (0, 3)
     assert _detections(run, "nuclei-stain") == []

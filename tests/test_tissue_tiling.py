@@ -12,7 +12,7 @@ from shapely import affinity
 from wsi_assist import tiling, tissue
 from wsi_assist.slide import SlideInfo, describe, open_slide, read_lowres
 from wsi_assist.synthetic import SyntheticSlide
-from wsi_assist.tiling import TilingParams
+from wsi_assist.settings import TilingParams, TissueParams
 
 
 def drawn_geometry(spec: SyntheticSlide) -> shapely.Geometry:
@@ -21,7 +21,7 @@ def drawn_geometry(spec: SyntheticSlide) -> shapely.Geometry:
     return shapely.union_all(circles)
 
 
-def detect_file(path: Path, params: tissue.TissueParams = tissue.TissueParams()
+def detect_file(path: Path, params: TissueParams = TissueParams()
                 ) -> tuple[SlideInfo, tissue.Tissue]:
     info = describe(path)
     with open_slide(path) as s:
@@ -33,9 +33,9 @@ def detect_file(path: Path, params: tissue.TissueParams = tissue.TissueParams()
 def test_detected_area_matches_drawn(request: pytest.FixtureRequest, fixture: str,
                                      syn_spec: SyntheticSlide) -> None:
     path = request.getfixturevalue(fixture)
-    params = tissue.TissueParams()
+    params = TissueParams()
     if describe(path).mpp == 0.25:  # a 512 um wide slide: look closer, keep small pieces
-        params = tissue.TissueParams(overview_mpp=2.0, min_area_um2=2000.0, smoothing_um=4.0)
+        params = TissueParams(overview_mpp=2.0, min_area_um2=2000.0, smoothing_um=4.0)
     info, found = detect_file(path, params)
     assert found.background == "bright"
     assert len(found.polygons) == 3
@@ -66,7 +66,7 @@ def test_small_debris_dropped_and_small_holes_filled() -> None:
     img[190:194, 190:194] = 245          # a 4 px hole (1024 um^2 at 8 um/px): filled
     img[120:160, 120:160] = 245          # a 40 px hole (102,400 um^2): kept
     img[10:13, 10:13] = (120, 60, 160)   # debris of 576 um^2: dropped
-    found = tissue.detect(img, 16.0, 0.5, tissue.TissueParams(smoothing_um=0))
+    found = tissue.detect(img, 16.0, 0.5, TissueParams(smoothing_um=0))
     assert len(found.polygons) == 1
     poly = found.polygons[0]
     assert len(poly.interiors) == 1
@@ -151,7 +151,7 @@ def test_params_validate() -> None:
     with pytest.raises(ValueError, match="tile_px"):
         TilingParams(tile_px=4)
     with pytest.raises(ValueError, match="background"):
-        tissue.TissueParams(background="blue")  # type: ignore[arg-type]
+        TissueParams(background="blue")  # type: ignore[arg-type]
 
 
 @pytest.mark.real_slides

@@ -202,37 +202,39 @@ def _config(tmp_path: Path, spec: str | None, **zeroshot: object) -> config_mod.
 def _check_slide(out: Path, slide_id: str, spec: str, threshold: float) -> None:
     import torch
 
-    from wsi_assist import store
     from wsi_assist.models.pathclip import encode_images, load_model
+    from wsi_assist.store import SlideStore
     from wsi_assist.stream import stream
 
-    g = store.open_store(out / slide_id / "slide.zarr", mode="r")
-    grid = store.read_grid(g)
-    emb = np.asarray(g["embeddings"][...])
+    g = SlideStore(out / slide_id, mode="r")
+    grid = g.read_grid()
+    stored = g.read_embeddings()
+    assert stored is not None
+    emb = stored.vectors
     assert emb.dtype == np.float16 and emb.shape == (len(grid), 32) and len(grid) > 0
     np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1, atol=2e-3)
-    assert g["embeddings"].attrs["model"] == spec
+    assert stored.model == spec
     # row k is the embedding of grid tile k
-    path = Path(g.attrs["slide_path"])
+    path = Path(str(g.read_slide().path))
     last = list(stream(path, grid, batch_size=len(grid)))[-1]
     k = int(last.index[-1])
     ref = encode_images(load_model(spec), torch.from_numpy(last.tiles[-1:])).numpy()[0]
     np.testing.assert_allclose(emb[k], ref, atol=2e-3)
-    probs = np.asarray(g["zeroshot/probs"][...])
-    top = np.asarray(g["zeroshot/top"][...])
-    unc = np.asarray(g["zeroshot/uncertain"][...])
+    found = g.read_zeroshot()
+    assert found is not None
+    probs, top, unc = found.probs, found.top, found.uncertain
     assert probs.shape == (len(grid), 9) and top.dtype == np.int16
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     np.testing.assert_array_equal(top, probs.argmax(1))
     np.testing.assert_array_equal(unc, probs.max(1) < threshold)
-    a = dict(g["zeroshot"].attrs)
-    assert a["prompt_set"] == "crc100k" and len(a["classes"]) == len(a["colors"]) == 9
-    comp = a["composition"]
-    assert sum(c["n_tiles"] for c in comp.values()) + a["uncertain"]["n_tiles"] == len(grid)
-    assert sum(c["fraction"] for c in comp.values()) + a["uncertain"]["fraction"] == \
+    unc_sum = found.uncertain_summary
+    assert found.prompt_set == "crc100k" and len(found.classes) == len(found.colors) == 9
+    comp = found.composition
+    assert sum(c["n_tiles"] for c in comp.values()) + unc_sum["n_tiles"] == len(grid)
+    assert sum(c["fraction"] for c in comp.values()) + unc_sum["fraction"] == \
         pytest.approx(1.0)
     tile_mm2 = (grid.tile_px * grid.delivered_mpp / 1000) ** 2
-    total = sum(c["area_mm2"] for c in comp.values()) + a["uncertain"]["area_mm2"]
+    total = sum(c["area_mm2"] for c in comp.values()) + unc_sum["area_mm2"]
     assert total == pytest.approx(float(grid.tissue_fraction.sum()) * tile_mm2, rel=1e-4)
 
 
@@ -248,16 +250,16 @@ def test_embed_and_zeroshot_on_a_synthetic_slide(svs_slide: Path, tiny_spec: str
 
 def test_stages_not_run_without_a_model(svs_slide: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsi_assist import store
     from wsi_assist.batch import run_batch
+    from wsi_assist.store import SlideStore
 
     monkeypatch.delenv("WSI_ASSIST_PATHCLIP", raising=False)
     res = run_batch([svs_slide], tmp_path / "out", _config(tmp_path, None))
     assert res[0].status == "done"
-    g = store.open_store(tmp_path / "out" / res[0].slide_id / "slide.zarr", mode="r")
-    assert "embeddings" not in g
-    assert "embed.pathclip" in g.attrs["embed_skipped"]
-    assert "WSI_ASSIST_PATHCLIP" in g.attrs["zeroshot_skipped"]
+    g = SlideStore(tmp_path / "out" / res[0].slide_id, mode="r")
+    assert not g.has_embeddings()
+    assert "embed.pathclip" in (g.skipped("embed") or "")
+    assert "WSI_ASSIST_PATHCLIP" in (g.skipped("zeroshot") or "")
 
 
 def test_missing_weights_fail_the_slide_with_the_file_named(svs_slide: Path,
@@ -265,7 +267,7 @@ def test_missing_weights_fail_the_slide_with_the_file_named(svs_slide: Path,
     from wsi_assist.batch import run_batch
 
     missing = tmp_path / "pathclip-base.pt"
-    cfg = _config(tmp_path, "pathclip").with_overrides(embed={"pathclip": str(missing)})
+    cfg = config_mod.override(_config(tmp_path, "pathclip"), embed={"pathclip": str(missing)})
     res = run_batch([svs_slide], tmp_path / "out", cfg)
     assert res[0].status == "failed" and res[0].stage == "embed"
     assert f"{missing}: model file not found" in res[0].error

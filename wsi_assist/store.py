@@ -383,8 +383,7 @@ class SlideStore:
         g = self.group[ZEROSHOT]
         a = dict(g.attrs)
         probs = np.asarray(g[ZS_PROBS][...]).astype(np.float32, copy=False)
-        top = (np.asarray(g[ZS_TOP][...], np.int64) if ZS_TOP in g
-               else probs.argmax(axis=1))
+        top = np.asarray(g[ZS_TOP][...]) if ZS_TOP in g else probs.argmax(axis=1)
         uncertain = (np.asarray(g[ZS_UNCERTAIN][...], bool) if ZS_UNCERTAIN in g
                      else np.zeros(len(top), bool))
         classes = [str(c) for c in a.get("classes", [])]  # type: ignore[union-attr]

@@ -71,8 +71,8 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           configured=embed.configured),
     Stage("zeroshot", zeroshot.run, needs=("embed",), sections=("zeroshot", "embed"),
           slide_inputs=(), done=SlideStore.has_zeroshot,
-          how_to_enable="configure PathCLIP weights (see embed) and a prompt set, and add "
-                        "'embed' and 'zeroshot' to stages",
+          how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
+                        "embeddings and a prompt set (zeroshot.prompts)",
           configured=zeroshot.configured),
     Stage("submodels", submodels.run, needs=("tiles", "zeroshot"), sections=("submodels",),
           slide_inputs=(), done=lambda store: bool(store.read_submodels()),
