@@ -243,7 +243,7 @@ def _metadata_mpp(slide: Any) -> float | None:
 
 def _ome_xml(slide: Any) -> str | None:
     with contextlib.suppress(Exception):
-        return slide._tifffile.ome_metadata  # type: ignore[no-any-return]
+        return slide._tifffile.ome_metadata
     return None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 
@@ -19,6 +19,22 @@ MARKER = "wsi-assist synthetic"
 PINK = np.array([236, 160, 196], np.float32)
 PURPLE = np.array([92, 52, 138], np.float32)
 WHITE = np.array([244, 244, 246], np.float32)
+
+
+class _TileOpts(TypedDict):
+    """Keyword arguments of ``TiffWriter.write`` shared by every tiled level."""
+
+    tile: tuple[int, int]
+    compression: str
+    compressionargs: dict[str, Any]
+    photometric: str
+
+
+class _Resolution(TypedDict, total=False):
+    """``TiffWriter.write`` resolution tags; absent for slides without a pixel size."""
+
+    resolution: tuple[float, float]
+    resolutionunit: str
 
 
 @dataclass(frozen=True)
@@ -125,8 +141,8 @@ def write_slide(path: Path, spec: SyntheticSlide, kind: SlideKind = "svs", mpp: 
     path = Path(path)
     sizes = [(spec.width, spec.height)] + (
         level_sizes if level_sizes is not None else _default_levels(spec.width, spec.height))
-    opts = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": quality},
-            "photometric": "rgb"}
+    opts: _TileOpts = {"tile": (tile, tile), "compression": "jpeg",
+                       "compressionargs": {"level": quality}, "photometric": "rgb"}
     px_per_cm = 1e4 / mpp
     big = spec.width * spec.height > 2**31
     with tifffile.TiffWriter(path, bigtiff=big, ome=kind == "ome") as tw:
@@ -145,16 +161,16 @@ def write_slide(path: Path, spec: SyntheticSlide, kind: SlideKind = "svs", mpp: 
                 tw.write(_tiles(spec, (w, h), tile), shape=(h, w, 3), dtype=np.uint8,
                          description="Aperio Image Library v12.0.15", metadata=None, **opts)
             return path
-        res: dict[str, object] = {}
+        res: _Resolution = {}
         if kind in ("tiff", "ome"):
             res = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
         elif kind == "tiff-72dpi":
             res = {"resolution": (72, 72), "resolutionunit": "INCH"}
         meta = ({"PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
                  "PhysicalSizeYUnit": "µm", "Description": MARKER} if kind == "ome" else None)
-        desc = None if kind == "ome" else f"{MARKER} H&E-like slide"
+        level0_desc = None if kind == "ome" else f"{MARKER} H&E-like slide"
         tw.write(_tiles(spec, sizes[0], tile), shape=(*sizes[0][::-1], 3), dtype=np.uint8,
-                 subifds=len(sizes) - 1, description=desc, metadata=meta, **res, **opts)
+                 subifds=len(sizes) - 1, description=level0_desc, metadata=meta, **res, **opts)
         for w, h in sizes[1:]:
             tw.write(_tiles(spec, (w, h), tile), shape=(h, w, 3), dtype=np.uint8,
                      subfiletype=1, metadata=None, **opts)

@@ -8,6 +8,7 @@ closed and opened, small holes are filled and small islands dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,7 +114,7 @@ def clean_mask(mask: np.ndarray, px_um: float, params: TissueParams) -> np.ndarr
     return _keep_components(mask, lambda n: n * px_area >= params.min_area_um2)
 
 
-def _keep_components(mask: np.ndarray, keep) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _keep_components(mask: np.ndarray, keep: Callable[[int], bool]) -> np.ndarray:
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask

@@ -6,12 +6,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from wsi_assist.cli import options as opt
 from wsi_assist.cli.common import user_errors
+
+if TYPE_CHECKING:
+    from dask.distributed import Client, LocalCluster
 
 log = logging.getLogger("wsi_assist")
 
@@ -155,7 +158,9 @@ class _client:
     """A Dask client for ``--scheduler`` or ``--workers N`` (N > 1), else None."""
 
     def __init__(self, cfg: Any) -> None:
-        self.cfg, self.client, self.cluster = cfg.parallelism, None, None
+        self.cfg = cfg.parallelism
+        self.client: Client | None = None
+        self.cluster: LocalCluster | None = None
 
     def __enter__(self) -> Any:
         from wsi_assist.errors import WsiAssistError

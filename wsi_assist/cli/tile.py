@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,9 +27,9 @@ def tile(
     """Detect tissue and lay the tile grid; writes thumbnail.png, tissue.geojson, slide.zarr."""
     from wsi_assist.cli.run import execute
 
-    overrides = {"tiling": {"tile_px": tile_px, "target_mpp": target_mpp,
-                            "min_tissue": min_tissue},
-                 "tissue": {"background": background}}
+    overrides: dict[str, dict[str, Any]] = {
+        "tiling": {"tile_px": tile_px, "target_mpp": target_mpp, "min_tissue": min_tissue},
+        "tissue": {"background": background}}
     execute(inputs, out, config, stages="tissue,tiles", mpp=mpp, mpp_csv=mpp_csv,
             overrides=overrides)
 

@@ -59,8 +59,8 @@ def load_patch(path: Path, size: int) -> np.ndarray:
     """RGB uint8 (size, size, 3): shorter side resized to ``size`` (bicubic), centre crop."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
         w, h = im.size
         s = size / min(w, h)
         im = im.resize((max(size, round(w * s)), max(size, round(h * s))),

@@ -46,6 +46,11 @@ class StainNuclei(nn.Module):
     Padding rows (beyond the peaks found) are all zero.
     """
 
+    # Buffers registered in __init__ (declared here: nn.Module.__getattr__ is Tensor | Module).
+    od_to_stain: torch.Tensor
+    kx: torch.Tensor
+    ky: torch.Tensor
+
     def __init__(self, sigma_px: float = 3.0, min_distance_px: int = 6,
                  min_density: float = 0.05, dab_threshold: float = 0.2,
                  dab_fraction: float = 0.6, max_points: int = 512) -> None:
