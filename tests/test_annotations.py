@@ -143,7 +143,7 @@ STREAM_SCRIPT = """
 import resource, sys, numpy as np
 from pathlib import Path
 from wsi_assist.geojson import write_features
-from wsi_assist.report import annotations
+from wsi_assist.report import qupath
 from wsi_assist.store import SlideStore
 n, tmp = int(sys.argv[1]), Path(sys.argv[2])
 st = SlideStore(tmp, mode="w")
@@ -155,7 +155,7 @@ st.write_submodel("p", {"points": rng.uniform(0, 1e5, (n, 2)),
                    "colors": [[1, 2, 3], [4, 5, 6]]})
 del st
 sub = SlideStore(tmp, mode="r").read_submodels()[0]
-feats = annotations.detection_features(sub)
+feats = qupath.detection_features(sub)
 print(type(feats).__name__)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 count = write_features(tmp / "a.geojson", feats)

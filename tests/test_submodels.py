@@ -22,7 +22,7 @@ from wsi_assist import config
 from wsi_assist.errors import ConfigError, ModelError
 from wsi_assist.models import submodels as sm
 from wsi_assist.models.submodel_spec import load_spec
-from wsi_assist.report import annotations
+from wsi_assist.report import qupath
 from wsi_assist.stages import REGISTRY, SlideContext, rebuild_report
 from wsi_assist.store import SlideStore, SubmodelRecord, ZeroShot
 from wsi_assist.synthetic import SyntheticSlide, default_slide, write_slide
@@ -138,7 +138,7 @@ def test_builtin_store_layout_and_scores(builtin_run) -> None:
 
 def _detections(run: Run, name: str) -> list[dict]:
     """The QuPath detections ``annotations.geojson`` gets for sub-model ``name``."""
-    return list(annotations.detection_features(run.sub(name)))
+    return list(qupath.detection_features(run.sub(name)))
 
 
 def test_detection_features_are_qupath_detections(builtin_run) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from wsi_assist.errors import SlideError
+from wsi_assist.files import file_state
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def open_units(slide: Any, level: int, path: str | Path, engine: Engine = "auto"
 class _Open:
     """A cached open slide and unit source; closed once evicted and no longer leased."""
 
-    ident: tuple[int, ...]
+    ident: tuple[str, int, int, int] | None
     slide: Any
     src: UnitSource
     users: int = 0
@@ -270,11 +271,7 @@ class SourceCache:
         from wsi_assist.slide import open_slide
 
         key = (path, level, engine)
-        try:
-            st = os.stat(path)
-            ident: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            ident = ()  # open_slide says why
+        ident = file_state(Path(path))  # None: open_slide says why
         with self._lock:
             entry = self._items.get(key)
             if entry is not None and entry.ident == ident:

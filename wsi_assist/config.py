@@ -60,14 +60,13 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
-def override(config: Config, source: str = "command line", **sections: dict[str, Any]
-             ) -> Config:
-    """A copy with some keys replaced, e.g. ``tiling={"tile_px": 256}``; None values
-    leave a key as it is."""
+def override(config: Config, /, **sections: dict[str, Any]) -> Config:
+    """A copy with some keys replaced (command-line flags), e.g. ``tiling={"tile_px":
+    256}``; None values leave a key as it is."""
     d = config.to_dict()
     for name, values in sections.items():
         d.setdefault(name, {}).update({k: v for k, v in values.items() if v is not None})
-    return from_dict(d, source)
+    return from_dict(d, "command line")
 
 
 def save(config: Config, path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any, Literal
 
 import shapely
 from shapely.geometry import mapping
+
+from wsi_assist.files import atomic_open
 
 ObjectType = Literal["annotation", "detection", "cell", "tile"]
 OBJECT_TYPES = ("annotation", "detection", "cell", "tile")
@@ -57,9 +58,8 @@ def write_features(path: Path, features: Iterable[Mapping[str, Any]]) -> int:
     Features are serialised one at a time, so a generator of hundreds of thousands of
     detections is never held twice in memory.
     """
-    tmp = path.with_name(path.name + ".part")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path, fsync=True) as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
         for feat in features:
             if n:
@@ -67,9 +67,6 @@ def write_features(path: Path, features: Iterable[Mapping[str, Any]]) -> int:
             f.write(json.dumps(feat, separators=(",", ":"), allow_nan=False))
             n += 1
         f.write("\n]}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return n
 
 

@@ -206,12 +206,12 @@ class SlideStore:
             arr.attrs.update(attrs)
 
     def _array(self, name: str) -> np.ndarray | None:
-        return np.asarray(self.group[name][...]) if name in self.group else None
+        return _read(self.group, name) if name in self.group else None
 
     @property
     def attrs(self) -> dict[str, Any]:
         """The root attributes, as a plain dict (for provenance and debugging)."""
-        return dict(self.group.attrs)
+        return _attrs(self.group)
 
     # -- stage markers ---------------------------------------------------------
     def mark_skipped(self, stage: str, why: str) -> None:
@@ -219,7 +219,7 @@ class SlideStore:
         self.group.attrs[f"{stage}_skipped"] = why
 
     def skipped(self, stage: str) -> str | None:
-        why = self.group.attrs.get(f"{stage}_skipped")
+        why = self.attrs.get(f"{stage}_skipped")
         return str(why) if why else None
 
     # -- slide -----------------------------------------------------------------
@@ -231,10 +231,9 @@ class SlideStore:
                                  "wsi_assist_version": version})
 
     def read_slide(self) -> SlideRecord:
-        a = self.group.attrs
-        mpp = a.get("slide_mpp", a.get("mpp"))
+        a = self.attrs
         return SlideRecord(path=_opt_str(a.get("slide_path")),
-                           mpp=None if mpp is None else float(mpp),  # type: ignore[arg-type]
+                           mpp=_opt_float(a.get("slide_mpp", a.get("mpp"))),
                            mpp_source=_opt_str(a.get("mpp_source")),
                            synthetic=bool(a.get("synthetic", False)),
                            fingerprint=_opt_str(a.get("slide_fingerprint")),
@@ -267,7 +266,7 @@ class SlideStore:
 
     def read_tissue(self) -> TissueRecord:
         """Stored tissue; empty geometry when ``tissue.geojson`` is absent."""
-        a = self.group.attrs
+        a = self.attrs
         return TissueRecord(geometry=self.read_tissue_geometry(),
                             background=_opt_str(a.get("tissue_background")),
                             threshold=_opt_float(a.get("tissue_threshold")),
@@ -288,8 +287,8 @@ class SlideStore:
     def read_overview(self) -> Overview | None:
         if OVERVIEW not in self.group:
             return None
-        arr = self.group[OVERVIEW]
-        return Overview(np.asarray(arr[...]), float(arr.attrs["downsample"]))  # type: ignore[arg-type]
+        arr = _array(self.group, OVERVIEW)
+        return Overview(np.asarray(arr[...]), float(_attrs(arr)["downsample"]))
 
     # -- grid, thumbnail, qc -----------------------------------------------------
     def write_grid(self, grid: TileGrid) -> None:
@@ -303,15 +302,15 @@ class SlideStore:
 
     def read_grid(self) -> TileGrid:
         """The stored TileGrid; a WsiAssistError when the ``tiles`` stage has not run."""
-        a = self.group.attrs
+        a = self.attrs
         missing = [k for k in (COORDS, TISSUE_FRACTION) if k not in self.group] + \
             [k for k in GRID_ATTRS if k not in a]
         if missing:
             raise WsiAssistError(f"{self.folder}: {STORE_DIR} has no tile grid "
                                  f"({missing[0]!r} missing); run the 'tiles' stage first")
-        coords = np.asarray(self.group[COORDS][...], dtype=np.int64).reshape(-1, 2)
-        fraction = np.asarray(self.group[TISSUE_FRACTION][...], dtype=np.float32)
-        num = {k: float(a[k]) for k in GRID_ATTRS}  # type: ignore[arg-type]
+        coords = _read(self.group, COORDS).astype(np.int64).reshape(-1, 2)
+        fraction = _read(self.group, TISSUE_FRACTION).astype(np.float32)
+        num = {k: float(a[k]) for k in GRID_ATTRS}
         return TileGrid(coords=coords, tissue_fraction=fraction, level=int(num["level"]),
                         level_downsample=num["level_downsample"],
                         read_px=int(num["read_px"]), stride_px=int(num["stride_px"]),
@@ -331,9 +330,9 @@ class SlideStore:
         """Quality scores by name, or None before the ``tiles`` stage ran."""
         if TILE_QC not in self.group:
             return None
-        arr = self.group[TILE_QC]
+        arr = _array(self.group, TILE_QC)
         values = np.asarray(arr[...])
-        names = [str(n) for n in arr.attrs.get("scores", [])]  # type: ignore[union-attr]
+        names = [str(n) for n in _attrs(arr).get("scores", [])]
         return {n: values[:, i] for i, n in enumerate(names)}
 
     # -- embeddings --------------------------------------------------------------
@@ -348,8 +347,8 @@ class SlideStore:
         """The embeddings (all rows, or ``rows``), or None before ``embed`` ran."""
         if EMBEDDINGS not in self.group:
             return None
-        arr = self.group[EMBEDDINGS]
-        a = arr.attrs
+        arr = _array(self.group, EMBEDDINGS)
+        a = _attrs(arr)
         vectors = np.asarray(arr[...] if rows is None else arr.oindex[rows])
         return Embeddings(vectors=vectors,
                           model=str(a.get("model", "")),
@@ -374,28 +373,28 @@ class SlideStore:
             "uncertain": zs.uncertain_summary}))
 
     def has_zeroshot(self) -> bool:
-        return ZEROSHOT in self.group and ZS_PROBS in self.group[ZEROSHOT]
+        return ZEROSHOT in self.group and ZS_PROBS in _group(self.group, ZEROSHOT)
 
     def read_zeroshot(self) -> ZeroShot | None:
         """Stored zero-shot results, or None when the stage did not run."""
         if not self.has_zeroshot():
             return None
-        g = self.group[ZEROSHOT]
-        a = dict(g.attrs)
-        probs = np.asarray(g[ZS_PROBS][...]).astype(np.float32, copy=False)
-        top = np.asarray(g[ZS_TOP][...]) if ZS_TOP in g else probs.argmax(axis=1)
-        uncertain = (np.asarray(g[ZS_UNCERTAIN][...], bool) if ZS_UNCERTAIN in g
+        g = _group(self.group, ZEROSHOT)
+        a = _attrs(g)
+        probs = _read(g, ZS_PROBS).astype(np.float32, copy=False)
+        top = _read(g, ZS_TOP) if ZS_TOP in g else probs.argmax(axis=1)
+        uncertain = (_read(g, ZS_UNCERTAIN).astype(bool) if ZS_UNCERTAIN in g
                      else np.zeros(len(top), bool))
-        classes = [str(c) for c in a.get("classes", [])]  # type: ignore[union-attr]
+        classes = [str(c) for c in a.get("classes", [])]
         colors = [(int(c[0]), int(c[1]), int(c[2])) for c in a.get("colors", [])] \
-            or [fallback_color(i) for i in range(len(classes))]  # type: ignore[index, union-attr]
+            or [fallback_color(i) for i in range(len(classes))]
         return ZeroShot(classes=classes, colors=colors, probs=probs, top=top,
                         uncertain=uncertain, prompt_set=_opt_str(a.get("prompt_set")),
                         prompt_sha256=_opt_str(a.get("prompt_sha256")),
                         model=_opt_str(a.get("model")),
                         threshold=_opt_float(a.get("threshold")),
-                        composition=dict(a.get("composition") or {}),  # type: ignore[arg-type]
-                        uncertain_summary=dict(a.get("uncertain") or {}))  # type: ignore[arg-type]
+                        composition=dict(a.get("composition") or {}),
+                        uncertain_summary=dict(a.get("uncertain") or {}))
 
     # -- sub-models ------------------------------------------------------------------
     def write_submodel(self, name: str, arrays: Mapping[str, np.ndarray],
@@ -414,8 +413,8 @@ class SlideStore:
         """Stored sub-models, sorted by name."""
         if SUBMODELS not in self.group:
             return []
-        return [SubmodelRecord(name=name, attrs=dict(g.attrs), arrays=dict(g.arrays()))
-                for name, g in sorted(self.group[SUBMODELS].groups())]
+        return [SubmodelRecord(name=name, attrs=_attrs(g), arrays=dict(g.arrays()))
+                for name, g in sorted(_group(self.group, SUBMODELS).groups())]
 
     def read_submodel(self, name: str) -> SubmodelRecord:
         """Stored sub-model ``name``; KeyError naming the stored ones when absent."""
@@ -455,6 +454,29 @@ def fallback_color(i: int) -> Color:
     palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                (70, 240, 240), (240, 50, 230), (128, 128, 0)]
     return palette[i % len(palette)]
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise WsiAssistError(f"{group.store_path}/{name}: expected an array, found a group")
+    return node
+
+
+def _group(group: zarr.Group, name: str) -> zarr.Group:
+    node = group[name]
+    if not isinstance(node, zarr.Group):
+        raise WsiAssistError(f"{group.store_path}/{name}: expected a group, found an array")
+    return node
+
+
+def _read(group: zarr.Group, name: str) -> np.ndarray:
+    return np.asarray(_array(group, name)[...])
+
+
+def _attrs(node: zarr.Array | zarr.Group) -> dict[str, Any]:
+    """Attributes as a plain dict of JSON values (checked where they are used)."""
+    return dict(node.attrs)
 
 
 def _opt_str(v: Any) -> str | None:

@@ -126,9 +126,10 @@ def _parse_prompt_set(data: Any, default_name: str) -> PromptSet:
         prompts = [str(p) for p in c.get("prompts") or []]
         prompts += [t.format(n) for n in names for t in templates]
         color = c.get("color")
-        if not isinstance(color, list | tuple):
-            raise ValueError(f"class {c['name']!r}: color must be [r, g, b]")
-        classes.append(PromptClass(name=c["name"], color=tuple(int(v) for v in color),
+        if not isinstance(color, list | tuple) or len(color) != 3:
+            raise ValueError(f"class {c['name']!r}: color must be [r, g, b], got {color!r}")
+        rgb = (int(color[0]), int(color[1]), int(color[2]))
+        classes.append(PromptClass(name=c["name"], color=rgb,
                                    prompts=tuple(prompts),
                                    aliases=tuple(str(a) for a in c.get("aliases") or [])))
     return PromptSet(name=str(data.get("name") or default_name), classes=tuple(classes))

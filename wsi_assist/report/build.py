@@ -16,7 +16,7 @@ import shapely
 
 from wsi_assist import aggregate, files
 from wsi_assist.errors import WsiAssistError
-from wsi_assist.report import annotations, data, html, images, markdown, pdf
+from wsi_assist.report import data, html, images, markdown, pdf, qupath
 from wsi_assist.settings import ReportParams
 from wsi_assist.store import SlideStore, ZeroShot
 from wsi_assist.tiling import TileGrid
@@ -46,7 +46,7 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
     zs = store.read_zeroshot()
     subs = store.read_submodels()
     regions = _regions(grid, zs, tissue.geometry, tissue.area_um2, params)
-    n_feats = annotations.write_annotations(store, regions, grid, zs, subs,
+    n_feats = qupath.write_annotations(store, regions, grid, zs, subs,
                                             include_tiles=params.include_tiles)
     pics = images.overlay_and_heatmaps(out_dir, overview.image, overview.downsample, grid,
                                        zs, regions, tissue.geometry, slide.mpp, params)
@@ -64,7 +64,7 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
         "summary": store.read_summary(),
         "images": {"thumbnail": "thumbnail.png" if (out_dir / "thumbnail.png").is_file()
                    else None, **pics},
-        "annotations": {"file": annotations.ANNOTATIONS_FILE, "n_features": n_feats},
+        "annotations": {"file": qupath.ANNOTATIONS_FILE, "n_features": n_feats},
         "provenance": data.provenance(store.read_embedding_model(), zs,
                                       subs, captions, config_hash, slide.version, seconds),
     }

@@ -8,6 +8,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from wsi_assist.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -37,21 +39,26 @@ def chromium(args: list[str], html: Path, timeout: float = 120.0
                               check=False)
 
 
+class _NoPdf(Exception):
+    """Chromium ran but wrote no PDF; the message is the note to return."""
+
+
 def write_pdf(html: Path, pdf: Path) -> str:
     """Print ``html`` to ``pdf``; returns a note ("written", or why it was skipped)."""
     if find_browser() is None:
         log.info("report.pdf skipped: chromium is not installed")
         return "skipped: chromium not installed"
-    tmp = pdf.with_name(pdf.name + ".part.pdf")
     try:
-        res = chromium([f"--print-to-pdf={tmp.resolve()}"], html)
+        with atomic_path(pdf) as tmp:
+            res = chromium([f"--print-to-pdf={tmp.resolve()}"], html)
+            if res.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+                tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+                log.warning("report.pdf not written: chromium exit %s: %s", res.returncode,
+                            tail)
+                raise _NoPdf(f"failed: chromium exit {res.returncode}")
     except subprocess.TimeoutExpired:
         log.warning("report.pdf skipped: chromium timed out")
         return "skipped: chromium timed out"
-    if res.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
-        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        log.warning("report.pdf not written: chromium exit %s: %s", res.returncode, tail)
-        tmp.unlink(missing_ok=True)
-        return f"failed: chromium exit {res.returncode}"
-    tmp.replace(pdf)
+    except _NoPdf as e:
+        return str(e)
     return "written"

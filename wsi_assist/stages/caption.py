@@ -48,7 +48,8 @@ def run(slide: SlideContext, caption: CaptionParams) -> dict[str, Any]:
     cache = cap.load_cache(cache_path)
     with slide.open_slide() as s:
         tiles = represent.read_tiles(s, grid, rows)
-    pngs = [represent.save_png(slide.out_dir, *grid.coords[r], t) for r, t in zip(rows, tiles)]
+    pngs = [represent.save_png(slide.out_dir, int(grid.coords[r][0]), int(grid.coords[r][1]), t)
+            for r, t in zip(rows, tiles)]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
         cap.generate(model, slide.device, caption, [tiles[i] for i in todo],

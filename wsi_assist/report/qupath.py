@@ -108,7 +108,7 @@ def detection_features(sub: SubmodelRecord) -> Iterator[Feature]:
     for start in range(0, n, DETECTION_CHUNK):
         stop = min(n, start + DETECTION_CHUNK)
         xy = np.asarray(arr[start:stop], np.float64)
-        finite = np.isfinite(xy).all(axis=1)
+        finite = np.asarray(np.isfinite(xy).all(axis=1), dtype=bool)
         labels = (np.asarray(g[SUB_LABELS][start:stop], np.int64) if has_labels
                   else np.zeros(stop - start, np.int64))
         cols = []
