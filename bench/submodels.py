@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsi_assist.models import submodels as sm
+from wsi_assist.settings import BUILTIN_SUBMODEL
 from wsi_assist.models.submodel_decode import Accumulator, TileFrame
 from wsi_assist.synthetic import default_slide
 
@@ -121,7 +122,7 @@ def main() -> None:
     providers = sm.choose_providers(None, args.device)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        specs = [sm.builtin_dir() / sm.BUILTIN, *classifier_spec(Path(tmp), args.px),
+        specs = [sm.builtin_dir() / BUILTIN_SUBMODEL, *classifier_spec(Path(tmp), args.px),
                  *args.specs]
         for path in specs:
             sub = sm.get_submodel(path, providers)

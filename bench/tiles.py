@@ -46,7 +46,8 @@ import shapely
 from wsi_assist.chunks import SOURCES
 from wsi_assist.slide import describe
 from wsi_assist.stream import stream, stream_naive
-from wsi_assist.tiling import TileGrid, TilingParams, grid
+from wsi_assist.settings import TilingParams
+from wsi_assist.tiling import TileGrid, grid
 
 log = logging.getLogger("bench.tiles")
 

@@ -44,9 +44,10 @@ def load(path: Path | None = None) -> Config:
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate plain data into a Config; errors name ``source`` and the key path."""
-    from wsi_assist.stages import check_stage_names
+    from wsi_assist.stages import STAGE_NAMES, check_stage_names
 
     data = {k: v for k, v in data.items() if v is not None}  # an empty YAML section
+    data.setdefault("stages", list(STAGE_NAMES))
     if isinstance(data.get("stages"), str):  # --stages a,b,c
         data["stages"] = [s.strip() for s in data["stages"].split(",") if s.strip()]
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import typing
 from typing import Annotated, Any, Literal
 
@@ -129,7 +130,14 @@ class ParallelParams(Section):
 
     workers: PosInt = 1
     scheduler: str | None = None
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
 
 
 class CaptionParams(Section):
@@ -228,8 +236,9 @@ class Config(BaseModel):
 
     model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
 
-    stages: Tuple[str] = ("tissue", "tiles", "embed", "zeroshot", "submodels", "caption",
-                          "report")
+    #: Names from the stage registry; :func:`wsi_assist.config.from_dict` fills in every
+    #: registered stage when none are given.
+    stages: Tuple[str] = ()
     mpp: MppParams = MppParams()
     tissue: TissueParams = TissueParams()
     tiling: TilingParams = TilingParams()
@@ -299,8 +308,6 @@ def describe_error(model: type[BaseModel], err: ErrorDetails) -> str:
         return f"{path}: unknown key; valid keys: {valid}"
     elif kind == "value_error":
         text = str(ctx.get("error", err["msg"]))
-    elif kind == "string_pattern_mismatch":
-        text = f"{name} must match {ctx.get('pattern')}{got}"
     elif kind == "too_short":
         text = f"{name} must list at least {ctx.get('min_length')} item(s){got}"
     elif kind.endswith(("_type", "_parsing")):
