@@ -19,7 +19,7 @@ from wsi_assist import config
 from wsi_assist.aggregate import nice_length
 from wsi_assist.cli import app
 from wsi_assist.errors import ConfigError
-from wsi_assist.report import pdf
+from wsi_assist.report import html, pdf
 from wsi_assist.stages import rebuild_report
 from wsi_assist.store import SlideStore
 from wsi_assist.report.index import write_batch_outputs
@@ -184,6 +184,24 @@ def test_batch_index_and_summary(slide_dir: Path, batch_out: Path) -> None:
     assert float(got["case-1"]["ki67:Ki-67 index"]) == pytest.approx(
         r["submodels"][1]["scores"]["Ki-67 index"]["value"])
     assert got["case-1"]["top_class"] == "Tumor"
+
+
+def test_html_escapes_slide_ids_captions_and_errors(slide_dir: Path, tmp_path: Path) -> None:
+    evil = '<script>alert("x")</script>'
+    r = json.loads((slide_dir / "report.json").read_text(encoding="utf-8"))
+    r["slide"]["slide_id"] = r["slide"]["path"] = evil
+    r["representative_tiles"][0]["caption"] = evil
+    r["composition"]["classes"][0]["name"] = evil
+    r["summary"] = {"summary": evil}
+    page = html.render(r, slide_dir)
+    assert "<script" not in page and page.count("&lt;script&gt;alert(") >= 6
+    assert any("&lt;script&gt;" in k for k in html.key_points(r))
+    (tmp_path / "case-1").symlink_to(slide_dir)
+    write_batch_outputs(tmp_path, [
+        {"path": evil, "slide_id": "case-1", "status": "done", "n_tiles": "24"},
+        {"path": "", "slide_id": evil, "status": "failed", "stage": "open", "error": evil}])
+    index = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "<script" not in index and index.count("&lt;script&gt;alert(") == 3
 
 
 def test_report_config_validates() -> None:

@@ -4,25 +4,16 @@
 from __future__ import annotations
 
 import csv
-import os
-from html import escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from wsi_assist.files import read_json
+from wsi_assist import files
 from wsi_assist.report.data import NOTICE
-from wsi_assist.report.markdown import fmt, pct
+from wsi_assist.report.html import environment
 
 BASE_FIELDS = ["slide_id", "status", "error", "stage", "path", "n_tiles", "tiles_per_s",
                "tissue_area_mm2", "empty_tile_fraction", "top_class", "top_class_fraction"]
-
-CSS = """body{font-family:"DejaVu Sans",Arial,sans-serif;margin:24px;color:#1f2328;font-size:14px}
-table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e3e6ea;padding:6px 8px;
-text-align:left;vertical-align:top}th{background:#f6f8fa}img{max-width:180px;max-height:140px;
-border:1px solid #d0d7de}.failed{color:#b00020;font-weight:bold}.done{color:#1a7f37;
-font-weight:bold}.notice{background:#fff8c5;border-left:6px solid #d4a72c;padding:6px 10px;
-font-weight:bold}.err{color:#b00020;font-family:monospace;font-size:12px}"""
 
 
 def key_findings(report: dict[str, Any] | None) -> dict[str, Any]:
@@ -46,7 +37,7 @@ def key_findings(report: dict[str, Any] | None) -> dict[str, Any]:
 def _read_report(out: Path, slide_id: str) -> dict[str, Any] | None:
     if not slide_id:
         return None
-    return read_json(out / slide_id / "report.json", left_out_of="the index")
+    return files.read_json(out / slide_id / "report.json", left_out_of="the index")
 
 
 def write_batch_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -54,55 +45,33 @@ def write_batch_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     reports = {r["slide_id"]: _read_report(out, str(r.get("slide_id") or "")) for r in rows}
     findings = [key_findings(reports[r["slide_id"]]) for r in rows]
     extra = sorted({k for f in findings for k in f} - set(BASE_FIELDS))
-    tmp = out / "summary.csv.part"
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with files.atomic_open(out / "summary.csv", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=BASE_FIELDS + extra, extrasaction="ignore")
         w.writeheader()
         for r, f in zip(rows, findings, strict=True):
             w.writerow({**{k: r.get(k, "") for k in BASE_FIELDS}, **{
                 k: "" if v is None else v for k, v in f.items()}})
-    os.replace(tmp, out / "summary.csv")
-    body = "".join(_row(out, r, reports[r["slide_id"]], f)
-                   for r, f in zip(rows, findings, strict=True))
-    n_failed = sum(r.get("status") == "failed" for r in rows)
-    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>wsi-assist batch</title><style>{CSS}</style></head><body>"
-            f"<h1>wsi-assist batch: {len(rows)} slides, {n_failed} failed</h1>"
-            f'<div class="notice">{escape(NOTICE)}.</div>'
-            "<table><tr><th>Slide</th><th>Thumbnail</th><th>Status</th><th>Key findings</th>"
-            f"</tr>{body}</table><p><a href=\"summary.csv\">summary.csv</a></p></body></html>\n")
-    tmp = out / "index.html.part"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out / "index.html")
+    page = environment().get_template("index.html.j2").render(
+        slides=[_row(out, r, reports[r["slide_id"]], f)
+                for r, f in zip(rows, findings, strict=True)],
+        n_failed=sum(r.get("status") == "failed" for r in rows), notice=NOTICE)
+    files.write_text(out / "index.html", page)
 
 
 def _row(out: Path, r: dict[str, Any], report: dict[str, Any] | None,
-         f: dict[str, Any]) -> str:
+         f: dict[str, Any]) -> dict[str, Any]:
+    """What the index shows of manifest row ``r``: names, links, findings ``f``."""
     sid = str(r.get("slide_id") or "")
-    status = str(r.get("status") or "")
-    href = quote(sid)
-    thumb = next((p for p in ("overlays/classes.png", "thumbnail.png")
-                  if sid and (out / sid / p).is_file()), None)
-    img = f'<img src="{href}/{thumb}" alt="{escape(sid)}">' if thumb else ""
-    name = (f'<a href="{href}/report.html">{escape(sid)}</a>' if report is not None
-            else escape(sid))
-    if status == "failed":
-        info = (f'<div class="err">{escape(str(r.get("stage") or ""))}: '
-                f"{escape(str(r.get('error') or ''))}</div>")
-    else:
-        items = [f"tissue {fmt(f.get('tissue_area_mm2'))} mm&sup2;",
-                 f"{fmt(_int(r.get('n_tiles')))} tiles"]
-        if f.get("top_class"):
-            items.append(f"mostly {escape(str(f['top_class']))} "
-                         f"({pct(f.get('top_class_fraction'))})")
-        items += [f"{escape(k)} {fmt(v)}" for k, v in f.items()
-                  if ":" in k and ":count:" not in k and not k.startswith("fraction:")]
-        if report and report["slide"].get("synthetic"):
-            items.append("<b>SYNTHETIC</b>")
-        info = "<br>".join(items)
-    return (f"<tr><td>{name}<br><span style=\"color:#57606a;font-size:12px\">"
-            f"{escape(str(r.get('path') or ''))}</span></td><td>{img}</td>"
-            f'<td class="{escape(status)}">{escape(status)}</td><td>{info}</td></tr>')
+    return {"sid": sid, "href": quote(sid), "linked": report is not None,
+            "path": str(r.get("path") or ""), "status": str(r.get("status") or ""),
+            "thumb": next((p for p in ("overlays/classes.png", "thumbnail.png")
+                           if sid and (out / sid / p).is_file()), None),
+            "stage": str(r.get("stage") or ""), "error": str(r.get("error") or ""),
+            "tissue_area_mm2": f.get("tissue_area_mm2"), "n_tiles": _int(r.get("n_tiles")),
+            "top_class": f.get("top_class"), "top_class_fraction": f.get("top_class_fraction"),
+            "scores": [(k, v) for k, v in f.items()
+                       if ":" in k and ":count:" not in k and not k.startswith("fraction:")],
+            "synthetic": bool(report and report["slide"].get("synthetic"))}
 
 
 def _int(v: Any) -> int | None:
