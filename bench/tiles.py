@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shapely
 
 from wsi_assist.chunks import SOURCES
+from wsi_assist.settings import TilingParams
 from wsi_assist.slide import describe
 from wsi_assist.stream import stream, stream_naive
-from wsi_assist.settings import TilingParams
 from wsi_assist.tiling import TileGrid, grid
 
 log = logging.getLogger("bench.tiles")

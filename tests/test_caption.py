@@ -15,14 +15,14 @@ from stage_helper import run_slide, run_stage
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from wsi_assist import config as config_mod  # noqa: E402
-from wsi_assist import represent  # noqa: E402
-from wsi_assist.caption import tile_findings  # noqa: E402
-from wsi_assist.errors import ModelError  # noqa: E402
-from wsi_assist.settings import CaptionParams  # noqa: E402
-from wsi_assist.stages import SlideContext, run_stages  # noqa: E402
-from wsi_assist.store import Embeddings, ZeroShot  # noqa: E402
-from wsi_assist.models.captioner import build_prompt, findings_text  # noqa: E402
+from wsi_assist import config as config_mod
+from wsi_assist import represent
+from wsi_assist.caption import tile_findings
+from wsi_assist.errors import ModelError
+from wsi_assist.models.captioner import build_prompt, findings_text
+from wsi_assist.settings import CaptionParams
+from wsi_assist.stages import SlideContext, run_stages
+from wsi_assist.store import Embeddings, ZeroShot
 
 
 @pytest.fixture(scope="module")

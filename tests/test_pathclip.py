@@ -155,9 +155,9 @@ def test_onnx_export_parity_and_engine(tiny_ckpt: Path, tmp_path: Path, svs_slid
 
     from exporters import pathclip_onnx
     from wsi_assist import config as config_mod
-    from wsi_assist.store import SlideStore
     from wsi_assist.batch import run_batch
     from wsi_assist.models.embed import OnnxEncoder
+    from wsi_assist.store import SlideStore
 
     spec = f"{TINY_ARCH}:{tiny_ckpt}"
     onnx_path = tmp_path / "enc.onnx"

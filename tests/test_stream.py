@@ -13,6 +13,7 @@ from conftest import REAL_SLIDES
 from wsi_assist.chunks import TiffUnits, ZarrUnits, open_units
 from wsi_assist.errors import SlideError
 from wsi_assist.pieces import plan_pieces, scatter
+from wsi_assist.settings import TilingParams
 from wsi_assist.slide import describe, open_slide
 from wsi_assist.stream import (
     BufferPool,
@@ -23,7 +24,6 @@ from wsi_assist.stream import (
     stream_naive,
 )
 from wsi_assist.synthetic import SyntheticSlide, write_slide
-from wsi_assist.settings import TilingParams
 from wsi_assist.tiling import TileGrid, grid
 
 
