@@ -27,7 +27,8 @@ from wsi_assist.stages.context import SlideContext, resolve_device
 from wsi_assist.store import SlideStore
 
 __all__ = ["REGISTRY", "STAGE_NAMES", "SlideContext", "Stage", "check_stage_names",
-           "fingerprints", "rebuild_report", "resolve_device", "run_stages", "stage_table", "stages_to_run"]
+           "fingerprints", "rebuild_report", "resolve_device", "run_stages", "stage_table",
+           "stages_to_run"]
 
 log = logging.getLogger(__name__)
 
