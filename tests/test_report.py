@@ -55,7 +55,7 @@ def test_report_json_from_stored_findings(slide_dir: Path, syn_spec) -> None:
     st = SlideStore(slide_dir, mode="r")
     grid, zs = st.read_grid(), st.read_zeroshot()
     assert zs is not None
-    assert (r["schema"], r["schema_version"]) == ("wsi-assist/report", "1.0")
+    assert (r["schema"], r["schema_version"]) == ("wsi-assist/report", "1.1")
     assert r["notice"] == "Draft for research use; not a diagnosis"
     s = r["slide"]
     assert (s["mpp"], s["mpp_source"], s["synthetic"]) == (0.5, "metadata", True)

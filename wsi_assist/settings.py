@@ -94,6 +94,63 @@ class TissueParams(Section):
     smoothing_um: NonNegFloat = 16.0
 
 
+def _triple(low: float, high: float, what: str, low_open: bool = False) -> Any:
+    """A BeforeValidator: three numbers within [low, high] (low excluded when ``low_open``)."""
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        ok = (isinstance(value, list | tuple) and len(value) == 3
+              and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value))
+        if ok:
+            ok = all((v > low if low_open else v >= low) and v <= high for v in value)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise ValueError(f"must be {what} [r, g, b], three numbers in {interval}, "
+                             f"got {value!r}")
+        return tuple(float(v) for v in value)
+    return BeforeValidator(check)
+
+
+#: A stain's optical-density direction (red, green, blue); scaled to unit length when used.
+ODVector = Annotated[tuple[float, float, float], _triple(0, 10, "an OD vector")]
+#: A background (white) value per channel, as in 8-bit RGB.
+WhiteRGB = Annotated[tuple[float, float, float], _triple(0, 255, "a background", True)]
+
+
+class StainParams(Section):
+    """The kind of image and its stain vectors (``stain``), found by the tissue stage."""
+
+    kind: Literal["auto", "brightfield-he", "brightfield-hdab", "brightfield-other",
+                  "fluorescence"] = "auto"
+    vectors: Literal["auto", "default", "config"] = "auto"
+    hematoxylin: ODVector | None = None
+    eosin: ODVector | None = None
+    dab: ODVector | None = None
+    background: WhiteRGB | None = None
+
+    @model_validator(mode="after")
+    def _config_vectors(self) -> StainParams:
+        given = [k for k in ("hematoxylin", "eosin", "dab") if getattr(self, k) is not None]
+        if self.vectors != "config":
+            if given:
+                raise ValueError(f"{given[0]} is used only with vectors: config, got "
+                                 f"vectors {self.vectors!r}")
+            return self
+        if self.hematoxylin is None or (self.eosin is None) == (self.dab is None):
+            raise ValueError("vectors: config needs hematoxylin and one of eosin or dab")
+        for k in given:
+            if not sum(getattr(self, k)) > 0:
+                raise ValueError(f"{k} must not be all zero")
+        (a, b, c), (x, y, z) = self.hematoxylin, getattr(self, given[1])
+        cross = ((b * z - c * y) ** 2 + (c * x - a * z) ** 2 + (a * y - b * x) ** 2) ** 0.5
+        if cross < 0.02 * (a * a + b * b + c * c) ** 0.5 * (x * x + y * y + z * z) ** 0.5:
+            raise ValueError(f"hematoxylin and {given[1]} must point in different directions")
+        if self.kind == "fluorescence" or (self.kind, given[1]) in (
+                ("brightfield-he", "dab"), ("brightfield-hdab", "eosin")):
+            raise ValueError(f"{given[1]} does not fit kind {self.kind!r}")
+        return self
+
+
 class TilingParams(Section):
     """The tile grid (``tiling``)."""
 
@@ -241,6 +298,7 @@ class Config(BaseModel):
     stages: Tuple[str] = ()
     mpp: MppParams = MppParams()
     tissue: TissueParams = TissueParams()
+    stain: StainParams = StainParams()
     tiling: TilingParams = TilingParams()
     stream: StreamParams = StreamParams()
     outputs: OutputParams = OutputParams()

@@ -7,6 +7,7 @@ the zarr group by string. Per-tile arrays are row-aligned with ``coords``.
 | --- | --- |
 | slide | root attrs ``slide_path``, ``slide_mpp``, ``mpp_source``, ``synthetic``, ... |
 | tissue | ``overview``, ``tissue_mask``, root attrs ``tissue_*``; ``tissue.geojson`` |
+| stains | root attr ``stain`` (kind, names, vectors, background, source, reason) |
 | grid | ``coords``, ``tissue_fraction``; root attrs (level, read_px, ...) |
 | thumbnail, qc | ``thumbnail``; ``tile_qc`` (N, 2: background, focus) |
 | embeddings | ``embeddings`` (N, D) float16, attrs model, model_sha256, ... |
@@ -31,6 +32,7 @@ from shapely.geometry import shape
 
 from wsi_assist import files, geojson
 from wsi_assist.errors import WsiAssistError
+from wsi_assist.stain import StainVectors
 from wsi_assist.tiling import TileGrid
 from wsi_assist.tissue import as_multipolygon
 
@@ -46,6 +48,8 @@ COORDS = "coords"
 TISSUE_FRACTION = "tissue_fraction"
 OVERVIEW = "overview"
 TISSUE_MASK = "tissue_mask"
+#: Root attribute holding the slide's :class:`StainVectors` (``StainVectors.to_json``).
+STAIN = "stain"
 THUMBNAIL = "thumbnail"
 TILE_QC = "tile_qc"
 EMBEDDINGS = "embeddings"
@@ -289,6 +293,22 @@ class SlideStore:
             return None
         arr = _array(self.group, OVERVIEW)
         return Overview(np.asarray(arr[...]), float(_attrs(arr)["downsample"]))
+
+    # -- stains -------------------------------------------------------------------
+    def write_stains(self, stains: StainVectors) -> None:
+        """The slide's kind of image and stain vectors (written by the tissue stage)."""
+        self.group.attrs[STAIN] = _json_safe(stains.to_json())
+
+    def read_stains(self) -> StainVectors | None:
+        """The stored stain vectors, or None before the tissue stage found them."""
+        d = self.attrs.get(STAIN)
+        if not isinstance(d, dict):
+            return None
+        try:
+            return StainVectors.from_json(d)
+        except ValueError as e:
+            raise WsiAssistError(f"{self.folder}: {STORE_DIR} attr {STAIN!r} is not stain "
+                                 f"vectors ({e}); rerun the 'tissue' stage") from e
 
     # -- grid, thumbnail, qc -----------------------------------------------------
     def write_grid(self, grid: TileGrid) -> None:

@@ -15,13 +15,14 @@ import numpy as np
 
 from wsi_assist.aggregate import ClassRegion
 from wsi_assist.slide import finite_float
+from wsi_assist.stain import KIND_LABELS
 from wsi_assist.store import Embeddings, SlideRecord, SlideStore, SubmodelRecord, ZeroShot
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "wsi-assist/report"
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 NOTICE = "Draft for research use; not a diagnosis"
 
 PACKAGES = ("wsi-assist", "numpy", "zarr", "shapely", "pillow", "tiffslide", "torch",
@@ -39,6 +40,28 @@ def qc(store: SlideStore, grid: TileGrid | None, empty_below: float) -> dict[str
             "n_tiles": n, "empty_tile_fraction": empty,
             "empty_tile_definition": f"tiles less than {empty_below:.0%} covered by tissue",
             "tissue_background": tissue.background}
+
+
+def stain(store: SlideStore) -> dict[str, Any] | None:
+    """The slide's kind of image and stain vectors (None before the tissue stage found
+    them): kind, names, vectors, background, source, the reason when defaults were used,
+    a plain-words label, and per stain its vector, the angle to its default and the colour
+    it gives at OD 1 (for a swatch)."""
+    found = store.read_stains()
+    if found is None:
+        return None
+    out = found.to_json()
+    bright = found.kind != "fluorescence"
+    angles = found.angles_to_default() if bright else []
+    stains = []
+    for i in range(2 if bright else 0):  # the residual is no stain
+        v = found.matrix[i]
+        rgb = [int(np.clip(round(b * 10 ** -float(c)), 0, 255))
+               for b, c in zip(found.background, v, strict=True)]
+        stains.append({"name": found.names[i], "vector": v.round(5).tolist(),
+                       "angle_to_default_deg": angles[i], "color": rgb})
+    out.update(label=found.label, kind_label=KIND_LABELS[found.kind], stains=stains)
+    return out
 
 
 def composition(zs: ZeroShot | None, regions: list[ClassRegion]) -> dict[str, Any] | None:

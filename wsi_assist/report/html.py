@@ -11,7 +11,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from wsi_assist.report.markdown import fmt, pct
+from wsi_assist.report.markdown import fmt, fmt_rgb, pct, stain_label
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def environment() -> Environment:
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
                       autoescape=True, undefined=StrictUndefined, trim_blocks=True,
                       lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(fmt=fmt, pct=pct, rgb=_rgb)
+    env.filters.update(fmt=fmt, pct=pct, rgb=_rgb, white=fmt_rgb, stain_label=stain_label)
     return env
 
 

@@ -36,7 +36,9 @@ def render(r: dict[str, Any]) -> str:
             f"| Tiles | {fmt(q['n_tiles'])} at {fmt(s['grid'].get('target_mpp'))} um/px |",
             f"| Tissue area | {fmt(q['tissue_area_mm2'])} mm^2 |",
             (f"| Empty tiles | {pct(q['empty_tile_fraction'])} "
-             f"({q['empty_tile_definition']}) |"), ""]
+             f"({q['empty_tile_definition']}) |"),
+            f"| Image type | {stain_label(r.get('stain'))} |", ""]
+    out += _stain(r)
     out += _composition(r)
     out += _submodels(r)
     out += _gallery(r)
@@ -45,6 +47,33 @@ def render(r: dict[str, Any]) -> str:
         out += ["## Slide summary (model-generated)", "", str(text), ""]
     out += _stages(r) + _provenance(r)
     return "\n".join(out) + "\n"
+
+
+def stain_label(st: dict[str, Any] | None) -> str:
+    """The kind of image and where its stain vectors came from, in plain words."""
+    return "not found (run the 'tissue' stage)" if st is None else str(st["label"])
+
+
+def _stain(r: dict[str, Any]) -> list[str]:
+    st = r.get("stain")
+    if not st or not st["stains"]:
+        return []
+    out = ["## Stain vectors", "",
+           f"{st['label']}; background (white) {fmt_rgb(st['background'])}.", ""]
+    if st.get("reason"):
+        out += [f"Defaults used: {st['reason']}.", ""]
+    out += ["| Stain | OD red | OD green | OD blue | Angle to QuPath's default |",
+            "|---|---:|---:|---:|---:|"]
+    for x in st["stains"]:
+        red, green, blue = (f"{c:.3f}" for c in x["vector"])
+        angle = x["angle_to_default_deg"]
+        out.append(f"| {x['name']} | {red} | {green} | {blue} | "
+                   f"{'-' if angle is None else f'{angle:.1f} deg'} |")
+    return out + [""]
+
+
+def fmt_rgb(v: list[float]) -> str:
+    return " ".join(f"{c:.0f}" for c in v)
 
 
 def _composition(r: dict[str, Any]) -> list[str]:

@@ -62,7 +62,7 @@ SLIDE_INPUTS: dict[str, Callable[[SlideInfo], Any]] = {
 }
 
 REGISTRY: dict[str, Stage] = {s.name: s for s in (
-    Stage("tissue", tissue.run, needs=(), sections=("tissue",), slide_inputs=("mpp",),
+    Stage("tissue", tissue.run, needs=(), sections=("tissue", "stain"), slide_inputs=("mpp",),
           done=SlideStore.has_tissue, how_to_enable="add 'tissue' to stages"),
     Stage("tiles", tiles.run, needs=("tissue",), sections=("tiling", "outputs"),
           slide_inputs=(), done=SlideStore.has_grid,

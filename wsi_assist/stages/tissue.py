@@ -6,16 +6,18 @@ import logging
 from typing import Any
 
 from wsi_assist import slide as slide_mod
+from wsi_assist import stain as stain_mod
 from wsi_assist import tissue as tissue_mod
-from wsi_assist.settings import TissueParams
+from wsi_assist.settings import StainParams, TissueParams
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.store import Overview
 
 log = logging.getLogger(__name__)
 
 
-def run(slide: SlideContext, tissue: TissueParams) -> dict[str, Any]:
-    """Detect tissue on an overview at ``tissue.overview_mpp`` and store both."""
+def run(slide: SlideContext, tissue: TissueParams, stain: StainParams) -> dict[str, Any]:
+    """Detect tissue on an overview at ``tissue.overview_mpp`` and store both; then the
+    kind of image and its stain vectors from the overview's tissue pixels."""
     mpp = slide.info.require_mpp()
     with slide.open_slide() as s:
         image, ds = slide_mod.read_lowres(s, slide.info, tissue.overview_mpp)
@@ -24,5 +26,7 @@ def run(slide: SlideContext, tissue: TissueParams) -> dict[str, Any]:
                                       found.background, found.threshold, mpp)
     if found.geometry.is_empty:
         log.warning("%s: no tissue found", slide.path)
+    stains = stain_mod.slide_stains(image, found.mask, found.background == "dark", stain)
+    slide.store.write_stains(stains)
     return {"tissue_pieces": pieces, "tissue_area_mm2": found.area_um2 / 1e6,
-            "background": found.background}
+            "background": found.background, "stain": stains.label}
