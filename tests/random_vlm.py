@@ -8,6 +8,7 @@ BPE tokenizer trained here with the ``<image>`` token, a ``CLIPImageProcessor`` 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,23 +53,28 @@ def llava7b() -> VlmSize:
                    text_intermediate=11008, vocab=32064)
 
 
-def tokenizer(vocab: int = 320) -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with <s>, </s>, <pad>, <image>."""
+def tokenizer(vocab: int = 320, image_token: bool = True,
+              chat_template: str | None = CHAT_TEMPLATE, extra: tuple[str, ...] = ()) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with <s>, </s>, <pad>, <image> (unless
+    ``image_token`` is false) and the ``extra`` special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>",
-                                                                     "<pad>", "<image>"],
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + (["<image>"] if image_token else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials + list(extra),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator([CORPUS] * 5, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = CHAT_TEMPLATE
+    more = (["<image>"] if image_token else []) + list(extra)
+    if more:
+        fast.add_special_tokens({"additional_special_tokens": more})
+    if chat_template:
+        fast.chat_template = chat_template
     return fast
 
 
@@ -127,5 +133,113 @@ def build_causal_lm(out: Path, size: VlmSize = VlmSize(), seed: int = 1) -> Path
     tok = tokenizer()
     torch.manual_seed(seed)
     LlamaForCausalLM(llama_config(tok, size)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_clip_tower(out: Path, size: VlmSize = VlmSize(), seed: int = 2) -> Path:
+    """A random CLIP in the released ``CLIPModel`` layout (openai/clip-vit-large-patch14-336:
+    config.json with model_type "clip", ``vision_model.*``/``text_model.*`` keys in
+    model.safetensors, preprocessor_config.json); LLaVA's ``mm_vision_tower``."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    cfg = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 64, "bos_token_id": 0,
+                     "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": size.vision_hidden,
+                       "intermediate_size": 4 * size.vision_hidden,
+                       "num_hidden_layers": size.vision_layers,
+                       "num_attention_heads": size.vision_heads,
+                       "image_size": size.image_px, "patch_size": size.patch_px},
+        projection_dim=16)
+    torch.manual_seed(seed)
+    sd = {k: v.contiguous() for k, v in CLIPModel(cfg).state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    doc = cfg.to_dict()
+    doc["architectures"] = ["CLIPModel"]
+    (out / "config.json").write_text(json.dumps(doc, indent=2))
+    CLIPImageProcessor(size={"shortest_edge": size.image_px},
+                       crop_size={"height": size.image_px, "width": size.image_px}
+                       ).save_pretrained(out)
+    return out
+
+
+def build_original_llava(out: Path, tower: Path, kind: str = "llava_llama",
+                         projector: str = "mlp2x_gelu", size: VlmSize = VlmSize(),
+                         seed: int = 3, fmt: str = "bin", tower_in_checkpoint: bool = False
+                         ) -> Path:
+    """A random LLaVA in the haotian-liu/LLaVA release layout: config.json with
+    model_type llava_llama/llava_mistral, LlavaLlamaForCausalLM, mm_* keys; weights in two
+    shards (``pytorch_model-0000N-of-00002.bin`` or ``model-0000N-of-00002.safetensors``
+    with an index) keyed ``model.embed_tokens.weight``, ``model.layers.N...``,
+    ``model.mm_projector.{0,2}.weight`` (or ``model.mm_projector.weight``), ``lm_head.weight``
+    and optionally ``model.vision_tower.vision_tower.vision_model...``; a tokenizer without
+    ``<image>`` (the original code splices image features at id -200)."""
+    import torch
+    from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    tok = tokenizer(image_token=False, chat_template=None)
+    base = llama_config(tok, size)
+    if kind == "llava_mistral":
+        base = MistralConfig(**{k: v for k, v in base.to_dict().items()
+                                if k in MistralConfig().to_dict() and k != "model_type"},
+                             sliding_window=None)
+    torch.manual_seed(seed)
+    lm = (MistralForCausalLM if kind == "llava_mistral" else LlamaForCausalLM)(base)
+    sd = {k: v.contiguous() for k, v in lm.state_dict().items()}
+    h, v = size.text_hidden, size.vision_hidden
+    g = torch.Generator().manual_seed(seed + 1)
+    if projector == "linear":
+        sd["model.mm_projector.weight"] = torch.randn(h, v, generator=g) * 0.2
+        sd["model.mm_projector.bias"] = torch.randn(h, generator=g) * 0.1
+    else:
+        sd["model.mm_projector.0.weight"] = torch.randn(h, v, generator=g) * 0.2
+        sd["model.mm_projector.0.bias"] = torch.randn(h, generator=g) * 0.1
+        sd["model.mm_projector.2.weight"] = torch.randn(h, h, generator=g) * 0.2
+        sd["model.mm_projector.2.bias"] = torch.randn(h, generator=g) * 0.1
+    if tower_in_checkpoint:  # an unfrozen tower, saved with the LLM (fine-tuned: perturbed)
+        from safetensors.torch import load_file
+
+        for k, t in load_file(str(tower / "model.safetensors")).items():
+            if k.startswith("vision_model."):
+                sd["model.vision_tower.vision_tower." + k] = t + 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted(sd)
+    shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    index: dict[str, str] = {}
+    for i, part in enumerate(shards, 1):
+        if fmt == "bin":
+            name = f"pytorch_model-{i:05d}-of-00002.bin"
+            torch.save({k: sd[k] for k in part}, out / name)
+        else:
+            from safetensors.torch import save_file
+
+            name = f"model-{i:05d}-of-00002.safetensors"
+            save_file({k: sd[k] for k in part}, str(out / name), metadata={"format": "pt"})
+        index.update(dict.fromkeys(part, name))
+    idx_name = ("pytorch_model.bin.index.json" if fmt == "bin"
+                else "model.safetensors.index.json")
+    (out / idx_name).write_text(json.dumps({"metadata": {"total_size": 0},
+                                            "weight_map": index}, indent=2))
+    cfg = {k: val for k, val in base.to_dict().items()
+           if k not in ("rope_parameters", "dtype", "transformers_version")}
+    cfg.update({
+        "_name_or_path": "./checkpoints/vicuna-7b-v1.5",
+        "architectures": ["LlavaMistralForCausalLM" if kind == "llava_mistral"
+                          else "LlavaLlamaForCausalLM"],
+        "model_type": kind, "rope_theta": 10000.0, "rope_scaling": None,
+        "torch_dtype": "float32", "transformers_version": "4.31.0",
+        "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad",
+        "mm_hidden_size": v, "mm_projector_type": projector,
+        "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": str(tower), "tune_mm_mlp_adapter": False,
+        "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
+        "use_mm_proj": True})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(out)
     return out

@@ -1,4 +1,5 @@
-"""`wsi-assist models`: which models are configured and whether they load."""
+"""`wsi-assist models [show]`: which models are configured and whether they load;
+`wsi-assist models convert SRC -o DST`: an original-layout LLaVA into a transformers one."""
 
 from __future__ import annotations
 
@@ -16,6 +17,54 @@ ModelOpt = Annotated[str | None, typer.Option(
     "--model", help="Model spec: pathclip, ARCH:/path/ckpt.pt or hf-hub:org/repo.")]
 
 
+app = typer.Typer(help="Show the configured models (the default: `models show`), or "
+                       "convert a checkpoint (`models convert`).")
+
+
+@app.callback(invoke_without_command=True)
+def _default(
+    ctx: typer.Context,
+    config: opt.ConfigFile = None,
+    pathclip: PathclipOpt = None,
+    model: ModelOpt = None,
+    load: Annotated[bool, typer.Option("--load/--no-load", help="Try loading the model "
+                                                               "(reads the weights).")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Without a subcommand: `models show` (the configured embedding model, prompt sets
+    and whether the model loads)."""
+    if ctx.invoked_subcommand is None:
+        models(config, pathclip, model, load, device)
+
+
+@app.command("convert")
+def convert(
+    src: Annotated[Path, typer.Argument(help="Original-layout LLaVA folder (haotian-liu/LLaVA: "
+                                             "config.json with model_type llava_llama or "
+                                             "llava_mistral, weights, tokenizer).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write the transformers "
+                                                          "LlavaForConditionalGeneration to.")],
+    vision_tower: Annotated[Path | None, typer.Option(
+        "--vision-tower", help="Local CLIP vision tower folder (else mm_vision_tower of "
+                               "config.json, which must then be a local folder).")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="Conversation template: vicuna_v1 (llava_llama default) or mistral_instruct "
+             "(llava_mistral default).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False,
+) -> None:
+    """Convert an original LLaVA checkpoint (LLaVA-1.5 style: linear or mlp2x_gelu
+    projector, CLIP tower) into a folder caption.model loads. Offline; exit 2 on errors."""
+    from wsi_assist.models import llava_convert
+
+    with user_errors():
+        done = llava_convert.convert(src, out, vision_tower, template, force)
+    typer.secho(f"converted {src} ({done.model_type}, {done.projector} projector, "
+                f"{done.template} template, <image> = {done.image_token_index}, vocab "
+                f"{done.vocab_size}) into {done.out}; set caption.model: {done.out}",
+                fg=typer.colors.GREEN)
+
+
+@app.command("show")
 def models(
     config: opt.ConfigFile = None,
     pathclip: PathclipOpt = None,
