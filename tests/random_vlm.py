@@ -54,9 +54,11 @@ def llava7b() -> VlmSize:
 
 
 def tokenizer(vocab: int = 320, image_token: bool = True,
-              chat_template: str | None = CHAT_TEMPLATE, extra: tuple[str, ...] = ()) -> Any:
+              chat_template: str | None = CHAT_TEMPLATE, extra: tuple[str, ...] = (),
+              add_bos: bool = False) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` with <s>, </s>, <pad>, <image> (unless
-    ``image_token`` is false) and the ``extra`` special tokens."""
+    ``image_token`` is false) and the ``extra`` special tokens; ``add_bos``: it prepends
+    <s> to every text, as Llama/Mistral tokenizers do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,6 +70,11 @@ def tokenizer(vocab: int = 320, image_token: bool = True,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator([CORPUS] * 5, trainer)
+    if add_bos:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>")
     more = (["<image>"] if image_token else []) + list(extra)
@@ -182,7 +189,7 @@ def build_original_llava(out: Path, tower: Path, kind: str = "llava_llama",
     import torch
     from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    tok = tokenizer(image_token=False, chat_template=None)
+    tok = tokenizer(image_token=False, chat_template=None, add_bos=True)
     base = llama_config(tok, size)
     if kind == "llava_mistral":
         base = MistralConfig(**{k: v for k, v in base.to_dict().items()
