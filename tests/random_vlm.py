@@ -55,10 +55,11 @@ def llava7b() -> VlmSize:
 
 def tokenizer(vocab: int = 320, image_token: bool = True,
               chat_template: str | None = CHAT_TEMPLATE, extra: tuple[str, ...] = (),
-              add_bos: bool = False) -> Any:
+              add_bos: bool = False, named: dict[str, str] | None = None) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` with <s>, </s>, <pad>, <image> (unless
     ``image_token`` is false) and the ``extra`` special tokens; ``add_bos``: it prepends
-    <s> to every text, as Llama/Mistral tokenizers do."""
+    <s> to every text, as Llama/Mistral tokenizers do; ``named``: special tokens the
+    tokenizer exposes as attributes (Gemma 3's boi_token, eoi_token, image_token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,7 +67,8 @@ def tokenizer(vocab: int = 320, image_token: bool = True,
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "<pad>"] + (["<image>"] if image_token else [])
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials + list(extra),
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials + list(extra)
+                                  + list((named or {}).values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator([CORPUS] * 5, trainer)
@@ -76,7 +78,8 @@ def tokenizer(vocab: int = 320, image_token: bool = True,
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   **({"extra_special_tokens": named} if named else {}))
     more = (["<image>"] if image_token else []) + list(extra)
     if more:
         fast.add_special_tokens({"additional_special_tokens": more})
@@ -109,7 +112,7 @@ def build_llava(out: Path, size: VlmSize = VlmSize(), seed: int = 0,
         LlavaProcessor,
     )
 
-    tok = tokenizer()
+    tok = tokenizer(add_bos=True)  # llava-hf's Llama tokenizer prepends <s>
     proc = LlavaProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": size.image_px},
@@ -249,4 +252,128 @@ def build_original_llava(out: Path, tower: Path, kind: str = "llava_llama",
         "use_mm_proj": True})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(out)
+    return out
+
+
+#: Qwen2.5-VL's chat template (as released, without tools and video)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+               "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def build_qwen25_vl(out: Path, size: VlmSize = VlmSize(), seed: int = 4) -> Path:
+    """A random Qwen2.5-VL saved with save_pretrained: Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor with a Qwen2VLImageProcessor (patch 8, merge 2: a 32 px tile is 4
+    image tokens), a BPE tokenizer with Qwen's special tokens and no BOS."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = tokenizer(image_token=False, chat_template=QWEN_TEMPLATE, extra=QWEN_TOKENS)
+    tok.bos_token = None
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|endoftext|>"
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
+    h = size.text_hidden
+    cfg = Qwen2_5_VLConfig(
+        vision_config={"depth": 2, "hidden_size": size.vision_hidden,
+                       "intermediate_size": 2 * size.vision_hidden,
+                       "num_heads": size.vision_heads, "patch_size": size.patch_px,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "out_hidden_size": h, "window_size": 2 * size.patch_px * 2,
+                       "fullatt_block_indexes": [1]},
+        text_config={"vocab_size": max(len(tok), size.vocab), "hidden_size": h,
+                     "intermediate_size": size.text_intermediate,
+                     "num_hidden_layers": size.text_layers,
+                     "num_attention_heads": size.text_heads, "num_key_value_heads": 1,
+                     "max_position_embeddings": 4096,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                         "mrope_section": [2, 3, 3]},
+                     "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"])
+    px = size.image_px * size.image_px
+    proc = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=size.patch_px, temporal_patch_size=2, merge_size=2,
+            size={"shortest_edge": px, "longest_edge": px}),
+        video_processor=Qwen2VLVideoProcessor(patch_size=size.patch_px, temporal_patch_size=2,
+                                              merge_size=2),
+        tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    torch.manual_seed(seed)
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+#: Gemma 3's chat template (as released, text and images); it starts with the BOS token
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first = messages[0]"
+    "['content'] if messages[0]['content'] is string else messages[0]['content'][0]['text']"
+    " -%}{%- set first = first + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}{%- set role = 'model' if message['role'] == "
+    "'assistant' else message['role'] -%}{{ '<start_of_turn>' + role + '\n' + "
+    "(first if loop.first else '') }}{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == "
+    "'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}"
+    "{{ '<start_of_turn>model\n' }}{%- endif -%}")
+GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                "image_token": "<image_soft_token>"}
+
+
+def build_gemma3(out: Path, size: VlmSize = VlmSize(), seed: int = 5) -> Path:
+    """A random Gemma 3 (MedGemma's architecture) saved with save_pretrained:
+    Gemma3ForConditionalGeneration (SigLIP tower, 4 tokens per image), Gemma3Processor with
+    a Gemma3ImageProcessor, a BPE tokenizer that adds BOS and names boi/eoi/image tokens."""
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
+
+    tok = tokenizer(image_token=False, chat_template=GEMMA3_TEMPLATE, add_bos=True,
+                    extra=("<start_of_turn>", "<end_of_turn>"), named=GEMMA3_NAMED)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in GEMMA3_NAMED.items()}
+    cfg = Gemma3Config(
+        text_config={"vocab_size": max(len(tok), size.vocab), "hidden_size": size.text_hidden,
+                     "intermediate_size": size.text_intermediate,
+                     "num_hidden_layers": size.text_layers,
+                     "num_attention_heads": size.text_heads, "num_key_value_heads": 1,
+                     "head_dim": 16, "sliding_window": 64, "max_position_embeddings": 4096,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={"hidden_size": size.vision_hidden,
+                       "intermediate_size": 2 * size.vision_hidden,
+                       "num_hidden_layers": size.vision_layers,
+                       "num_attention_heads": size.vision_heads,
+                       "image_size": size.image_px, "patch_size": size.patch_px,
+                       "vision_use_head": False},
+        mm_tokens_per_image=4, boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"])
+    proc = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": size.image_px,
+                                                   "width": size.image_px}),
+        tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+    torch.manual_seed(seed)
+    Gemma3ForConditionalGeneration(cfg).save_pretrained(out)
+    proc.save_pretrained(out)
     return out
