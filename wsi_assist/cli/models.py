@@ -21,22 +21,6 @@ app = typer.Typer(help="Show the configured models (the default: `models show`),
                        "convert a checkpoint (`models convert`).")
 
 
-@app.callback(invoke_without_command=True)
-def _default(
-    ctx: typer.Context,
-    config: opt.ConfigFile = None,
-    pathclip: PathclipOpt = None,
-    model: ModelOpt = None,
-    load: Annotated[bool, typer.Option("--load/--no-load", help="Try loading the model "
-                                                               "(reads the weights).")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
-) -> None:
-    """Without a subcommand: `models show` (the configured embedding model, prompt sets
-    and whether the model loads)."""
-    if ctx.invoked_subcommand is None:
-        models(config, pathclip, model, load, device)
-
-
 @app.command("convert")
 def convert(
     src: Annotated[Path, typer.Argument(help="Original-layout LLaVA folder (haotian-liu/LLaVA: "
@@ -64,8 +48,8 @@ def convert(
                 fg=typer.colors.GREEN)
 
 
-@app.command("show")
 def models(
+    ctx: typer.Context,
     config: opt.ConfigFile = None,
     pathclip: PathclipOpt = None,
     model: ModelOpt = None,
@@ -76,7 +60,10 @@ def models(
     """Show the configured embedding model, prompt sets and whether the model loads.
 
     Exit 0 when the configured model loads (or none is configured), 1 when it does not.
+    `wsi-assist models` without a subcommand is `models show`.
     """
+    if ctx.invoked_subcommand is not None:
+        return  # `models convert ...`: the subcommand runs instead
     from wsi_assist import config as config_mod
     from wsi_assist.errors import WsiAssistError
     from wsi_assist.models import pathclip as pc
@@ -125,3 +112,7 @@ def _describe_file(path: Path | None) -> None:
         return
     size = f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "MISSING"
     typer.echo(f"weights file    {path} ({size})")
+
+
+app.callback(invoke_without_command=True)(models)
+app.command("show")(models)

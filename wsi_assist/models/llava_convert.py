@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from wsi_assist.errors import ModelError
 
@@ -310,11 +310,14 @@ def convert(src: Path, dst: Path, vision_tower: Path | None = None,
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise ModelError(f"{src}: cannot load the tokenizer ({str(e).splitlines()[0]})") from e
     if "<image>" not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = int(tok.convert_tokens_to_ids("<image>"))
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]},
+                               replace_extra_special_tokens=False)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    if not isinstance(image_id, int):
+        raise ModelError(f"{src}: the tokenizer cannot hold an <image> token")
     vocab = max(int(cfg.get("vocab_size", len(tok))), len(tok))
     text_cfg = _text_config(cfg, ORIGINAL_TYPES[kind], vocab)
-    strategy = "default" if select == "patch" else "full"
+    strategy: Literal["default", "full"] = "default" if select == "patch" else "full"
     n_patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
     llava_cfg = LlavaConfig(
         vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_id,
