@@ -44,7 +44,7 @@ app.command("info")(info.info)
 app.command("run")(run.run)
 app.command("tile")(tile.tile)
 app.command("demo")(demo.demo)
-app.command("models")(models.models)
+app.add_typer(models.app, name="models")
 app.add_typer(eval_cmd.app, name="eval")
 app.command("report")(report.report)
 

@@ -1,4 +1,5 @@
-"""`wsi-assist models`: which models are configured and whether they load."""
+"""`wsi-assist models [show]`: which models are configured and whether they load;
+`wsi-assist models convert SRC -o DST`: an original-layout LLaVA into a transformers one."""
 
 from __future__ import annotations
 
@@ -16,7 +17,39 @@ ModelOpt = Annotated[str | None, typer.Option(
     "--model", help="Model spec: pathclip, ARCH:/path/ckpt.pt or hf-hub:org/repo.")]
 
 
+app = typer.Typer(help="Show the configured models (the default: `models show`), or "
+                       "convert a checkpoint (`models convert`).")
+
+
+@app.command("convert")
+def convert(
+    src: Annotated[Path, typer.Argument(help="Original-layout LLaVA folder (haotian-liu/LLaVA: "
+                                             "config.json with model_type llava_llama or "
+                                             "llava_mistral, weights, tokenizer).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write the transformers "
+                                                          "LlavaForConditionalGeneration to.")],
+    vision_tower: Annotated[Path | None, typer.Option(
+        "--vision-tower", help="Local CLIP vision tower folder (else mm_vision_tower of "
+                               "config.json, which must then be a local folder).")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="Conversation template: vicuna_v1 (llava_llama default) or mistral_instruct "
+             "(llava_mistral default).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False,
+) -> None:
+    """Convert an original LLaVA checkpoint (LLaVA-1.5 style: linear or mlp2x_gelu
+    projector, CLIP tower) into a folder caption.model loads. Offline; exit 2 on errors."""
+    from wsi_assist.models import llava_convert
+
+    with user_errors():
+        done = llava_convert.convert(src, out, vision_tower, template, force)
+    typer.secho(f"converted {src} ({done.model_type}, {done.projector} projector, "
+                f"{done.template} template, <image> = {done.image_token_index}, vocab "
+                f"{done.vocab_size}) into {done.out}; set caption.model: {done.out}",
+                fg=typer.colors.GREEN)
+
+
 def models(
+    ctx: typer.Context,
     config: opt.ConfigFile = None,
     pathclip: PathclipOpt = None,
     model: ModelOpt = None,
@@ -27,7 +60,10 @@ def models(
     """Show the configured embedding model, prompt sets and whether the model loads.
 
     Exit 0 when the configured model loads (or none is configured), 1 when it does not.
+    `wsi-assist models` without a subcommand is `models show`.
     """
+    if ctx.invoked_subcommand is not None:
+        return  # `models convert ...`: the subcommand runs instead
     from wsi_assist import config as config_mod
     from wsi_assist.errors import WsiAssistError
     from wsi_assist.models import pathclip as pc
@@ -76,3 +112,7 @@ def _describe_file(path: Path | None) -> None:
         return
     size = f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "MISSING"
     typer.echo(f"weights file    {path} ({size})")
+
+
+app.callback(invoke_without_command=True)(models)
+app.command("show")(models)

@@ -45,18 +45,77 @@ def _looks_local(spec: str) -> bool:
         or spec.count("/") > 1
 
 
+def _supported(loader: Any) -> Mapping[str, str] | None:
+    """model_type → class name of the auto model class ``loader`` (None: not a model)."""
+    from transformers.models.auto import modeling_auto as ma
+
+    return {"AutoModelForImageTextToText": ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+            "AutoModelForCausalLM": ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            }.get(getattr(loader, "__name__", ""))
+
+
+def check_architecture(spec: str, loader: Any, what: str) -> None:
+    """For a local folder: ModelError when its config.json names an architecture
+    ``loader`` cannot build (an original-layout LLaVA: how to convert it)."""
+    from wsi_assist.models.llava_convert import original_llava_type
+
+    path = Path(spec).expanduser()
+    supported = _supported(loader)
+    if supported is None or not (path / "config.json").is_file():
+        return
+    from wsi_assist.models.llava_convert import read_config
+
+    cfg = read_config(path)
+    kind = original_llava_type(cfg)
+    if kind is not None:
+        raise ModelError(
+            f"{what} {spec!r} is an original-layout LLaVA checkpoint (model_type {kind!r}, "
+            "haotian-liu/LLaVA); convert it first: wsi-assist models convert "
+            f"{spec} -o CONVERTED [--vision-tower CLIP_FOLDER], then set {what} to CONVERTED")
+    name = cfg.get("model_type") or next(iter(cfg.get("architectures") or []), None)
+    if cfg.get("model_type") not in supported:
+        raise ModelError(f"{what} {spec!r}: unrecognised architecture {name!r} in "
+                         f"config.json; supported: {', '.join(sorted(supported))}")
+
+
+def _names(keys: Any, n: int = 8) -> str:
+    keys = sorted(str(k) for k in keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def load_pretrained(spec: str, loader: Any, what: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained(spec)`` with a one-line ModelError on any failure."""
+    """``loader.from_pretrained(spec)`` with a one-line ModelError on any failure.
+
+    Models (auto model classes) load strictly: a recognised architecture, and no missing,
+    unexpected or mismatched weights (never a silently half-random model)."""
     path = Path(spec).expanduser()
     if _looks_local(spec) and not path.is_dir():
         raise ModelError(f"{what} {spec!r}: no such folder (expected a folder saved with "
                          "save_pretrained, or a hub id like 'org/name')")
     target = str(path) if path.is_dir() else spec
+    strict = _supported(loader) is not None
+    if strict:
+        check_architecture(target, loader, what)
+        kwargs["output_loading_info"] = True
     try:
-        return loader.from_pretrained(target, trust_remote_code=False, **kwargs)
+        loaded = loader.from_pretrained(target, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Unrecognized configuration class" in first or "does not recognize" in first:
+            first = f"unrecognised architecture: {first}"
         raise ModelError(f"{what} {spec!r}: cannot load ({first})") from e
+    if not strict:
+        return loaded
+    model, info = loaded
+    problems = [f"{label} weights: {_names(info.get(key) or ())}"
+                for key, label in (("missing_keys", "missing"),
+                                   ("unexpected_keys", "unexpected"),
+                                   ("mismatched_keys", "mismatched"))
+                if info.get(key)]
+    if problems:
+        raise ModelError(f"{what} {spec!r}: the weights do not match "
+                         f"{type(model).__name__} ({'; '.join(problems)})")
+    return model
 
 
 class Captioner:
@@ -67,6 +126,7 @@ class Captioner:
 
         self.spec = spec
         self.device = device
+        check_architecture(spec, AutoModelForImageTextToText, "caption.model")
         self.processor = load_pretrained(spec, AutoProcessor, "caption.model")
         if not getattr(self.processor, "chat_template", None):
             raise ModelError(f"caption.model {spec!r}: the processor has no chat template "
@@ -77,6 +137,10 @@ class Captioner:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        bos = tokenizer.bos_token_id
+        #: the tokenizer adds BOS itself, so a template's leading BOS text is dropped
+        self._bos_text = (tokenizer.bos_token if bos is not None and
+                          tokenizer("x").input_ids[:1] == [bos] else None)
         self.model = load_pretrained(spec, AutoModelForImageTextToText, "caption.model",
                                      dtype=resolve_dtype(device, dtype))
         self.model.to(device).eval()
@@ -86,8 +150,11 @@ class Captioner:
         """The chat-template text for one user turn of an image and ``prompt``."""
         messages = [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": prompt}]}]
-        return str(self.processor.apply_chat_template(messages, add_generation_prompt=True,
+        text = str(self.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                       tokenize=False))
+        if self._bos_text and text.startswith(self._bos_text):
+            text = text[len(self._bos_text):]  # else two BOS tokens (Gemma 3's template)
+        return text
 
     def caption(self, images: Sequence[np.ndarray], prompts: Sequence[str],
                 max_new_tokens: int = 96, batch_size: int = 4,
@@ -109,7 +176,10 @@ class Captioner:
 
         texts = [self.render(p) for p in prompts]
         pil = [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
-        inputs = self.processor(images=pil, text=texts, padding=True, return_tensors="pt")
+        # one list of images per prompt: Gemma 3 (and others) read a flat list as all the
+        # images of one prompt
+        inputs = self.processor(images=[[im] for im in pil], text=texts, padding=True,
+                                return_tensors="pt")
         inputs = {k: (v.to(self.device, self.model.dtype) if v.is_floating_point()
                       else v.to(self.device)) for k, v in inputs.items()}
         gen = {"do_sample": False, **(sampling or {})}
