@@ -84,7 +84,7 @@ def test_mixed_folder_isolates_failures(mixed: Path, tmp_path: Path) -> None:
     assert "Traceback" not in r.output and "failed [open]" in r.stderr
     assert "Traceback" in (out / "run.log").read_text()
     assert {"path", "slide_id", "status", "error", "stage", "n_tiles", "seconds",
-            "tiles_per_s"} == set(rows[0])
+            "tiles_per_s", "warnings"} == set(rows[0])
     assert (out / "config.yaml").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from shapely import affinity
 
 from wsi_assist import tiling, tissue
 from wsi_assist.slide import SlideInfo, describe, open_slide, read_lowres
-from wsi_assist.synthetic import SyntheticSlide
+from wsi_assist.synthetic import Ellipse, SyntheticSlide, write_slide
 from wsi_assist.settings import TilingParams, TissueParams
 
 
@@ -25,7 +26,9 @@ def detect_file(path: Path, params: TissueParams = TissueParams()
                 ) -> tuple[SlideInfo, tissue.Tissue]:
     info = describe(path)
     with open_slide(path) as s:
-        overview, ds = read_lowres(s, info, params.overview_mpp)
+        want = tissue.overview_mpp(info.width, info.height, info.require_mpp(), params,
+                                   info.level_downsamples)
+        overview, ds = read_lowres(s, info, want)
     return info, tissue.detect(overview, ds, info.require_mpp(), params)
 
 
@@ -35,7 +38,9 @@ def test_detected_area_matches_drawn(request: pytest.FixtureRequest, fixture: st
     path = request.getfixturevalue(fixture)
     params = TissueParams()
     if describe(path).mpp == 0.25:  # a 512 um wide slide: look closer, keep small pieces
-        params = TissueParams(overview_mpp=2.0, min_area_um2=2000.0, smoothing_um=4.0)
+        # overview_min_px 200 keeps a 2 um/px overview, read from odd_slide's 2.4x level
+        params = TissueParams(overview_mpp=2.0, overview_min_px=200, min_area_um2=2000.0,
+                              smoothing_um=4.0)
     info, found = detect_file(path, params)
     assert found.background == "bright"
     assert len(found.polygons) == 3
@@ -170,3 +175,196 @@ def test_real_slides_have_tissue_and_tiles_only_on_it(shared_slides: Path, name:
     centres = shapely.points(g.coords + g.size_l0 / 2)
     near = shapely.dwithin(found.geometry, centres, g.size_l0 / 2)
     assert near.all()
+
+
+# -- known answers on drawn images: pale IHC, no glass, a small core, fluorescence --------
+
+def _iou(a: shapely.Geometry, b: shapely.Geometry) -> float:
+    return float(a.intersection(b).area / a.union(b).area)
+
+
+def _raster(geom: shapely.Geometry, h: int, w: int) -> np.ndarray:
+    """Which pixel centres of an (h, w) image lie in ``geom`` (pixel coordinates)."""
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    return np.asarray(shapely.contains_xy(geom, xs.ravel(), ys.ravel())).reshape(h, w)
+
+
+def _nuclei(inside: np.ndarray, spacing: float, radius: float, rng: np.random.Generator,
+            jitter: float = 0.35) -> np.ndarray:
+    """Label image of round nuclei on a jittered lattice, centres inside ``inside``."""
+    h, w = inside.shape
+    cy, cx = np.mgrid[spacing / 2:h:spacing, spacing / 2:w:spacing]
+    cy = cy + rng.uniform(-jitter, jitter, cy.shape) * spacing
+    cx = cx + rng.uniform(-jitter, jitter, cx.shape) * spacing
+    ok = inside[np.clip(cy.astype(int), 0, h - 1), np.clip(cx.astype(int), 0, w - 1)]
+    out = np.zeros((h, w), np.int32)
+    ys, xs = np.mgrid[0:h, 0:w]
+    r = int(np.ceil(radius))
+    for k, (y, x) in enumerate(zip(cy[ok], cx[ok], strict=True), start=1):
+        y0, x0 = int(y), int(x)
+        sl = np.s_[max(y0 - r, 0):y0 + r + 1, max(x0 - r, 0):x0 + r + 1]
+        disc = (ys[sl] - y) ** 2 + (xs[sl] - x) ** 2 <= radius**2
+        out[sl][disc] = k
+    return out
+
+
+def _paint(base: tuple[int, int, int], shape: tuple[int, int], noise: float,
+           rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(base, np.float32) + rng.normal(0, noise, (*shape, 1)).astype(np.float32)
+
+
+def _blob() -> shapely.Geometry:
+    """An irregular section: an ellipse with a rounded lobe, in px of a 1000 x 900 image."""
+    body = affinity.scale(shapely.Point(470, 430).buffer(1.0, 128), 330, 260)
+    lobe = shapely.Point(760, 640).buffer(150, 64)
+    return shapely.union_all([body, lobe]).simplify(0.2)
+
+
+def _pale_ihc(rng: np.random.Generator, truth: shapely.Geometry | None, h: int = 900,
+              w: int = 1000) -> np.ndarray:
+    """Ki-67-like brightfield at 0.5 um/px: dim grey glass (216), almost colourless
+    cytoplasm and pale blue haematoxylin nuclei, a few brown; ``truth`` None: no glass."""
+    inside = np.ones((h, w), bool) if truth is None else _raster(truth, h, w)
+    img = _paint((216, 216, 216), (h, w), 1.0, rng)
+    cyto = _paint((204, 207, 211), (h, w), 4.0, rng)
+    img[inside] = cyto[inside]
+    nuc = _nuclei(inside, spacing=26, radius=8, rng=rng)
+    brown = (nuc % 7 == 0) & (nuc > 0)
+    img[(nuc > 0) & ~brown] = (150, 178, 206)
+    img[brown] = (120, 84, 60)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_pale_ihc_with_low_saturation_is_found_whole() -> None:
+    truth = _blob()
+    img = _pale_ihc(np.random.default_rng(1), truth)
+    inside = _raster(truth, *img.shape[:2])
+    assert np.median(tissue.saturation(img)[inside]) < 0.1  # pale, unsaturated tissue
+    found = tissue.detect(img, 1.0, 0.5)
+    assert found.method == "brightfield-od" and found.levels["glass_r"] == pytest.approx(216, abs=1)
+    assert len(found.polygons) == 1 and not found.polygons[0].interiors
+    assert _iou(found.geometry, truth) > 0.95
+    assert found.geometry.length / truth.length == pytest.approx(1.0, abs=0.08)  # smooth
+
+
+def test_crop_without_glass_is_all_tissue() -> None:
+    """Tissue to every edge, half pale and half dark: Otsu would split it in two."""
+    rng = np.random.default_rng(2)
+    img = _pale_ihc(rng, None, 900, 1000)
+    img[:, 500:] = np.clip(_paint((150, 90, 160), (900, 500), 12.0, rng), 0, 255)  # dense H&E
+    found = tissue.detect(img, 1.0, 0.5)
+    assert found.method == "brightfield-no-glass"
+    assert len(found.polygons) == 1
+    assert found.geometry.area / (900 * 1000) > 0.99
+    assert found.geometry.bounds == pytest.approx((0, 0, 1000, 900), abs=1)
+
+
+def test_small_core_is_detected_at_full_resolution(tmp_path: Path) -> None:
+    """A 600 um TMA core in a 700 um image: read at level 0, not 8 um/px (88 px)."""
+    core = SyntheticSlide(1400, 1400, ellipses=(Ellipse(700, 700, 600, 600),))
+    path = write_slide(tmp_path / "core.svs", core, kind="svs", mpp=0.5)
+    assert tissue.overview_mpp(1400, 1400, 0.5) == 0.7  # read_lowres: floor(1.4) = level 0
+    info, found = detect_file(path)
+    assert found.downsample == 1.0 and found.mask.shape == (1400, 1400)
+    truth = shapely.Point(700, 700).buffer(600, 256)
+    assert len(found.polygons) == 1
+    assert _iou(found.geometry, truth) > 0.98
+    assert found.geometry.length / truth.length == pytest.approx(1.0, abs=0.03)
+
+
+def _fluorescence(rng: np.random.Generator, truth: shapely.Geometry, autofluorescence: float,
+                  h: int = 900, w: int = 1000) -> np.ndarray:
+    """DAPI-like at 1 um/px: black background, nuclei (r 4 um, ~16 um apart) in ``truth``."""
+    inside = _raster(truth, h, w)
+    blue = rng.poisson(2.0, (h, w)).astype(np.float32)
+    blue[inside] += autofluorescence
+    nuc = _nuclei(inside, spacing=16, radius=4, rng=rng, jitter=0.45)
+    bright = rng.uniform(70, 220, nuc.max() + 1)
+    blue[nuc > 0] = bright[nuc[nuc > 0]]
+    img = np.zeros((h, w, 3), np.float32)
+    img[..., 2] = blue
+    img[..., 1] = 0.25 * blue
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("autofluorescence", [0.0, 9.0])
+def test_fluorescence_nuclei_are_joined_into_the_section(autofluorescence: float) -> None:
+    truth = _blob()
+    img = _fluorescence(np.random.default_rng(3), truth, autofluorescence)
+    found = tissue.detect(img, 1.0, 1.0)
+    assert found.background == "dark" and found.method == "fluorescence"
+    areas = sorted((p.area for p in found.polygons), reverse=True)
+    assert areas[0] > 0.98 * sum(areas)  # one main piece
+    assert _iou(found.geometry, truth) > (0.95 if autofluorescence else 0.9)
+    assert found.geometry.length / truth.length == pytest.approx(1.0, abs=0.12)
+
+
+def test_staircase_free_outline_on_a_coarse_overview() -> None:
+    """An 80 px disc on an 8 um/px overview: the outline is round, not a staircase
+    (a pixel-edge outline is 4/pi = 1.27 times as long)."""
+    img = np.full((120, 120, 3), 240, np.uint8)
+    truth = shapely.Point(60, 60).buffer(40, 256)
+    img[_raster(truth, 120, 120)] = (200, 120, 170)
+    found = tissue.detect(img, 16.0, 0.5)
+    scaled = affinity.scale(truth, 16, 16, origin=(0, 0))
+    assert _iou(found.geometry, scaled) > 0.98
+    assert found.geometry.length / scaled.length == pytest.approx(1.0, abs=0.03)
+    stairs = tissue.mask_to_polygons(found.mask, 16.0)
+    assert stairs.length / scaled.length > 1.2
+
+
+def test_overview_resolution_adapts_to_the_slide() -> None:
+    assert tissue.overview_mpp(1380, 1484, 0.5) == 0.742          # small: level 0 is read
+    assert tissue.overview_mpp(2220, 2967, 0.5) == pytest.approx(2967 * 0.5 / 1000)
+    assert tissue.overview_mpp(100_000, 80_000, 0.25) == 8.0      # a slide: 3,125 px
+    # a 3,072 px slide with a 4x level: that level's 768 px, not level 0 decoded for 1,024
+    assert tissue.overview_mpp(3072, 2304, 0.5, level_downsamples=(1.0, 4.0)) == 2.0
+    assert tissue.overview_mpp(3072, 2304, 0.5, level_downsamples=(1.0, 8.0)) == 1.536
+    huge = tissue.overview_mpp(400_000, 400_000, 0.25)            # capped at 16 MP
+    assert huge == pytest.approx(0.25 * 400_000 / 4000)
+    with pytest.raises(ValueError, match="od_floor"):
+        TissueParams(od_floor=0.2, od_ceiling=0.1)
+
+
+def test_no_tissue_is_flagged_in_manifest_index_and_report(blank_slide: Path,
+                                                           tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_assist.cli import app
+    from wsi_assist.report import data
+    from wsi_assist.store import SlideStore
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["tile", str(blank_slide), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    with (out / "manifest.csv").open(newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["status"] == "done" and row["warnings"] == tissue.NO_TISSUE
+    assert f"Warning: {tissue.NO_TISSUE}" in (out / "index.html").read_text()
+    store = SlideStore(out / "blank", "r")
+    assert store.read_tissue().method == "brightfield-od"
+    assert data.qc(store, None, 0.5)["warnings"] == [tissue.NO_TISSUE]
+    r = CliRunner().invoke(app, ["tile", str(blank_slide), "-o", str(out)])  # skipped: kept
+    with (out / "manifest.csv").open(newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["status"] == "skipped" and row["warnings"] == tissue.NO_TISSUE
+
+
+# -- real slides --------------------------------------------------------------------------
+
+@pytest.mark.real_slides
+@pytest.mark.parametrize("name, lo, hi, method", [
+    ("CMU-1-Small-Region.svs", 0.5, 0.75, "brightfield-od"),      # skin, 1.64 mm^2 image
+    ("HE_example.ome.tif", 0.33, 0.40, "brightfield-od"),         # a 0.69 mm core
+    ("OS-2-vsi-Ki67.ome.tif", 0.19, 0.24, "brightfield-od"),      # 0.25 mm^2 crop
+    ("test3-DAPI-2-387.ndpi", 0.6, 1.0, "fluorescence")])        # 1.0 mm^2 image
+def test_real_slide_tissue_areas(shared_slides: Path, name: str, lo: float, hi: float,
+                                 method: str) -> None:
+    info, found = detect_file(shared_slides / name)
+    assert found.method == method
+    assert lo < found.area_um2 / 1e6 < hi
+    areas = sorted((p.area for p in found.polygons), reverse=True)
+    assert areas[0] > 0.95 * sum(areas)  # one main piece
+    if name.startswith("OS-2"):  # filled with tissue but for glass gaps between fragments
+        assert found.geometry.area / (info.width * info.height) > 0.78
+    assert found.mask.shape[1] >= min(1000, info.width) * 0.99  # >= ~1,000 px across

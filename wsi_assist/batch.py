@@ -35,7 +35,7 @@ TRACE_LOG = logging.getLogger("wsi_assist.traceback")
 TRACE_LOG.setLevel(logging.INFO)
 
 MANIFEST_FIELDS = ["path", "slide_id", "status", "error", "stage", "n_tiles", "seconds",
-                   "tiles_per_s"]
+                   "tiles_per_s", "warnings"]
 
 
 @dataclass
@@ -50,6 +50,7 @@ class SlideResult:
     n_tiles: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     traceback: str = ""
+    warnings: list[str] = field(default_factory=list)  # e.g. no tissue found
 
     @property
     def tiles_per_s(self) -> float | None:
@@ -62,7 +63,8 @@ class SlideResult:
                 "error": self.error, "stage": self.stage,
                 "n_tiles": "" if self.n_tiles is None else self.n_tiles,
                 "seconds": json.dumps({k: round(v, 3) for k, v in self.seconds.items()}),
-                "tiles_per_s": "" if tps is None else f"{tps:.1f}"}
+                "tiles_per_s": "" if tps is None else f"{tps:.1f}",
+                "warnings": "; ".join(self.warnings)}
 
 
 def safe_name(stem: str) -> str:
@@ -186,6 +188,7 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
         fingerprints = {**kept.get("stages", {}), **{s: want[s] for s in todo}}
         n_tiles = summary.get("tiles", {}).get("n_tiles")
         result.n_tiles = n_tiles
+        result.warnings = stage_warnings(summary)
         files.write_json(work / DONE_FILE, {
             "slide_id": slide_id, "path": str(path), "slide": fp, "stages": fingerprints,
             "summary": summary, "seconds": result.seconds, "n_tiles": n_tiles,
@@ -207,7 +210,17 @@ def _swap_into_place(work: Path, final: Path) -> None:
 def _skipped(result: SlideResult, done: dict[str, Any] | None) -> SlideResult:
     result.status = "skipped"
     result.n_tiles = (done or {}).get("n_tiles")
+    result.warnings = stage_warnings((done or {}).get("summary", {}))
     return result
+
+
+def stage_warnings(summary: dict[str, Any]) -> list[str]:
+    """The ``warnings`` the stages put in their summaries, in stage order, once each."""
+    out: list[str] = []
+    for s in summary.values():
+        ws = s.get("warnings", []) if isinstance(s, dict) else []
+        out += [str(w) for w in ws if str(w) not in out]
+    return out
 
 
 def check_writable(out: Path) -> None:

@@ -85,13 +85,30 @@ class MppParams(Section):
 
 
 class TissueParams(Section):
-    """Tissue detection (``tissue``)."""
+    """Tissue detection (``tissue``); the method is described in ``wsi_assist/tissue.py``."""
 
     background: Literal["auto", "bright", "dark"] = "auto"
     overview_mpp: NonNegFloat = 8.0
+    overview_min_px: PosInt = 1000
+    overview_max_pixels: PosInt = 16_000_000
+    blur_um: NonNegFloat = 1.0
+    od_floor: NonNegFloat = 0.03
+    od_ceiling: NonNegFloat = 0.05
+    dark_floor: Fraction = 0.02
+    dark_ceiling: Fraction = 0.05
+    dark_close_um: NonNegFloat = 25.0
     min_area_um2: NonNegFloat = 20_000.0
     min_hole_um2: NonNegFloat = 5_000.0
     smoothing_um: NonNegFloat = 16.0
+    simplify_um: NonNegFloat = 1.0
+
+    @model_validator(mode="after")
+    def _floors_below_ceilings(self) -> TissueParams:
+        for lo, hi in (("od_floor", "od_ceiling"), ("dark_floor", "dark_ceiling")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo} must be <= {hi}, got {getattr(self, lo)!r} > "
+                                 f"{getattr(self, hi)!r}")
+        return self
 
 
 def _triple(low: float, high: float, what: str, low_open: bool = False) -> Any:

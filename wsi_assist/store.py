@@ -98,6 +98,8 @@ class TissueRecord:
     background: str | None
     threshold: float | None
     area_um2: float | None
+    method: str | None = None
+    levels: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -249,16 +251,19 @@ class SlideStore:
     # -- tissue ----------------------------------------------------------------
     def write_tissue(self, overview: Overview, mask: np.ndarray,
                      geometry: shapely.MultiPolygon, background: str, threshold: float,
-                     mpp: float) -> int:
+                     mpp: float, method: str | None = None,
+                     levels: dict[str, float] | None = None) -> int:
         """The overview tissue was found on, its mask, and ``tissue.geojson`` (one QuPath
-        annotation per piece, with area and perimeter in um); returns the piece count."""
+        annotation per piece, with area and perimeter in um); returns the piece count.
+        ``method`` and ``levels`` record how the tissue was found."""
         ds = overview.downsample
         self._write(OVERVIEW, overview.image, rows_per_chunk=1024, downsample=ds,
                     description="RGB overview tissue was detected on")
         self._write(TISSUE_MASK, mask, rows_per_chunk=1024, downsample=ds)
         area_um2 = float(geometry.area * mpp ** 2)
         self.group.attrs.update({"tissue_background": background,
-                                 "tissue_threshold": threshold, "tissue_area_um2": area_um2})
+                                 "tissue_threshold": threshold, "tissue_area_um2": area_um2,
+                                 "tissue_method": method, "tissue_levels": levels or {}})
         feats = (geojson.feature(
             poly, "annotation", name=f"Tissue {i + 1}", classification=("Tissue", TISSUE_COLOR),
             measurements={"Area um^2": poly.area * mpp**2, "Perimeter um": poly.length * mpp})
@@ -274,7 +279,10 @@ class SlideStore:
         return TissueRecord(geometry=self.read_tissue_geometry(),
                             background=_opt_str(a.get("tissue_background")),
                             threshold=_opt_float(a.get("tissue_threshold")),
-                            area_um2=_opt_float(a.get("tissue_area_um2")))
+                            area_um2=_opt_float(a.get("tissue_area_um2")),
+                            method=_opt_str(a.get("tissue_method")),
+                            levels={str(k): float(v) for k, v in
+                                    (a.get("tissue_levels") or {}).items()})
 
     def read_tissue_geometry(self) -> shapely.MultiPolygon:
         path = self.folder / TISSUE_FILE

@@ -1,29 +1,123 @@
-"""Tissue detection on a low-resolution overview, returning level-0 polygons.
+"""Tissue detection on a low-resolution overview, returning smooth level-0 polygons.
 
-Brightfield (H&E, IHC): Otsu threshold on saturation, which separates stained tissue
-from white glass and grey dust. Dark-background fluorescence: Otsu on brightness. The
-background kind is detected from the overview's border unless given. The mask is then
-closed and opened, small holes are filled and small islands dropped.
+Every size below is in um and converted with the overview's pixel size, so the same
+settings hold at any resolution. Names in ``code`` are keys of the ``tissue`` config
+section (``TissueParams``, defaults in brackets); CAPITALS are constants of this module.
+
+**Overview.** :func:`overview_mpp` picks its resolution: at most ``overview_mpp`` um/px
+[8], finer when that would leave fewer than ``overview_min_px`` [1,000] px on the slide's
+longer side (down to level 0, so a 1,400 px TMA core is read whole, not as 86 px), and
+coarser when it would exceed ``overview_max_pixels`` [16 MP] on huge slides; a pyramid
+level giving at least LEVEL_SLACK [3/4] of ``overview_min_px`` is read rather than one 4 x
+finer. Tissue is
+decided on *cells* of k x k overview pixels, k chosen so a cell is about ``smoothing_um``
+/ WORK_STEPS [16 / 8 = 2 um] wide (k = 1 when the overview is coarser): cells hold the
+mean colour of their pixels and the spread of their grey.
+
+**Background kind** (``background`` [auto]): ``dark`` (fluorescence) when the median grey
+of the overview's border (its outer 5 %) is below DARK_BORDER_GREY [80 of 255], else
+``bright``. Cells are blurred by a Gaussian of sigma ``blur_um`` [1 um].
+
+**Brightfield** (H&E, IHC, other stains on glass).
+
+1. *Glass.* A cell is glass-like when it is bright (grey >= GLASS_MIN_GREY [180]),
+   neutral (HSV saturation <= GLASS_MAX_SATURATION [0.10]) and flat (standard deviation
+   of the overview's grey within GLASS_SD_RADIUS_UM [3 um], at least the 3 x 3 cells
+   around it, <= GLASS_MAX_SD [3 grey levels]), in patches at least GLASS_MIN_WIDTH_UM
+   [10 um] wide (an opening). These are absolute levels: pale tissue, even nearly
+   colourless cytoplasm, has texture; glass has none.
+2. *No glass* (fewer than GLASS_MIN_FRACTION [1 %] of the cells are glass, e.g. a crop
+   filled with tissue): every cell that is not glass is tissue (method
+   ``brightfield-no-glass``). No relative threshold is used, so none can split the
+   tissue into a pale and a dark half.
+3. *Glass present* (method ``brightfield-od``): the glass level I0 is the per-channel
+   median of the glass cells; the signal is the optical density above glass summed over
+   R, G and B, ``sum(max(0, log10(I0 / I)))``, which sees pale, unsaturated haematoxylin
+   (IHC counterstain) as well as eosin. The threshold is Otsu's on the cells, clipped to
+   [``od_floor``, ``od_ceiling``] [0.03, 0.05]: the floor keeps glass noise, uneven
+   illumination and faint smears out; the ceiling keeps Otsu, which on pale IHC falls
+   between pale and dark tissue, from cutting the pale tissue away.
+
+**Fluorescence** (method ``fluorescence``). The signal is the brightest channel (the
+nuclear stain of a DAPI/RGB image) in [0, 1]; the background level b is its
+DARK_BACKGROUND_PERCENTILE [2nd] percentile; the threshold is Otsu's clipped to
+[b + ``dark_floor``, b + ``dark_ceiling``] [b + 0.02, b + 0.05], which finds nuclei and
+autofluorescent stroma; a closing with a disc of radius ``dark_close_um`` [25 um] joins
+nuclei into the section.
+
+**Clean-up and outline** (both kinds). Closing then opening with a disc of diameter
+``smoothing_um`` [16 um]; holes under ``min_hole_um2`` [5,000 um^2] filled; pieces under
+``min_area_um2`` [20,000 um^2] dropped. The outline is the 0.5 level line
+(``skimage.measure.find_contours``, sub-pixel) of the mask blurred by a Gaussian of sigma
+``smoothing_um / 4`` [4 um] (at least one cell), so it follows the tissue instead of a
+pixel staircase; it is simplified (Douglas-Peucker, topology kept) to ``simplify_um``
+[1 um], made valid, holes and pieces are filtered by the same areas again, and tissue
+reaching the image edge is cut along the edge exactly. ``smoothing_um: 0`` turns all
+smoothing off: cells are overview pixels and outlines their exact edges.
+
+The method, the threshold and the levels behind it (Otsu's value, floor, ceiling, glass
+or background level, glass fraction) are returned in :class:`Tissue`, stored with the
+slide and shown in the report; an empty result gives the warning NO_TISSUE. Anchors:
+QuPath's "Simple tissue detection" (a threshold on a smoothed, downsampled image, with a
+minimum area and a maximum hole size in um^2), HistoQC (absolute brightness limits for
+glass), hs2p and LazySlide (Otsu on saturation or a colour contrast, with absolute lower
+bounds).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import shapely
 from scipy import ndimage
 from shapely import affinity
+from skimage import measure
+from skimage.filters import threshold_otsu
 
 from wsi_assist.settings import TissueParams
 
+#: Border median grey below which the background is dark (fluorescence).
+DARK_BORDER_GREY = 80.0
+#: Glass-like cells: at least this bright (blurred mean of R, G, B, 0-255) ...
+GLASS_MIN_GREY = 180.0
+#: ... at most this saturated (HSV saturation, 0-1) ...
+GLASS_MAX_SATURATION = 0.10
+#: ... and flat: standard deviation of the overview's grey within GLASS_SD_RADIUS_UM
+#: (at least the 3 x 3 cells around) at most this.
+GLASS_MAX_SD = 3.0
+GLASS_SD_RADIUS_UM = 3.0
+#: Glass-like patches narrower than this (um) are ignored (flat spots inside tissue).
+GLASS_MIN_WIDTH_UM = 10.0
+#: Below this fraction of glass cells the image has no glass: it is all tissue.
+GLASS_MIN_FRACTION = 0.01
+#: Tissue is decided on cells of about smoothing_um / WORK_STEPS um (or overview px).
+WORK_STEPS = 8
+#: A pyramid level giving at least this fraction of overview_min_px is read rather
+#: than a finer one.
+LEVEL_SLACK = 0.75
+#: Discs up to this radius (px) are applied directly, larger ones by distance transform.
+SMALL_DISC = 6.0
+#: Percentile of the fluorescence signal taken as the dark background level.
+DARK_BACKGROUND_PERCENTILE = 2.0
+
+Method = Literal["brightfield-od", "brightfield-no-glass", "fluorescence"]
+#: The warning of a slide on which no tissue was found (manifest, index and report).
+NO_TISSUE = "no tissue found: nothing was tiled or analysed"
 
 
 @dataclass(frozen=True)
 class Tissue:
-    """Detected tissue: polygons in level-0 px plus the overview mask they came from."""
+    """Detected tissue: polygons in level-0 px plus the overview mask they came from.
+
+    ``threshold`` is the signal threshold used (OD above glass for ``brightfield-od``,
+    brightness for ``fluorescence``, 0 for ``brightfield-no-glass``); ``levels`` holds the
+    other numbers that decided it (Otsu's value, floor, ceiling, glass or background
+    level, glass-like fraction).
+    """
 
     geometry: shapely.MultiPolygon
     mask: np.ndarray
@@ -31,6 +125,8 @@ class Tissue:
     background: Literal["bright", "dark"]
     threshold: float
     mpp: float
+    method: Method = "brightfield-od"
+    levels: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mask.ndim != 2 or self.mask.dtype != bool:
@@ -47,6 +143,28 @@ class Tissue:
     def polygons(self) -> list[shapely.Polygon]:
         return list(self.geometry.geoms)
 
+    @property
+    def overview_mpp(self) -> float:
+        """um per overview pixel."""
+        return self.downsample * self.mpp
+
+
+def overview_mpp(width: int, height: int, mpp: float, params: TissueParams = TissueParams(),
+                 level_downsamples: tuple[float, ...] = (1.0,)) -> float:
+    """The um/px to read a ``width`` x ``height`` px slide's overview at (see module doc).
+
+    A pyramid level coarser than that is taken instead when it still gives at least
+    LEVEL_SLACK x ``overview_min_px`` px and is no coarser than ``overview_mpp``, so a
+    slide is not decoded at 4 x the resolution for a few more px."""
+    long_um = mpp * max(width, height)
+    want = min(params.overview_mpp, long_um / params.overview_min_px)
+    ok = min(params.overview_mpp, long_um / (LEVEL_SLACK * params.overview_min_px))
+    coarser = [mpp * d for d in sorted(level_downsamples) if want < mpp * d <= ok * 1.001]
+    if coarser:
+        want = coarser[0]
+    cap = mpp * math.sqrt(width * height / params.overview_max_pixels)
+    return max(want, cap, mpp)
+
 
 def detect(overview: np.ndarray, downsample: float, mpp: float,
            params: TissueParams = TissueParams()) -> Tissue:
@@ -54,64 +172,208 @@ def detect(overview: np.ndarray, downsample: float, mpp: float,
     if overview.ndim != 3 or overview.shape[2] < 3:
         raise ValueError(f"overview must be (H, W, 3), got {overview.shape}")
     rgb = overview[..., :3]
+    h, w = rgb.shape[:2]
+    k = work_factor(downsample * mpp, params)
+    cell_um = k * downsample * mpp
     background = params.background if params.background != "auto" else guess_background(rgb)
-    if background == "bright":
-        signal = saturation(rgb)
-        floor = 0.05  # glass and grey dust stay below this saturation
+    cells = block_mean(rgb, k)
+    blurred = _blur(cells, params.blur_um / cell_um)
+    method: Method
+    if background == "dark":
+        method = "fluorescence"
+        mask, threshold, levels = _fluorescence(blurred, params)
+        mask = _close(mask, params.dark_close_um / cell_um)
     else:
-        signal = rgb.max(axis=2).astype(np.float32) / 255.0
-        floor = 0.02
-    threshold = max(otsu(signal), floor) if signal.size > 1 else 1.0
-    mask = signal > threshold
-    px_um = downsample * mpp
-    mask = clean_mask(mask, px_um, params)
-    geometry = mask_to_polygons(mask, downsample)
-    return Tissue(geometry=geometry, mask=mask, downsample=downsample,
-                  background=background, threshold=float(threshold), mpp=mpp)
+        grey2 = block_mean(np.square(_grey(rgb)), k)
+        glass = _open(glass_like(_grey(cells), grey2, blurred, cell_um),
+                      GLASS_MIN_WIDTH_UM / 2 / cell_um)
+        levels = {"glass_fraction": float(glass.mean())}
+        if levels["glass_fraction"] < GLASS_MIN_FRACTION:
+            method, threshold = "brightfield-no-glass", 0.0
+            mask = ~glass
+        else:
+            method = "brightfield-od"
+            mask, threshold, more = _brightfield(blurred, glass, params)
+            levels.update(more)
+    mask = clean_mask(mask, cell_um, params)
+    geometry, smooth = outline(mask, k * downsample, mpp, params,
+                               extent=(w * downsample, h * downsample))
+    return Tissue(geometry=geometry, mask=_upsample(smooth, k, (h, w)), downsample=downsample,
+                  background=background, threshold=float(threshold), mpp=mpp,
+                  method=method, levels={n: round(v, 4) for n, v in levels.items()})
+
+
+def work_factor(px_um: float, params: TissueParams) -> int:
+    """Overview px per side of the cells tissue is decided on: cells of about
+    ``smoothing_um / WORK_STEPS`` um, never finer than the overview (1 when smoothing is off)."""
+    if params.smoothing_um == 0:
+        return 1
+    return max(1, int(params.smoothing_um / WORK_STEPS / px_um))
+
+
+def block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """float32 mean of ``a`` (H, W[, C]) over k x k blocks; edge blocks are padded by
+    repeating the edge."""
+    if k == 1:
+        return a.astype(np.float32)
+    h, w = a.shape[:2]
+    hh, ww = -(-h // k) * k, -(-w // k) * k
+    if (hh, ww) != (h, w):
+        a = np.pad(a, ((0, hh - h), (0, ww - w)) + ((0, 0),) * (a.ndim - 2), mode="edge")
+    blocks = a.reshape(hh // k, k, ww // k, k, *a.shape[2:])
+    return blocks.sum(axis=(1, 3), dtype=np.float32) / np.float32(k * k)
+
+
+def _upsample(smooth: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
+    """``smooth >= 0.5`` at the overview's resolution, interpolating the k-times coarser
+    field linearly (cell centres aligned)."""
+    if k == 1:
+        return smooth >= 0.5
+    ys = (np.arange(shape[0], dtype=np.float32) + 0.5) / k - 0.5
+    xs = (np.arange(shape[1], dtype=np.float32) + 0.5) / k - 0.5
+    y0 = np.clip(np.floor(ys).astype(int), 0, smooth.shape[0] - 1)
+    x0 = np.clip(np.floor(xs).astype(int), 0, smooth.shape[1] - 1)
+    y1 = np.minimum(y0 + 1, smooth.shape[0] - 1)
+    x1 = np.minimum(x0 + 1, smooth.shape[1] - 1)
+    fy = np.clip(ys - y0, 0, 1)[:, None]
+    fx = np.clip(xs - x0, 0, 1)[None, :]
+    top = smooth[y0][:, x0] * (1 - fx) + smooth[y0][:, x1] * fx
+    bottom = smooth[y1][:, x0] * (1 - fx) + smooth[y1][:, x1] * fx
+    return np.asarray(top * (1 - fy) + bottom * fy >= 0.5)
+
+
+def warnings(geometry: shapely.Geometry) -> list[str]:
+    """What a user must be told about a detection: ``[NO_TISSUE]`` when it is empty."""
+    return [NO_TISSUE] if geometry.is_empty else []
+
+
+def _blur(rgb: np.ndarray, sigma_px: float) -> np.ndarray:
+    if sigma_px < 0.1:
+        return rgb
+    return ndimage.gaussian_filter(rgb, (sigma_px, sigma_px, 0), mode="nearest", truncate=3.0)
+
+
+def _brightfield(blurred: np.ndarray, glass: np.ndarray, params: TissueParams
+                 ) -> tuple[np.ndarray, float, dict[str, float]]:
+    """Optical density above the glass level, thresholded by clipped Otsu."""
+    i0 = np.median(blurred[glass], axis=0)
+    od = np.zeros(blurred.shape[:2], np.float32)
+    for c in range(3):
+        od += np.log10(np.float32(i0[c]) / np.maximum(blurred[..., c], 1.0)).clip(0.0, None)
+    ot = _otsu(od)
+    t = min(max(ot, params.od_floor), params.od_ceiling)
+    levels = {"otsu": ot, "floor": params.od_floor, "ceiling": params.od_ceiling,
+              "glass_r": float(i0[0]), "glass_g": float(i0[1]), "glass_b": float(i0[2])}
+    return od > t, t, levels
+
+
+def _fluorescence(blurred: np.ndarray, params: TissueParams
+                  ) -> tuple[np.ndarray, float, dict[str, float]]:
+    """Brightest channel above the dark background (nuclei, before they are joined)."""
+    signal = _cmax(blurred) / 255.0
+    bg = float(np.percentile(signal[::2, ::2], DARK_BACKGROUND_PERCENTILE))
+    ot = _otsu(signal)
+    lo, hi = bg + params.dark_floor, bg + params.dark_ceiling
+    t = min(max(ot, lo), hi)
+    return signal > t, t, {"otsu": ot, "background": bg, "floor": lo, "ceiling": hi}
+
+
+def _otsu(values: np.ndarray) -> float:
+    v = values[::2, ::2] if values.size > 4_000_000 else values
+    if v.size < 2 or float(v.min()) == float(v.max()):
+        return float(v.max()) if v.size else 0.0
+    return float(threshold_otsu(v))
 
 
 def guess_background(rgb: np.ndarray) -> Literal["bright", "dark"]:
     """``dark`` when the overview's border is mostly dark (fluorescence), else ``bright``."""
-    grey = rgb.mean(axis=2)
-    b = max(1, min(grey.shape) // 20)
-    border = np.concatenate([grey[:b].ravel(), grey[-b:].ravel(),
-                             grey[:, :b].ravel(), grey[:, -b:].ravel()])
-    return "dark" if np.median(border) < 80 else "bright"
+    b = max(1, min(rgb.shape[:2]) // 20)
+    border = np.concatenate([_grey(part).ravel() for part in
+                             (rgb[:b], rgb[-b:], rgb[:, :b], rgb[:, -b:])])
+    return "dark" if np.median(border) < DARK_BORDER_GREY else "bright"
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    """Mean of R, G and B as float32 (per channel: faster than a mean over axis 2)."""
+    r, g, b = (rgb[..., c].astype(np.float32) for c in range(3))
+    return (r + g + b) / 3
+
+
+def _cmax(rgb: np.ndarray) -> np.ndarray:
+    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+
+
+def _cmin(rgb: np.ndarray) -> np.ndarray:
+    return np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation in [0, 1]."""
-    rgb = rgb.astype(np.float32)
-    hi = rgb.max(axis=2)
-    lo = rgb.min(axis=2)
-    return np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
+    hi = _cmax(rgb).astype(np.float32)
+    lo = _cmin(rgb).astype(np.float32)
+    return (hi - lo) / np.maximum(hi, 1e-6)
 
 
-def otsu(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1]."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    hist = hist.astype(np.float64)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mean0 = m0 / np.maximum(w0, 1e-12)
-    mean1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
+def glass_like(grey: np.ndarray, grey2: np.ndarray, blurred: np.ndarray, cell_um: float
+               ) -> np.ndarray:
+    """Cells that look like bare glass by absolute levels: bright, neutral and flat.
+
+    ``grey`` and ``grey2`` are the cells' means of the overview's grey and grey squared,
+    so the flatness is the standard deviation of the overview's pixels within
+    GLASS_SD_RADIUS_UM of a cell (at least its 3 x 3 neighbourhood)."""
+    r = max(1, int(round(GLASS_SD_RADIUS_UM / cell_um)))
+    m1 = ndimage.uniform_filter(grey, 2 * r + 1, mode="nearest")
+    m2 = ndimage.uniform_filter(grey2, 2 * r + 1, mode="nearest")
+    flat = (m2 - m1 * m1) <= GLASS_MAX_SD**2
+    return (flat & (_grey(blurred) >= GLASS_MIN_GREY)
+            & (saturation(blurred) <= GLASS_MAX_SATURATION))
+
+
+def _dilate(mask: np.ndarray, r: float) -> np.ndarray:
+    """Dilation by a Euclidean disc of radius ``r`` px (pixel centres within ``r``)."""
+    if r < 0.5 or not mask.any() or mask.all():
+        return mask
+    if r <= SMALL_DISC:
+        return np.asarray(ndimage.binary_dilation(mask, _disc(r)))
+    return np.asarray(ndimage.distance_transform_edt(~mask) <= r)
+
+
+def _erode(mask: np.ndarray, r: float) -> np.ndarray:
+    """Erosion by a disc of radius ``r`` px; the image edge does not erode."""
+    if r < 0.5 or not mask.any() or mask.all():
+        return mask
+    if r <= SMALL_DISC:
+        return np.asarray(ndimage.binary_erosion(mask, _disc(r), border_value=1))
+    return np.asarray(ndimage.distance_transform_edt(mask) > r)
+
+
+def _disc(r: float) -> np.ndarray:
+    n = int(np.floor(r))
+    y, x = np.ogrid[-n:n + 1, -n:n + 1]
+    return np.asarray(x * x + y * y <= r * r)
+
+
+def _close(mask: np.ndarray, r: float) -> np.ndarray:
+    return _erode(_dilate(mask, r), r)
+
+
+def _open(mask: np.ndarray, r: float) -> np.ndarray:
+    return _dilate(_erode(mask, r), r)
 
 
 def clean_mask(mask: np.ndarray, px_um: float, params: TissueParams) -> np.ndarray:
-    """Close then open with a disc, fill small holes, drop small islands."""
-    r = int(round(params.smoothing_um / px_um / 2))
-    if r >= 1:
-        disc = _disc(r)
-        mask = ndimage.binary_closing(np.pad(mask, r), disc)[r:-r, r:-r]
-        mask = ndimage.binary_opening(mask, disc)
-    px_area = px_um**2
+    """Close then open with a disc of diameter ``smoothing_um``, fill small holes, drop
+    small islands."""
+    r = params.smoothing_um / px_um / 2
+    mask = _open(_close(mask, r), r)
+    return fill_and_drop(mask, px_um**2, params)
+
+
+def fill_and_drop(mask: np.ndarray, px_area_um2: float, params: TissueParams) -> np.ndarray:
+    """Fill holes under ``min_hole_um2`` and drop islands under ``min_area_um2``."""
     holes = ndimage.binary_fill_holes(mask) & ~mask
-    mask = mask | _keep_components(holes, lambda n: n * px_area < params.min_hole_um2)
-    return _keep_components(mask, lambda n: n * px_area >= params.min_area_um2)
+    mask = mask | _keep_components(holes, lambda n: n * px_area_um2 < params.min_hole_um2)
+    return _keep_components(mask, lambda n: n * px_area_um2 >= params.min_area_um2)
 
 
 def _keep_components(mask: np.ndarray, keep: Callable[[int], bool]) -> np.ndarray:
@@ -123,9 +385,76 @@ def _keep_components(mask: np.ndarray, keep: Callable[[int], bool]) -> np.ndarra
     return ok[labels]
 
 
-def _disc(r: int) -> np.ndarray:
-    y, x = np.ogrid[-r:r + 1, -r:r + 1]
-    return np.asarray(x * x + y * y <= r * r)
+def outline(mask: np.ndarray, downsample: float, mpp: float, params: TissueParams,
+            extent: tuple[float, float] | None = None
+            ) -> tuple[shapely.MultiPolygon, np.ndarray]:
+    """Level-0 polygons of a cleaned mask whose cells are ``downsample`` level-0 px wide,
+    clipped to ``extent`` (level-0 width, height; default the mask's), and the smoothed
+    mask they enclose."""
+    px_um = downsample * mpp
+    if params.smoothing_um == 0 or not mask.any():
+        return mask_to_polygons(mask, downsample), mask
+    sigma = max(params.smoothing_um / 4 / px_um, 1.0)
+    smooth = ndimage.gaussian_filter(mask.astype(np.float32), sigma, mode="nearest")
+    geometry = smooth_polygons(smooth, downsample, params.simplify_um / mpp, extent)
+    geometry = filter_areas(geometry, params.min_area_um2 / mpp**2,
+                            params.min_hole_um2 / mpp**2)
+    return geometry, smooth >= 0.5
+
+
+def smooth_polygons(field_: np.ndarray, downsample: float = 1.0, tolerance: float = 0.0,
+                    extent: tuple[float, float] | None = None) -> shapely.MultiPolygon:
+    """Polygons (holes kept) enclosing ``field_ >= 0.5``, traced at sub-pixel precision
+    between pixel centres, scaled to level 0, simplified to ``tolerance`` level-0 px and
+    clipped to ``extent`` (level-0 width and height; default the field's).
+
+    Pixel ``(i, j)`` covers level-0 ``[j, j+1) x [i, i+1)`` times ``downsample``, so its
+    centre is at ``(j + 0.5, i + 0.5) * downsample``. A region reaching the image edge is
+    cut along the edge itself, corners included (the field is traced with its edge
+    repeated twice beyond the image, then clipped).
+    """
+    pad = 3
+    padded = np.pad(np.pad(field_.astype(np.float64), pad - 1, mode="edge"), 1)
+    outers: list[shapely.Polygon] = []
+    holes: list[shapely.Polygon] = []
+    for c in measure.find_contours(padded, 0.5, positive_orientation="high"):
+        if len(c) < 4:
+            continue
+        xy = (c[:, ::-1] - (pad - 0.5)) * downsample
+        x, y = xy[:, 0], xy[:, 1]
+        signed = 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+        if signed == 0:
+            continue
+        # find_contours goes counter-clockwise (in row, col) around values above the
+        # level; with y pointing down that is a negative shoelace area in (x, y).
+        (outers if signed < 0 else holes).append(shapely.Polygon(xy))
+    if not outers:
+        return shapely.MultiPolygon()
+    tree = shapely.STRtree(outers)
+    areas = shapely.area(outers)
+    inner: list[list[shapely.LinearRing]] = [[] for _ in outers]
+    for h in holes:
+        hit = tree.query(shapely.Point(h.exterior.coords[0]), predicate="within")
+        if len(hit):
+            inner[int(hit[np.argmin(areas[hit])])].append(h.exterior)
+    polys = [shapely.Polygon(o.exterior, rings) for o, rings in zip(outers, inner, strict=True)]
+    geom: shapely.Geometry = shapely.MultiPolygon(polys)
+    if tolerance > 0:
+        geom = shapely.simplify(geom, tolerance, preserve_topology=True)
+    w, h = extent or (field_.shape[1] * downsample, field_.shape[0] * downsample)
+    return as_multipolygon(shapely.make_valid(geom).intersection(shapely.box(0, 0, w, h)))
+
+
+def filter_areas(geom: shapely.MultiPolygon, min_area: float, min_hole: float
+                 ) -> shapely.MultiPolygon:
+    """Drop pieces smaller than ``min_area`` and fill holes smaller than ``min_hole``."""
+    keep = []
+    for p in geom.geoms:
+        rings = [r for r in p.interiors if shapely.Polygon(r).area >= min_hole]
+        q = shapely.Polygon(p.exterior, rings)
+        if q.area >= min_area:
+            keep.append(q)
+    return as_multipolygon(shapely.MultiPolygon(keep))
 
 
 def mask_to_polygons(mask: np.ndarray, downsample: float = 1.0) -> shapely.MultiPolygon:

@@ -107,6 +107,9 @@ def _summarise(results: list[Any], out: Path, interrupted: bool) -> None:
     typer.echo(f"{done} done, {skipped} skipped, {len(failed)} failed -> {out}")
     for r in failed:
         typer.secho(f"failed [{r.stage}]: {r.error}", err=True, fg=typer.colors.RED)
+    for r in results:
+        for w in getattr(r, "warnings", []):
+            typer.secho(f"warning [{r.slide_id}]: {w}", err=True, fg=typer.colors.YELLOW)
     if interrupted:
         typer.secho("interrupted: finished slides are kept; run the same command again to "
                     "resume", err=True)

@@ -18,6 +18,7 @@ from wsi_assist.slide import finite_float
 from wsi_assist.stain import KIND_LABELS
 from wsi_assist.store import Embeddings, SlideRecord, SlideStore, SubmodelRecord, ZeroShot
 from wsi_assist.tiling import TileGrid
+from wsi_assist.tissue import warnings as tissue_warnings
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ PACKAGES = ("wsi-assist", "numpy", "zarr", "shapely", "pillow", "tiffslide", "to
 
 
 def qc(store: SlideStore, grid: TileGrid | None, empty_below: float) -> dict[str, Any]:
-    """Tissue area, tile count and the fraction of tiles mostly empty of tissue."""
+    """Tissue area and how it was found, tile count, the fraction of tiles mostly empty of
+    tissue, and ``warnings`` a reader must see (no tissue found)."""
     tissue = store.read_tissue()
+    warnings = tissue_warnings(tissue.geometry) if tissue.area_um2 is not None else []
     n = None if grid is None else len(grid)
     empty = None
     if grid is not None and n:
@@ -39,7 +42,8 @@ def qc(store: SlideStore, grid: TileGrid | None, empty_below: float) -> dict[str
     return {"tissue_area_mm2": None if tissue.area_um2 is None else tissue.area_um2 / 1e6,
             "n_tiles": n, "empty_tile_fraction": empty,
             "empty_tile_definition": f"tiles less than {empty_below:.0%} covered by tissue",
-            "tissue_background": tissue.background}
+            "tissue_background": tissue.background, "tissue_method": tissue.method,
+            "tissue_threshold": finite_float(tissue.threshold), "warnings": warnings}
 
 
 def stain(store: SlideStore) -> dict[str, Any] | None:

@@ -13,7 +13,8 @@ from wsi_assist.report.data import NOTICE
 from wsi_assist.report.html import environment
 
 BASE_FIELDS = ["slide_id", "status", "error", "stage", "path", "n_tiles", "tiles_per_s",
-               "tissue_area_mm2", "empty_tile_fraction", "top_class", "top_class_fraction"]
+               "warnings", "tissue_area_mm2", "empty_tile_fraction", "top_class",
+               "top_class_fraction"]
 
 
 def key_findings(report: dict[str, Any] | None) -> dict[str, Any]:
@@ -67,6 +68,7 @@ def _row(out: Path, r: dict[str, Any], report: dict[str, Any] | None,
             "thumb": next((p for p in ("overlays/classes.png", "thumbnail.png")
                            if sid and (out / sid / p).is_file()), None),
             "stage": str(r.get("stage") or ""), "error": str(r.get("error") or ""),
+            "warnings": [w for w in str(r.get("warnings") or "").split("; ") if w],
             "tissue_area_mm2": f.get("tissue_area_mm2"), "n_tiles": _int(r.get("n_tiles")),
             "top_class": f.get("top_class"), "top_class_fraction": f.get("top_class_fraction"),
             "scores": [(k, v) for k, v in f.items()

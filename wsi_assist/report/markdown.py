@@ -29,6 +29,7 @@ def render(r: dict[str, Any]) -> str:
            f"> **{r['notice']}.**", ""]
     if s["synthetic"]:
         out += ["> **SYNTHETIC SLIDE**: generated test data, not a patient sample.", ""]
+    out += [f"> **Warning: {w}.**\n" for w in q.get("warnings") or []]
     out += ["## Slide", "", "| | |", "|---|---|",
             f"| File | `{s['path']}` |",
             f"| Size | {fmt(s['width'])} x {fmt(s['height'])} px |",

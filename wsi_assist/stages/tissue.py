@@ -16,17 +16,23 @@ log = logging.getLogger(__name__)
 
 
 def run(slide: SlideContext, tissue: TissueParams, stain: StainParams) -> dict[str, Any]:
-    """Detect tissue on an overview at ``tissue.overview_mpp`` and store both; then the
-    kind of image and its stain vectors from the overview's tissue pixels."""
+    """Detect tissue on an overview (resolution from ``tissue_mod.overview_mpp``) and store
+    both; then the kind of image and its stain vectors from the overview's tissue pixels."""
     mpp = slide.info.require_mpp()
+    want = tissue_mod.overview_mpp(slide.info.width, slide.info.height, mpp, tissue,
+                                   slide.info.level_downsamples)
     with slide.open_slide() as s:
-        image, ds = slide_mod.read_lowres(s, slide.info, tissue.overview_mpp)
+        image, ds = slide_mod.read_lowres(s, slide.info, want)
     found = tissue_mod.detect(image, ds, mpp, tissue)
     pieces = slide.store.write_tissue(Overview(image, ds), found.mask, found.geometry,
-                                      found.background, found.threshold, mpp)
-    if found.geometry.is_empty:
-        log.warning("%s: no tissue found", slide.path)
+                                      found.background, found.threshold, mpp,
+                                      method=found.method, levels=found.levels)
+    warnings = tissue_mod.warnings(found.geometry)
+    for w in warnings:
+        log.warning("%s: %s", slide.path, w)
     stains = stain_mod.slide_stains(image, found.mask, found.background == "dark", stain)
     slide.store.write_stains(stains)
     return {"tissue_pieces": pieces, "tissue_area_mm2": found.area_um2 / 1e6,
-            "background": found.background, "stain": stains.label}
+            "background": found.background, "method": found.method,
+            "overview_mpp": round(found.overview_mpp, 4), "stain": stains.label,
+            "warnings": warnings}
