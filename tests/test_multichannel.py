@@ -329,7 +329,7 @@ def test_cli_run_records_rgb_only_stages_as_not_run(slides: dict[str, Path],
     cfg.write_text("report:\n  pdf: false\nembed:\n  pathclip: /nonexistent/pathclip.pt\n")
     out = tmp_path / "out"
     r = runner.invoke(app, ["run", str(slides["ome5-uint16"]), "-o", str(out),
-                            "--config", str(cfg)])
+                            "--config", str(cfg), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     folder = out / "ome5-uint16.ome"
     done = json.loads((folder / "done.json").read_text())
