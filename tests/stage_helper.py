@@ -18,7 +18,8 @@ def slide_context(slide: Path, folder: Path, cfg: Config, slide_id: str | None =
     info = describe(slide)
     store = SlideStore(folder, mode="a")
     store.write_slide(slide, info.mpp, info.mpp_source, info.synthetic,
-                      file_fingerprint(slide), "test")
+                      file_fingerprint(slide), "test", layout=info.layout,
+                      channels=info.channels)
     return SlideContext(path=slide, slide_id=slide_id or slide.stem, info=info, store=store,
                         device="cpu", stream_params=cfg.stream, out_root=folder.parent,
                         config_hash=cfg.section_hash(), stage_status=stage_table)

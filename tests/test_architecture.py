@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("settings", ("wsi_assist", "settings", "errors")),
     ("I/O", ("files", "geojson", "slide", "chunks", "synthetic", "locks", "progress")),
     ("computation", ("tissue", "tiling", "pieces", "stream", "qc", "thumbnail", "aggregate",
-                     "represent", "stain", "models")),
+                     "represent", "stain", "channels", "models")),
     ("store", ("store",)),
     ("findings and reports", ("caption", "summary", "report")),
     ("stages", ("stages",)),

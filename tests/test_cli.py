@@ -15,7 +15,8 @@ from wsi_assist.store import SlideStore
 
 runner = CliRunner()
 INFO_KEYS = {"path", "ok", "error", "format", "vendor", "width", "height", "level_count",
-             "level_downsamples", "mpp", "mpp_source", "objective_power"}
+             "level_downsamples", "mpp", "mpp_source", "objective_power", "layout", "dtype",
+             "channels"}
 
 
 def open_store(path: Path, mode: str) -> zarr.Group:

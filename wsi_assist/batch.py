@@ -175,7 +175,8 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
         else:
             work.mkdir()
         store = SlideStore(work, mode="a" if partial else "w")
-        store.write_slide(path, info.mpp, info.mpp_source, info.synthetic, fp, __version__)
+        store.write_slide(path, info.mpp, info.mpp_source, info.synthetic, fp, __version__,
+                          layout=info.layout, channels=info.channels)
         slide = stages.SlideContext(
             path=path, slide_id=slide_id, info=info, store=store,
             device=stages.resolve_device(config.parallelism.device),

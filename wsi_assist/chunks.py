@@ -14,6 +14,12 @@ Two engines decode a unit:
   threads: 1.5x the decode time, measured); other codecs go through the page's decoder.
 - ``zarr``: slicing tiffslide's zarr array (``slide.zarr_group``) over the unit. The
   library path; used where the level is not a single plain TIFF page.
+
+Multichannel levels (CYX or YX series: OME-TIFF, QPTIFF) are decoded per channel plane:
+a unit holds the same chunk of every plane, interleaved (h, w, C) in the slide's dtype.
+A plane is a page of its own (one page per channel, as OME-TIFF and QPTIFF write them)
+or a sample plane of a planar-separate page; the ``tifffile`` engine decodes each
+plane's chunk with that page's own decoder and tables.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 
 from wsi_assist.errors import SlideError
 from wsi_assist.files import file_state
+from wsi_assist.slide import Layout, slide_layout
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +48,14 @@ UNIT_ROWS = 256
 
 
 class UnitSource(Protocol):
-    """Decodes units ``(uy, ux)`` of one level into (h, w, 3) uint8 arrays."""
+    """Decodes units ``(uy, ux)`` of one level into (h, w, 3) uint8 arrays (``rgb``), or
+    (h, w, C) arrays of the slide's dtype, one plane per channel (``channels``)."""
 
     level_shape: tuple[int, int]  # (height, width)
     unit_shape: tuple[int, int]  # (height, width) before cropping to the image
+    layout: Layout
+    channels: int  # C: 3 for RGB
+    dtype: np.dtype
 
     def decode(self, uy: int, ux: int) -> np.ndarray: ...
 
@@ -60,15 +71,28 @@ def unit_bounds(src: UnitSource, uy: int, ux: int) -> tuple[int, int, int, int]:
 class ZarrUnits:
     """Units read by slicing tiffslide's zarr array of the level."""
 
+    layout: Layout
+    channels: int
+    dtype: np.dtype
+
     def __init__(self, slide: Any, level: int, path: str | Path) -> None:
         self._where = f"{path} level {level}"
         arr = slide.zarr_group[str(level)]
-        if arr.ndim != 3 or slide.properties.get("tiffslide.series-axes") != "YXS":
-            raise ValueError(f"level {level}: only YXS (RGB) levels are supported, got "
-                             f"shape {arr.shape!r}")
+        axes = slide.properties.get("tiffslide.series-axes")
+        self._axes = axes
+        if axes == "YXS" and arr.ndim == 3:
+            self.layout, self.channels, self.dtype = "rgb", 3, np.dtype(np.uint8)
+            yx = 0
+        elif slide_layout(slide) == "channels" and arr.ndim == len(axes):
+            self.layout, self.dtype = "channels", np.dtype(arr.dtype)
+            self.channels = int(arr.shape[0]) if axes == "CYX" else 1
+            yx = 1 if axes == "CYX" else 0
+        else:
+            raise ValueError(f"level {level}: only RGB (YXS) and multichannel (CYX) levels "
+                             f"are supported, got axes {axes!r} with shape {arr.shape!r}")
         self._arr = arr
-        self.level_shape = (int(arr.shape[0]), int(arr.shape[1]))
-        ch, cw = int(arr.chunks[0]), int(arr.chunks[1])
+        self.level_shape = (int(arr.shape[yx]), int(arr.shape[yx + 1]))
+        ch, cw = int(arr.chunks[yx]), int(arr.chunks[yx + 1])
         self.unit_shape = (ch * max(1, UNIT_ROWS // ch), cw)
 
     def close(self) -> None:
@@ -77,6 +101,10 @@ class ZarrUnits:
     def decode(self, uy: int, ux: int) -> np.ndarray:
         y0, y1, x0, x1 = unit_bounds(self, uy, ux)
         try:
+            if self._axes == "CYX":
+                return np.asarray(self._arr[:, y0:y1, x0:x1]).transpose(1, 2, 0)
+            if self._axes == "YX":
+                return np.asarray(self._arr[y0:y1, x0:x1])[..., None]
             return np.asarray(self._arr[y0:y1, x0:x1, :3])
         except Exception as e:  # codec errors have no common base class
             raise SlideError(f"{self._where}: cannot decode rows {y0}-{y1}, columns "
@@ -94,13 +122,24 @@ class TiffUnits:
 
     def __init__(self, slide: Any, level: int, path: str | Path) -> None:
         page = tiff_page(slide, level)
-        if page is None:
-            raise ValueError(f"level {level} is not one plain RGB TIFF page")
+        planes = [(page, 0)] if page is not None else tiff_planes(slide, level)
+        if planes is None:
+            raise ValueError(f"level {level} is neither one plain RGB TIFF page nor one "
+                             "plain plane per channel")
+        rgb = page is not None
+        page = planes[0][0]
+        self.layout: Layout = "rgb" if rgb else "channels"
+        self.channels = 3 if rgb else len(planes)
+        self.dtype = np.dtype(np.uint8) if rgb else np.dtype(page.dtype)
+        #: per plane: (decode, jpegtables, offsets, counts, index of its first segment)
+        self._planes = [(p.decode, p.jpegtables, p.dataoffsets, p.databytecounts, base)
+                        for p, base in planes]
         self._page = page
         self._where = f"{path} level {level}"
         self._decode = page.decode
         self._tables = page.jpegtables
-        self._header = getattr(page, "jpegheader", None) if page.is_ndpi else None
+        self._header = getattr(page, "jpegheader", None) if rgb and page.is_ndpi \
+            else None
         self._jpeg = jpeg_colorspaces(page)
         if self._jpeg is not None:
             import imagecodecs
@@ -113,9 +152,9 @@ class TiffUnits:
         ch, cw = int(page.chunks[0]), int(page.chunks[1])
         self._chunk_rows = ch
         self._strips = not page.is_tiled  # the last strip may be shorter
-        self.n_chunks = len(page.dataoffsets)
-        self._ncols = int(page.chunked[1])
-        self._nrows = int(page.chunked[0])
+        self._ncols = -(-self.level_shape[1] // cw)
+        self._nrows = -(-self.level_shape[0] // ch)
+        self.n_chunks = self._ncols * self._nrows  # per plane
         self._rows_per_unit = max(1, UNIT_ROWS // ch)
         self.unit_shape = (ch * self._rows_per_unit, cw)
         self._local = threading.local()
@@ -159,18 +198,34 @@ class TiffUnits:
         if got is not out:
             out[:] = got.reshape(got.shape[-3:])[:, :, :3]
 
+    def decode_planes(self, i: int, out: np.ndarray) -> None:
+        """Decode chunk ``i`` of every channel plane into ``out`` (its rows, width, C)."""
+        for c, (decode, tables, offsets, counts, base) in enumerate(self._planes):
+            count = int(counts[base + i])
+            if not count:  # missing chunk: zeros, as tifffile
+                out[..., c] = 0
+                continue
+            data = os.pread(self._fd, count, int(offsets[base + i]))
+            got = decode(data, base + i, jpegtables=tables)[0]
+            out[..., c] = got.reshape(got.shape[-3:-1])
+
     def decode(self, uy: int, ux: int) -> np.ndarray:
         y0, y1, x0, x1 = unit_bounds(self, uy, ux)
         ch = self._chunk_rows
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            buf = self._local.buf = np.empty((*self.unit_shape, 3), np.uint8)
+            buf = self._local.buf = np.empty((*self.unit_shape, self.channels), self.dtype)
         cy0 = uy * self._rows_per_unit
         cy1 = min(self._nrows, cy0 + self._rows_per_unit)
+        rgb = self.layout == "rgb"
         try:
             for k, cy in enumerate(range(cy0, cy1)):
                 i = cy * self._ncols + ux
-                self.decode_chunk(self.read_chunk(i), i, buf[k * ch:k * ch + self.chunk_rows(i)])
+                rows = buf[k * ch:k * ch + self.chunk_rows(i)]
+                if rgb:
+                    self.decode_chunk(self.read_chunk(i), i, rows)
+                else:
+                    self.decode_planes(i, rows)
         except Exception as e:  # codec errors have no common base class
             raise SlideError(f"{self._where}: cannot decode chunk row {cy0}, column {ux}: "
                              f"{e}") from e
@@ -211,6 +266,44 @@ def tiff_page(slide: Any, level: int) -> Any | None:
           and (page.imagelength, page.imagewidth) == (h, w) and page.imagedepth == 1
           and len(page.dataoffsets) == int(np.prod(page.chunked)))
     return page if ok else None
+
+
+def tiff_planes(slide: Any, level: int) -> list[tuple[Any, int]] | None:
+    """The channel planes behind a multichannel (CYX or YX) ``level``: (page, index of
+    the plane's first segment in that page) for each channel, or None when the level is
+    not plain planes of one chunking (then the zarr engine reads it)."""
+    props = slide.properties
+    if slide_layout(slide) != "channels":
+        return None
+    if slide.zarr_group.attrs.get("tiffslide.series-composition") is not None:
+        return None
+    try:
+        series = slide.ts_tifffile.series[int(props.get("tiffslide.series-index", 0))]
+        lvl = series.levels[level]
+        n = int(lvl.shape[0]) if props.get("tiffslide.series-axes") == "CYX" else 1
+        pages = list(lvl.pages)
+    except (AttributeError, IndexError, ValueError, TypeError):
+        return None
+    if not pages or any(p is None for p in pages):
+        return None
+    key = lvl.keyframe  # frames share its geometry; each page is checked against it
+    w, h = slide.level_dimensions[level]
+    if not ((key.imagelength, key.imagewidth) == (h, w) and key.imagedepth == 1
+            and key.bitspersample >= 8):
+        return None
+    if len(pages) == n and key.samplesperpixel == 1:
+        planes = [(p, 0) for p in pages]
+    elif len(pages) == 1 and key.planarconfig == 2 and key.samplesperpixel == n:
+        per_plane = len(key.dataoffsets) // n
+        planes = [(key, c * per_plane) for c in range(n)]
+    else:
+        return None
+    for p, _ in planes:
+        if not (p.shape == key.shape and p.chunks == key.chunks and p.dtype == key.dtype
+                and p.compression == key.compression
+                and len(p.dataoffsets) == int(np.prod(key.chunked))):
+            return None
+    return planes
 
 
 def open_units(slide: Any, level: int, path: str | Path, engine: Engine = "auto"

@@ -5,16 +5,22 @@ above ``WHITE``). ``focus``: variance of the 4-neighbour Laplacian of the grey i
 half resolution, a standard sharpness score: out-of-focus, smeared or empty tiles score
 low. Scores are relative (they depend on stain and scanner), so they are stored, not
 thresholded; sort or filter by them in QuPath or downstream.
+
+Multichannel (fluorescence) tiles (:class:`ChannelScores`): ``background`` is the
+fraction of pixels dark in every channel (below :data:`DARK` of the channel's range
+between its low and high percentile), ``focus`` the same Laplacian variance on the
+nuclear channel scaled to 0-255 between its percentiles.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from wsi_assist.channels import scale
 from wsi_assist.stream import TileBatch
 
 #: A pixel is background when all of R, G, B exceed this.
@@ -24,6 +30,11 @@ DESCRIPTION = (f"background: fraction of pixels with R, G, B > {WHITE}; focus: v
                "the Laplacian of grey at half resolution (higher is sharper)")
 #: ITU-R BT.601 luma weights.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+#: A multichannel pixel is background when every channel is below this fraction of
+#: its range between its low and high percentile.
+DARK = 0.05
+
+Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -48,18 +59,56 @@ def scores(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     half = tiles[:, ::2, ::2]
     background = (half.min(axis=3) > WHITE).mean(axis=(1, 2))
     grey = half.astype(np.float32) @ LUMA
+    return background.astype(np.float32), laplacian_variance(grey)
+
+
+def laplacian_variance(grey: np.ndarray) -> np.ndarray:
+    """Variance of the 4-neighbour Laplacian of each of ``grey`` (N, H, W) float32."""
     lap = (4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1]
            - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:])
-    return background.astype(np.float32), lap.var(axis=(1, 2)).astype(np.float32)
+    return lap.var(axis=(1, 2)).astype(np.float32)
 
 
-def tile_qc(batches: Iterable[TileBatch], n: int) -> TileQC:
-    """Scores of all ``n`` tiles from a tile stream."""
+@dataclass(frozen=True)
+class ChannelScores:
+    """Scores of multichannel tiles (N, H, W, C): ``nuclear`` the channel index focus
+    is measured on, ``levels`` (C, 2) each channel's low and high percentile."""
+
+    nuclear: int
+    levels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.levels.ndim != 2 or self.levels.shape[1] != 2 or not (
+                0 <= self.nuclear < len(self.levels)):
+            raise ValueError(f"levels must be (C, 2) and nuclear a channel index, got "
+                             f"{self.levels.shape}, {self.nuclear}")
+
+    def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        half = tiles[:, ::2, ::2]
+        lo, hi = self.levels[:, 0], self.levels[:, 1]
+        background = (half <= lo + DARK * (hi - lo)).all(axis=3).mean(axis=(1, 2))
+        k = self.nuclear
+        grey = scale(half[..., k], lo[k], hi[k]) * np.float32(255)
+        return background.astype(np.float32), laplacian_variance(grey)
+
+
+def channel_description(nuclear: str, percentiles: tuple[float, float]) -> str:
+    """What :class:`ChannelScores` mean, for the ``tile_qc`` attrs."""
+    lo, hi = percentiles
+    return (f"background: fraction of pixels below {DARK:.0%} of every channel's range "
+            f"between its {lo:g}th and {hi:g}th percentile on the thumbnail; focus: "
+            f"variance of the Laplacian of the nuclear channel ({nuclear}, scaled to "
+            "0-255 between those percentiles) at half resolution (higher is sharper)")
+
+
+def tile_qc(batches: Iterable[TileBatch], n: int, score: Scorer = scores) -> TileQC:
+    """Scores of all ``n`` tiles from a tile stream (``score``: :func:`scores` for RGB
+    tiles, a :class:`ChannelScores` for multichannel ones)."""
     background = np.full(n, np.nan, np.float32)
     focus = np.full(n, np.nan, np.float32)
     t = time.perf_counter()
     for b in batches:
-        background[b.index], focus[b.index] = scores(b.tiles)
+        background[b.index], focus[b.index] = score(b.tiles)
     if np.isnan(background).any():
         raise ValueError(f"tile stream delivered {int((~np.isnan(background)).sum())} of "
                          f"{n} tiles")

@@ -168,6 +168,32 @@ class StainParams(Section):
         return self
 
 
+def _channel_spec(value: Any) -> Any:
+    """``auto``, a channel name or a 0-based index; anything else is refused here, so
+    the error names the choices rather than each member of the union."""
+    ok = (isinstance(value, str) and value.strip()) or (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    if not ok:
+        raise ValueError(f"nuclear must be auto, a channel name or a 0-based channel "
+                         f"index, got {value!r}")
+    return value
+
+
+class ChannelParams(Section):
+    """Multichannel (fluorescence, CYX) slides (``channels``); RGB slides ignore it."""
+
+    nuclear: Annotated[str | int, BeforeValidator(_channel_spec)] = "auto"
+    percentiles: Annotated[tuple[float, float], BeforeValidator(_as_tuple)] = (1.0, 99.5)
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError(f"percentiles must be [low, high] with 0 <= low < high <= "
+                             f"100, got {list(v)!r}")
+        return v
+
+
 class TilingParams(Section):
     """The tile grid (``tiling``)."""
 
@@ -316,6 +342,7 @@ class Config(BaseModel):
     mpp: MppParams = MppParams()
     tissue: TissueParams = TissueParams()
     stain: StainParams = StainParams()
+    channels: ChannelParams = ChannelParams()
     tiling: TilingParams = TilingParams()
     stream: StreamParams = StreamParams()
     outputs: OutputParams = OutputParams()

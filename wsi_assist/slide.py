@@ -9,6 +9,12 @@ and where it came from is recorded with it:
    the value is plausible for a microscope; 72/96 dpi screen defaults are rejected.
 3. ``objective-power``: an estimate, 10 / power (40x -> 0.25, 20x -> 0.5 um/px).
 4. ``override``: the user's ``--mpp X`` or ``--mpp-csv FILE``, for slides that carry none.
+
+Pixels come in one of two layouts: ``rgb`` (8-bit RGB, YXS: brightfield, and RGB
+fluorescence scans) or ``channels`` (one plane per channel, CYX or YX, 8- or 16-bit:
+multiplex fluorescence such as Vectra QPTIFF or OME-TIFF). Channel names come from the
+OME-XML ``Channel Name``, or a QPTIFF page's PerkinElmer XML (``<Biomarker>`` and
+``<Name>``), else ``Channel 1..N``; colours from the same places where given.
 """
 
 from __future__ import annotations
@@ -29,6 +35,13 @@ from wsi_assist.errors import SlideError
 log = logging.getLogger(__name__)
 
 MppSource = Literal["metadata", "tiff-resolution", "objective-power", "override"]
+Layout = Literal["rgb", "channels"]
+RGB = tuple[int, int, int]
+
+#: Channel names of an RGB slide.
+RGB_CHANNELS = ("Red", "Green", "Blue")
+#: Pixel types of multichannel slides that are read (8- and 16-bit, and float).
+CHANNEL_DTYPES = ("uint8", "uint16", "int16", "float32")
 
 #: Plausible microscope resolutions in um/px; outside this a TIFF resolution is not trusted.
 MPP_PLAUSIBLE = (0.05, 20.0)
@@ -63,6 +76,14 @@ class SlideInfo:
     mpp_source: MppSource | None
     objective_power: float | None
     synthetic: bool = False
+    #: ``rgb`` (8-bit RGB) or ``channels`` (one plane per channel, the slide's dtype).
+    layout: Layout = "rgb"
+    #: Channel names, in the order of the pixels' last axis.
+    channels: tuple[str, ...] = RGB_CHANNELS
+    #: Pixel dtype of the source (``uint8`` for RGB).
+    dtype: str = "uint8"
+    #: Per channel, the display colour the file gives it (None where it gives none).
+    channel_colors: tuple[RGB | None, ...] = ()
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.height < 1:
@@ -74,6 +95,16 @@ class SlideInfo:
             raise ValueError(f"mpp must be positive, got {self.mpp!r}")
         if (self.mpp is None) != (self.mpp_source is None):
             raise ValueError("mpp and mpp_source must both be set or both be None")
+        if not self.channels or (self.layout == "rgb" and len(self.channels) != 3):
+            raise ValueError(f"layout {self.layout} with channels {self.channels!r}")
+        if self.channel_colors and len(self.channel_colors) != len(self.channels):
+            raise ValueError(f"channel_colors has {len(self.channel_colors)} entries for "
+                             f"{len(self.channels)} channels")
+
+    @property
+    def multichannel(self) -> bool:
+        """One plane per channel (fluorescence CYX), not RGB."""
+        return self.layout == "channels"
 
     def level_mpp(self, level: int) -> float:
         """The mpp of a pyramid level (level-0 mpp times its downsample)."""
@@ -91,6 +122,8 @@ class SlideInfo:
         d = asdict(self)
         d["level_dimensions"] = [list(x) for x in self.level_dimensions]
         d["level_downsamples"] = list(self.level_downsamples)
+        d["channels"] = list(self.channels)
+        d["channel_colors"] = [None if c is None else list(c) for c in self.channel_colors]
         return d
 
 
@@ -157,13 +190,121 @@ def _describe_open(slide: Any, path: Path, mpp_override: float | None) -> SlideI
     vendor = props.get("tiffslide.vendor")
     power = finite_float(props.get("tiffslide.objective-power"))
     mpp, source = resolve_mpp(slide, power, mpp_override)
-    fmt = vendor or ("ome-tiff" if _ome_xml(slide) else "generic-tiff")
+    fmt = vendor or ("qptiff" if _is_qpi(slide) else "ome-tiff" if _ome_xml(slide)
+                     else "generic-tiff")
     desc = str(props.get("tiff.ImageDescription") or "")
+    layout, names, dtype, colors = _channels(slide, path)
     return SlideInfo(
         path=str(path), format=fmt, vendor=vendor, width=dims[0][0], height=dims[0][1],
         level_count=len(dims), level_dimensions=dims, level_downsamples=downsamples,
         mpp=mpp, mpp_source=source, objective_power=power,
-        synthetic="wsi-assist synthetic" in desc)
+        synthetic="wsi-assist synthetic" in desc, layout=layout, channels=names,
+        dtype=dtype, channel_colors=colors)
+
+
+def slide_layout(slide: Any) -> Layout:
+    """``channels`` when an open slide's series is CYX, or a single plane (YX) of an
+    OME-TIFF or QPTIFF (one fluorescence channel); else ``rgb`` (a grey plane of another
+    TIFF is refused by the pixel check)."""
+    axes = slide.properties.get("tiffslide.series-axes")
+    if axes == "CYX" or (axes == "YX" and (_is_qpi(slide) or _ome_xml(slide))):
+        return "channels"
+    return "rgb"
+
+
+def _channels(slide: Any, path: Path
+              ) -> tuple[Layout, tuple[str, ...], str, tuple[RGB | None, ...]]:
+    """(layout, channel names, dtype, metadata colours) of an open slide."""
+    try:  # a composed series has no plain level-0 array; the pixel check says more
+        arr = slide.zarr_group["0"]
+        dtype = str(arr.dtype)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        log.debug("%s: no level-0 array (%s)", path, e)
+        return "rgb", RGB_CHANNELS, "uint8", ()
+    if slide_layout(slide) == "rgb":
+        return "rgb", RGB_CHANNELS, dtype, ()
+    n = int(arr.shape[0]) if arr.ndim == 3 else 1
+    found = _ome_channels(slide) or _qpi_channels(slide)
+    if len(found) != n:
+        found = [(None, None)] * n
+    names = tuple(name or f"Channel {i + 1}" for i, (name, _) in enumerate(found))
+    return "channels", names, dtype, tuple(color for _, color in found)
+
+
+def _ome_channels(slide: Any) -> list[tuple[str | None, RGB | None]]:
+    """(name, colour) of each OME Channel of the slide's image; [] when not OME."""
+    xml = _ome_xml(slide)
+    if not xml:
+        return []
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return []
+    images = [el for el in root if el.tag.endswith("}Image") or el.tag == "Image"]
+    index = int(slide.properties.get("tiffslide.series-index") or 0)
+    if index >= len(images):
+        return []
+    out: list[tuple[str | None, RGB | None]] = []
+    for el in images[index].iter():
+        if el.tag.endswith("Channel"):
+            name = (el.attrib.get("Name") or "").strip() or None
+            out.append((name, _ome_color(el.attrib.get("Color"))))
+    return out
+
+
+def _ome_color(value: str | None) -> RGB | None:
+    """An OME colour (a signed 32-bit RGBA integer) as RGB; None for none or white (-1,
+    the default meaning no colour chosen)."""
+    try:
+        v = int(str(value)) & 0xFFFFFFFF
+    except ValueError:
+        return None
+    rgb = ((v >> 24) & 255, (v >> 16) & 255, (v >> 8) & 255)
+    return None if rgb in ((255, 255, 255), (0, 0, 0)) else rgb
+
+
+def _is_qpi(slide: Any) -> bool:
+    with contextlib.suppress(Exception):
+        return bool(slide.ts_tifffile.is_qpi)
+    return False
+
+
+def _qpi_channels(slide: Any) -> list[tuple[str | None, RGB | None]]:
+    """(name, colour) of each full-resolution page of a PerkinElmer (Vectra) QPTIFF,
+    from the XML in its ImageDescription: ``<Biomarker>`` and ``<Name>`` (the
+    fluorophore), ``<Color>`` as ``R,G,B``; [] when not QPTIFF."""
+    if not _is_qpi(slide):
+        return []
+    try:
+        series = slide.ts_tifffile.series[int(slide.properties.get("tiffslide.series-index")
+                                              or 0)]
+        pages = series.levels[0].pages
+    except (AttributeError, IndexError, ValueError):
+        return []
+    out: list[tuple[str | None, RGB | None]] = []
+    for page in pages:
+        try:
+            root = ET.fromstring(page.description)
+        except (ET.ParseError, AttributeError, TypeError):
+            out.append((None, None))
+            continue
+        name = (root.findtext("Name") or "").strip()
+        marker = (root.findtext("Biomarker") or "").strip()
+        if marker and name and marker.lower() != name.lower():
+            name = f"{marker} ({name})"
+        out.append((marker if marker and not name else name or None,
+                    _rgb_text(root.findtext("Color"))))
+    return out
+
+
+def _rgb_text(text: str | None) -> RGB | None:
+    """``"R,G,B"`` as a colour; None when absent, malformed, white or black."""
+    try:
+        r, g, b = (int(v) for v in str(text).split(","))
+    except ValueError:
+        return None
+    rgb = (min(max(r, 0), 255), min(max(g, 0), 255), min(max(b, 0), 255))
+    return None if rgb in ((255, 255, 255), (0, 0, 0)) else rgb
 
 
 def check_readable(slide: Any, path: Path) -> None:
@@ -178,9 +319,15 @@ def check_readable(slide: Any, path: Path) -> None:
         raise SlideError(f"{path}: pixel data cannot be decoded "
                          f"({type(e).__name__}: {_first_line(e)})") from e
     _check_not_truncated(slide, path)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
+    if slide_layout(slide) == "channels":
+        if arr.ndim != 3 or str(arr.dtype) not in CHANNEL_DTYPES:
+            raise SlideError(f"{path}: unsupported pixel type {arr.dtype} in a "
+                             f"multichannel image; expected one of "
+                             f"{', '.join(CHANNEL_DTYPES)}")
+    elif arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise SlideError(f"{path}: unsupported pixel type {arr.dtype} with shape "
-                         f"{arr.shape[2:] or '(grey)'}; expected 8-bit RGB")
+                         f"{arr.shape[2:] or '(grey)'}; expected 8-bit RGB or one plane "
+                         "per channel (CYX; a single plane only in OME-TIFF or QPTIFF)")
 
 
 def _check_not_truncated(slide: Any, path: Path) -> None:
@@ -188,10 +335,11 @@ def _check_not_truncated(slide: Any, path: Path) -> None:
     size = path.stat().st_size
     try:
         series = slide._tifffile.series[slide.properties.get("tiffslide.series-index", 0)]
-        pages = [lvl.keyframe for lvl in series.levels]
+        pages = [(i, p) for i, lvl in enumerate(series.levels) for p in lvl.pages
+                 if p is not None]
     except Exception:  # not all formats expose levels this way; pixels were checked anyway
         return
-    for i, page in enumerate(pages):
+    for i, page in pages:
         ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
         if ends and max(ends) > size:
             raise SlideError(f"{path}: file is truncated (level {i} data ends at byte "
@@ -308,7 +456,8 @@ def _first_line(e: BaseException) -> str:
 
 def read_lowres(slide: Any, info: SlideInfo, target_mpp: float = 8.0,
                 max_pixels: int = 64_000_000) -> tuple[np.ndarray, float]:
-    """An RGB overview at about ``target_mpp`` and its downsample from level 0.
+    """An overview at about ``target_mpp`` and its downsample from level 0: 8-bit RGB,
+    or for a multichannel slide one plane per channel (H, W, C) in the slide's dtype.
 
     Uses the coarsest level at least as fine as the target, then block-averages it by
     an integer factor, reading strips so a single-level gigapixel slide never sits in
@@ -324,17 +473,23 @@ def read_lowres(slide: Any, info: SlideInfo, target_mpp: float = 8.0,
     out_w, out_h = max(w // factor, 1), max(h // factor, 1)
     if out_w * out_h > max_pixels:
         raise SlideError(f"{info.path}: overview of {out_w} x {out_h} px is too large")
-    out = np.empty((out_h, out_w, 3), np.uint8)
-    strip = max(factor, (4096 // factor) * factor)
+    nc = len(info.channels) if info.multichannel else 3
+    dtype = np.dtype(info.dtype) if info.multichannel else np.dtype(np.uint8)
+    out = np.empty((out_h, out_w, nc), dtype)
+    # strips of at most 4096 rows and about 128 MB (many 16-bit channels read fewer rows)
+    rows_budget = min(4096, 128_000_000 // max(1, out_w * factor * nc * dtype.itemsize))
+    strip = max(factor, (rows_budget // factor) * factor)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for y0 in range(0, out_h * factor, strip):
                 rows = min(strip, out_h * factor - y0)
                 arr = slide.read_region((0, int(y0 * ds_level)), level,
-                                        (out_w * factor, rows), as_array=True)[..., :3]
-                block = arr.reshape(rows // factor, factor, out_w, factor, 3)
-                out[y0 // factor: (y0 + rows) // factor] = block.mean(axis=(1, 3)).round()
+                                        (out_w * factor, rows), as_array=True)[..., :nc]
+                block = arr.reshape(rows // factor, factor, out_w, factor, nc).mean(
+                    axis=(1, 3))
+                out[y0 // factor: (y0 + rows) // factor] = (
+                    block.round() if dtype.kind in "ui" else block)
     except Exception as e:
         raise SlideError(f"{info.path}: pixel data cannot be decoded at level {level} "
                          f"({type(e).__name__}: {_first_line(e)})") from e

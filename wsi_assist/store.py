@@ -5,7 +5,7 @@ the zarr group by string. Per-tile arrays are row-aligned with ``coords``.
 
 | artifact | where |
 | --- | --- |
-| slide | root attrs ``slide_path``, ``slide_mpp``, ``mpp_source``, ``synthetic``, ... |
+| slide | root attrs ``slide_path``, ``slide_mpp``, ``mpp_source``, ``synthetic``, ``slide_layout``, ``slide_channels``, ... |
 | tissue | ``overview``, ``tissue_mask``, root attrs ``tissue_*``; ``tissue.geojson`` |
 | stains | root attr ``stain`` (kind, names, vectors, background, source, reason) |
 | grid | ``coords``, ``tissue_fraction``; root attrs (level, read_px, ...) |
@@ -75,6 +75,9 @@ class SlideRecord:
     synthetic: bool
     fingerprint: str | None
     version: str | None
+    #: ``rgb``, or ``channels`` for a multichannel (fluorescence) slide, and its channels.
+    layout: str = "rgb"
+    channels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,11 +233,13 @@ class SlideStore:
 
     # -- slide -----------------------------------------------------------------
     def write_slide(self, path: Path, mpp: float | None, mpp_source: str | None,
-                    synthetic: bool, fingerprint: str, version: str) -> None:
+                    synthetic: bool, fingerprint: str, version: str, layout: str = "rgb",
+                    channels: tuple[str, ...] = ()) -> None:
         self.group.attrs.update({"slide_path": str(path), "slide_mpp": mpp,
                                  "mpp_source": mpp_source, "synthetic": synthetic,
                                  "slide_fingerprint": fingerprint,
-                                 "wsi_assist_version": version})
+                                 "wsi_assist_version": version, "slide_layout": layout,
+                                 "slide_channels": list(channels)})
 
     def read_slide(self) -> SlideRecord:
         a = self.attrs
@@ -243,7 +248,9 @@ class SlideStore:
                            mpp_source=_opt_str(a.get("mpp_source")),
                            synthetic=bool(a.get("synthetic", False)),
                            fingerprint=_opt_str(a.get("slide_fingerprint")),
-                           version=_opt_str(a.get("wsi_assist_version")))
+                           version=_opt_str(a.get("wsi_assist_version")),
+                           layout=str(a.get("slide_layout") or "rgb"),
+                           channels=tuple(str(c) for c in a.get("slide_channels") or ()))
 
     def set_fingerprint(self, fingerprint: str) -> None:
         self.group.attrs["slide_fingerprint"] = fingerprint

@@ -1,4 +1,7 @@
-"""Tile batches for the models: ``stream(path, grid)`` yields (grid rows, uint8 tiles).
+"""Tile batches for the models: ``stream(path, grid)`` yields (grid rows, tiles).
+
+Tiles are (N, H, W, 3) uint8 for RGB slides; for multichannel (CYX) slides (N, H, W, C)
+in the slide's dtype, one plane per channel, padded with 0 (dark) instead of white.
 
 Each compressed chunk of the source level is decoded once (:mod:`wsi_assist.chunks`) and
 scattered straight into every grid tile it overlaps (:mod:`wsi_assist.pieces`), then
@@ -35,6 +38,7 @@ from PIL import Image
 
 from wsi_assist.chunks import SOURCES, Engine, UnitSource
 from wsi_assist.pieces import Pieces, plan_pieces, scatter
+from wsi_assist.slide import Layout, slide_layout
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -44,17 +48,33 @@ log = logging.getLogger(__name__)
 RUN_LEN = 8
 
 
+#: Tile dtypes of multichannel batches (the slide's own).
+CHANNEL_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
+
+
 @dataclass(frozen=True)
 class TileBatch:
-    """Rows ``index`` of the grid and their tiles, (N, tile_px, tile_px, 3) uint8."""
+    """Rows ``index`` of the grid and their tiles: (N, tile_px, tile_px, 3) uint8 for
+    ``layout`` rgb; (N, tile_px, tile_px, C) of the slide's dtype for ``channels``."""
 
     index: np.ndarray
     tiles: np.ndarray
+    layout: Layout = "rgb"
 
     def __post_init__(self) -> None:
-        if self.tiles.ndim != 4 or self.tiles.shape[3] != 3 or self.tiles.dtype != np.uint8:
-            raise ValueError(f"tiles must be (N, H, W, 3) uint8, got {self.tiles.dtype} "
-                             f"{self.tiles.shape}")
+        if self.layout == "rgb":
+            if self.tiles.ndim != 4 or self.tiles.shape[3] != 3 or \
+                    self.tiles.dtype != np.uint8:
+                raise ValueError(f"tiles must be (N, H, W, 3) uint8, got "
+                                 f"{self.tiles.dtype} {self.tiles.shape}")
+        elif self.layout == "channels":
+            if self.tiles.ndim != 4 or self.tiles.shape[3] < 1 or \
+                    self.tiles.dtype not in CHANNEL_DTYPES:
+                raise ValueError(f"multichannel tiles must be (N, H, W, C) of "
+                                 f"{', '.join(np.dtype(d).name for d in CHANNEL_DTYPES)}, "
+                                 f"got {self.tiles.dtype} {self.tiles.shape}")
+        else:
+            raise ValueError(f"layout must be 'rgb' or 'channels', got {self.layout!r}")
         if self.index.shape != (len(self.tiles),):
             raise ValueError("index must have one entry per tile")
 
@@ -91,6 +111,8 @@ class _Scatter:
     def __init__(self, src: UnitSource, grid: TileGrid, pieces: Pieces, batch_size: int,
                  prefetch: int) -> None:
         self.src, self.grid, self.p, self.bs = src, grid, pieces, batch_size
+        self.layout, self.dtype = src.layout, src.dtype
+        self.fill = 255 if src.layout == "rgb" else 0  # white glass; dark for fluorescence
         n, nu = len(grid), len(pieces)
         self.nb = nb = -(-n // batch_size)
         self.units, self.start = pieces.units.tolist(), pieces.start.tolist()
@@ -137,7 +159,8 @@ class _Scatter:
                         raise self.errors[0]
                     tiles = self.done.pop(b)
                 first = b * self.bs
-                yield TileBatch(index=np.arange(first, min(first + self.bs, n)), tiles=tiles)
+                yield TileBatch(index=np.arange(first, min(first + self.bs, n)), tiles=tiles,
+                                layout=self.layout)
                 del tiles
         finally:
             with self.batch_made:
@@ -147,11 +170,11 @@ class _Scatter:
                 t.join()
 
     def _shape(self, b: int, px: int) -> tuple[int, int, int, int]:
-        return min(self.bs, len(self.grid) - b * self.bs), px, px, 3
+        return min(self.bs, len(self.grid) - b * self.bs), px, px, self.src.channels
 
     def _allocate(self, b: int) -> None:
-        arr = BUFFERS.take(self._shape(b, self.grid.read_px))
-        arr[self.p.partial[b * self.bs:b * self.bs + len(arr)]] = 255
+        arr = BUFFERS.take(self._shape(b, self.grid.read_px), self.dtype)
+        arr[self.p.partial[b * self.bs:b * self.bs + len(arr)]] = self.fill
         with self.batch_made:
             self.filling[b] = arr
             self.made = b
@@ -195,7 +218,7 @@ class _Scatter:
     def _finish(self, b: int) -> None:
         tiles = self.filling[b]
         if self.grid.resized:
-            out = BUFFERS.take(self._shape(b, self.grid.tile_px))
+            out = BUFFERS.take(self._shape(b, self.grid.tile_px), self.dtype)
             tiles = resize_tiles(tiles, self.grid.tile_px, out)
         with self.batch_done:
             del self.filling[b]
@@ -217,15 +240,16 @@ class BufferPool:
         self._lock = threading.Lock()
         self._idle = _refcounts([np.zeros(1)])[0]
 
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+    def take(self, shape: tuple[int, ...], dtype: np.dtype | type = np.uint8
+             ) -> np.ndarray:
         with self._lock:
             idle = [i for i, n in enumerate(_refcounts(self._arrays)) if n == self._idle]
             for i in idle:
-                if self._arrays[i].shape == shape:
+                if self._arrays[i].shape == shape and self._arrays[i].dtype == dtype:
                     a = self._arrays.pop(i)
                     self._arrays.append(a)
                     return a
-            out = np.empty(shape, np.uint8)
+            out = np.empty(shape, dtype)
             if len(self._arrays) >= self._size and idle:
                 del self._arrays[idle[0]]
             if len(self._arrays) < self._size:
@@ -262,10 +286,11 @@ def stream_naive(path: str | Path, grid: TileGrid, batch_size: int = 64
     n = len(grid)
     with open_slide(path) as slide:
         lw, lh = slide.level_dimensions[grid.level]
+        layout = slide_layout(slide)
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n), dtype=np.int64)
             tiles = np.stack([read_tile(slide, grid, int(i), (lw, lh)) for i in idx])
-            yield TileBatch(index=idx, tiles=tiles)
+            yield TileBatch(index=idx, tiles=tiles, layout=layout)
 
 
 def l0_location(level_xy: tuple[int, int], downsample: float) -> tuple[int, int]:
@@ -282,28 +307,48 @@ def l0_location(level_xy: tuple[int, int], downsample: float) -> tuple[int, int]
 
 
 def read_tile(slide: Any, grid: TileGrid, i: int, level_size: tuple[int, int]) -> np.ndarray:
-    """One tile via ``read_region``, white outside the slide, resized to ``tile_px``."""
+    """One tile via ``read_region``, resized to ``tile_px``: RGB, white outside the
+    slide; or every channel of a multichannel slide, 0 outside it."""
     lx, ly = (int(v) for v in np.rint(grid.coords[i] / grid.level_downsample))
     r = grid.read_px
     loc = l0_location((lx, ly), slide.level_downsamples[grid.level])
-    arr = np.asarray(slide.read_region(loc, grid.level, (r, r), as_array=True))[..., :3]
+    arr = np.asarray(slide.read_region(loc, grid.level, (r, r), as_array=True))
+    rgb = slide_layout(slide) == "rgb"
+    if rgb:
+        arr = arr[..., :3]
     valid_w, valid_h = max(0, min(r, level_size[0] - lx)), max(0, min(r, level_size[1] - ly))
     if valid_w < r or valid_h < r:
         arr = arr.copy()
-        arr[valid_h:, :] = 255
-        arr[:, valid_w:] = 255
+        arr[valid_h:, :] = 255 if rgb else 0
+        arr[:, valid_w:] = 255 if rgb else 0
     if grid.resized:
         arr = resize_area(arr, grid.tile_px)
     return arr
 
 
 def resize_tiles(tiles: np.ndarray, size: int, out: np.ndarray) -> np.ndarray:
-    """Area-resize each of ``tiles`` (n, r, r, 3) into ``out`` (n, size, size, 3)."""
+    """Area-resize each of ``tiles`` (n, r, r, C) into ``out`` (n, size, size, C)."""
     for j, t in enumerate(tiles):
         out[j] = resize_area(t, size)
     return out
 
 
 def resize_area(tile: np.ndarray, size: int) -> np.ndarray:
-    """Resize a square RGB tile to ``size`` px with area (box) interpolation."""
-    return np.asarray(Image.fromarray(tile).resize((size, size), Image.Resampling.BOX))
+    """Resize a square tile to ``size`` px with area (box) interpolation: RGB uint8 at
+    once; other tiles one channel at a time (8-bit as such, others in float32, rounded
+    back to their dtype)."""
+    if tile.dtype == np.uint8 and tile.shape[2] == 3:
+        return np.asarray(Image.fromarray(tile).resize((size, size), Image.Resampling.BOX))
+    out = np.empty((size, size, tile.shape[2]), tile.dtype)
+    for c in range(tile.shape[2]):
+        plane = np.ascontiguousarray(tile[..., c])
+        if tile.dtype == np.uint8:
+            out[..., c] = Image.fromarray(plane).resize((size, size), Image.Resampling.BOX)
+            continue
+        small = np.asarray(Image.fromarray(plane.astype(np.float32)).resize(
+            (size, size), Image.Resampling.BOX))
+        if tile.dtype.kind in "ui":
+            info = np.iinfo(tile.dtype)
+            small = np.clip(np.rint(small), info.min, info.max)
+        out[..., c] = small
+    return out

@@ -21,7 +21,8 @@ def info(
     mpp_csv: Annotated[Path | None, typer.Option(help="CSV (slide,mpp) of per-slide "
                                                       "overrides.")] = None,
 ) -> None:
-    """Describe slides: format, vendor, size, levels, mpp and where the mpp came from.
+    """Describe slides: format, vendor, size, levels, mpp and where the mpp came from,
+    and the channels (RGB, or the names of a multichannel image's channels).
 
     Exit 0 when every file is readable, 2 when any is not.
     """
@@ -46,7 +47,8 @@ def info(
         rows.append(d)
     if as_json:
         keys = ["path", "ok", "error", "format", "vendor", "width", "height", "level_count",
-                "level_downsamples", "mpp", "mpp_source", "objective_power"]
+                "level_downsamples", "mpp", "mpp_source", "objective_power", "layout",
+                "dtype", "channels"]
         typer.echo(json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=2))
     else:
         _print_table(rows)
@@ -58,8 +60,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     out = Console(width=None if Console().is_terminal else 140)
-    t = Table("file", "format", "size (px)", "levels", "mpp", "mpp source", "objective")
-    t.columns[0].overflow = "fold"
+    t = Table("file", "format", "size (px)", "levels", "mpp", "mpp source", "objective",
+              "channels")
+    t.columns[0].overflow = t.columns[-1].overflow = "fold"
     for r in rows:
         if not r["ok"]:
             continue
@@ -67,10 +70,19 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         t.add_row(Path(r["path"]).name, r["format"], f"{r['width']} x {r['height']}",
                   " ".join(f"{d:g}" for d in r["level_downsamples"]), mpp,
                   r["mpp_source"] or "unknown",
-                  f"{r['objective_power']:g}x" if r["objective_power"] else "-")
+                  f"{r['objective_power']:g}x" if r["objective_power"] else "-",
+                  _channels(r))
     if t.row_count:
         out.print(t)
     err = Console(stderr=True, soft_wrap=True)
     for r in rows:
         if not r["ok"]:
             err.print(f"[red]error:[/red] {r['error']}", markup=True, highlight=False)
+
+
+def _channels(row: dict[str, Any]) -> str:
+    """``RGB``, or ``N x dtype: name, name, ...`` for a multichannel slide."""
+    if row.get("layout") != "channels":
+        return "RGB"
+    names = row.get("channels") or []
+    return f"{len(names)} x {row.get('dtype')}: " + ", ".join(str(n) for n in names)

@@ -148,4 +148,6 @@ def slide_section(slide: SlideRecord, grid: TileGrid | None, slide_id: str,
             "width": info.get("width"), "height": info.get("height"),
             "vendor": info.get("vendor"), "format": info.get("format"),
             "objective_power": info.get("objective_power"),
+            "layout": info.get("layout") or slide.layout,
+            "channels": list(info.get("channels") or slide.channels),
             "grid": {k: attrs.get(k) for k in keys}}

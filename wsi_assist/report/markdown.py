@@ -34,6 +34,8 @@ def render(r: dict[str, Any]) -> str:
             f"| File | `{s['path']}` |",
             f"| Size | {fmt(s['width'])} x {fmt(s['height'])} px |",
             f"| Resolution | {fmt(s['mpp'])} um/px ({s['mpp_source'] or 'unknown'}) |",
+            *([f"| Channels | {', '.join(s['channels'])} (fluorescence / multichannel) |"]
+              if s.get("layout") == "channels" else []),
             f"| Tiles | {fmt(q['n_tiles'])} at {fmt(s['grid'].get('target_mpp'))} um/px |",
             f"| Tissue area | {fmt(q['tissue_area_mm2'])} mm^2 |",
             (f"| Empty tiles | {pct(q['empty_tile_fraction'])} "

@@ -5,6 +5,12 @@ Planning (which stages rerun), fingerprints, ``--stages`` validation and the rep
 "not run" table are all derived from :data:`REGISTRY`. A stage function is called as
 ``run(slide, **sections)``: a :class:`SlideContext` and exactly the config sections the
 stage declares, and returns a short summary dict for logs and ``done.json``.
+
+Stages that need RGB brightfield tiles (``rgb_only``: the PathCLIP embeddings and what
+reads them, the RGB sub-models) are "not run" on multichannel (fluorescence) slides,
+with the reason, whether or not they were asked for. Sections in
+:data:`MULTICHANNEL_SECTIONS` enter a fingerprint only for multichannel slides, the
+only ones they change.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from wsi_assist.stages.context import SlideContext, resolve_device
 from wsi_assist.store import SlideStore
 
 __all__ = ["REGISTRY", "STAGE_NAMES", "SlideContext", "Stage", "check_stage_names",
-           "fingerprints", "rebuild_report", "resolve_device", "run_stages", "stage_table",
-           "stages_to_run"]
+           "fingerprints", "not_rgb_reason", "rebuild_report", "resolve_device", "run_stages",
+           "stage_table", "stages_to_run"]
 
 log = logging.getLogger(__name__)
 
@@ -54,34 +60,41 @@ class Stage:
     #: Whether the stage can run with these sections (a model configured, ...); when
     #: not, it is recorded as "not run" with ``how_to_enable``, not as a failure.
     configured: Callable[..., bool] = lambda store, **sections: True
+    #: Whether the stage needs RGB brightfield tiles (not run on multichannel slides).
+    rgb_only: bool = False
 
 
 #: Per-slide values a stage may depend on, beyond the file itself and its config.
 SLIDE_INPUTS: dict[str, Callable[[SlideInfo], Any]] = {
     "mpp": lambda info: [info.mpp, info.mpp_source],
 }
+#: Sections read only for multichannel slides (RGB slides' fingerprints leave them out).
+MULTICHANNEL_SECTIONS = frozenset({"channels"})
 
 REGISTRY: dict[str, Stage] = {s.name: s for s in (
-    Stage("tissue", tissue.run, needs=(), sections=("tissue", "stain"), slide_inputs=("mpp",),
-          done=SlideStore.has_tissue, how_to_enable="add 'tissue' to stages"),
-    Stage("tiles", tiles.run, needs=("tissue",), sections=("tiling", "outputs"),
+    Stage("tissue", tissue.run, needs=(), sections=("tissue", "stain", "channels"),
+          slide_inputs=("mpp",), done=SlideStore.has_tissue,
+          how_to_enable="add 'tissue' to stages"),
+    Stage("tiles", tiles.run, needs=("tissue",), sections=("tiling", "outputs", "channels"),
           slide_inputs=(), done=SlideStore.has_grid,
           how_to_enable="add 'tiles' to stages (after 'tissue')"),
     Stage("embed", embed.run, needs=("tiles",), sections=("embed",), slide_inputs=(),
           done=SlideStore.has_embeddings, how_to_enable=embed.HOW_TO_ENABLE,
-          configured=embed.configured),
+          configured=embed.configured, rgb_only=True),
     Stage("zeroshot", zeroshot.run, needs=("embed",), sections=("zeroshot", "embed"),
           slide_inputs=(), done=SlideStore.has_zeroshot,
           how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
                         "embeddings and a prompt set (zeroshot.prompts)",
-          configured=zeroshot.configured),
+          configured=zeroshot.configured, rgb_only=True),
+    # every sub-model spec today takes RGB (or BGR) tiles
     Stage("submodels", submodels.run, needs=("tiles", "zeroshot"), sections=("submodels",),
           slide_inputs=(), done=lambda store: bool(store.read_submodels()),
           how_to_enable="list sub-model spec files (ONNX + YAML) under submodels.specs",
-          configured=submodels.configured),
+          configured=submodels.configured, rgb_only=True),
     Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
           sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,
-          how_to_enable=caption.HOW_TO_ENABLE, configured=caption.configured),
+          how_to_enable=caption.HOW_TO_ENABLE, configured=caption.configured,
+          rgb_only=True),
     Stage("report", report.run, needs=("tiles", "embed", "zeroshot", "submodels", "caption"),
           sections=("report",), slide_inputs=(), done=report.done,
           how_to_enable="add 'report' to stages"),
@@ -101,6 +114,12 @@ def _sections(stage: Stage, config: Config) -> dict[str, Section]:
     return {name: config.section(name) for name in stage.sections}
 
 
+def not_rgb_reason(stage: str, n_channels: int) -> str:
+    """Why an RGB-only stage does not run on a multichannel slide."""
+    return (f"fluorescence / multichannel image ({n_channels} channels); {stage} needs "
+            "RGB brightfield tiles")
+
+
 def fingerprints(slide_fp: str, config: Config, info: SlideInfo) -> dict[str, str]:
     """One fingerprint per stage: the slide file, the stage's config sections, its
     per-slide inputs and the fingerprints of the stages it needs."""
@@ -109,7 +128,8 @@ def fingerprints(slide_fp: str, config: Config, info: SlideInfo) -> dict[str, st
         blob = json.dumps({
             "slide": slide_fp, "deps": [fps[d] for d in stage.needs],
             "config": {n: s.model_dump(mode="json")
-                       for n, s in _sections(stage, config).items()},
+                       for n, s in _sections(stage, config).items()
+                       if info.multichannel or n not in MULTICHANNEL_SECTIONS},
             "inputs": {k: SLIDE_INPUTS[k](info) for k in stage.slide_inputs}},
             sort_keys=True, default=str)
         fps[stage.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -136,6 +156,8 @@ def run_stages(slide: SlideContext, config: Config, names: tuple[str, ...]
         sections = _sections(stage, config)
         t0 = time.perf_counter()
         try:
+            if stage.rgb_only and slide.info.multichannel:
+                raise StageSkipped(not_rgb_reason(name, len(slide.info.channels)))
             if not stage.configured(slide.store, **sections):
                 raise StageSkipped(stage.how_to_enable)
             summary[name] = stage.run(slide, **sections)
@@ -167,6 +189,7 @@ def stage_table(store: SlideStore) -> dict[str, dict[str, str]]:
     """Per stage (the report itself excluded): ``done``, or ``not run`` with the reason
     and how to enable it."""
     out: dict[str, dict[str, str]] = {}
+    record = store.read_slide()
     for stage in REGISTRY.values():
         if stage.name == "report":
             continue
@@ -174,6 +197,8 @@ def stage_table(store: SlideStore) -> dict[str, dict[str, str]]:
             out[stage.name] = {"status": "done"}
             continue
         reason = store.skipped(stage.name)
+        if stage.rgb_only and record.layout == "channels":
+            reason = not_rgb_reason(stage.name, len(record.channels))
         out[stage.name] = {"status": "not run",
                            "reason": reason or "not in the run's stages",
                            "how_to_enable": reason or stage.how_to_enable}

@@ -1,5 +1,8 @@
 """The ``tiles`` stage: the tile grid over the stored tissue, the thumbnail, and quality
-scores of every tile read through the tile stream."""
+scores of every tile read through the tile stream.
+
+On a multichannel (fluorescence) slide the thumbnail is pseudo-colour and tile focus is
+measured on the nuclear channel."""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from wsi_assist import qc, thumbnail
+from wsi_assist.channels import pictures
 from wsi_assist.errors import WsiAssistError
-from wsi_assist.settings import OutputParams, TilingParams
+from wsi_assist.settings import ChannelParams, OutputParams, TilingParams
 from wsi_assist.slide import read_lowres
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.tiling import grid as lay_grid
@@ -18,7 +22,8 @@ from wsi_assist.tiling import grid as lay_grid
 log = logging.getLogger(__name__)
 
 
-def run(slide: SlideContext, tiling: TilingParams, outputs: OutputParams) -> dict[str, Any]:
+def run(slide: SlideContext, tiling: TilingParams, outputs: OutputParams,
+        channels: ChannelParams) -> dict[str, Any]:
     """Lay the grid, draw the thumbnail and score every tile."""
     store = slide.store
     if not store.has_tissue():
@@ -34,6 +39,13 @@ def run(slide: SlideContext, tiling: TilingParams, outputs: OutputParams) -> dic
                                          / outputs.thumbnail_px)
     with slide.open_slide() as s:
         img, ds = read_lowres(s, info, thumb_mpp)
+    score, description = qc.scores, qc.DESCRIPTION
+    if info.multichannel:
+        pics = pictures(img, info.channels, info.channel_colors, channels.nuclear,
+                        channels.percentiles)
+        img = pics.color
+        score = qc.ChannelScores(pics.index, pics.levels)
+        description = qc.channel_description(pics.nuclear_name, channels.percentiles)
     store.write_thumbnail(img, ds)
     drawn = thumbnail.draw(img, ds, tissue, g if outputs.draw_tiles else None,
                            max_px=outputs.thumbnail_px, synthetic=info.synthetic)
@@ -41,8 +53,8 @@ def run(slide: SlideContext, tiling: TilingParams, outputs: OutputParams) -> dic
     summary: dict[str, Any] = {"n_tiles": len(g), "level": g.level,
                                "delivered_mpp": g.delivered_mpp}
     if len(g):
-        scores = qc.tile_qc(slide.stream(g), len(g))
-        store.write_qc(scores.as_array(), ["background", "focus"], qc.DESCRIPTION)
+        scores = qc.tile_qc(slide.stream(g), len(g), score)
+        store.write_qc(scores.as_array(), ["background", "focus"], description)
         summary |= {"tiles_per_s": round(scores.tiles_per_s, 1),
                     "median_focus": round(float(np.median(scores.focus)), 1),
                     "median_background": round(float(np.median(scores.background)), 3)}
