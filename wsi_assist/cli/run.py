@@ -12,6 +12,7 @@ import typer
 
 from wsi_assist.cli import options as opt
 from wsi_assist.cli.common import user_errors
+from wsi_assist.files import QuietFileHandler
 
 if TYPE_CHECKING:
     from dask.distributed import Client, LocalCluster
@@ -81,32 +82,46 @@ def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: 
         if stages:
             cfg = config.from_dict({**cfg.to_dict(), "stages": stages}, "--stages")
         batch.check_writable(out)
-    handler = _log_to_file(out / "run.log")
+        handler = _log_to_file(out / "run.log")
     if quiet:  # the console only; run.log keeps everything
         for h in logging.getLogger().handlers:
             if h is not handler:
                 h.setLevel(logging.WARNING)
     stop = _StopOnInterrupt()
     progress = BatchProgress(live=sys.stderr.isatty(), quiet=quiet)
+    problems: list[str] = []
     try:
         with user_errors(), _client(cfg) as client:
-            results = batch.run_batch(inputs, out, cfg, force=force, client=client,
-                                      progress=progress, stop=stop)
+            try:
+                results = batch.run_batch(inputs, out, cfg, force=force, client=client,
+                                          progress=progress, stop=stop)
+            except batch.OutputsNotWritten as e:
+                results = e.results
+                problems += e.problems
     finally:
         progress.close()
         stop.restore()
         logging.getLogger().removeHandler(handler)
         handler.close()
-    _summarise(results, out, stop.requested)
+    if handler.failures:
+        reason = getattr(handler.last_error, "strerror", None) or "cannot write"
+        problems.append(f"{out / 'run.log'}: {handler.failures} log messages not written "
+                        f"({reason})")
+    _summarise(results, out, stop.requested, problems)
 
 
-def _summarise(results: list[Any], out: Path, interrupted: bool) -> None:
+def _summarise(results: list[Any], out: Path, interrupted: bool,
+               problems: list[str] | None = None) -> None:
     failed = [r for r in results if r.status == "failed"]
     done = sum(r.status == "done" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
     typer.echo(f"{done} done, {skipped} skipped, {len(failed)} failed -> {out}")
     for r in failed:
         typer.secho(f"failed [{r.stage}]: {r.error}", err=True, fg=typer.colors.RED)
+    for p in problems or []:
+        typer.secho(f"error: {p}", err=True, fg=typer.colors.RED)
+    if problems and not interrupted and results:
+        raise typer.Exit(1)
     if interrupted:
         typer.secho("interrupted: finished slides are kept; run the same command again to "
                     "resume", err=True)
@@ -142,8 +157,15 @@ class _StopOnInterrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _log_to_file(path: Path) -> logging.Handler:
-    h = logging.FileHandler(path, encoding="utf-8")
+def _log_to_file(path: Path) -> QuietFileHandler:
+    """run.log, everything at DEBUG and above; records it cannot write (a full disk) are
+    counted, not printed as "--- Logging error ---"."""
+    from wsi_assist.errors import WsiAssistError
+
+    try:
+        h = QuietFileHandler(path)
+    except OSError as e:
+        raise WsiAssistError(f"{path}: cannot write the run log ({e.strerror})") from e
     h.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: "
                                      "%(message)s"))
     h.setLevel(logging.DEBUG)

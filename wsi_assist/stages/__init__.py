@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_assist.errors import StageSkipped
+from wsi_assist.files import work_dir
 from wsi_assist.report.build import build_slide_outputs
 from wsi_assist.settings import Config, Section
 from wsi_assist.slide import SlideInfo
@@ -159,7 +160,8 @@ def rebuild_report(folder: Path, config: Config, info: dict[str, Any] | None = N
     store = SlideStore(folder, mode="r")
     return build_slide_outputs(store, config.report, stages=stage_table(store),
                                config_hash=config.section_hash(), slide_id=folder.name,
-                               info=info, seconds=seconds)
+                               info=info, seconds=seconds,
+                               scratch=work_dir(folder.resolve().parent))
 
 
 def stage_table(store: SlideStore) -> dict[str, dict[str, str]]:
