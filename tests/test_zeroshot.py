@@ -283,3 +283,18 @@ def test_embed_and_zeroshot_on_the_real_slides(shared_slides: Path, tiny_spec: s
     for r in res:
         assert r.status == "done", r.error
         _check_slide(tmp_path / "out", r.slide_id, tiny_spec, 0.5)
+
+
+def test_text_cache_defaults_to_out_never_the_home_cache(
+        svs_slide: Path, tiny_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    from wsi_assist.batch import run_batch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    res = run_batch([svs_slide], tmp_path / "out", _config(tmp_path, tiny_spec,
+                                                           cache_dir=None))
+    assert [r.status for r in res] == ["done"], res[0].error
+    assert list((tmp_path / "out" / ".cache" / "text-embeddings").glob("*.npz"))
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
+    assert zs.cache_dir(None) is None  # outside a batch: no cache unless one is named

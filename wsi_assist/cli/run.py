@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import typer
 
 from wsi_assist.cli import options as opt
 from wsi_assist.cli.common import user_errors
-from wsi_assist.files import QuietFileHandler
+from wsi_assist.files import QuietFileHandler, remove_leftovers, work_dir
 
 if TYPE_CHECKING:
     from dask.distributed import Client, LocalCluster
@@ -91,7 +93,7 @@ def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: 
     progress = BatchProgress(live=sys.stderr.isatty(), quiet=quiet)
     problems: list[str] = []
     try:
-        with user_errors(), _client(cfg) as client:
+        with user_errors(), _client(cfg, out) as client:
             try:
                 results = batch.run_batch(inputs, out, cfg, force=force, client=client,
                                           progress=progress, stop=stop)
@@ -179,10 +181,11 @@ def _log_to_file(path: Path) -> QuietFileHandler:
 class _client:
     """A Dask client for ``--scheduler`` or ``--workers N`` (N > 1), else None."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, out: Path) -> None:
         self.cfg = cfg.parallelism
         self.client: Client | None = None
         self.cluster: LocalCluster | None = None
+        self.scratch = work_dir(out) / "dask"  # workers' spill folder: inside OUT
 
     def __enter__(self) -> Any:
         from wsi_assist.errors import WsiAssistError
@@ -196,11 +199,14 @@ class _client:
                 raise WsiAssistError(f"cannot reach the Dask scheduler at "
                                      f"{self.cfg.scheduler!r} ({e})") from e
         elif self.cfg.workers > 1:
+            import dask
             from dask.distributed import Client, LocalCluster
 
+            dask.config.set({"temporary-directory": str(self.scratch)})
             self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1,
                                         processes=True, host="127.0.0.1",
-                                        dashboard_address=None)
+                                        dashboard_address=None,
+                                        local_directory=str(self.scratch))
             self.client = Client(self.cluster)
         return self.client
 
@@ -209,3 +215,7 @@ class _client:
             self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.scratch.parent.rmdir()
+            remove_leftovers(self.scratch.parent.parent)  # the workers' own folders

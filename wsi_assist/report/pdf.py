@@ -23,9 +23,6 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 CHROMIUM_DIRS = {"HOME": "home", "XDG_CONFIG_HOME": "config", "XDG_CACHE_HOME": "cache",
                  "XDG_DATA_HOME": "data", "XDG_STATE_HOME": "state",
                  "XDG_RUNTIME_DIR": "runtime", "TMPDIR": "tmp"}
-#: Longest TMPDIR for Chromium: it puts a Unix socket (108-byte path limit) in
-#: ``$TMPDIR/org.chromium.Chromium.XXXXXX/SingletonSocket``.
-MAX_TMPDIR = 40
 
 
 def find_browser() -> str | None:
@@ -39,9 +36,10 @@ def find_browser() -> str | None:
 
 def chromium(args: list[str], html: Path, timeout: float = 120.0,
              scratch: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run headless Chromium on ``html`` with ``args``. Its profile, HOME, XDG folders
-    and TMPDIR are a fresh folder inside ``scratch`` (default: beside ``html``), removed
-    afterwards: Chromium writes nothing anywhere else (~/.config, ~/.cache/dconf, /tmp)."""
+    """Run headless Chromium on ``html`` with ``args`` (absolute paths). Its profile,
+    HOME, XDG folders and TMPDIR are a fresh folder inside ``scratch`` (default: beside
+    ``html``), removed afterwards: it writes nothing elsewhere (~/.config, ~/.cache/dconf,
+    /tmp)."""
     exe = find_browser()
     if exe is None:
         raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
@@ -49,16 +47,16 @@ def chromium(args: list[str], html: Path, timeout: float = 120.0,
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".chromium-", dir=base) as tmp:
         root = Path(tmp).resolve()
-        dirs = dict(CHROMIUM_DIRS)
-        if len(str(root / "tmp")) > MAX_TMPDIR:  # its singleton socket would not fit
-            del dirs["TMPDIR"]  # Chromium removes that socket's folder when it exits
-        env = {**os.environ, **{var: str(root / sub) for var, sub in dirs.items()}}
-        for sub in dirs.values():
+        env = {**os.environ, **{var: str(root / sub) for var, sub in CHROMIUM_DIRS.items()}}
+        # relative, from cwd=root: Chromium binds a Unix socket (a 108-byte path at most)
+        # in $TMPDIR, which a deep OUT would make too long
+        env["TMPDIR"] = CHROMIUM_DIRS["TMPDIR"]
+        for sub in CHROMIUM_DIRS.values():
             (root / sub).mkdir(mode=0o700)
         cmd = [exe, *FLAGS, f"--user-data-dir={root / 'profile'}",
                f"--crash-dumps-dir={root / 'crash'}", *args, html.resolve().as_uri()]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              check=False, env=env)
+                              check=False, env=env, cwd=root)
 
 
 class _NoPdf(Exception):
