@@ -72,7 +72,7 @@ def test_special_files_are_refused_before_opening_and_listed(slides: list[Path],
     expected = _special_files(src)
     out = tmp_path / "out"
     # a subprocess with a timeout: before the fix, opening the FIFO blocked forever
-    r = subprocess.run(_cli("tile", str(src), "-o", str(out)), capture_output=True,
+    r = subprocess.run(_cli("tile", str(src), "-o", str(out)), capture_output=True, check=False,
                        text=True, timeout=120, env=_env())
     assert r.returncode == 1, r.stderr
     rows = manifest(out)
@@ -82,7 +82,7 @@ def test_special_files_are_refused_before_opening_and_listed(slides: list[Path],
         assert row["status"] == "failed" and row["stage"] == "open", row
         assert name in row["error"] and reason in row["error"], row
     r = subprocess.run(_cli("info", str(src / "fifo.svs")), capture_output=True, text=True,
-                       timeout=60, env=_env())
+                       timeout=60, env=_env(), check=False)
     assert r.returncode == 2 and "named pipe" in r.stderr and "empty file" not in r.stderr
 
 
@@ -141,7 +141,7 @@ def _mount_small_tmpfs(where: Path, size_kb: int) -> bool:
         return False
     where.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
-                        str(where)], capture_output=True)
+                        str(where)], capture_output=True, check=False)
     return r.returncode == 0
 
 
@@ -301,7 +301,7 @@ def test_nothing_is_written_outside_out(slides: list[Path], tmp_path: Path) -> N
     for var in ("ORT_DISABLE_TELEMETRY", "WSI_ASSIST_PATHCLIP"):
         env.pop(var, None)
     r = subprocess.run(_cli("run", str(slides[0]), "-o", str(out), "--device", "cpu"),
-                       capture_output=True, text=True, timeout=300, env=env)
+                       capture_output=True, text=True, timeout=300, env=env, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     done = json.loads((out / "s0" / "done.json").read_text())
     assert "submodels" in done["summary"] and "report" in done["summary"]  # onnxruntime ran
@@ -359,3 +359,66 @@ def test_failure_reasons_are_words_naming_the_file(shared_slides: Path, tmp_path
         err = row["error"]
         assert "\n" not in err and row["path"] in err, row
         assert not EXCEPTION.search(err), err
+
+
+def _damage_tiles(path: Path, chunks: list[int]) -> list[tuple[int, int]]:
+    """Damage level-0 JPEG tiles in place, decodably: the first loses its end-of-image
+    marker, the others get a hole of zeros. Returns their (row, column) in tiles."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+        per_row = page.chunked[1]
+    with path.open("r+b") as f:
+        for k, i in enumerate(chunks):
+            if k == 0:
+                f.seek(offsets[i] + counts[i] - 2)
+                f.write(b"\0\0")
+            else:
+                f.seek(offsets[i] + counts[i] // 2)
+                f.write(bytes(64))
+    return [divmod(i, per_row) for i in chunks]
+
+
+def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(tmp_path: Path) -> None:
+    from wsi_assist.chunks import jpeg_damaged
+    from wsi_assist.store import SlideStore
+
+    clean = write_slide(tmp_path / "clean.svs", default_slide(1024, 768, seed=4), kind="svs")
+    hurt = tmp_path / "hurt.svs"
+    shutil.copy(clean, hurt)
+    bad = _damage_tiles(hurt, [5, 6, 9])  # 4 x 3 tiles of 256 px: inside the tissue
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("report:\n  pdf: false\n")
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["run", str(clean), str(hurt), "-o", str(out), "--config", str(cfg),
+                            "--stages", "tissue,tiles,report"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "clean" / "done.json").read_text())[
+        "summary"]["tiles"]["damaged_tiles"] == 0
+    grid = SlideStore(out / "hurt", "r").read_grid()
+    xy = grid.level_coords()
+    expected = sum(any(x < (c + 1) * 256 and x + grid.read_px > c * 256 and
+                       y < (rw + 1) * 256 and y + grid.read_px > rw * 256 for rw, c in bad)
+                   for x, y in xy)
+    assert expected > 0
+    done = json.loads((out / "hurt" / "done.json").read_text())
+    assert done["summary"]["tiles"]["damaged_tiles"] == expected
+    assert SlideStore(out / "hurt", "r").read_damaged_tiles() == expected
+    report = json.loads((out / "hurt" / "report.json").read_text())
+    assert report["qc"]["damaged_tiles"] == expected
+    assert "Damaged tiles" in (out / "hurt" / "report.html").read_text()
+    assert f"| Damaged tiles | {expected} " in (out / "hurt" / "report.md").read_text()
+    # what is flagged is what libjpeg warns about; undamaged tiles are never flagged
+    import tifffile
+
+    with tifffile.TiffFile(clean) as tf:
+        page = tf.pages[0]
+        data = clean.read_bytes()
+        tiles = [data[o:o + n] for o, n in zip(page.dataoffsets, page.databytecounts,
+                                               strict=True)]
+    assert not any(jpeg_damaged(t) for t in tiles)
+    t, h = tiles[0], len(tiles[0]) // 2
+    assert jpeg_damaged(t[:h]) and jpeg_damaged(t[:-2] + b"\0\0")
+    assert jpeg_damaged(t[:h] + b"\xff\xc4" + t[h + 2:])  # a marker inside the scan

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 SCHEMA = "wsi-assist/report"
 SCHEMA_VERSION = "1.0"
 NOTICE = "Draft for research use; not a diagnosis"
+DAMAGED_DEFINITION = ("tiles whose compressed image data is damaged (cut short, a stray "
+                      "marker or a hole) but decodable; their pixels may be wrong")
 
 PACKAGES = ("wsi-assist", "numpy", "zarr", "shapely", "pillow", "tiffslide", "torch",
             "open_clip_torch", "transformers", "onnxruntime", "onnxruntime-gpu")
@@ -38,7 +40,9 @@ def qc(store: SlideStore, grid: TileGrid | None, empty_below: float) -> dict[str
     return {"tissue_area_mm2": None if tissue.area_um2 is None else tissue.area_um2 / 1e6,
             "n_tiles": n, "empty_tile_fraction": empty,
             "empty_tile_definition": f"tiles less than {empty_below:.0%} covered by tissue",
-            "tissue_background": tissue.background}
+            "tissue_background": tissue.background,
+            "damaged_tiles": store.read_damaged_tiles(),
+            "damaged_tile_definition": DAMAGED_DEFINITION}
 
 
 def composition(zs: ZeroShot | None, regions: list[ClassRegion]) -> dict[str, Any] | None:

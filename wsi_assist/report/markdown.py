@@ -36,7 +36,9 @@ def render(r: dict[str, Any]) -> str:
             f"| Tiles | {fmt(q['n_tiles'])} at {fmt(s['grid'].get('target_mpp'))} um/px |",
             f"| Tissue area | {fmt(q['tissue_area_mm2'])} mm^2 |",
             (f"| Empty tiles | {pct(q['empty_tile_fraction'])} "
-             f"({q['empty_tile_definition']}) |"), ""]
+             f"({q['empty_tile_definition']}) |"),
+            (f"| Damaged tiles | {fmt(q.get('damaged_tiles'))} "
+             f"({q.get('damaged_tile_definition') or 'not checked'}) |"), ""]
     out += _composition(r)
     out += _submodels(r)
     out += _gallery(r)
