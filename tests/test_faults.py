@@ -422,3 +422,44 @@ def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(tmp_path: Path) -> 
     t, h = tiles[0], len(tiles[0]) // 2
     assert jpeg_damaged(t[:h]) and jpeg_damaged(t[:-2] + b"\0\0")
     assert jpeg_damaged(t[:h] + b"\xff\xc4" + t[h + 2:])  # a marker inside the scan
+
+
+def test_what_a_user_meets_is_a_usage_error_before_any_slide(slides: list[Path],
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["run", str(slides[0]), "-o", str(out), "--pathclip", "/nope.pt"])
+    assert r.exit_code == 2 and "/nope.pt: model file not found" in r.stderr
+    assert not (out / "manifest.csv").exists() and not (out / "s0").exists()
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: bad\ntask: nonsense\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"submodels:\n  specs: [{spec}]\n")
+    r = runner.invoke(app, ["run", str(slides[0]), "-o", str(out), "--config", str(cfg)])
+    assert r.exit_code == 2 and f"{spec}: invalid sub-model spec" in r.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        r = runner.invoke(app, ["run", str(slides[0]), "-o", str(out), "--device", "cuda",
+                                *TILE])
+        assert r.exit_code == 2 and "no CUDA device" in r.stderr
+    r = runner.invoke(app, ["info", str(slides[0]), "--mpp", "-1"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide,mpp\ns0.svs,0.5\nnot-a-slide.svs,0.5\n")
+    r = runner.invoke(app, ["run", str(slides[0]), "-o", str(out), "--mpp-csv", str(table),
+                            *TILE])
+    assert r.exit_code == 0 and "not-a-slide.svs" in r.stderr and "match no input" in r.stderr
+
+
+def test_report_rebuilds_every_slide_of_out(slides: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("report:\n  pdf: false\n")
+    r = runner.invoke(app, ["run", str(slides[0]), str(slides[1]), "-o", str(out),
+                            "--config", str(cfg), "--stages", "tissue,tiles"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "s0" / "report.json").is_file() and (out / "s1" / "report.json").is_file()
+    r = runner.invoke(app, ["report", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "does not exist" in r.stderr

@@ -262,15 +262,16 @@ def test_stages_not_run_without_a_model(svs_slide: Path, tmp_path: Path,
     assert "WSI_ASSIST_PATHCLIP" in (g.skipped("zeroshot") or "")
 
 
-def test_missing_weights_fail_the_slide_with_the_file_named(svs_slide: Path,
-                                                            tmp_path: Path) -> None:
+def test_missing_weights_stop_the_run_before_any_slide(svs_slide: Path,
+                                                        tmp_path: Path) -> None:
     from wsi_assist.batch import run_batch
+    from wsi_assist.errors import ModelError
 
     missing = tmp_path / "pathclip-base.pt"
     cfg = config_mod.override(_config(tmp_path, "pathclip"), embed={"pathclip": str(missing)})
-    res = run_batch([svs_slide], tmp_path / "out", cfg)
-    assert res[0].status == "failed" and res[0].stage == "embed"
-    assert f"{missing}: model file not found" in res[0].error
+    with pytest.raises(ModelError, match=f"{missing}: model file not found"):
+        run_batch([svs_slide], tmp_path / "out", cfg)
+    assert not (tmp_path / "out" / "manifest.csv").exists()
 
 
 @pytest.mark.real_slides

@@ -360,7 +360,19 @@ def plan(inputs: list[Path], config: Config) -> BatchPlan:
     paths = find_slides(inputs)
     ids = slide_ids(paths, [p if p.is_dir() else p.parent for p in inputs])
     table = read_mpp_csv(Path(config.mpp.csv)) if config.mpp.csv else None
+    if table:
+        warn_unmatched(Path(str(config.mpp.csv)), table, paths)
     return BatchPlan(tuple(paths), ids, table)
+
+
+def warn_unmatched(csv_path: Path, table: dict[str, float], paths: list[Path]) -> list[str]:
+    """Log (and return) the rows of an mpp CSV that match no input slide, by name."""
+    known = {k for p in paths for k in (str(p), p.name, p.stem)}
+    unmatched = [k for k in table if k not in known]
+    if unmatched:
+        log.warning("%s: %d row(s) match no input slide: %s", csv_path, len(unmatched),
+                    ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else ""))
+    return unmatched
 
 
 class OutputsNotWritten(WsiAssistError):
@@ -371,6 +383,19 @@ class OutputsNotWritten(WsiAssistError):
         super().__init__("; ".join(problems))
         self.problems = problems
         self.results = results
+
+
+def slide_folders(paths: list[Path]) -> list[Path]:
+    """The slide folders to rebuild: each path that is one (holds slide.zarr), or every
+    slide folder inside a batch output folder; a WsiAssistError for a missing path."""
+    out: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise WsiAssistError(f"{p}: does not exist")
+        inner = [] if (p / "slide.zarr").is_dir() else sorted(
+            d for d in p.iterdir() if not d.name.startswith(".") and (d / "slide.zarr").is_dir())
+        out.extend(inner or [p])  # a folder with neither: the rebuild says what is missing
+    return out
 
 
 def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = False,
@@ -385,6 +410,7 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
     check_writable(out)
     remove_leftovers(out)
     p = plan(inputs, config)
+    stages.check_models(config, local=client is None or not config.parallelism.scheduler)
     try:
         config_mod.save(config, out / "config.yaml")
     except OSError as e:

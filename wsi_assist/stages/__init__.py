@@ -24,10 +24,10 @@ from wsi_assist.report.build import build_slide_outputs
 from wsi_assist.settings import Config, Section
 from wsi_assist.slide import SlideInfo
 from wsi_assist.stages import caption, embed, report, submodels, tiles, tissue, zeroshot
-from wsi_assist.stages.context import SlideContext, resolve_device
+from wsi_assist.stages.context import SlideContext, check_device, resolve_device
 from wsi_assist.store import SlideStore
 
-__all__ = ["REGISTRY", "STAGE_NAMES", "SlideContext", "Stage", "check_stage_names",
+__all__ = ["REGISTRY", "STAGE_NAMES", "SlideContext", "Stage", "check_models", "check_stage_names",
            "fingerprints", "rebuild_report", "resolve_device", "run_stages", "stage_table", "stages_to_run"]
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class Stage:
     #: Whether the stage can run with these sections (a model configured, ...); when
     #: not, it is recorded as "not run" with ``how_to_enable``, not as a failure.
     configured: Callable[..., bool] = lambda store, **sections: True
+    #: Called with the stage's sections once before any slide: raises a WsiAssistError
+    #: naming the file when a configured model is missing or broken.
+    check: Callable[..., None] = lambda **sections: None
 
 
 #: Per-slide values a stage may depend on, beyond the file itself and its config.
@@ -69,7 +72,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           how_to_enable="add 'tiles' to stages (after 'tissue')"),
     Stage("embed", embed.run, needs=("tiles",), sections=("embed",), slide_inputs=(),
           done=SlideStore.has_embeddings, how_to_enable=embed.HOW_TO_ENABLE,
-          configured=embed.configured),
+          configured=embed.configured, check=embed.check),
     Stage("zeroshot", zeroshot.run, needs=("embed",), sections=("zeroshot", "embed"),
           slide_inputs=(), done=SlideStore.has_zeroshot,
           how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
@@ -78,7 +81,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("submodels", submodels.run, needs=("tiles", "zeroshot"), sections=("submodels",),
           slide_inputs=(), done=lambda store: bool(store.read_submodels()),
           how_to_enable="list sub-model spec files (ONNX + YAML) under submodels.specs",
-          configured=submodels.configured),
+          configured=submodels.configured, check=submodels.check),
     Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
           sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,
           how_to_enable=caption.HOW_TO_ENABLE, configured=caption.configured),
@@ -99,6 +102,17 @@ def check_stage_names(names: Iterable[str]) -> None:
 
 def _sections(stage: Stage, config: Config) -> dict[str, Section]:
     return {name: config.section(name) for name in stage.sections}
+
+
+def check_models(config: Config, local: bool = True) -> None:
+    """Before any slide starts: every model the run's stages are configured with is there
+    (and sub-models load), and a CUDA device asked for exists (``local``: the slides run
+    on this machine, not on a scheduler's workers). A WsiAssistError says what is wrong."""
+    for name in config.stages:
+        stage = REGISTRY[name]
+        stage.check(**_sections(stage, config))
+    if local:
+        check_device(config.parallelism.device)
 
 
 def fingerprints(slide_fp: str, config: Config, info: SlideInfo) -> dict[str, str]:
