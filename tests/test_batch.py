@@ -185,6 +185,9 @@ def test_sigkill_then_resume_equals_clean_run(small_slides: list[Path], tmp_path
     assert killed_mid_run
     subprocess.run(_cli("run", str(src), "-o", str(crashed), "--quiet"), check=True)
     _assert_same(_results(clean), _results(crashed))
+    # the killed runs' work folders and temporary files are gone
+    assert not list((crashed / ".work").iterdir())
+    assert not [p for p in crashed.rglob(".*.tmp*")]
 
 
 @pytest.mark.slow
@@ -194,13 +197,18 @@ def test_concurrent_runs_never_share_a_slide(small_slides: list[Path], tmp_path:
     out.mkdir()
     procs = [subprocess.Popen(_cli("run", str(src), "-o", str(out), "--quiet"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for _ in range(2)]
+             for _ in range(3)]
     codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0, 0]
+    assert codes == [0, 0, 0]
     starts = [line.split("start ", 1)[1].split(" ")[0]
               for line in (out / "run.log").read_text().splitlines() if " start " in line]
     assert sorted(starts) == sorted(f"s{i}" for i in range(6))  # each slide processed once
     assert not list((out / ".locks").glob("*.lock"))
+    # the manifest written last describes OUT as it is: every slide done, its numbers
+    for row in manifest(out):
+        assert row["status"] in ("done", "skipped") and row["error"] == "", row
+        done = json.loads((out / row["slide_id"] / "done.json").read_text())
+        assert int(row["n_tiles"]) == done["n_tiles"]
 
 
 def test_stale_lock_from_dead_process_is_taken_over(tmp_path: Path) -> None:

@@ -262,15 +262,16 @@ def test_stages_not_run_without_a_model(svs_slide: Path, tmp_path: Path,
     assert "WSI_ASSIST_PATHCLIP" in (g.skipped("zeroshot") or "")
 
 
-def test_missing_weights_fail_the_slide_with_the_file_named(svs_slide: Path,
-                                                            tmp_path: Path) -> None:
+def test_missing_weights_stop_the_run_before_any_slide(svs_slide: Path,
+                                                        tmp_path: Path) -> None:
     from wsi_assist.batch import run_batch
+    from wsi_assist.errors import ModelError
 
     missing = tmp_path / "pathclip-base.pt"
     cfg = config_mod.override(_config(tmp_path, "pathclip"), embed={"pathclip": str(missing)})
-    res = run_batch([svs_slide], tmp_path / "out", cfg)
-    assert res[0].status == "failed" and res[0].stage == "embed"
-    assert f"{missing}: model file not found" in res[0].error
+    with pytest.raises(ModelError, match=f"{missing}: model file not found"):
+        run_batch([svs_slide], tmp_path / "out", cfg)
+    assert not (tmp_path / "out" / "manifest.csv").exists()
 
 
 @pytest.mark.real_slides
@@ -283,3 +284,18 @@ def test_embed_and_zeroshot_on_the_real_slides(shared_slides: Path, tiny_spec: s
     for r in res:
         assert r.status == "done", r.error
         _check_slide(tmp_path / "out", r.slide_id, tiny_spec, 0.5)
+
+
+def test_text_cache_defaults_to_out_never_the_home_cache(
+        svs_slide: Path, tiny_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    from wsi_assist.batch import run_batch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    res = run_batch([svs_slide], tmp_path / "out", _config(tmp_path, tiny_spec,
+                                                           cache_dir=None))
+    assert [r.status for r in res] == ["done"], res[0].error
+    assert list((tmp_path / "out" / ".cache" / "text-embeddings").glob("*.npz"))
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
+    assert zs.cache_dir(None) is None  # outside a batch: no cache unless one is named

@@ -7,6 +7,7 @@ stage and a one-line error, and the batch goes on.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -17,16 +18,24 @@ import shutil
 import time
 import traceback
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wsi_assist import __version__, files, locks, stages
 from wsi_assist import config as config_mod
-from wsi_assist.errors import WsiAssistError
+from wsi_assist.errors import WsiAssistError, in_words
 from wsi_assist.report.index import write_batch_outputs
 from wsi_assist.settings import Config
-from wsi_assist.slide import SlideInfo, describe, find_slides, mpp_for, read_mpp_csv
+from wsi_assist.slide import (
+    SlideInfo,
+    check_file,
+    describe,
+    find_slides,
+    mpp_for,
+    read_mpp_csv,
+)
 from wsi_assist.store import SlideStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,11 @@ class SlideResult:
     seconds: dict[str, float] = field(default_factory=dict)
     traceback: str = ""
     warnings: list[str] = field(default_factory=list)  # e.g. no tissue found
+    #: Stage fingerprints this run wanted (None when the slide failed before them) and
+    #: a digest of the done.json it last saw: :func:`as_out_is` compares them with what
+    #: OUT holds when the manifest is written.
+    want: dict[str, str] | None = None
+    seen: str = ""
 
     @property
     def tiles_per_s(self) -> float | None:
@@ -74,28 +88,54 @@ def safe_name(stem: str) -> str:
     return name[:120] or "slide"
 
 
+#: Names of the batch's own files in OUT, which a slide folder must not take.
+RESERVED = frozenset({"manifest.csv", "run.log", "config.yaml", "index.html", "summary.csv"})
+
+
 def slide_ids(paths: list[Path], roots: list[Path]) -> dict[Path, str]:
     """Unique, stable folder names: the stem, plus a short hash of the path relative to
-    its input root when two slides share a stem."""
+    its input root when two slides share a stem (of the shortest tail of their real
+    paths that tells them apart, when two inputs hold the same relative path)."""
     stems: dict[str, list[Path]] = {}
     for p in paths:
         stems.setdefault(safe_name(p.stem).casefold(), []).append(p)
     out: dict[Path, str] = {}
     for group in stems.values():
+        keys = _distinct_keys(group, roots) if len(group) > 1 else {}
         for p in group:
             name = safe_name(p.stem)
             if len(group) > 1:
-                rel = _relative_to_roots(p, roots)
-                name = f"{name}-{hashlib.sha256(rel.encode()).hexdigest()[:8]}"
+                name = f"{name}-{hashlib.sha256(keys[p].encode()).hexdigest()[:8]}"
+            if name.casefold() in RESERVED:
+                name += "-slide"
             out[p] = name
     return out
 
 
+def _distinct_keys(group: list[Path], roots: list[Path]) -> dict[Path, str]:
+    """A different string per path of ``group``, the same in every run with the same
+    inputs: the path relative to its input root where that is unique (what ids were
+    always made of), else the shortest tail of the real path that is."""
+    keys = {p: _relative_to_roots(p, roots) for p in group}
+    count = Counter(keys.values())
+    clash = [p for p in group if count[keys[p]] > 1]
+    if not clash:
+        return keys
+    taken = {keys[p] for p in group if count[keys[p]] == 1}
+    parts = {p: Path(os.path.realpath(p)).parts for p in clash}
+    for k in range(2, max(len(v) for v in parts.values()) + 1):
+        tails = {p: "/".join(parts[p][-k:]) for p in clash}
+        if len(set(tails.values())) == len(clash) and not taken & set(tails.values()):
+            return {**keys, **tails}
+    # the same file reached twice: tell the paths apart by their order
+    return {**keys, **{p: f"{os.path.realpath(p)}#{i}" for i, p in enumerate(clash)}}
+
+
 def _relative_to_roots(p: Path, roots: list[Path]) -> str:
-    rp = p.resolve()
+    rp = Path(os.path.realpath(p))  # never raises, even on a link loop
     for r in roots:
         try:
-            return rp.relative_to(r.resolve()).as_posix()
+            return rp.relative_to(os.path.realpath(r)).as_posix()
         except ValueError:
             continue
     return rp.as_posix()
@@ -118,6 +158,11 @@ def read_done(folder: Path) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
+WORK_DIR, work_dir = files.WORK_DIR, files.work_dir
+#: The error of a slide skipped because another run holds its lock.
+BUSY = "being processed by "
+
+
 def process_slide(path: Path, slide_id: str, out: Path, config: Config,
                   mpp_table: dict[str, float] | None = None, force: bool = False,
                   ) -> SlideResult:
@@ -125,30 +170,37 @@ def process_slide(path: Path, slide_id: str, out: Path, config: Config,
     result = SlideResult(path=str(path), slide_id=slide_id, status="done")
     final = inside(out, out / slide_id)
     lock: locks.Lock | str | None = None
+    phase = "open"  # what a failure outside the stages is reported as
     try:
+        check_file(path)  # before anything opens it: a FIFO would block the run
         fp = files.file_fingerprint(path)
         t0 = time.perf_counter()
         info = describe(path, mpp_override=mpp_for(path, config.mpp.override, mpp_table))
         result.seconds["open"] = time.perf_counter() - t0
-        want = stages.fingerprints(fp, config, info)
+        want = result.want = stages.fingerprints(fp, config, info)
         done = read_done(final)
+        result.seen = _digest(done)
         todo = stages.stages_to_run(done, want, config.stages, force)
         if not todo:
             return _skipped(result, done)
+        info.require_mpp()
+        phase = "write"
         lock = locks.acquire(inside(out, out / ".locks" / f"{slide_id}.lock"))
         if isinstance(lock, str):
-            result.status, result.error = "skipped", f"being processed by {lock}"
+            result.status, result.error = "skipped", f"{BUSY}{lock}"
             return result
         done = read_done(final)  # another run may have finished it meanwhile
+        result.seen = _digest(done)
         todo = stages.stages_to_run(done, want, config.stages, force)
         if not todo:
             return _skipped(result, done)
         log.info("start %s (%s): %s", slide_id, path, ", ".join(todo))
         _run_in_work_folder(path, slide_id, out, config, info, todo, done, want, fp, result)
+        result.seen = _digest(read_done(final))
     except Exception as e:  # one bad slide must not stop the batch
         result.status = "failed"
-        result.stage = getattr(e, "stage", "open")
-        result.error = _one_line(e, path)
+        result.stage = getattr(e, "stage", phase)
+        result.error = _one_line(e, path, out, result.stage)
         result.traceback = traceback.format_exc()
         log.error("%s failed in %s: %s", path, result.stage, result.error)
         TRACE_LOG.info("%s failed in %s:\n%s", path, result.stage, result.traceback)
@@ -158,22 +210,27 @@ def process_slide(path: Path, slide_id: str, out: Path, config: Config,
     return result
 
 
+def _digest(done: dict[str, Any] | None) -> str:
+    return "" if done is None else hashlib.sha256(
+        json.dumps(done, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
                         info: SlideInfo, todo: tuple[str, ...], done: dict[str, Any] | None,
                         want: dict[str, str], fp: str, result: SlideResult) -> None:
-    """Copy what is kept into a work folder, run ``todo`` there, swap it into place."""
+    """Copy what is kept into a work folder, run ``todo`` there, swap it into place.
+    An error outside the stages (preparing the folder, done.json, the swap) carries
+    ``stage = "write"``."""
     final = out / slide_id
-    work = inside(out, out / ".work" / f"{slide_id}.{os.getpid()}")
+    work = inside(out, work_dir(out) / slide_id)
     shutil.rmtree(work, ignore_errors=True)
-    work.parent.mkdir(parents=True, exist_ok=True)
     partial = done is not None and todo != config.stages and done.get("slide") == fp
     try:
-        info.require_mpp()
         if partial:
             shutil.copytree(final, work)
             (work / DONE_FILE).unlink(missing_ok=True)
         else:
-            work.mkdir()
+            work.mkdir(parents=True)
         store = SlideStore(work, mode="a" if partial else "w")
         store.write_slide(path, info.mpp, info.mpp_source, info.synthetic, fp, __version__,
                           layout=info.layout, channels=info.channels)
@@ -195,6 +252,10 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
             "summary": summary, "seconds": result.seconds, "n_tiles": n_tiles,
             "info": info.to_json(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _swap_into_place(work, final)
+    except Exception as e:
+        if not hasattr(e, "stage"):
+            e.stage = "write"  # type: ignore[attr-defined]
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -209,9 +270,14 @@ def _swap_into_place(work: Path, final: Path) -> None:
 
 
 def _skipped(result: SlideResult, done: dict[str, Any] | None) -> SlideResult:
-    result.status = "skipped"
+    """Skipped as done: with the tile count and stage seconds its done.json records."""
+    result.status, result.error, result.stage = "skipped", "", ""
     result.n_tiles = (done or {}).get("n_tiles")
     result.warnings = stage_warnings((done or {}).get("summary", {}))
+    seconds = (done or {}).get("seconds")
+    if isinstance(seconds, dict):
+        result.seconds = {k: float(v) for k, v in seconds.items()
+                          if isinstance(v, int | float)}
     return result
 
 
@@ -224,6 +290,26 @@ def stage_warnings(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def as_out_is(results: list[SlideResult], out: Path, config: Config) -> list[SlideResult]:
+    """The results brought up to what OUT holds now, for the manifest and the index:
+    a slide that another run finished meanwhile is ``skipped`` (done) with that run's
+    numbers, and one that another run was processing but left unfinished says so."""
+    for r in results:
+        if r.status == "done" or r.want is None:
+            continue
+        done = read_done(out / r.slide_id)
+        finished = done is not None and not stages.stages_to_run(done, r.want,
+                                                                 config.stages, False)
+        if finished and _digest(done) != r.seen:
+            _skipped(r, done)
+        elif (r.status == "skipped" and r.error.startswith(BUSY)
+              and locks.live_holder(out / ".locks" / f"{r.slide_id}.lock") is None):
+            r.status = "failed"
+            r.error = (f"{r.path}: another run ({r.error.removeprefix(BUSY)}) processed it "
+                       "but did not finish it; run again to retry")
+    return results
+
+
 def check_writable(out: Path) -> None:
     """Create ``out`` and write a probe file, or raise a WsiAssistError saying why not."""
     try:
@@ -233,7 +319,41 @@ def check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise WsiAssistError(f"{out}: output folder is not writable "
-                             f"({e.strerror or type(e).__name__})") from e
+                             f"({_os_reason(e, out)})") from e
+
+
+def _os_reason(e: OSError, out: Path) -> str:
+    """Why writing in ``out`` failed, naming the disk when it is full."""
+    if files.is_no_space(e):
+        return f"no space left on {files.disk_of(out)}"
+    return in_words(e)
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove what killed processes of this host left in OUT: their work folders
+    (``.work/<host>.<pid>``, and ``.work/<id>.<pid>`` of older versions when no live
+    lock covers them) and their temporary files; never what a live run is using."""
+    work = out / WORK_DIR
+    removed = files.remove_leftovers(work)
+    legacy = re.compile(r"^(?P<id>.+)\.(?P<pid>\d+)(?:\.old)?$")
+    for d in (list(work.iterdir()) if work.is_dir() else []):
+        m = legacy.match(d.name)  # a slide folder itself: <id>.<pid>/slide.zarr
+        if m is None or not (d / "slide.zarr").is_dir() or files.pid_alive(int(m["pid"])):
+            continue
+        holder = locks.live_holder(out / ".locks" / f"{m['id']}.lock")
+        if holder is not None and holder[1] == int(m["pid"]):
+            continue  # a live run of an older version on another host
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    cache = out / ".cache"
+    for folder in (out, cache, *(d for d in (cache.iterdir() if cache.is_dir() else [])
+                                  if d.is_dir())):
+        removed += files.remove_leftovers(folder, temp_files_only=True)
+    if removed:
+        log.info("removed %d leftovers of killed runs: %s", len(removed),
+                 ", ".join(str(p.relative_to(out)) for p in removed[:5])
+                 + (" ..." if len(removed) > 5 else ""))
+    return removed
 
 
 @dataclass(frozen=True)
@@ -247,13 +367,49 @@ class BatchPlan:
 
 def plan(inputs: list[Path], config: Config) -> BatchPlan:
     """Find slides and give them ids; raises WsiAssistError for unusable inputs."""
-    missing = [p for p in inputs if not p.exists()]
+    # a broken link or link loop exists as an entry: it fails as a slide, not the run
+    missing = [p for p in inputs if not os.path.lexists(p)]
     if missing:
         raise WsiAssistError(f"{missing[0]}: no such file or folder")
     paths = find_slides(inputs)
     ids = slide_ids(paths, [p if p.is_dir() else p.parent for p in inputs])
     table = read_mpp_csv(Path(config.mpp.csv)) if config.mpp.csv else None
+    if table:
+        warn_unmatched(Path(str(config.mpp.csv)), table, paths)
     return BatchPlan(tuple(paths), ids, table)
+
+
+def warn_unmatched(csv_path: Path, table: dict[str, float], paths: list[Path]) -> list[str]:
+    """Log (and return) the rows of an mpp CSV that match no input slide, by name."""
+    known = {k for p in paths for k in (str(p), p.name, p.stem)}
+    unmatched = [k for k in table if k not in known]
+    if unmatched:
+        log.warning("%s: %d row(s) match no input slide: %s", csv_path, len(unmatched),
+                    ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else ""))
+    return unmatched
+
+
+class OutputsNotWritten(WsiAssistError):
+    """The slides ran but manifest.csv (or the index) could not be written; ``results``
+    holds what the run did."""
+
+    def __init__(self, problems: list[str], results: list[SlideResult]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+        self.results = results
+
+
+def slide_folders(paths: list[Path]) -> list[Path]:
+    """The slide folders to rebuild: each path that is one (holds slide.zarr), or every
+    slide folder inside a batch output folder; a WsiAssistError for a missing path."""
+    out: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise WsiAssistError(f"{p}: does not exist")
+        inner = [] if (p / "slide.zarr").is_dir() else sorted(
+            d for d in p.iterdir() if not d.name.startswith(".") and (d / "slide.zarr").is_dir())
+        out.extend(inner or [p])  # a folder with neither: the rebuild says what is missing
+    return out
 
 
 def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = False,
@@ -262,11 +418,18 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
     """Process every slide of ``inputs`` into ``out``, locally or on a Dask ``client``.
 
     ``progress`` gets ``start(total)`` and ``advance(result)``; ``stop()`` returning True
-    stops before the next slide starts (Ctrl-C). Writes manifest.csv and config.yaml.
+    stops before the next slide starts (Ctrl-C). Writes manifest.csv and config.yaml;
+    raises OutputsNotWritten (with the results) when the manifest cannot be written.
     """
     check_writable(out)
+    remove_leftovers(out)
     p = plan(inputs, config)
-    config_mod.save(config, out / "config.yaml")
+    stages.check_models(config, local=client is None or not config.parallelism.scheduler)
+    try:
+        config_mod.save(config, out / "config.yaml")
+    except OSError as e:
+        raise WsiAssistError(f"{out / 'config.yaml'}: cannot write the effective config "
+                             f"({_os_reason(e, out)})") from e
     if progress is not None:
         progress.start(len(p.paths))
     results: list[SlideResult] = []
@@ -280,10 +443,27 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
                 progress.advance(r)
     else:
         results = _run_on_cluster(client, p, out, config, force, progress, stop)
+    with_pid = work_dir(out)
+    with contextlib.suppress(OSError):
+        with_pid.rmdir()  # empty unless a slide is still being written by this process
     order = {str(path): i for i, path in enumerate(p.paths)}
     results.sort(key=lambda r: order[r.path])
-    write_manifest(out / "manifest.csv", results)
-    write_batch_outputs(out, [r.row() for r in results])
+    results = as_out_is(results, out, config)
+    problems = []
+    try:
+        write_manifest(out / "manifest.csv", results)
+    except OSError as e:
+        kept = "the previous one is kept" if (out / "manifest.csv").exists() else \
+            "there is none"
+        problems.append(f"{out / 'manifest.csv'}: not written ({_os_reason(e, out)}); "
+                        f"{kept}")
+    try:
+        write_batch_outputs(out, [r.row() for r in results])
+    except OSError as e:
+        problems.append(f"{out / 'index.html'}, summary.csv: not written "
+                        f"({_os_reason(e, out)})")
+    if problems:
+        raise OutputsNotWritten(problems, results)
     return results
 
 
@@ -320,8 +500,13 @@ def write_manifest(path: Path, results: list[SlideResult]) -> None:
             w.writerow(r.row())
 
 
-def _one_line(e: BaseException, path: Path) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, WsiAssistError):
-        return msg
-    return f"{path}: {type(e).__name__}: {msg}"
+def _one_line(e: BaseException, path: Path, out: Path, stage: str) -> str:
+    """One line for the manifest: names the slide file, says what is wrong in words."""
+    if files.is_no_space(e):
+        what = "its results" if stage in ("open", "write") else f"its {stage} results"
+        return (f"{path}: no space left on the disk {files.disk_of(out)} while writing "
+                f"{what} to {out}")
+    msg = in_words(e, f"unexpected error in {stage} (details in run.log)")
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return msg if str(path) in msg else f"{path}: {msg}"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -145,6 +146,10 @@ class TiffUnits:
             import imagecodecs
 
             self._jpeg8 = imagecodecs.jpeg8_decode
+        #: JPEG chunks checked for damage libjpeg decodes through (see jpeg_damaged);
+        #: units holding a damaged one are added to ``damaged_units`` as they decode
+        self._check_jpeg = page.compression == 7 and self._header is None
+        self.damaged_units: set[tuple[int, int]] = set()
         self._offsets = page.dataoffsets
         self._counts = page.databytecounts
         self._fd = os.open(str(path), os.O_RDONLY)
@@ -223,13 +228,58 @@ class TiffUnits:
                 i = cy * self._ncols + ux
                 rows = buf[k * ch:k * ch + self.chunk_rows(i)]
                 if rgb:
-                    self.decode_chunk(self.read_chunk(i), i, rows)
+                    data = self.read_chunk(i)
+                    if self._check_jpeg and data is not None and jpeg_damaged(data):
+                        self.damaged_units.add((uy, ux))
+                    self.decode_chunk(data, i, rows)
                 else:
                     self.decode_planes(i, rows)
         except Exception as e:  # codec errors have no common base class
             raise SlideError(f"{self._where}: cannot decode chunk row {cy0}, column {ux}: "
                              f"{e}") from e
         return buf[: y1 - y0, : x1 - x0]
+
+
+#: This many zero bytes in a row inside JPEG scan data are a hole (unwritten or zeroed
+#: blocks): an encoder never emits 128 zero bits in a row.
+ZERO_RUN = bytes(16)
+#: 0xFF in scan data is followed by 0x00 (stuffing), a restart marker or a fill byte.
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def jpeg_damaged(data: bytes) -> bool:
+    """Whether one JPEG tile or strip is damaged in ways libjpeg decodes through with
+    only a warning ("Corrupt JPEG data: premature end of data segment", ...): no scan
+    header, no end-of-image marker (cut short, or padded with zeros), a stray marker
+    inside the scan data, or a hole of zero bytes in it. A few byte searches, no
+    decoding: bit errors that keep this structure intact are not seen."""
+    start = _scan_start(data)
+    if start is None:
+        return True
+    end = data.rfind(b"\xff\xd9")
+    if end < start or data[end + 2:].strip(b"\x00"):
+        return True
+    return data.find(ZERO_RUN, start, end) >= 0 or \
+        _MARKER_IN_SCAN.search(data, start, end) is not None
+
+
+def _scan_start(data: bytes) -> int | None:
+    """Offset of the entropy-coded data after the first start-of-scan header, or None."""
+    pos, n = 2, len(data)
+    if data[:2] != b"\xff\xd8":
+        return None
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:
+            return pos + 2 + length if pos + 2 + length <= n else None
+        pos += 2 + length
+    return None
 
 
 def jpeg_colorspaces(page: Any) -> tuple[int | None, int] | None:

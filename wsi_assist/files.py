@@ -4,10 +4,15 @@ YAML reading, where the shipped configs live, and one cache keyed by files' stat
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import socket
+import stat
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
@@ -20,10 +25,165 @@ log = logging.getLogger(__name__)
 V = TypeVar("V")
 
 
+def host() -> str:
+    """This machine's name, safe inside a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """``<host>.<pid>``: names what this process leaves behind, so that a later run
+    can tell its own dead leftovers (:func:`dead_owner`) from another live run's."""
+    return f"{host()}.{os.getpid() if pid is None else pid}"
+
+
+#: OUT's folder of per-process scratch folders.
+WORK_DIR = ".work"
+
+
+def work_dir(out: Path) -> Path:
+    """This process's scratch folder in OUT, ``OUT/.work/<host>.<pid>``: slides are
+    built there and swapped into place, Chromium keeps its temporary profile there;
+    what a killed process leaves is removed by the next run (:func:`remove_leftovers`)."""
+    return out / WORK_DIR / owner_tag()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_owner(name: str, temp_file: bool = False) -> bool:
+    """Whether ``name`` ends in this host's :func:`owner_tag` with a dead pid: a leftover
+    of a process killed here (names from other hosts are never dead here). With
+    ``temp_file``, only hidden :func:`temp_name` names count."""
+    me = re.escape(host())
+    pattern = (rf"^\..*\.{me}\.(\d+)\.tmp(?:\.[^.]*)?$" if temp_file
+               else rf"(?:^|\.){me}\.(\d+)(?:\.tmp(?:\.[^.]*)?)?$")
+    m = re.search(pattern, name)
+    return m is not None and not pid_alive(int(m.group(1)))
+
+
 def temp_name(path: Path) -> Path:
     """A hidden name beside ``path``, unique per process, keeping the suffix
-    (``report.pdf`` -> ``.report.<pid>.tmp.pdf``)."""
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    (``report.pdf`` -> ``.report.<host>.<pid>.tmp.pdf``)."""
+    return path.with_name(f".{path.stem}.{owner_tag()}.tmp{path.suffix}")
+
+
+def remove_leftovers(folder: Path, temp_files_only: bool = False) -> list[Path]:
+    """Remove what dead processes of this host left in ``folder`` (see
+    :func:`dead_owner`): work folders and temporary files, or with ``temp_files_only``
+    just hidden temporary files. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if not dead_owner(e.name, temp_file=temp_files_only):
+            continue
+        p = Path(e.path)
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError as err:
+            log.warning("%s: cannot remove leftover of a dead process (%s)", p,
+                        err.strerror or err)
+            continue
+        removed.append(p)
+    return removed
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a slide file, in words, or None when it is a
+    readable regular file. Never opens it: opening a FIFO blocks until a writer comes."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+        return "no such file"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself)"
+        return f"cannot be read ({e.strerror or 'unknown error'})"
+    mode = st.st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    for test, kind in kinds:
+        if test(mode):
+            return f"is {kind}, not a slide file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a full disk or exhausted quota."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
+def disk_of(path: Path) -> str:
+    """The mount point of the file system holding ``path`` (or its nearest existing
+    parent), e.g. ``/data``."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        dev = p.stat().st_dev
+        while p != p.parent and p.parent.stat().st_dev == dev:
+            p = p.parent
+    except OSError:
+        pass
+    return str(p)
+
+
+class QuietFileHandler(logging.FileHandler):
+    """A log file that never prints "--- Logging error ---" when it cannot be written
+    (a full disk): failed records are counted in ``failures`` and dropped."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=False)
+        self.failures = 0
+        self.last_error: BaseException | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        self.failures += 1
+        self.last_error = sys.exc_info()[1]
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self.failures += 1
+            self.last_error = e
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the last flush
+            self.failures += 1
+            self.last_error = e
 
 
 @contextlib.contextmanager
@@ -95,8 +255,11 @@ def configs_dir() -> Path:
 
 
 def file_fingerprint(path: Path) -> str:
-    """Size, mtime and a hash of the first MB: cheap, and changes when the file does."""
+    """Size, mtime and a hash of the first MB: cheap, and changes when the file does.
+    Refuses anything but a regular file before opening it (a FIFO would block)."""
     st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"{path}: {file_problem(path) or 'not a regular file'}")
     h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:".encode())
     with path.open("rb") as f:
         h.update(f.read(1 << 20))

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi_assist.files import pid_alive
+
 log = logging.getLogger(__name__)
 
 
@@ -43,10 +45,23 @@ def acquire(path: Path, stale_after: float = 24 * 3600) -> Lock | str:
                 path.unlink(missing_ok=True)
                 continue
             return f"host {holder[0]} pid {holder[1]}"
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": me[0], "pid": me[1], "since": time.time()}, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": me[0], "pid": me[1], "since": time.time()}, f)
+        except OSError:  # a full disk: no empty lock left behind to block others
+            path.unlink(missing_ok=True)
+            raise
         return Lock(path, *me)
     return "another process (lock changed hands repeatedly)"
+
+
+def live_holder(path: Path, stale_after: float = 24 * 3600) -> tuple[str, int] | None:
+    """(host, pid) of the process holding the lock at ``path``; None when the lock is
+    free or stale (its holder died)."""
+    holder = _read(path)
+    if holder is None or _is_stale(path, holder, stale_after):
+        return None
+    return holder
 
 
 def _read(path: Path) -> tuple[str, int] | None:
@@ -63,18 +78,8 @@ def _read(path: Path) -> tuple[str, int] | None:
 def _is_stale(path: Path, holder: tuple[str, int], stale_after: float) -> bool:
     host, pid = holder
     if host == socket.gethostname() and pid > 0:
-        return not _alive(pid)
+        return not pid_alive(pid)
     return time.time() - _mtime(path) > stale_after
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _mtime(path: Path) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,15 +39,22 @@ Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 @dataclass(frozen=True)
 class TileQC:
-    """Scores per grid tile, in grid order, and the tiles read per second."""
+    """Scores per grid tile, in grid order, and the tiles read per second. ``damaged``:
+    the tiles holding pixels of compressed data that is damaged but decodable (libjpeg
+    decodes through such data with a warning only), as grid rows."""
 
     background: np.ndarray
     focus: np.ndarray
     tiles_per_s: float
+    damaged: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
         if self.background.ndim != 1 or self.focus.shape != self.background.shape:
             raise ValueError("background and focus must be 1-D arrays of equal length")
+
+    @property
+    def n_damaged(self) -> int:
+        return len(self.damaged)
 
     def as_array(self) -> np.ndarray:
         """(N, 2) float32: background, focus."""
@@ -106,11 +113,14 @@ def tile_qc(batches: Iterable[TileBatch], n: int, score: Scorer = scores) -> Til
     tiles, a :class:`ChannelScores` for multichannel ones)."""
     background = np.full(n, np.nan, np.float32)
     focus = np.full(n, np.nan, np.float32)
+    damaged = np.zeros(n, bool)
     t = time.perf_counter()
     for b in batches:
         background[b.index], focus[b.index] = score(b.tiles)
+        if b.damaged is not None:
+            damaged[b.index] = b.damaged
     if np.isnan(background).any():
         raise ValueError(f"tile stream delivered {int((~np.isnan(background)).sum())} of "
                          f"{n} tiles")
     dt = time.perf_counter() - t
-    return TileQC(background, focus, n / dt if dt > 0 else 0.0)
+    return TileQC(background, focus, n / dt if dt > 0 else 0.0, np.flatnonzero(damaged))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
@@ -30,7 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from wsi_assist.errors import SlideError
+from wsi_assist.errors import SlideError, in_words
+from wsi_assist.files import file_problem
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +130,25 @@ class SlideInfo:
 
 
 def find_slides(paths: list[Path]) -> list[Path]:
-    """Files given directly, and slide files found recursively in folders, sorted."""
+    """Files given directly, and entries named like slides found recursively in folders,
+    sorted; each file once. Entries that are not regular files (a FIFO or a folder named
+    ``x.svs``, a link loop) are kept, so that the batch reports them instead of dropping
+    them silently; :func:`check_file` says what is wrong with them."""
     found: list[Path] = []
+    exts = SLIDE_EXTENSIONS + tuple(UNSUPPORTED)
     for p in paths:
         if p.is_dir():
-            exts = SLIDE_EXTENSIONS + tuple(UNSUPPORTED)
-            found.extend(sorted(f for f in p.rglob("*")
-                                if f.is_file() and f.suffix.lower() in exts))
+            found.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in exts))
         else:
             found.append(p)
-    return found
+    seen: set[str] = set()
+    unique = []
+    for f in found:
+        key = os.path.realpath(f)  # never raises, even on a link loop
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
 
 
 def open_slide(path: str | Path) -> Any:
@@ -145,16 +156,10 @@ def open_slide(path: str | Path) -> Any:
     import tiffslide
 
     path = Path(path)
+    check_file(path)
     reason = UNSUPPORTED.get(path.suffix.lower())
     if reason:
         raise SlideError(f"{path}: {reason}")
-    if not path.exists():
-        raise SlideError(f"{path}: no such file")
-    if path.is_dir():
-        raise SlideError(f"{path}: is a folder, not a slide file")
-    size = path.stat().st_size
-    if size == 0:
-        raise SlideError(f"{path}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -162,8 +167,17 @@ def open_slide(path: str | Path) -> Any:
             slide.properties
     except Exception as e:  # tifffile raises many types for malformed files
         raise SlideError(f"{path}: not a readable TIFF-based slide "
-                         f"({type(e).__name__}: {_first_line(e)})") from e
+                         f"({in_words(e, 'damaged or inconsistent TIFF structure')})") from e
     return slide
+
+
+def check_file(path: Path) -> None:
+    """SlideError naming ``path`` unless it is a non-empty regular file that can be read:
+    folders, FIFOs, sockets, devices, broken links and link loops are refused without
+    being opened (opening a FIFO blocks)."""
+    problem = file_problem(path)
+    if problem:
+        raise SlideError(f"{path}: {problem}")
 
 
 def describe(path: str | Path, mpp_override: float | None = None,
@@ -175,6 +189,8 @@ def describe(path: str | Path, mpp_override: float | None = None,
         info = _describe_open(slide, path, mpp_override)
         if check_pixels:
             check_readable(slide, path)
+    except ValueError as e:  # SlideInfo refusing what the file's tags say
+        raise SlideError(f"{path}: inconsistent slide description ({e})") from e
     finally:
         slide.close()
     return info
@@ -186,7 +202,7 @@ def _describe_open(slide: Any, path: Path, mpp_override: float | None) -> SlideI
         dims = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
         downsamples = tuple(float(d) for d in slide.level_downsamples)
     except Exception as e:
-        raise SlideError(f"{path}: cannot read the pyramid levels ({_first_line(e)})") from e
+        raise SlideError(f"{path}: cannot read the pyramid levels ({in_words(e)})") from e
     vendor = props.get("tiffslide.vendor")
     power = finite_float(props.get("tiffslide.objective-power"))
     mpp, source = resolve_mpp(slide, power, mpp_override)
@@ -317,7 +333,7 @@ def check_readable(slide: Any, path: Path) -> None:
             arr = slide.read_region((0, 0), level, (min(w, 64), min(h, 64)), as_array=True)
     except Exception as e:
         raise SlideError(f"{path}: pixel data cannot be decoded "
-                         f"({type(e).__name__}: {_first_line(e)})") from e
+                         f"({in_words(e, 'damaged or inconsistent image data')})") from e
     _check_not_truncated(slide, path)
     if slide_layout(slide) == "channels":
         if arr.ndim != 3 or str(arr.dtype) not in CHANNEL_DTYPES:
@@ -340,6 +356,13 @@ def _check_not_truncated(slide: Any, path: Path) -> None:
     except Exception:  # not all formats expose levels this way; pixels were checked anyway
         return
     for i, page in pages:
+        # tags whose values lie past the end of a cut file are dropped by tifffile, which
+        # then reads the level as zeros: no offsets at all is a truncated file too
+        expected = int(np.prod(getattr(page, "chunked", ()) or (0,)))
+        if expected and len(page.dataoffsets) < expected:
+            raise SlideError(f"{path}: file is truncated or damaged (level {i} has "
+                             f"{len(page.dataoffsets)} of its {expected} tile or strip "
+                             "offsets)")
         ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
         if ends and max(ends) > size:
             raise SlideError(f"{path}: file is truncated (level {i} data ends at byte "
@@ -492,5 +515,5 @@ def read_lowres(slide: Any, info: SlideInfo, target_mpp: float = 8.0,
                     block.round() if dtype.kind in "ui" else block)
     except Exception as e:
         raise SlideError(f"{info.path}: pixel data cannot be decoded at level {level} "
-                         f"({type(e).__name__}: {_first_line(e)})") from e
+                         f"({in_words(e, 'damaged or inconsistent image data')})") from e
     return out, float(ds_level * factor)

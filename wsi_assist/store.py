@@ -9,7 +9,7 @@ the zarr group by string. Per-tile arrays are row-aligned with ``coords``.
 | tissue | ``overview``, ``tissue_mask``, root attrs ``tissue_*``; ``tissue.geojson`` |
 | stains | root attr ``stain`` (kind, names, vectors, background, source, reason) |
 | grid | ``coords``, ``tissue_fraction``; root attrs (level, read_px, ...) |
-| thumbnail, qc | ``thumbnail``; ``tile_qc`` (N, 2: background, focus) |
+| thumbnail, qc | ``thumbnail``; ``tile_qc`` (N, 2: background, focus; attrs: damaged_tiles) |
 | embeddings | ``embeddings`` (N, D) float16, attrs model, model_sha256, ... |
 | zero-shot | ``zeroshot/{probs,top,uncertain}``, attrs classes, composition, ... |
 | sub-models | ``submodels/<name>/<array>``, attrs task, classes, counts, scores, ... |
@@ -52,6 +52,8 @@ TISSUE_MASK = "tissue_mask"
 STAIN = "stain"
 THUMBNAIL = "thumbnail"
 TILE_QC = "tile_qc"
+#: At most this many damaged tile rows are listed in ``tile_qc`` attrs.
+MAX_DAMAGED_ROWS = 1000
 EMBEDDINGS = "embeddings"
 ZEROSHOT = "zeroshot"
 ZS_PROBS, ZS_TOP, ZS_UNCERTAIN = "probs", "top", "uncertain"
@@ -356,10 +358,22 @@ class SlideStore:
         self._write(THUMBNAIL, image, rows_per_chunk=1024, downsample=downsample,
                     description="RGB thumbnail, pixels are `downsample` level-0 px wide")
 
-    def write_qc(self, scores: np.ndarray, names: list[str], description: str) -> None:
-        """Per-tile quality scores (N, len(names)) float32."""
+    def write_qc(self, scores: np.ndarray, names: list[str], description: str,
+                 damaged: np.ndarray | None = None) -> None:
+        """Per-tile quality scores (N, len(names)) float32; ``damaged``: grid rows of
+        tiles made from damaged but decodable compressed data (attrs ``damaged_tiles``,
+        the count, and ``damaged_rows``, the first :data:`MAX_DAMAGED_ROWS`)."""
+        rows = [] if damaged is None else [int(r) for r in damaged]
         self._write(TILE_QC, np.asarray(scores, np.float32), axes=["tile", "score"],
-                    scores=names, description=description)
+                    scores=names, description=description, damaged_tiles=len(rows),
+                    damaged_rows=rows[:MAX_DAMAGED_ROWS])
+
+    def read_damaged_tiles(self) -> int | None:
+        """How many tiles hold damaged compressed data (None: not recorded)."""
+        if TILE_QC not in self.group:
+            return None
+        n = _attrs(_array(self.group, TILE_QC)).get("damaged_tiles")
+        return int(n) if isinstance(n, int | float) else None
 
     def read_qc(self) -> dict[str, np.ndarray] | None:
         """Quality scores by name, or None before the ``tiles`` stage ran."""

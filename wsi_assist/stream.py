@@ -55,11 +55,14 @@ CHANNEL_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
 @dataclass(frozen=True)
 class TileBatch:
     """Rows ``index`` of the grid and their tiles: (N, tile_px, tile_px, 3) uint8 for
-    ``layout`` rgb; (N, tile_px, tile_px, C) of the slide's dtype for ``channels``."""
+    ``layout`` rgb; (N, tile_px, tile_px, C) of the slide's dtype for ``channels``.
+    ``damaged`` (N,) bool, when any is: the tile holds pixels of a compressed chunk
+    whose data is damaged but decodable (see :func:`chunks.jpeg_damaged`)."""
 
     index: np.ndarray
     tiles: np.ndarray
     layout: Layout = "rgb"
+    damaged: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.layout == "rgb":
@@ -141,6 +144,9 @@ class _Scatter:
         self.made, self.next_unit = -1, 0
         self.errors: list[BaseException] = []
         self.stopped = False
+        # units found damaged by the source (a set it fills while decoding) -> tiles
+        self.damaged_units: set[tuple[int, int]] = getattr(src, "damaged_units", set())
+        self.damaged = np.zeros(n, bool)
 
     def run(self, n_threads: int) -> Iterator[TileBatch]:
         workers = [threading.Thread(target=self._work, name=f"wsi-tiles-{i}", daemon=True)
@@ -158,9 +164,10 @@ class _Scatter:
                     if self.errors:
                         raise self.errors[0]
                     tiles = self.done.pop(b)
-                first = b * self.bs
-                yield TileBatch(index=np.arange(first, min(first + self.bs, n)), tiles=tiles,
-                                layout=self.layout)
+                first, last = b * self.bs, min((b + 1) * self.bs, n)
+                bad = self.damaged[first:last]
+                yield TileBatch(index=np.arange(first, last), tiles=tiles, layout=self.layout,
+                                damaged=bad.copy() if bad.any() else None)
                 del tiles
         finally:
             with self.batch_made:
@@ -201,6 +208,8 @@ class _Scatter:
                     uy, ux = self.units[k]
                     rows = rows_of[self.start[k]:self.start[k + 1]].tolist()
                     scatter(self.src.decode(uy, ux), rows, self.filling, bs)
+                    if self.damaged_units and (uy, ux) in self.damaged_units:
+                        self.damaged[[r[0] for r in rows]] = True
                     fed.extend(self.feeds[k])
                 with self.batch_made:
                     for b in fed:

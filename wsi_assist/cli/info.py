@@ -29,9 +29,17 @@ def info(
     from wsi_assist.errors import SlideError
     from wsi_assist.slide import describe, find_slides, mpp_for, read_mpp_csv
 
+    if mpp is not None and not mpp > 0:
+        typer.secho(f"error: --mpp must be a positive number of um per pixel, got {mpp:g}",
+                    err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
     with user_errors():
         table = read_mpp_csv(mpp_csv) if mpp_csv else None
     files = find_slides(paths)
+    if table and mpp_csv:
+        from wsi_assist.batch import warn_unmatched
+
+        warn_unmatched(mpp_csv, table, files)
     if not files:
         typer.secho("error: no slide files found in " + ", ".join(map(str, paths)), err=True)
         raise typer.Exit(2)

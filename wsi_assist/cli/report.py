@@ -13,7 +13,8 @@ from wsi_assist.cli.common import user_errors
 
 def report(
     slide_dirs: Annotated[list[Path], typer.Argument(help="Slide output folders "
-                                                          "(OUT/<slide-id>).")],
+                                                          "(OUT/<slide-id>), or OUT for "
+                                                          "all of its slides.")],
     config: opt.ConfigFile = None,
     pdf: Annotated[bool | None, typer.Option("--pdf/--no-pdf", help="Render report.pdf "
                                                                     "(default: config).")]
@@ -30,15 +31,16 @@ def report(
     import csv
 
     from wsi_assist import config as config_mod
-    from wsi_assist.batch import read_done
+    from wsi_assist.batch import read_done, slide_folders
     from wsi_assist.report.index import write_batch_outputs
     from wsi_assist.stages import rebuild_report
 
     configs: dict[Path, config_mod.Config] = {}
     done_in: dict[Path, None] = {}  # output folders with a rebuilt slide, in order
     with user_errors():
+        folders = slide_folders(slide_dirs)
         try:
-            for d in slide_dirs:
+            for d in folders:
                 cfg = configs.get(d.parent)
                 if cfg is None:
                     run_cfg = d.parent / "config.yaml"

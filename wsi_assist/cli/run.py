@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import typer
 
 from wsi_assist.cli import options as opt
 from wsi_assist.cli.common import user_errors
+from wsi_assist.files import QuietFileHandler, remove_leftovers, work_dir
 
 if TYPE_CHECKING:
     from dask.distributed import Client, LocalCluster
@@ -81,26 +84,36 @@ def execute(inputs: list[Path], out: Path, config_file: Path | None, *, stages: 
         if stages:
             cfg = config.from_dict({**cfg.to_dict(), "stages": stages}, "--stages")
         batch.check_writable(out)
-    handler = _log_to_file(out / "run.log")
+        handler = _log_to_file(out / "run.log")
     if quiet:  # the console only; run.log keeps everything
         for h in logging.getLogger().handlers:
             if h is not handler:
                 h.setLevel(logging.WARNING)
     stop = _StopOnInterrupt()
     progress = BatchProgress(live=sys.stderr.isatty(), quiet=quiet)
+    problems: list[str] = []
     try:
-        with user_errors(), _client(cfg) as client:
-            results = batch.run_batch(inputs, out, cfg, force=force, client=client,
-                                      progress=progress, stop=stop)
+        with user_errors(), _client(cfg, out) as client:
+            try:
+                results = batch.run_batch(inputs, out, cfg, force=force, client=client,
+                                          progress=progress, stop=stop)
+            except batch.OutputsNotWritten as e:
+                results = e.results
+                problems += e.problems
     finally:
         progress.close()
         stop.restore()
         logging.getLogger().removeHandler(handler)
         handler.close()
-    _summarise(results, out, stop.requested)
+    if handler.failures:
+        reason = getattr(handler.last_error, "strerror", None) or "cannot write"
+        problems.append(f"{out / 'run.log'}: {handler.failures} log messages not written "
+                        f"({reason})")
+    _summarise(results, out, stop.requested, problems)
 
 
-def _summarise(results: list[Any], out: Path, interrupted: bool) -> None:
+def _summarise(results: list[Any], out: Path, interrupted: bool,
+               problems: list[str] | None = None) -> None:
     failed = [r for r in results if r.status == "failed"]
     done = sum(r.status == "done" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
@@ -110,6 +123,10 @@ def _summarise(results: list[Any], out: Path, interrupted: bool) -> None:
     for r in results:
         for w in getattr(r, "warnings", []):
             typer.secho(f"warning [{r.slide_id}]: {w}", err=True, fg=typer.colors.YELLOW)
+    for p in problems or []:
+        typer.secho(f"error: {p}", err=True, fg=typer.colors.RED)
+    if problems and not interrupted and results:
+        raise typer.Exit(1)
     if interrupted:
         typer.secho("interrupted: finished slides are kept; run the same command again to "
                     "resume", err=True)
@@ -145,8 +162,15 @@ class _StopOnInterrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _log_to_file(path: Path) -> logging.Handler:
-    h = logging.FileHandler(path, encoding="utf-8")
+def _log_to_file(path: Path) -> QuietFileHandler:
+    """run.log, everything at DEBUG and above; records it cannot write (a full disk) are
+    counted, not printed as "--- Logging error ---"."""
+    from wsi_assist.errors import WsiAssistError
+
+    try:
+        h = QuietFileHandler(path)
+    except OSError as e:
+        raise WsiAssistError(f"{path}: cannot write the run log ({e.strerror})") from e
     h.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: "
                                      "%(message)s"))
     h.setLevel(logging.DEBUG)
@@ -160,10 +184,11 @@ def _log_to_file(path: Path) -> logging.Handler:
 class _client:
     """A Dask client for ``--scheduler`` or ``--workers N`` (N > 1), else None."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, out: Path) -> None:
         self.cfg = cfg.parallelism
         self.client: Client | None = None
         self.cluster: LocalCluster | None = None
+        self.scratch = work_dir(out) / "dask"  # workers' spill folder: inside OUT
 
     def __enter__(self) -> Any:
         from wsi_assist.errors import WsiAssistError
@@ -177,11 +202,14 @@ class _client:
                 raise WsiAssistError(f"cannot reach the Dask scheduler at "
                                      f"{self.cfg.scheduler!r} ({e})") from e
         elif self.cfg.workers > 1:
+            import dask
             from dask.distributed import Client, LocalCluster
 
+            dask.config.set({"temporary-directory": str(self.scratch)})
             self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1,
                                         processes=True, host="127.0.0.1",
-                                        dashboard_address=None)
+                                        dashboard_address=None,
+                                        local_directory=str(self.scratch))
             self.client = Client(self.cluster)
         return self.client
 
@@ -190,3 +218,7 @@ class _client:
             self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.scratch.parent.rmdir()
+            remove_leftovers(self.scratch.parent.parent)  # the workers' own folders

@@ -4,7 +4,8 @@ A prompt set (``configs/prompts/*.yaml``) lists classes; each class has a colour
 either explicit ``prompts`` or ``names`` put into the set's ``templates`` (both may be
 given). A class's text embedding is the renormalised mean of its prompts' embeddings
 (CLIP prompt ensembling); probabilities are ``softmax(logit_scale * cosine)``. Text
-embeddings are cached on disk per (model SHA-256, prompt-set SHA-256).
+embeddings are cached on disk per (model SHA-256, prompt-set SHA-256) in the folder
+given (the batch: ``zeroshot.cache_dir``, else ``OUT/.cache/text-embeddings``).
 """
 
 from __future__ import annotations
@@ -143,12 +144,10 @@ class TextEmbeddings:
     logit_scale: float
 
 
-def cache_dir(configured: str | None = None) -> Path:
-    """Where text embeddings are cached: configured, else ``$XDG_CACHE_HOME/wsi-assist``."""
-    if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "wsi-assist" / "text-embeddings"
+def cache_dir(configured: str | Path | None = None) -> Path | None:
+    """Where text embeddings are cached: the folder given, else nowhere (the batch gives
+    ``OUT/.cache/text-embeddings``; nothing is written outside OUT unless asked)."""
+    return Path(configured).expanduser() if configured else None
 
 
 def cache_path(model_sha256: str, prompts: PromptSet, directory: Path) -> Path:
@@ -165,7 +164,7 @@ def class_embeddings(text_emb: np.ndarray, counts: list[int]) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def text_embeddings(model: Any, prompts: PromptSet, *, cache: str | None = None,
+def text_embeddings(model: Any, prompts: PromptSet, *, cache: str | Path | None = None,
                     model_sha256: str | None = None, device: str = "cpu") -> TextEmbeddings:
     """Class embeddings for ``prompts``, from the cache when the model's SHA is known.
 
@@ -174,7 +173,7 @@ def text_embeddings(model: Any, prompts: PromptSet, *, cache: str | None = None,
     from wsi_assist.models import pathclip
 
     directory = cache_dir(cache)
-    if model_sha256 is not None:
+    if model_sha256 is not None and directory is not None:
         hit = _read_cache(cache_path(model_sha256, prompts, directory))
         if hit is not None:
             return hit
@@ -186,7 +185,8 @@ def text_embeddings(model: Any, prompts: PromptSet, *, cache: str | None = None,
     emb = pathclip.encode_text(lm, texts)
     result = TextEmbeddings(class_embeddings(emb, [len(c.prompts) for c in prompts.classes]),
                             lm.logit_scale)
-    _write_cache(cache_path(lm.sha256, prompts, directory), result)
+    if directory is not None:
+        _write_cache(cache_path(lm.sha256, prompts, directory), result)
     return result
 
 

@@ -28,10 +28,12 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
                         stages: dict[str, dict[str, str]], config_hash: str,
                         slide_id: str | None = None, info: dict[str, Any] | None = None,
                         slide_path: Path | None = None,
-                        seconds: dict[str, float] | None = None) -> dict[str, Any]:
+                        seconds: dict[str, float] | None = None,
+                        scratch: Path | None = None) -> dict[str, Any]:
     """Aggregate the slide's stored findings; write its annotations, pictures and
     reports into the slide folder. ``stages``: the status of each stage (done, or not
-    run and how to enable it). Returns a short summary."""
+    run and how to enable it); ``scratch``: a folder for Chromium's temporary files
+    (default: the slide folder). Returns a short summary."""
     out_dir = store.folder
     slide_id = slide_id or out_dir.name
     overview = store.read_overview()
@@ -72,7 +74,7 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
     files.write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False))
     files.write_text(out_dir / "report.md", markdown.render(report))
     files.write_text(out_dir / "report.html", html.render(report, out_dir))
-    pdf_note = pdf.write_pdf(out_dir / "report.html", out_dir / "report.pdf") \
+    pdf_note = pdf.write_pdf(out_dir / "report.html", out_dir / "report.pdf", scratch) \
         if params.pdf else "disabled (report.pdf: false)"
     return {"annotations": n_feats, "regions": sum(not r.geometry.is_empty for r in regions),
             "heatmaps": len(pics["heatmaps"]), "pdf": pdf_note}

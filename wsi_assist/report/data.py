@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 SCHEMA = "wsi-assist/report"
 SCHEMA_VERSION = "1.1"
 NOTICE = "Draft for research use; not a diagnosis"
+DAMAGED_DEFINITION = ("tiles whose compressed image data is damaged (cut short, a stray "
+                      "marker or a hole) but decodable; their pixels may be wrong")
 
 PACKAGES = ("wsi-assist", "numpy", "zarr", "shapely", "pillow", "tiffslide", "torch",
             "open_clip_torch", "transformers", "onnxruntime", "onnxruntime-gpu")
@@ -43,7 +45,9 @@ def qc(store: SlideStore, grid: TileGrid | None, empty_below: float) -> dict[str
             "n_tiles": n, "empty_tile_fraction": empty,
             "empty_tile_definition": f"tiles less than {empty_below:.0%} covered by tissue",
             "tissue_background": tissue.background, "tissue_method": tissue.method,
-            "tissue_threshold": finite_float(tissue.threshold), "warnings": warnings}
+            "tissue_threshold": finite_float(tissue.threshold), "warnings": warnings,
+            "damaged_tiles": store.read_damaged_tiles(),
+            "damaged_tile_definition": DAMAGED_DEFINITION}
 
 
 def stain(store: SlideStore) -> dict[str, Any] | None:

@@ -40,7 +40,9 @@ def render(r: dict[str, Any]) -> str:
             f"| Tissue area | {fmt(q['tissue_area_mm2'])} mm^2 |",
             (f"| Empty tiles | {pct(q['empty_tile_fraction'])} "
              f"({q['empty_tile_definition']}) |"),
-            f"| Image type | {stain_label(r.get('stain'))} |", ""]
+            f"| Image type | {stain_label(r.get('stain'))} |",
+            (f"| Damaged tiles | {fmt(q.get('damaged_tiles'))} "
+             f"({q.get('damaged_tile_definition') or 'not checked'}) |"), ""]
     out += _stain(r)
     out += _composition(r)
     out += _submodels(r)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +19,12 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--hide-scrollbars", "--no-pdf-header-footer")
 
 
+#: Environment variables pointed into Chromium's scratch folder, and their sub-folders.
+CHROMIUM_DIRS = {"HOME": "home", "XDG_CONFIG_HOME": "config", "XDG_CACHE_HOME": "cache",
+                 "XDG_DATA_HOME": "data", "XDG_STATE_HOME": "state",
+                 "XDG_RUNTIME_DIR": "runtime", "TMPDIR": "tmp"}
+
+
 def find_browser() -> str | None:
     """Path of a Chromium executable, or None."""
     for name in BROWSERS:
@@ -27,30 +34,44 @@ def find_browser() -> str | None:
     return None
 
 
-def chromium(args: list[str], html: Path, timeout: float = 120.0
-             ) -> subprocess.CompletedProcess[str]:
-    """Run headless Chromium on ``html`` with ``args`` and a fresh profile folder."""
+def chromium(args: list[str], html: Path, timeout: float = 120.0,
+             scratch: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run headless Chromium on ``html`` with ``args`` (absolute paths). Its profile,
+    HOME, XDG folders and TMPDIR are a fresh folder inside ``scratch`` (default: beside
+    ``html``), removed afterwards: it writes nothing elsewhere (~/.config, ~/.cache/dconf,
+    /tmp)."""
     exe = find_browser()
     if exe is None:
         raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
-    with tempfile.TemporaryDirectory(prefix="wsi-assist-chromium-") as profile:
-        cmd = [exe, *FLAGS, f"--user-data-dir={profile}", *args, html.resolve().as_uri()]
+    base = scratch if scratch is not None else html.parent
+    base.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".chromium-", dir=base) as tmp:
+        root = Path(tmp).resolve()
+        env = {**os.environ, **{var: str(root / sub) for var, sub in CHROMIUM_DIRS.items()}}
+        # relative, from cwd=root: Chromium binds a Unix socket (a 108-byte path at most)
+        # in $TMPDIR, which a deep OUT would make too long
+        env["TMPDIR"] = CHROMIUM_DIRS["TMPDIR"]
+        for sub in CHROMIUM_DIRS.values():
+            (root / sub).mkdir(mode=0o700)
+        cmd = [exe, *FLAGS, f"--user-data-dir={root / 'profile'}",
+               f"--crash-dumps-dir={root / 'crash'}", *args, html.resolve().as_uri()]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+                              check=False, env=env, cwd=root)
 
 
 class _NoPdf(Exception):
     """Chromium ran but wrote no PDF; the message is the note to return."""
 
 
-def write_pdf(html: Path, pdf: Path) -> str:
-    """Print ``html`` to ``pdf``; returns a note ("written", or why it was skipped)."""
+def write_pdf(html: Path, pdf: Path, scratch: Path | None = None) -> str:
+    """Print ``html`` to ``pdf``; returns a note ("written", or why it was skipped).
+    ``scratch``: where Chromium's temporary folder goes (see :func:`chromium`)."""
     if find_browser() is None:
         log.info("report.pdf skipped: chromium is not installed")
         return "skipped: chromium not installed"
     try:
         with atomic_path(pdf) as tmp:
-            res = chromium([f"--print-to-pdf={tmp.resolve()}"], html)
+            res = chromium([f"--print-to-pdf={tmp.resolve()}"], html, scratch=scratch)
             if res.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
                 tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
                 log.warning("report.pdf not written: chromium exit %s: %s", res.returncode,

@@ -25,16 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from wsi_assist.errors import StageSkipped
+from wsi_assist.files import work_dir
 from wsi_assist.report.build import build_slide_outputs
 from wsi_assist.settings import Config, Section
 from wsi_assist.slide import SlideInfo
 from wsi_assist.stages import caption, embed, report, submodels, tiles, tissue, zeroshot
-from wsi_assist.stages.context import SlideContext, resolve_device
+from wsi_assist.stages.context import SlideContext, check_device, resolve_device
 from wsi_assist.store import SlideStore
 
-__all__ = ["REGISTRY", "STAGE_NAMES", "SlideContext", "Stage", "check_stage_names",
-           "fingerprints", "not_rgb_reason", "rebuild_report", "resolve_device", "run_stages",
-           "stage_table", "stages_to_run"]
+__all__ = ["REGISTRY", "STAGE_NAMES", "SlideContext", "Stage", "check_models",
+           "check_stage_names", "fingerprints", "not_rgb_reason", "rebuild_report",
+           "resolve_device", "run_stages", "stage_table", "stages_to_run"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Stage:
     configured: Callable[..., bool] = lambda store, **sections: True
     #: Whether the stage needs RGB brightfield tiles (not run on multichannel slides).
     rgb_only: bool = False
+    #: Called with the stage's sections once before any slide: raises a WsiAssistError
+    #: naming the file when a configured model is missing or broken.
+    check: Callable[..., None] = lambda **sections: None
 
 
 #: Per-slide values a stage may depend on, beyond the file itself and its config.
@@ -80,7 +84,8 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           how_to_enable="add 'tiles' to stages (after 'tissue')"),
     Stage("embed", embed.run, needs=("tiles",), sections=("embed",), slide_inputs=(),
           done=SlideStore.has_embeddings, how_to_enable=embed.HOW_TO_ENABLE,
-          configured=embed.configured, rgb_only=True),
+          configured=embed.configured, rgb_only=True,
+          check=embed.check),
     Stage("zeroshot", zeroshot.run, needs=("embed",), sections=("zeroshot", "embed"),
           slide_inputs=(), done=SlideStore.has_zeroshot,
           how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
@@ -90,7 +95,8 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("submodels", submodels.run, needs=("tiles", "zeroshot"), sections=("submodels",),
           slide_inputs=(), done=lambda store: bool(store.read_submodels()),
           how_to_enable="list sub-model spec files (ONNX + YAML) under submodels.specs",
-          configured=submodels.configured, rgb_only=True),
+          configured=submodels.configured, rgb_only=True,
+          check=submodels.check),
     Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
           sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,
           how_to_enable=caption.HOW_TO_ENABLE, configured=caption.configured,
@@ -118,6 +124,17 @@ def not_rgb_reason(stage: str, n_channels: int) -> str:
     """Why an RGB-only stage does not run on a multichannel slide."""
     return (f"fluorescence / multichannel image ({n_channels} channels); {stage} needs "
             "RGB brightfield tiles")
+
+
+def check_models(config: Config, local: bool = True) -> None:
+    """Before any slide starts: every model the run's stages are configured with is there
+    (and sub-models load), and a CUDA device asked for exists (``local``: the slides run
+    on this machine, not on a scheduler's workers). A WsiAssistError says what is wrong."""
+    for name in config.stages:
+        stage = REGISTRY[name]
+        stage.check(**_sections(stage, config))
+    if local:
+        check_device(config.parallelism.device)
 
 
 def fingerprints(slide_fp: str, config: Config, info: SlideInfo) -> dict[str, str]:
@@ -182,7 +199,8 @@ def rebuild_report(folder: Path, config: Config, info: dict[str, Any] | None = N
     store = SlideStore(folder, mode="r")
     return build_slide_outputs(store, config.report, stages=stage_table(store),
                                config_hash=config.section_hash(), slide_id=folder.name,
-                               info=info, seconds=seconds)
+                               info=info, seconds=seconds,
+                               scratch=work_dir(folder.resolve().parent))
 
 
 def stage_table(store: SlideStore) -> dict[str, dict[str, str]]:

@@ -58,3 +58,21 @@ def resolve_device(spec: str) -> str:
     except ImportError:
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(spec: str) -> None:
+    """A WsiAssistError when ``spec`` asks for a CUDA device this machine does not have."""
+    if not spec.startswith("cuda"):
+        return
+    from wsi_assist.errors import ConfigError
+
+    try:
+        import torch
+    except ImportError as e:
+        raise ConfigError(f"--device {spec}: torch is not installed") from e
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+    if index >= count:
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise ConfigError(f"--device {spec}: this machine has {have}; use --device cpu, "
+                          "auto, or an existing cuda:N")

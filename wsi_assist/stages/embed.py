@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from wsi_assist.errors import StageSkipped
+from wsi_assist.errors import ModelError, StageSkipped
 from wsi_assist.models.embed import embed_batches, make_encoder, used_precision
 from wsi_assist.models.pathclip import configured_spec
 from wsi_assist.settings import EmbedParams
@@ -22,6 +22,14 @@ HOW_TO_ENABLE = ("no PathCLIP weights configured: set embed.pathclip (or pass --
 def configured(store: SlideStore, embed: EmbedParams) -> bool:
     """An embedding model is configured (PathCLIP weights, or another spec)."""
     return configured_spec(embed) is not None
+
+
+def check(embed: EmbedParams) -> None:
+    """The configured weights file exists (loading it is left to the stage: it is large)."""
+    spec = configured_spec(embed)
+    if spec is not None and spec.weights is not None and not spec.weights.is_file():
+        raise ModelError(f"{spec.weights}: model file not found (embed.pathclip, "
+                         "--pathclip or WSI_ASSIST_PATHCLIP)")
 
 
 def run(slide: SlideContext, embed: EmbedParams) -> dict[str, Any]:

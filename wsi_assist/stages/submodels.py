@@ -33,6 +33,12 @@ def configured(store: SlideStore, submodels: SubmodelParams) -> bool:
     return bool(submodels.specs)
 
 
+def check(submodels: SubmodelParams) -> None:
+    """Every listed spec reads, and its model loads and agrees with it (on the CPU)."""
+    for entry in submodels.specs:
+        get_submodel(resolve_spec_path(entry), ["CPUExecutionProvider"])
+
+
 def run(slide: SlideContext, submodels: SubmodelParams) -> dict[str, Any]:
     """Run the sub-models whose input suits the slide; store each one's findings."""
     providers = choose_providers(submodels.providers, slide.device)

@@ -54,9 +54,14 @@ def run(slide: SlideContext, tiling: TilingParams, outputs: OutputParams,
                                "delivered_mpp": g.delivered_mpp}
     if len(g):
         scores = qc.tile_qc(slide.stream(g), len(g), score)
-        store.write_qc(scores.as_array(), ["background", "focus"], description)
+        store.write_qc(scores.as_array(), ["background", "focus"], description,
+                       damaged=scores.damaged)
         summary |= {"tiles_per_s": round(scores.tiles_per_s, 1),
                     "median_focus": round(float(np.median(scores.focus)), 1),
-                    "median_background": round(float(np.median(scores.background)), 3)}
+                    "median_background": round(float(np.median(scores.background)), 3),
+                    "damaged_tiles": scores.n_damaged}
+        if scores.n_damaged:
+            log.warning("%s: %d of %d tiles hold damaged image data (decoded anyway; "
+                        "see damaged_rows in tile_qc)", slide.path, scores.n_damaged, len(g))
     return summary
 

@@ -27,8 +27,10 @@ def run(slide: SlideContext, zeroshot: ZeroShotParams, embed: EmbedParams) -> di
         raise WsiAssistError(f"{slide.path}: slide.zarr has no embeddings; run 'embed' first")
     prompts = zs_mod.load_prompt_set(zeroshot.prompts)
     spec = configured_spec(embed)
+    cache = zeroshot.cache_dir or (None if slide.out_root is None else
+                                   slide.out_root / ".cache" / "text-embeddings")
     text = zs_mod.text_embeddings(spec if spec is not None else emb.model, prompts,
-                                  cache=zeroshot.cache_dir, device=slide.device,
+                                  cache=cache, device=slide.device,
                                   model_sha256=emb.model_sha256)
     probs = zs_mod.classify(emb.vectors, text)
     top = probs.argmax(axis=1).astype(np.int16) if len(probs) else np.zeros(0, np.int16)
