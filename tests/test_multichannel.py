@@ -324,9 +324,10 @@ def qc_key() -> str:
 def test_cli_run_records_rgb_only_stages_as_not_run(slides: dict[str, Path],
                                                     tmp_path: Path) -> None:
     """The full default stage list on a multichannel slide: done, with embed and the
-    rest not run for the fluorescence reason (whether or not weights are configured)."""
+    rest not run for the fluorescence reason (not for lack of weights). A configured
+    model that is missing is a usage error before any slide (tests/test_faults.py)."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("report:\n  pdf: false\nembed:\n  pathclip: /nonexistent/pathclip.pt\n")
+    cfg.write_text("report:\n  pdf: false\n")
     out = tmp_path / "out"
     r = runner.invoke(app, ["run", str(slides["ome5-uint16"]), "-o", str(out),
                             "--config", str(cfg), "--device", "cpu"])
