@@ -75,6 +75,51 @@ class TileGrid:
         s = self.size_l0
         return shapely.box(x, y, x + s, y + s)
 
+    def blocks(self, cells: int, halo_px: int) -> tuple[TileGrid, np.ndarray]:
+        """The tiles grouped into blocks of ``cells`` x ``cells`` grid cells, each grown
+        by ``halo_px`` delivered pixels on every side (read from the same level, white off
+        the slide), for analyses that need context around every tile; and, per tile,
+        the row of its block. A block covers all its tiles entirely; its halo in level
+        pixels is rounded, so its delivered mpp may differ slightly (it is recorded)."""
+        if cells < 1 or halo_px < 0:
+            raise ValueError(f"cells must be >= 1 and halo_px >= 0, got {cells!r}, "
+                             f"{halo_px!r}")
+        s, r = self.stride_px, self.read_px
+        xy = self.level_coords()
+        corner, block_of = np.unique(xy // s // cells, axis=0, return_inverse=True)
+        order = np.lexsort((corner[:, 0], corner[:, 1]))  # row by row
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        read_b = (cells - 1) * s + r
+        tile_b = max(1, int(round(read_b * self.tile_px / r)))
+        halo_read = int(round(halo_px * read_b / tile_b))
+        read, tile = read_b + 2 * halo_read, tile_b + 2 * halo_px
+        level_xy = corner[order].reshape(-1, 2) * cells * s - halo_read
+        level_mpp = self.delivered_mpp * self.tile_px / r
+        grid = TileGrid(coords=np.rint(level_xy * self.level_downsample).astype(np.int64),
+                        tissue_fraction=np.bincount(rank[block_of.ravel()],
+                                                    self.tissue_fraction,
+                                                    minlength=len(order)).astype(np.float32),
+                        level=self.level, level_downsample=self.level_downsample,
+                        read_px=read, stride_px=cells * s, tile_px=tile,
+                        target_mpp=self.target_mpp, mpp=self.mpp,
+                        delivered_mpp=level_mpp * read / tile,
+                        level_dimensions=self.level_dimensions)
+        return grid, rank[block_of.ravel()]
+
+    def cores(self) -> np.ndarray:
+        """(N, 4) level-0 boxes x0, y0, x1, y1 that partition the tiles' union: each
+        tile's grid cell (stride x stride), reaching to the tile's far edge where no
+        tile follows it (so overlapping tiles share no area and none is lost)."""
+        xy = self.level_coords()
+        s, r = self.stride_px, self.read_px
+        keys = {(int(x), int(y)) for x, y in xy}
+        right = np.array([(int(x) + s, int(y)) in keys for x, y in xy], bool)
+        below = np.array([(int(x), int(y) + s) in keys for x, y in xy], bool)
+        x1 = xy[:, 0] + np.where(right, s, r)
+        y1 = xy[:, 1] + np.where(below, s, r)
+        return np.stack([xy[:, 0], xy[:, 1], x1, y1], axis=1) * self.level_downsample
+
     def attrs(self) -> dict[str, float | int]:
         return {"level": self.level, "level_downsample": self.level_downsample,
                 "read_px": self.read_px, "stride_px": self.stride_px,

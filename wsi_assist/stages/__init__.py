@@ -74,9 +74,11 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
                         "embeddings and a prompt set (zeroshot.prompts)",
           configured=zeroshot.configured),
-    Stage("submodels", submodels.run, needs=("tiles", "zeroshot"), sections=("submodels",),
-          slide_inputs=(), done=lambda store: bool(store.read_submodels()),
-          how_to_enable="list sub-model spec files (ONNX + YAML) under submodels.specs",
+    Stage("submodels", submodels.run, needs=("tiles", "zeroshot"),
+          sections=("submodels", "nuclei"), slide_inputs=(),
+          done=lambda store: bool(store.read_submodels()),
+          how_to_enable="list the built-in 'nuclei' or sub-model spec files (ONNX + YAML) "
+                        "under submodels.specs",
           configured=submodels.configured),
     Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
           sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,
