@@ -367,11 +367,11 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
     holes, n = ndi.label(filled & (labels == 0))
     if not n:
         return labels
-    ids = np.arange(1, n + 1)
+    groups = LabelGroups(holes, np.arange(1, n + 1))
     big = np.iinfo(labels.dtype).max
-    hi = np.asarray(ndi.maximum(ndi.maximum_filter(labels, footprint=_CROSS), holes, ids))
-    lo = np.asarray(ndi.minimum(ndi.minimum_filter(np.where(labels > 0, labels, big),
-                                                   footprint=_CROSS), holes, ids))
+    hi = groups.max(groups.values(ndi.maximum_filter(labels, footprint=_CROSS)))
+    lo = groups.min(groups.values(ndi.minimum_filter(np.where(labels > 0, labels, big),
+                                                     footprint=_CROSS)))
     fill = np.zeros(n + 1, labels.dtype)
     fill[1:] = np.where(hi == lo, hi, 0)
     return np.where(labels > 0, labels, fill[holes])
@@ -401,7 +401,8 @@ def _candidates(log: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
 def split_by_shape(mask: np.ndarray) -> np.ndarray:
     """Touching round objects split along the watershed of their distance transform,
-    from its maxima at least half a pixel high (ImageJ's binary watershed)."""
+    from its maxima at least half a pixel high (ImageJ's binary watershed). Each object
+    is flooded on its own, so it splits the same way whatever else the image holds."""
     from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
@@ -415,11 +416,10 @@ def split_by_shape(mask: np.ndarray) -> np.ndarray:
     _, first = np.unique(ndi.label(peaks)[0], return_index=True)
     n_peaks = np.bincount(objects.ravel()[first[1:]], minlength=n + 1)
     out = mask.copy()
-    # each object on its own: the watershed's tie-breaking then depends on the object
-    # alone, so a nucleus splits the same way whatever else the tile holds
-    for i, sl in enumerate(ndi.find_objects(objects), start=1):
-        if sl is None or n_peaks[i] < 2:
-            continue
+    slices = ndi.find_objects(objects)
+    for i in np.flatnonzero(n_peaks >= 2):
+        sl = slices[i - 1]
+        assert sl is not None
         obj = objects[sl] == i
         markers, _ = ndi.label(peaks[sl] & obj)
         split = np.asarray(watershed(-edm[sl], markers, mask=obj, connectivity=1,
@@ -482,44 +482,79 @@ def outlines(labels: np.ndarray, ids: np.ndarray, smooth: bool) -> list[np.ndarr
     edges of its boundary pixels; smoothed by a 3-vertex moving average when ``smooth``;
     near-collinear vertices dropped."""
     import shapely
+
+    rings = _traced(labels, ids)
+    xy, prev, nxt = _ring_arrays(rings)
+    if smooth:
+        xy = (xy[prev] + xy + xy[nxt]) / 3
+    which = np.repeat(np.arange(len(rings)), [len(r) + 1 for r in rings])
+    closed = np.insert(xy, np.cumsum([len(r) for r in rings]), xy[_firsts(rings)], axis=0)
+    polys = shapely.simplify(shapely.polygons(shapely.linearrings(closed, indices=which)),
+                             0.2, preserve_topology=False)
+    ok = shapely.is_valid(polys) & (shapely.get_num_coordinates(polys) >= 4)
+    coords, where = shapely.get_coordinates(shapely.get_exterior_ring(polys),
+                                            return_index=True)
+    parts = np.split(coords, np.searchsorted(where, np.arange(1, len(rings))))
+    sizes = np.cumsum([len(r) for r in rings])[:-1]
+    plain = np.split(xy, sizes)
+    return [p[:-1] if good else r for p, r, good in zip(parts, plain, ok, strict=True)]
+
+
+def _traced(labels: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
+    """The outer boundary (V, 2) x, y of each label in ``ids``, in that order: marching
+    squares over all of them at once, diagonal neighbours kept apart (4-connected
+    objects), each boundary given to the label on its inner side."""
     from skimage.measure import find_contours
 
-    rings = []
-    slices = ndi.find_objects(labels)
-    for i in ids:
-        sl = slices[i - 1]
-        assert sl is not None
-        m = np.pad(labels[sl] == i, 1)
-        ring = max(find_contours(m.astype(np.float32), 0.5), key=len)[:-1]
-        xy = ring[:, ::-1] + np.array([sl[1].start - 0.5, sl[0].start - 0.5])
-        if smooth and len(xy) > 4:
-            xy = (np.roll(xy, 1, axis=0) + xy + np.roll(xy, -1, axis=0)) / 3
-        rings.append(xy)
-    closed = [np.vstack([r, r[:1]]) for r in rings]
-    which = np.repeat(np.arange(len(rings)), [len(c) for c in closed])
-    polys = shapely.simplify(shapely.polygons(shapely.linearrings(
-        np.concatenate(closed), indices=which)), 0.2, preserve_topology=False)
-    coords, which = shapely.get_coordinates(shapely.get_exterior_ring(polys),
-                                            return_index=True)
-    parts = np.split(coords, np.searchsorted(which, np.arange(1, len(rings))))
-    return [p[:-1] if len(p) >= 4 else r for p, r in zip(parts, rings, strict=True)]
+    keep = np.zeros(int(labels.max()) + 1, bool)
+    keep[ids] = True
+    lab = np.pad(np.where(keep[labels], labels, 0), 1)
+    best: dict[int, np.ndarray] = {}
+    for c in find_contours((lab > 0).astype(np.float32), 0.5, fully_connected="low"):
+        y, x = c[:-1, 0], c[:-1, 1]
+        if len(y) < 3 or np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y) <= 0:
+            continue  # a hole between objects, not an object's outline
+        r, q = c[0]
+        if r == int(r):  # on a horizontal pixel step: the pixels left and right of it
+            pair = lab[int(r), int(np.floor(q))], lab[int(r), int(np.ceil(q))]
+        else:
+            pair = lab[int(np.floor(r)), int(q)], lab[int(np.ceil(r)), int(q)]
+        i = int(max(pair))
+        if i and len(c) - 1 > len(best.get(i, ())):
+            best[i] = np.stack([x, y], axis=1) - 0.5  # unpadded, pixel centres at +0.5
+    return [best[int(i)] for i in ids]
+
+
+def _firsts(rings: list[np.ndarray]) -> np.ndarray:
+    return np.r_[0, np.cumsum([len(r) for r in rings])[:-1]].astype(np.int64)
+
+
+def _ring_arrays(rings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All vertices of ``rings`` in one array, and for each vertex the index of the
+    previous and the next vertex of its own ring."""
+    sizes = np.array([len(r) for r in rings], np.int64)
+    start = np.repeat(_firsts(rings), sizes)
+    size = np.repeat(sizes, sizes)
+    k = np.arange(int(sizes.sum())) - start
+    return (np.concatenate(rings).astype(np.float64), start + (k - 1) % size,
+            start + (k + 1) % size)
 
 
 def shape_measurements(rings: list[np.ndarray], labels: np.ndarray, ids: np.ndarray,
                        px: float) -> np.ndarray:
     """Area, perimeter, circularity, max and min caliper of each outline (µm) and the
     eccentricity of each label's pixels (moments), as columns of :data:`SHAPE_NAMES`."""
-    out = np.zeros((len(rings), len(SHAPE_NAMES)), np.float64)
-    for j, xy in enumerate(rings):
-        nxt = np.roll(xy, -1, axis=0)
-        area = 0.5 * abs(float(np.sum(xy[:, 0] * nxt[:, 1] - nxt[:, 0] * xy[:, 1])))
-        perim = float(np.hypot(*(nxt - xy).T).sum())
-        widths = np.ptp(xy @ _CALIPER_DIRECTIONS, axis=0)
-        out[j, :5] = (area * px**2, perim * px,
-                      min(4 * math.pi * area / perim**2, 1.0) if perim else 0.0,
-                      widths.max() * px, widths.min() * px)
-    out[:, 5] = eccentricity(labels, ids)
-    return out
+    xy, _, nxt = _ring_arrays(rings)
+    starts = _firsts(rings)
+    cross = xy[:, 0] * xy[nxt, 1] - xy[nxt, 0] * xy[:, 1]
+    area = 0.5 * np.abs(np.add.reduceat(cross, starts))
+    perim = np.add.reduceat(np.hypot(*(xy[nxt] - xy).T), starts)
+    proj = (xy @ _CALIPER_DIRECTIONS).astype(np.float32)
+    widths = np.maximum.reduceat(proj, starts) - np.minimum.reduceat(proj, starts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        circ = np.where(perim > 0, np.minimum(4 * math.pi * area / perim**2, 1.0), 0.0)
+    return np.stack([area * px**2, perim * px, circ, widths.max(axis=1) * px,
+                     widths.min(axis=1) * px, eccentricity(labels, ids)], axis=1)
 
 
 def eccentricity(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:

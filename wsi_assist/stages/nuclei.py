@@ -83,19 +83,27 @@ def analyse(batches: Iterable[TileBatch], grid: TileGrid, blocks: TileGrid,
     level_xy = blocks.level_coords().astype(np.float64)
     step = blocks.read_px / blocks.tile_px  # level px per delivered px
     cores = grid.cores()
+    halo = halo_px(grid, params)
     order = np.argsort(block_of, kind="stable")
     members = np.split(order, np.searchsorted(block_of[order], np.arange(1, len(blocks))))
     parts = []
     for batch in batches:
         for i, tile in zip(batch.index.tolist(), batch.tiles, strict=True):
-            o = level_xy[i] * ds
             lo, hi = on_slide(tile.shape[0], level_xy[i], step, level_size)
-            if (hi <= lo).any():
+            core = (cores[members[i]] - np.r_[level_xy[i], level_xy[i]] * ds) / (ds * step)
+            # what is worth analysing: the cores and their halo, on the slide or just off it
+            a0 = np.maximum(np.floor(core[:, :2].min(axis=0)).astype(int) - halo,
+                            np.maximum(lo - halo, 0))
+            a1 = np.minimum(np.ceil(core[:, 2:].max(axis=0)).astype(int) + halo,
+                            np.minimum(hi + halo, tile.shape[0]))
+            if (hi <= lo).any() or (a1 <= a0).any():
                 continue
-            core = (cores[members[i]] - np.r_[o, o]) / (ds * step)
-            found = nu.detect_nuclei(edge_extended(tile, lo, hi), blocks.delivered_mpp,
-                                     stains, params, core=core,
-                                     valid=(lo[0], lo[1], hi[0], hi[1]))
+            part = tile[a0[1]:a1[1], a0[0]:a1[0]]
+            v0, v1 = np.clip(lo - a0, 0, a1 - a0), np.clip(hi - a0, 0, a1 - a0)
+            found = nu.detect_nuclei(edge_extended(part, v0, v1), blocks.delivered_mpp,
+                                     stains, params, core=core - np.r_[a0, a0],
+                                     valid=(v0[0], v0[1], v1[0], v1[1]))
+            o = (level_xy[i] + a0 * step) * ds
             parts.append(found.transformed((o[0], o[1]), ds * step))
     return nu.Nuclei.concat(parts, names)
 
@@ -111,13 +119,13 @@ def on_slide(t: int, corner: np.ndarray, step: float, level_size: tuple[int, int
 
 
 def edge_extended(tile: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """``tile`` with its pixels outside ``lo``..``hi`` (off the slide) replaced by the
-    nearest ones inside, as filters see past the edge of a whole image."""
-    t = tile.shape[0]
-    if (lo == 0).all() and (hi == t).all():
+    """``tile`` with its pixels outside x, y ``lo``..``hi`` (off the slide) replaced by
+    the nearest ones inside, as filters see past the edge of a whole image."""
+    h, w = tile.shape[:2]
+    if (lo == 0).all() and hi[0] == w and hi[1] == h:
         return tile
     inner = tile[lo[1]:hi[1], lo[0]:hi[0]]
-    return np.pad(inner, ((lo[1], t - hi[1]), (lo[0], t - hi[0]), (0, 0)), mode="edge")
+    return np.pad(inner, ((lo[1], h - hi[1]), (lo[0], w - hi[0]), (0, 0)), mode="edge")
 
 
 def score_table(found: nu.Nuclei, pos: nu.Positivity, params: NucleiParams,
