@@ -7,8 +7,14 @@ cells and positive cells. It also analyses the image in one piece, to show that 
 changes nothing worth mentioning.
 
     python bench/accuracy.py                     # the 4 published settings on OS-2-vsi-Ki67
+    python bench/accuracy.py OS-2-ndpi.ome.tif   # the same on the other published crop
     python bench/accuracy.py IMAGE [--mpp X] [--detection-threshold T] [--dab-threshold D]
                              [--params published|default] [--stains hdab|he] [--png OUT]
+
+With no threshold given, an IMAGE whose name has published QuPath results (the two Ki-67
+crops of that repository: OS-2-vsi, here ../shared/slides/OS-2-vsi-Ki67.ome.tif, and
+OS-2-ndpi, a crop of the same slide scanned by a Hamamatsu scanner, not in ../shared) is
+run at the four published settings and printed beside QuPath's numbers.
 
 ``--params published`` (the default) uses the settings of the published QuPath 0.3.2
 comparison (petebankhead/2022-qupath-cell-detection, "OS-2 Ki67 thresholds.groovy"):
@@ -50,6 +56,11 @@ KI67 = SHARED / "OS-2-vsi-Ki67.ome.tif"
 #: (cells, positive %), from ../shared/slides/README.md.
 QUPATH = {(0.2, 0.2): (1353, 13.5), (0.2, 0.5): (1353, 3.7), (0.4, 0.2): (763, 24.0),
           (0.4, 0.5): (763, 6.6)}
+#: Published QuPath results by image name (the ndpi crop: OS-2-ndpi-results.tsv).
+PUBLISHED_RESULTS = {
+    "OS-2-vsi-Ki67.ome.tif": QUPATH, "OS-2-vsi.ome.tif": QUPATH,
+    "OS-2-ndpi.ome.tif": {(0.2, 0.2): (1323, 16.6), (0.2, 0.5): (1323, 11.9),
+                          (0.4, 0.2): (1066, 20.5), (0.4, 0.5): (1066, 14.7)}}
 PUBLISHED = {"detectionImageBrightfield": "Optical density sum",
              "requestedPixelSizeMicrons": 0.5, "backgroundRadiusMicrons": 0.0,
              "medianRadiusMicrons": 0.0, "sigmaMicrons": 2.0, "minAreaMicrons": 10.0,
@@ -143,34 +154,38 @@ def main() -> None:
     ap.add_argument("--png", type=Path, help="draw the outlines over the image")
     args = ap.parse_args()
     stains = default_vectors("brightfield-hdab" if args.stains == "hdab" else "brightfield-he")
-    if args.image is not None:
+    image = args.image if args.image is not None else KI67
+    single = (args.detection_threshold is not None or args.dab_threshold is not None
+              or image.name not in PUBLISHED_RESULTS or args.png is not None)
+    if single:
         params = params_for(args.params, args.detection_threshold, args.dab_threshold)
-        found, area, t = whole_image(args.image, args.mpp, stains, params)
+        found, area, t = whole_image(image, args.mpp, stains, params)
         pos = nu.score_positivity(found, stains, params)
         if args.png:
-            render(args.image, found, pos, args.png)
-        print(f"{args.image.name}: {t['tiles']} tiles at {t['analysis_mpp']:.4f} um/px, "
+            render(image, found, pos, args.png)
+        print(f"{image.name}: {t['tiles']} tiles at {t['analysis_mpp']:.4f} um/px, "
               f"{t['tiles_per_s']:.1f} tiles/s")
         print(json.dumps({**result(found, pos, area), "parameters": params.qupath()}))
         return
-    if not KI67.is_file():
-        sys.exit(f"{KI67} not found: give an IMAGE")
+    if not image.is_file():
+        sys.exit(f"{image} not found: give an IMAGE")
+    table = PUBLISHED_RESULTS[image.name]
     rows, last = [], {}
-    print(f"{KI67.name}, settings of the published QuPath 0.3.2 comparison "
+    print(f"{image.name}, settings of the published QuPath 0.3.2 comparison "
           f"({', '.join(f'{k} {v}' for k, v in PUBLISHED.items())})")
     print("| detection threshold | DAB threshold | QuPath cells | ours | diff | "
           "QuPath positive % | ours | diff | ours in one piece (cells, %) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for det in (0.2, 0.4):
         params = params_for("published", det, None)
-        found, area, t = whole_image(KI67, None, stains, params)
-        whole = one_piece(KI67, t["mpp"], stains, params)
+        found, area, t = whole_image(image, args.mpp, stains, params)
+        whole = one_piece(image, t["mpp"], stains, params)
         for dab in (0.2, 0.5):
             p = params_for("published", det, dab)
             pos = nu.score_positivity(found, stains, p)
             pos1 = nu.score_positivity(whole, stains, p)
             res = result(found, pos, area)
-            qc, qp = QUPATH[(det, dab)]
+            qc, qp = table[(det, dab)]
             rows.append({"detection_threshold": det, "dab_threshold": dab,
                          "qupath": {"n_cells": qc, "positive_percent": qp}, **res})
             pp = res["positive_percent"]

@@ -216,7 +216,8 @@ def _run(slide: Path, out: Path, **nuclei) -> object:
 def runs(syn_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The slide analysed tile by tile (64 px tiles, each with its halo) and in blocks."""
     return {"tiles": _run(syn_slide, tmp_path_factory.mktemp("t"), analysisTileMicrons=32.0),
-            "blocks": _run(syn_slide, tmp_path_factory.mktemp("b"), stains="brightfield-hdab")}
+            "blocks": _run(syn_slide, tmp_path_factory.mktemp("b"), stains="brightfield-hdab",
+                           analysisTileMicrons=64.0)}
 
 
 @pytest.mark.parametrize("how", ["tiles", "blocks"])

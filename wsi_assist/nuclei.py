@@ -254,8 +254,8 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, stains: StainVectors,
     if core is not None:
         boxes = np.asarray(core, np.float64).reshape(-1, 4)[:, None, :] / scale
         cx, cy = centroids[None, :, 0], centroids[None, :, 1]
-        keep = ((cx >= boxes[..., 0]) & (cx < boxes[..., 2]) & (cy >= boxes[..., 1])
-                & (cy < boxes[..., 3])).any(axis=0)
+        keep = np.asarray(((cx >= boxes[..., 0]) & (cx < boxes[..., 2])
+                           & (cy >= boxes[..., 1]) & (cy < boxes[..., 3])).any(axis=0))
         edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
         keep[edge[edge > 0] - 1] = False
     ids, centroids = ids[keep], centroids[keep]
@@ -560,7 +560,8 @@ def shape_measurements(rings: list[np.ndarray], labels: np.ndarray, ids: np.ndar
 def eccentricity(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """sqrt(1 - minor/major) of the eigenvalues of each label's second moments (the
     eccentricity of its best-fitting ellipse)."""
-    y, x = np.indices(labels.shape, dtype=np.float64)
+    yx = np.indices(labels.shape, dtype=np.float64)
+    y, x = yx[0], yx[1]
     lab = labels.ravel()
     n = int(labels.max()) + 1
 

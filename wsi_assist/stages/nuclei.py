@@ -185,7 +185,9 @@ def base_attrs(stains: StainVectors, params: NucleiParams, pos: nu.Positivity | 
     return {"task": TASK, "classes": list(classes), "colors": [list(c) for c in colors],
             "classified": bool(pos is not None and pos.applicable),
             "method": 'QuPath-style "Positive cell detection" (wsi_assist.nuclei)',
-            "parameters": params.qupath(), "stains": stains.to_json(),
+            "parameters": {**params.qupath(),
+                           "detectionImageBrightfield": nu.detection_image(stains, params)},
+            "stains": stains.to_json(),
             "model_path": "built-in", "model_sha256": None}
 
 
