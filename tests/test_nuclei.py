@@ -226,12 +226,8 @@ def test_nuclei_across_tile_borders_found_whole_and_once(runs, syn, how) -> None
     sub = store.read_submodel("nuclei")
     grid = store.read_grid()
     pts = sub.read("points")
-    cores = grid.cores()
     nuc = syn.nuclei()
-    inside = np.zeros(len(nuc), bool)
-    for x0, y0, x1, y1 in cores:
-        inside |= (nuc[:, 0] >= x0) & (nuc[:, 0] < x1) & (nuc[:, 1] >= y0) & (nuc[:, 1] < y1)
-    truth = nuc[inside]
+    truth = nuc[grid.owners(nuc) >= 0]
     d, _ = cKDTree(pts).query(truth)
     r = syn.nucleus_radius
     assert len(truth) > 200 and (d < 1.5).mean() >= 0.98
@@ -331,3 +327,39 @@ def test_real_he_and_fluorescence_slides(shared_slides, tmp_path) -> None:
         assert s["positive_percent"]["value"] is None
         assert "not applicable" in s["positive_percent"]["not_applicable"]
         assert s["h_score"]["value"] is None and not a["classified"]
+
+
+def test_stains_come_from_the_store_when_stored() -> None:
+    from wsi_assist.stages import nuclei as builtin
+
+    class Stored:
+        def read_stains(self):  # what stain estimation will store
+            return HDAB
+
+    assert builtin.slide_stains(Stored(), "auto") is HDAB  # type: ignore[arg-type]
+    assert builtin.slide_stains(object(), "auto").kind == "brightfield-he"  # type: ignore
+    assert builtin.slide_stains(object(), "brightfield-hdab").kind == "brightfield-hdab"  # type: ignore
+
+
+def test_owners_share_out_overlapping_tiles_and_blocks_cover_them() -> None:
+    from wsi_assist.tiling import TileGrid
+
+    xy = np.array([(x, y) for y in (0, 48, 96) for x in (0, 48, 96) if (x, y) != (96, 96)])
+    g = TileGrid(coords=xy.astype(np.int64), tissue_fraction=np.ones(len(xy), np.float32),
+                 level=0, level_downsample=1.0, read_px=64, stride_px=48, tile_px=64,
+                 target_mpp=0.5, mpp=0.5, delivered_mpp=0.5)
+    yy, xx = np.mgrid[0:170, 0:170] + 0.5
+    pts = np.stack([xx.ravel(), yy.ravel()], axis=1)
+    own = g.owners(pts)
+    inside = shapely.contains_xy(shapely.union_all(g.boxes()), pts[:, 0], pts[:, 1])
+    assert ((own >= 0) == inside).all()  # every point of the union has one owner
+    for i, box in enumerate(g.boxes()):  # ... which holds it: the lowest, then rightmost
+        mine = pts[own == i]
+        assert shapely.contains_xy(box, mine[:, 0], mine[:, 1]).all()
+    assert g.owners(np.array([[100.0, 100.0]])).tolist() == [7]  # (48, 96): lowest
+    assert g.owners(np.array([[100.0, 60.0]])).tolist() == [5]  # (96, 48): rightmost
+    blocks, of = g.blocks(2, 10)
+    assert len(blocks) == 3 and blocks.read_px == 48 + 64 + 20 and of.tolist() == [
+        0, 0, 1, 0, 0, 1, 2, 2]
+    for i, b in enumerate(of):
+        assert g.boxes()[i].within(blocks.boxes()[b])

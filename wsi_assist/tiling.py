@@ -107,18 +107,35 @@ class TileGrid:
                         level_dimensions=self.level_dimensions)
         return grid, rank[block_of.ravel()]
 
-    def cores(self) -> np.ndarray:
-        """(N, 4) level-0 boxes x0, y0, x1, y1 that partition the tiles' union: each
-        tile's grid cell (stride x stride), reaching to the tile's far edge where no
-        tile follows it (so overlapping tiles share no area and none is lost)."""
-        xy = self.level_coords()
+    def owners(self, points: np.ndarray) -> np.ndarray:
+        """For each level-0 point (N, 2) x, y, the row of the tile it belongs to: of the
+        tiles holding it, the last in raster order (the lowest, then the rightmost), so
+        that overlapping tiles share out their union; -1 for a point in no tile."""
+        pts = np.asarray(points, np.float64).reshape(-1, 2) / self.level_downsample
+        out = np.full(len(pts), -1, np.int64)
+        if not len(self) or not len(pts):
+            return out
         s, r = self.stride_px, self.read_px
-        keys = {(int(x), int(y)) for x, y in xy}
-        right = np.array([(int(x) + s, int(y)) in keys for x, y in xy], bool)
-        below = np.array([(int(x), int(y) + s) in keys for x, y in xy], bool)
-        x1 = xy[:, 0] + np.where(right, s, r)
-        y1 = xy[:, 1] + np.where(below, s, r)
-        return np.stack([xy[:, 0], xy[:, 1], x1, y1], axis=1) * self.level_downsample
+        xy = self.level_coords()
+        origin = xy.min(axis=0)
+        cell = (xy - origin) // s
+        if ((xy - origin) % s).any():
+            raise ValueError("tiles are not on a lattice of the grid's stride")
+        occupied = np.full(tuple(cell.max(axis=0)[::-1] + 1), -1, np.int64)
+        occupied[cell[:, 1], cell[:, 0]] = np.arange(len(xy))
+        rel = pts - origin
+        last = np.floor(rel / s).astype(np.int64)  # the last cell whose tile may hold it
+        reach = -(-r // s)  # cells back a tile of read_px still reaches
+        for dy in range(reach):
+            for dx in range(reach):
+                c = last - (dx, dy)
+                inside = ((c >= 0).all(axis=1) & (c[:, 0] < occupied.shape[1])
+                          & (c[:, 1] < occupied.shape[0])
+                          & (rel < c * s + r).all(axis=1) & (out < 0))
+                hit = np.full(len(pts), -1, np.int64)
+                hit[inside] = occupied[c[inside, 1], c[inside, 0]]
+                out = np.where(hit >= 0, hit, out)
+        return out
 
     def attrs(self) -> dict[str, float | int]:
         return {"level": self.level, "level_downsample": self.level_downsample,

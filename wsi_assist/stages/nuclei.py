@@ -3,8 +3,9 @@
 
 The tiles are analysed in blocks of about ``nuclei.analysisTileMicrons`` (whole tiles),
 each with ``nuclei.haloMicrons`` of context on every side; a nucleus belongs to the tile
-whose core (its grid cell, see :meth:`TileGrid.cores`) holds its centroid, so nuclei cut
-by tile or block borders are found whole and once, and none outside the tissue tiles. Results go to the
+that holds its centroid (the last in raster order where tiles overlap, see
+:meth:`TileGrid.owners`), so nuclei cut by tile or block borders are found whole and
+once, and none outside the tissue tiles. Results go to the
 store as sub-model ``nuclei``: centroids (``points``), classes (``labels``), the
 measurement table (``measurements``) and outlines (``polygons`` with
 ``polygon_offsets``), with the DAB scores, the stains and the QuPath parameters as
@@ -74,15 +75,16 @@ def analyse(batches: Iterable[TileBatch], grid: TileGrid, blocks: TileGrid,
             block_of: np.ndarray, stains: StainVectors, params: NucleiParams,
             level_size: tuple[int, int]) -> nu.Nuclei:
     """Nuclei (level-0 px) of the haloed ``blocks`` of ``grid`` (see
-    :func:`analysis_grid`) streamed as ``batches``: each keeps those whose centroid is in
-    the core of one of its tiles. ``level_size``: (width, height) of the grid's level;
+    :func:`analysis_grid`) streamed as ``batches``: each keeps those whose centroid
+    belongs to one of its tiles (:meth:`TileGrid.owners`). ``level_size``: (width, height) of the grid's level;
     beyond it the slide's edge pixels are repeated, as when the whole image is analysed
     at once, and no nucleus reaches past it."""
     names = nu.measurement_names(stains)
     ds = grid.level_downsample
     level_xy = blocks.level_coords().astype(np.float64)
     step = blocks.read_px / blocks.tile_px  # level px per delivered px
-    cores = grid.cores()
+    corner = grid.level_coords().astype(np.float64) * ds
+    tiles = np.concatenate([corner, corner + grid.read_px * ds], axis=1)  # level-0 boxes
     halo = halo_px(grid, params)
     order = np.argsort(block_of, kind="stable")
     members = np.split(order, np.searchsorted(block_of[order], np.arange(1, len(blocks))))
@@ -90,7 +92,7 @@ def analyse(batches: Iterable[TileBatch], grid: TileGrid, blocks: TileGrid,
     for batch in batches:
         for i, tile in zip(batch.index.tolist(), batch.tiles, strict=True):
             lo, hi = on_slide(tile.shape[0], level_xy[i], step, level_size)
-            core = (cores[members[i]] - np.r_[level_xy[i], level_xy[i]] * ds) / (ds * step)
+            core = (tiles[members[i]] - np.r_[level_xy[i], level_xy[i]] * ds) / (ds * step)
             # what is worth analysing: the cores and their halo, on the slide or just off it
             a0 = np.maximum(np.floor(core[:, :2].min(axis=0)).astype(int) - halo,
                             np.maximum(lo - halo, 0))
@@ -104,7 +106,8 @@ def analyse(batches: Iterable[TileBatch], grid: TileGrid, blocks: TileGrid,
                                      stains, params, core=core - np.r_[a0, a0],
                                      valid=(v0[0], v0[1], v1[0], v1[1]))
             o = (level_xy[i] + a0 * step) * ds
-            parts.append(found.transformed((o[0], o[1]), ds * step))
+            found = found.transformed((o[0], o[1]), ds * step)
+            parts.append(found.select(np.isin(grid.owners(found.centroids), members[i])))
     return nu.Nuclei.concat(parts, names)
 
 
