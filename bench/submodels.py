@@ -1,6 +1,13 @@
 """Sub-model runtime throughput and overhead.
 
-For each sub-model (the built-in nuclei-stain; a small CNN classifier exported on the
+The built-in nucleus analysis (``nuclei``): tiles/s of the stage's path (the tile stream
+read in haloed blocks, nuclei kept by the tile holding their centroid, outlines and
+measurements moved to level 0) over every tile of a real slide, against a plain loop
+calling ``detect_nuclei`` on each 224 px tile alone (read beforehand; no halo, so
+nuclei at tile borders come in halves), in the same run; and the stage's path tile by
+tile (each tile with its own halo), for comparison.
+
+For each ONNX sub-model (a small CNN classifier exported on the
 spot twice, taking float32 NCHW normalised by the runtime and taking uint8 tiles with the
 normalisation in the graph; and any spec YAML given as arguments): tiles/s through the runtime (prepare ->
 session.run -> decode to level 0 -> de-duplicate) against a bare ``session.run`` loop over
@@ -10,6 +17,7 @@ normalisation into its graph, so it too takes the stream's uint8 tiles.
 Overhead target: <= 10%.
 
     python bench/submodels.py [SPEC.yaml ...] [--tiles 512] [--batch 64] [--px 224]
+                              [--nuclei-slide SLIDE]
 
 Last line: a JSON object.
 """
@@ -31,6 +39,8 @@ from wsi_assist.models import submodels as sm
 from wsi_assist.models.submodel_decode import Accumulator, TileFrame
 from wsi_assist.settings import BUILTIN_SUBMODEL
 from wsi_assist.synthetic import default_slide
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "slides"
 
 
 def make_batches(n: int, batch: int, px: int) -> list[np.ndarray]:
@@ -109,6 +119,58 @@ def bench_one(sub: sm.Submodel, plain: sm.Submodel, batches: list[np.ndarray], r
     return res
 
 
+def bench_nuclei(path: Path, rounds: int) -> dict[str, float]:
+    """The built-in analysis over every tile of ``path``: the stage's path against a
+    plain ``detect_nuclei`` loop over the same haloed blocks, read beforehand."""
+    import shapely
+
+    from wsi_assist import nuclei as nu
+    from wsi_assist.settings import NucleiParams, TilingParams
+    from wsi_assist.slide import describe
+    from wsi_assist.stages import nuclei as builtin
+    from wsi_assist.stain import default_vectors
+    from wsi_assist.stream import stream
+    from wsi_assist.tiling import grid as make_grid
+
+    info = describe(path)
+    w, h = info.level_dimensions[0]
+    grid = make_grid(info, shapely.box(0, 0, w, h), TilingParams(min_tissue=0.0))
+    stains, params = default_vectors("brightfield-he"), NucleiParams()
+    size = info.level_dimensions[grid.level]
+    one = NucleiParams(analysisTileMicrons=grid.stride_px * grid.level_downsample
+                       * grid.mpp)
+    layouts = {name: builtin.analysis_grid(grid, p) for name, p in
+               (("blocks", params), ("tiles", one))}
+    blocks, _ = layouts["blocks"]
+    read = [t.copy() for b in stream(path, grid) for t in b.tiles]
+
+    def runtime(name: str, p: NucleiParams) -> int:
+        g, of = layouts[name]
+        return len(builtin.analyse(stream(path, g, batch_size=builtin.BATCH), grid, g, of,
+                                   stains, p, size))
+
+    def plain() -> int:
+        return sum(len(nu.detect_nuclei(t, grid.delivered_mpp, stains, params))
+                   for t in read)
+
+    times: dict[str, list[float]] = {"runtime": [], "tile_by_tile": [], "plain": []}
+    found = {}
+    for _ in range(rounds):  # interleaved, best of each
+        for key, fn in (("runtime", lambda: runtime("blocks", params)),
+                        ("tile_by_tile", lambda: runtime("tiles", one)), ("plain", plain)):
+            t0 = time.perf_counter()
+            found[key] = fn()
+            times[key].append(time.perf_counter() - t0)
+    n = len(grid)
+    return {"slide": path.name, "tiles": n, "blocks": len(blocks),
+            "nuclei": found["runtime"], "nuclei_tile_by_tile": found["tile_by_tile"],
+            "nuclei_plain_loop": found["plain"],
+            "tiles_per_s_runtime": n / min(times["runtime"]),
+            "tiles_per_s_tile_by_tile": n / min(times["tile_by_tile"]),
+            "tiles_per_s_plain_loop": n / min(times["plain"]),
+            "overhead": min(times["runtime"]) / min(times["plain"]) - 1.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("specs", nargs="*", type=Path)
@@ -117,13 +179,29 @@ def main() -> None:
     ap.add_argument("--px", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda to use GPU providers")
+    ap.add_argument("--nuclei-slide", type=Path, default=SHARED / "CMU-1-Small-Region.svs",
+                    help="slide for the built-in nucleus analysis (a synthetic one when "
+                         "absent)")
     args = ap.parse_args()
     batches = make_batches(args.tiles, args.batch, args.px)
     providers = sm.choose_providers(None, args.device)
-    results = {}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        specs = [sm.builtin_dir() / BUILTIN_SUBMODEL, *classifier_spec(Path(tmp), args.px),
-                 *args.specs]
+        slide = args.nuclei_slide
+        if not slide.is_file():
+            from wsi_assist.synthetic import write_slide
+
+            slide = write_slide(Path(tmp) / "synthetic.svs", default_slide(2048, 2048),
+                                mpp=0.5)
+        nuc = bench_nuclei(slide, args.rounds)
+        results["nuclei (built-in)"] = nuc
+        print(f"nuclei (built-in) on {nuc['slide']} ({nuc['tiles']} tiles, "
+              f"{nuc['nuclei']} nuclei): runtime {nuc['tiles_per_s_runtime']:.1f} tiles/s "
+              f"in {nuc['blocks']} haloed blocks, plain detect_nuclei loop over the tiles "
+              f"(no halo) {nuc['tiles_per_s_plain_loop']:.1f} tiles/s, overhead "
+              f"{100 * nuc['overhead']:+.1f}%; tile by tile (each with its halo) "
+              f"{nuc['tiles_per_s_tile_by_tile']:.1f} tiles/s")
+        specs = [*classifier_spec(Path(tmp), args.px), *args.specs]
         for path in specs:
             sub = sm.get_submodel(path, providers)
             plain = sm.Submodel.load(path, providers, fuse=False)

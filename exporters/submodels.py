@@ -1,6 +1,5 @@
 """Export PyTorch models as wsi-assist sub-models: ``<name>.onnx`` plus ``<name>.yaml``.
 
-    python -m exporters.submodels builtin -o configs/submodels
     python -m exporters.submodels timm --arch convnext_tiny --classes a,b,c \
         --checkpoint lbc.pt --name lbc-cytology -o models/
     python -m exporters.submodels factory --factory mypkg.nets:build --task point-detection \
@@ -205,54 +204,10 @@ def export_model(model: nn.Module, out_dir: Path, spec: dict[str, Any], atol: fl
     return diff
 
 
-def builtin_spec() -> dict[str, Any]:
-    """The spec of the built-in stain/nuclei model."""
-    from wsi_assist.models.stain import MEASUREMENTS
-
-    return {
-        "name": "nuclei-stain",
-        "description": "Weight-free nucleus candidates: Ruifrok-Johnston colour "
-                       "deconvolution (H, E, DAB), local maxima of smoothed haematoxylin "
-                       "density (sigma 1.5 um, peaks >= 3 um apart at 0.5 um/px); DAB-positive when "
-                       "DAB OD > 0.2 and >= 60% of H + DAB OD at the centre.",
-        "task": "point-detection", "model": "nuclei-stain.onnx",
-        "model_params": {"sigma_px": 3.0, "min_distance_px": 6, "min_density": 0.05,
-                         "dab_threshold": 0.2, "dab_fraction": 0.6, "max_points": 512},
-        "input": {"tile_px": None, "mpp": 0.5, "channel_order": "RGB", "layout": "NHWC",
-                  "dtype": "uint8", "background": "bright"},
-        "output": {"classes": ["DAB-negative nucleus", "DAB-positive nucleus"],
-                   "colors": [[40, 80, 200], [150, 75, 0]], "score_threshold": 0.15,
-                   "nms_radius_um": 4.0, "measurement_names": list(MEASUREMENTS),
-                   "draw_radius_um": 3.0},
-        "scores": {
-            "nucleus_density_per_mm2": {
-                "kind": "density", "numerator": ["DAB-negative nucleus",
-                                                 "DAB-positive nucleus"],
-                "definition": "nucleus candidates per mm^2 of analysed tissue"},
-            "dab_positive_percent": {
-                "kind": "ratio", "numerator": ["DAB-positive nucleus"],
-                "denominator": ["DAB-negative nucleus", "DAB-positive nucleus"], "scale": 100,
-                "definition": "Ki-67-style index: DAB-positive / all nucleus candidates x "
-                              "100; meaningful on H-DAB IHC only (near 0 on H&E)"}},
-        "extra_outputs": ["measurements"],
-    }
-
-
-def export_builtin(out_dir: Path, atol: float = 1e-4) -> float:
-    """Export the built-in model to ``out_dir/nuclei-stain.{onnx,yaml}``."""
-    from wsi_assist.models.stain import StainNuclei
-
-    spec = builtin_spec()
-    model = StainNuclei(**spec["model_params"]).eval()
-    return export_model(model, out_dir, spec, atol=atol)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m exporters.submodels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="kind", required=True)
-    b = sub.add_parser("builtin", help="the weight-free stain/nuclei model")
-    b.add_argument("-o", "--out", type=Path, default=Path("configs/submodels"))
     for name, hlp in (("timm", "a timm classifier (+ Linear head)"),
                       ("factory", "any network from a module:function factory")):
         s = sub.add_parser(name, help=hlp)
@@ -280,10 +235,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.kind == "builtin":
-            diff = export_builtin(args.out)
-            print(f"{args.out / 'nuclei-stain.onnx'}: max |torch - onnx| = {diff:.3g}")
-            return 0
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
         if args.kind == "timm":
             model: nn.Module = TimmClassifier(args.arch, len(classes))

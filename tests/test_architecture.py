@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("settings", ("wsi_assist", "settings", "errors")),
     ("I/O", ("files", "geojson", "slide", "chunks", "synthetic", "locks", "progress")),
     ("computation", ("tissue", "tiling", "pieces", "stream", "qc", "thumbnail", "aggregate",
-                     "represent", "stain", "channels", "models")),
+                     "represent", "stain", "channels", "nuclei", "models")),
     ("store", ("store",)),
     ("findings and reports", ("caption", "summary", "report")),
     ("stages", ("stages",)),
@@ -116,6 +116,12 @@ def test_imports_point_one_way() -> None:
              for m, deps in import_graph().items() for d in deps
              if layer_of(d) > layer_of(m)]
     assert wrong == []
+
+
+def test_nuclei_is_plain_computation() -> None:
+    """Nucleus detection works on arrays alone: no slide, tiles, store or models."""
+    assert import_graph()["wsi_assist.nuclei"] <= {"wsi_assist.stain", "wsi_assist.settings",
+                                                   "wsi_assist.errors"}
 
 
 @pytest.mark.parametrize("leaf", ["wsi_assist.settings", "wsi_assist.errors",

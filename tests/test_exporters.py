@@ -24,20 +24,22 @@ def _tiles() -> np.ndarray:
     return np.stack([spec.render(150, 200, 96, 96), spec.render(600, 150, 96, 96)])
 
 
-def test_fresh_builtin_export_matches_shipped(tmp_path: Path) -> None:
-    ex.export_builtin(tmp_path)
-    shipped = ort.InferenceSession(str(sm.builtin_dir() / "nuclei-stain.onnx"))
-    fresh = ort.InferenceSession(str(tmp_path / "nuclei-stain.onnx"))
-    x = _tiles()
-    a, b = shipped.run(None, {"tiles": x}), fresh.run(None, {"tiles": x})
-    assert [o.name for o in shipped.get_outputs()] == ["points", "scores", "labels",
-                                                      "measurements"]
-    for u, v in zip(a, b, strict=True):
-        np.testing.assert_array_equal(u, v)
-    assert (a[1] > 0.15).sum() > 20  # it finds the nuclei
-    assert (tmp_path / "nuclei-stain.yaml").read_text() == (
-        sm.builtin_dir() / "nuclei-stain.yaml").read_text()
-    assert (sm.builtin_dir() / "nuclei-stain.onnx").stat().st_size < 100_000
+def test_point_detector_exports_with_any_tile_size(tmp_path: Path) -> None:
+    diff = ex.export_model(_subnets.stain_points(), tmp_path, _subnets.stain_points_spec(),
+                           atol=1e-4)
+    assert diff <= 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "points.onnx"))
+    assert [o.name for o in sess.get_outputs()] == ["points", "scores", "labels",
+                                                   "measurements"]
+    x = _tiles()  # 96 px tiles, not the 224 px of the export example
+    out = sess.run(None, {"tiles": x})
+    with torch.no_grad():
+        want = _subnets.stain_points()(torch.from_numpy(x))
+    for u, v in zip(out, want, strict=True):
+        np.testing.assert_allclose(u, v.numpy(), atol=1e-4)
+    assert (out[1] > 0.15).sum() > 20  # it finds the nuclei
+    assert sm.Submodel.load(tmp_path / "points.yaml", ["CPUExecutionProvider"]).spec.task \
+        == "point-detection"
 
 
 def test_factory_cli_exports_with_dynamic_batch(tmp_path: Path, capsys) -> None:

@@ -1,5 +1,6 @@
 """ONNX sub-models end to end: spec checks, sessions, decoding to level 0, de-duplication,
-segmentation merging, zero-shot tile selection, QuPath detections, the built-in model."""
+segmentation merging, zero-shot tile selection, QuPath detections; the stage with the
+built-in nucleus analysis beside them (its own tests are in test_nuclei.py)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "seg", "segmentation", ["background", "nucleus"], TILE, 0.5, **plain)),
         "rseg": (_subnets.RandomSegmenter(), spec_dict(
             "rseg", "segmentation", ["bg", "p", "q"], TILE, 0.5, **plain)),
+        "points": (_subnets.stain_points(), _subnets.stain_points_spec()),
     }
     for model, spec in specs.values():
         export_model(model.eval(), out, spec, atol=1e-4)
@@ -81,8 +83,9 @@ def _run(slide: Path, out: Path, specs: list[str], stages=("tissue", "tiles", "s
 
 
 @pytest.fixture(scope="module")
-def builtin_run(small_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return _run(small_slide, tmp_path_factory.mktemp("run"), ["nuclei-stain.yaml"])
+def points_run(small_slide: Path, models: dict[str, Path],
+               tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _run(small_slide, tmp_path_factory.mktemp("run"), [str(models["points"])])
 
 
 def _truth_in_tiles(spec: SyntheticSlide, grid) -> np.ndarray:
@@ -95,9 +98,9 @@ def _truth_in_tiles(spec: SyntheticSlide, grid) -> np.ndarray:
     return nuc[inside]
 
 
-def test_builtin_points_match_synthetic_nuclei(builtin_run, small_spec) -> None:
-    grid = builtin_run.store.read_grid()
-    sg = builtin_run.sub("nuclei-stain")
+def test_points_match_synthetic_nuclei(points_run, small_spec) -> None:
+    grid = points_run.store.read_grid()
+    sg = points_run.sub("points")
     pts = np.asarray(sg.arrays["points"][...])
     truth = _truth_in_tiles(small_spec, grid)
     assert len(truth) > 150
@@ -117,8 +120,8 @@ def test_builtin_points_match_synthetic_nuclei(builtin_run, small_spec) -> None:
     assert np.mean([len(h) == 1 for h in hits]) >= 0.97
 
 
-def test_builtin_store_layout_and_scores(builtin_run) -> None:
-    sg = builtin_run.sub("nuclei-stain")
+def test_point_store_layout_and_scores(points_run) -> None:
+    sg = points_run.sub("points")
     a = dict(sg.attrs)
     assert a["task"] == "point-detection"
     assert a["classes"] == ["DAB-negative nucleus", "DAB-positive nucleus"]
@@ -142,9 +145,9 @@ def _detections(run: Run, name: str) -> list[dict]:
     return list(qupath.detection_features(run.sub(name)))
 
 
-def test_detection_features_are_qupath_detections(builtin_run) -> None:
-    sg = builtin_run.sub("nuclei-stain")
-    feats = _detections(builtin_run, "nuclei-stain")
+def test_detection_features_are_qupath_detections(points_run) -> None:
+    sg = points_run.sub("points")
+    feats = _detections(points_run, "points")
     assert len(feats) == sg.arrays["points"].shape[0]
     f = feats[0]
     p = f["properties"]
@@ -322,42 +325,23 @@ def test_missing_or_broken_model_file(models, tmp_path) -> None:
 
 def test_config_and_skips(tmp_path) -> None:
     cfg = config.load()
-    assert cfg.submodels.specs == ("nuclei-stain.yaml",)
-    assert sm.resolve_spec_path("nuclei-stain.yaml").is_file()
+    assert cfg.submodels.specs == ("nuclei",)
     with pytest.raises(ConfigError, match="submodels.providers"):
         config.override(config.load(), submodels={"providers": ["rocm"]})
     assert sm.choose_providers(None, "cpu") == ["CPUExecutionProvider"]
     assert sm.choose_providers(("cpu",), "cuda") == ["CPUExecutionProvider"]
     off = config.override(cfg, submodels={"specs": []})
     stage = REGISTRY["submodels"]
-    assert not stage.configured(None, submodels=off.submodels)
+    assert not stage.configured(None, submodels=off.submodels, nuclei=off.nuclei)
     assert "submodels.specs" in stage.how_to_enable
 
 
-@pytest.mark.real_slides
-def test_builtin_on_real_slides(shared_slides, tmp_path) -> None:
-    """H&E: nucleus densities of real tissue (2,000-20,000 /mm^2), almost no DAB-positive
-    calls. DAPI fluorescence (dark background): the bright-field model is not run, and
-    says why, since optical density is meaningless on emitted light."""
-    res = {}
-    for name in ("CMU-1-Small-Region.svs", "HE_example.ome.tif", "test3-DAPI-2-387.ndpi"):
-        run = _run(shared_slides / name, tmp_path / name, ["nuclei-stain.yaml"], tile_px=224)
-        res[name] = dict(run.sub("nuclei-stain").attrs)
-    for name in ("CMU-1-Small-Region.svs", "HE_example.ome.tif"):
-        s = res[name]["scores"]
-        assert 2000 < s["nucleus_density_per_mm2"]["value"] < 20000, (name, s)
-        assert s["dab_positive_percent"]["value"] < 5, (name, s)
-    dapi = res["test3-DAPI-2-387.ndpi"]
-    assert "bright" in dapi["skipped"] and dapi["counts"] == {}
-
-
-def test_packaged_builtin_copies(tmp_path) -> None:
-    """The built-in spec loads from a copied folder (model path relative to the YAML)."""
-    src = sm.builtin_dir()
-    for f in ("nuclei-stain.yaml", "nuclei-stain.onnx"):
-        shutil.copy(src / f, tmp_path / f)
-    sub = sm.Submodel.load(tmp_path / "nuclei-stain.yaml", ["CPUExecutionProvider"])
-    assert sub.spec.model_path == (tmp_path / "nuclei-stain.onnx").resolve()
+def test_copied_spec_finds_its_model(models, tmp_path) -> None:
+    """A spec loads from a copied folder (model path relative to the YAML)."""
+    for f in ("points.yaml", "points.onnx"):
+        shutil.copy(models["points"].parent / f, tmp_path / f)
+    sub = sm.Submodel.load(tmp_path / "points.yaml", ["CPUExecutionProvider"])
+    assert sub.spec.model_path == (tmp_path / "points.onnx").resolve()
     assert sub.model_px(224, 0.25) == 112  # dynamic size: resized to the spec's 0.5 um/px
 
 
@@ -370,17 +354,19 @@ def test_run_cli_with_providers(small_slide, tmp_path) -> None:
     res = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--stages",
                                    "tissue,tiles,submodels", "--providers", "cpu"])
     assert res.exit_code == 0, res.output
-    sub = SlideStore(out / small_slide.stem, "r").read_submodel("nuclei-stain")
-    assert sub.attrs["counts"]["DAB-negative nucleus"] > 150
+    sub = SlideStore(out / small_slide.stem, "r").read_submodel("nuclei")
+    assert sub.attrs["counts"]["Nucleus"] > 150
     bad = CliRunner().invoke(app, ["run", str(small_slide), "-o", str(out), "--providers",
                                    "rocm"])
     assert bad.exit_code == 2 and "submodels.providers" in bad.output
 
 
 def test_slide_without_tiles_gives_empty_findings(blank_slide, models, tmp_path) -> None:
-    run = _run(blank_slide, tmp_path, ["nuclei-stain.yaml", str(models["cls"])])
-    sg = run.sub("nuclei-stain")
-    assert sg.arrays["points"].shape == (0, 2) and sg.attrs["counts"]["DAB-negative nucleus"] == 0
-    assert sg.attrs["scores"]["dab_positive_percent"]["value"] is None
+    run = _run(blank_slide, tmp_path, ["nuclei", str(models["points"]), str(models["cls"])])
+    sg = run.sub("nuclei")
+    assert sg.arrays["points"].shape == (0, 2) and sg.attrs["counts"] == {"Nucleus": 0}
+    assert sg.attrs["scores"]["positive_percent"]["value"] is None
+    assert list(qupath.nucleus_features(sg)) == []
+    assert run.sub("points").attrs["scores"]["dab_positive_percent"]["value"] is None
     assert run.sub("cls").arrays["probs"].shape == (0, 3)
-    assert _detections(run, "nuclei-stain") == []
+    assert _detections(run, "points") == []

@@ -106,7 +106,7 @@ def _submodel_rows(sub: SubmodelRecord, grid: TileGrid, rows: np.ndarray
         probs, labels = sub.read(SUB_PROBS, rows), sub.read(SUB_LABELS, rows)
         return [{"label": name_of(int(label)), "prob": float(p[label])}
                 for p, label in zip(probs, labels)]
-    if sub.task == "point-detection" and SUB_POINTS in sub.arrays:
+    if sub.task in ("point-detection", "nucleus-detection") and SUB_POINTS in sub.arrays:
         xy = sub.read(SUB_POINTS).astype(np.float64).reshape(-1, 2)
     elif sub.task == "box-detection" and SUB_BOXES in sub.arrays:
         b = sub.read(SUB_BOXES).astype(np.float64).reshape(-1, 4)

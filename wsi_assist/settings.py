@@ -36,8 +36,11 @@ DEFAULT_CAPTION_PROMPT = (
     "\nFindings from analysis tools for this tile:\n{findings}\n"
     "Describe the tissue and cells you see in one or two sentences, noting whether the "
     "image supports the tool findings. Be concise and do not give a diagnosis.")
-#: The built-in sub-model spec (``configs/submodels``), which needs no weights.
-BUILTIN_SUBMODEL = "nuclei-stain.yaml"
+#: The built-in analysis in ``submodels.specs``: QuPath-style positive cell detection
+#: (:mod:`wsi_assist.nuclei`, settings in the ``nuclei`` section), which needs no weights.
+BUILTIN_NUCLEI = "nuclei"
+#: Former name of the built-in (an ONNX model until 0.1), still accepted in ``specs``.
+LEGACY_NUCLEI = "nuclei-stain.yaml"
 #: Short onnxruntime provider names accepted in ``submodels.providers``.
 Provider = Literal["tensorrt", "cuda", "cpu"]
 
@@ -308,9 +311,61 @@ class ZeroShotParams(Section):
 class SubmodelParams(Section):
     """Which sub-models run and where (``submodels``)."""
 
-    specs: Tuple[str] = (BUILTIN_SUBMODEL,)
+    specs: Tuple[str] = (BUILTIN_NUCLEI,)
     providers: Annotated[Tuple[Provider], Field(min_length=1)] | None = None
     mpp_tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.25
+
+
+#: Images nuclei are detected on, as QuPath's ``detectionImageBrightfield`` names them;
+#: ``auto``: the optical-density sum on H-DAB slides, haematoxylin elsewhere.
+DetectionImage = Literal["auto", "Optical density sum", "Hematoxylin OD"]
+#: Nucleus measurements positivity may be scored on (QuPath's ``thresholdCompartment``).
+ScoreCompartment = Literal["Nucleus: DAB OD mean", "Nucleus: DAB OD max"]
+Micrometres = Annotated[float, Field(ge=0)]
+
+
+class NucleiParams(Section):
+    """The built-in nucleus detection and positivity (``nuclei``). Keys carry the names
+    of QuPath's "Positive cell detection" parameters, with its defaults."""
+
+    stains: Literal["auto", "brightfield-he", "brightfield-hdab"] = "auto"
+    detectionImageBrightfield: DetectionImage = "auto"
+    requestedPixelSizeMicrons: Annotated[float, Field(gt=0)] = 0.5
+    backgroundRadiusMicrons: Micrometres = 8.0
+    backgroundByReconstruction: bool = True
+    medianRadiusMicrons: Micrometres = 0.0
+    sigmaMicrons: Annotated[float, Field(gt=0)] = 1.5
+    minAreaMicrons: Micrometres = 10.0
+    maxAreaMicrons: Annotated[float, Field(gt=0)] = 400.0
+    threshold: float = 0.1
+    maxBackground: float = 2.0
+    watershedPostProcess: bool = True
+    excludeDAB: bool = False
+    smoothBoundaries: bool = True
+    thresholdCompartment: ScoreCompartment = "Nucleus: DAB OD mean"
+    thresholdPositive1: NonNegFloat = 0.2
+    thresholdPositive2: NonNegFloat = 0.4
+    thresholdPositive3: NonNegFloat = 0.6
+    singleThreshold: bool = True
+    haloMicrons: Annotated[float, Field(gt=0)] = 20.0
+    analysisTileMicrons: Annotated[float, Field(gt=0)] = 512.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NucleiParams:
+        if self.minAreaMicrons >= self.maxAreaMicrons:
+            raise ValueError(f"minAreaMicrons must be < maxAreaMicrons, got "
+                             f"{self.minAreaMicrons!r} >= {self.maxAreaMicrons!r}")
+        t = (self.thresholdPositive1, self.thresholdPositive2, self.thresholdPositive3)
+        if not self.singleThreshold and not t[0] <= t[1] <= t[2]:
+            raise ValueError(f"thresholdPositive1 <= thresholdPositive2 <= "
+                             f"thresholdPositive3 required, got {t!r}")
+        return self
+
+    def qupath(self) -> dict[str, Any]:
+        """The parameters QuPath's "Positive cell detection" takes, by its names (what a
+        report prints next to the scores)."""
+        return {k: v for k, v in self.model_dump().items()
+                if k not in ("stains", "haloMicrons", "analysisTileMicrons")}
 
 
 class ReportParams(Section):
@@ -352,6 +407,7 @@ class Config(BaseModel):
     zeroshot: ZeroShotParams = ZeroShotParams()
     report: ReportParams = ReportParams()
     submodels: SubmodelParams = SubmodelParams()
+    nuclei: NucleiParams = NucleiParams()
 
     def section(self, name: str) -> Section:
         """The section called ``name``; KeyError for an unknown one."""

@@ -13,6 +13,7 @@ the zarr group by string. Per-tile arrays are row-aligned with ``coords``.
 | embeddings | ``embeddings`` (N, D) float16, attrs model, model_sha256, ... |
 | zero-shot | ``zeroshot/{probs,top,uncertain}``, attrs classes, composition, ... |
 | sub-models | ``submodels/<name>/<array>``, attrs task, classes, counts, scores, ... |
+| nuclei | ``submodels/nuclei/{points,labels,measurements,polygons,polygon_offsets}`` |
 | captions, summary | ``captions.json``, ``summary.json`` |
 | segmentation | ``findings/<name>.geojson`` |
 """
@@ -61,6 +62,8 @@ SUBMODELS = "submodels"
 #: Arrays a sub-model group may hold.
 SUB_POINTS, SUB_BOXES, SUB_LABELS, SUB_SCORES = "points", "boxes", "labels", "scores"
 SUB_MEASUREMENTS, SUB_PROBS = "measurements", "probs"
+#: Outlines: vertices (M, 2) level-0 x, y; object i is rows offsets[i]:offsets[i + 1].
+SUB_POLYGONS, SUB_POLYGON_OFFSETS = "polygons", "polygon_offsets"
 
 GRID_ATTRS = ("level", "level_downsample", "read_px", "stride_px", "tile_px", "target_mpp",
               "mpp", "delivered_mpp")

@@ -36,7 +36,10 @@ def collect_findings(store: SlideStore) -> dict[str, Any]:
         out["submodels"] = {
             s.name: {"task": s.task, "counts": s.attrs.get("counts", {}),
                      "scores": {k: v.get("value") if isinstance(v, dict) else v
-                                for k, v in (s.attrs.get("scores") or {}).items()}}
+                                for k, v in (s.attrs.get("scores") or {}).items()},
+                     "not_applicable": sorted(
+                         k for k, v in (s.attrs.get("scores") or {}).items()
+                         if isinstance(v, dict) and v.get("not_applicable"))}
             for s in subs}
     return out
 
@@ -57,6 +60,7 @@ def template_summary(findings: Mapping[str, Any], captions: Sequence[Mapping[str
         bits = [f"{k} {v}" for k, v in (sub.get("counts") or {}).items()]
         bits += [f"{k} = {float(v):.3g}" for k, v in (sub.get("scores") or {}).items()
                  if v is not None]
+        bits += [f"{k} not applicable" for k in sub.get("not_applicable") or ()]
         if bits:
             parts.append(f"{name}: " + ", ".join(bits) + ".")
     if captions:

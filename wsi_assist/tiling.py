@@ -75,6 +75,68 @@ class TileGrid:
         s = self.size_l0
         return shapely.box(x, y, x + s, y + s)
 
+    def blocks(self, cells: int, halo_px: int) -> tuple[TileGrid, np.ndarray]:
+        """The tiles grouped into blocks of ``cells`` x ``cells`` grid cells, each grown
+        by ``halo_px`` delivered pixels on every side (read from the same level, white off
+        the slide), for analyses that need context around every tile; and, per tile,
+        the row of its block. A block covers all its tiles entirely; its halo in level
+        pixels is rounded, so its delivered mpp may differ slightly (it is recorded)."""
+        if cells < 1 or halo_px < 0:
+            raise ValueError(f"cells must be >= 1 and halo_px >= 0, got {cells!r}, "
+                             f"{halo_px!r}")
+        s, r = self.stride_px, self.read_px
+        xy = self.level_coords()
+        corner, block_of = np.unique(xy // s // cells, axis=0, return_inverse=True)
+        order = np.lexsort((corner[:, 0], corner[:, 1]))  # row by row
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        read_b = (cells - 1) * s + r
+        tile_b = max(1, int(round(read_b * self.tile_px / r)))
+        halo_read = int(round(halo_px * read_b / tile_b))
+        read, tile = read_b + 2 * halo_read, tile_b + 2 * halo_px
+        level_xy = corner[order].reshape(-1, 2) * cells * s - halo_read
+        level_mpp = self.delivered_mpp * self.tile_px / r
+        grid = TileGrid(coords=np.rint(level_xy * self.level_downsample).astype(np.int64),
+                        tissue_fraction=np.bincount(rank[block_of.ravel()],
+                                                    self.tissue_fraction,
+                                                    minlength=len(order)).astype(np.float32),
+                        level=self.level, level_downsample=self.level_downsample,
+                        read_px=read, stride_px=cells * s, tile_px=tile,
+                        target_mpp=self.target_mpp, mpp=self.mpp,
+                        delivered_mpp=level_mpp * read / tile,
+                        level_dimensions=self.level_dimensions)
+        return grid, rank[block_of.ravel()]
+
+    def owners(self, points: np.ndarray) -> np.ndarray:
+        """For each level-0 point (N, 2) x, y, the row of the tile it belongs to: of the
+        tiles holding it, the last in raster order (the lowest, then the rightmost), so
+        that overlapping tiles share out their union; -1 for a point in no tile."""
+        pts = np.asarray(points, np.float64).reshape(-1, 2) / self.level_downsample
+        out = np.full(len(pts), -1, np.int64)
+        if not len(self) or not len(pts):
+            return out
+        s, r = self.stride_px, self.read_px
+        xy = self.level_coords()
+        origin = xy.min(axis=0)
+        cell = (xy - origin) // s
+        if ((xy - origin) % s).any():
+            raise ValueError("tiles are not on a lattice of the grid's stride")
+        occupied = np.full(tuple(cell.max(axis=0)[::-1] + 1), -1, np.int64)
+        occupied[cell[:, 1], cell[:, 0]] = np.arange(len(xy))
+        rel = pts - origin
+        last = np.floor(rel / s).astype(np.int64)  # the last cell whose tile may hold it
+        reach = -(-r // s)  # cells back a tile of read_px still reaches
+        for dy in range(reach):
+            for dx in range(reach):
+                c = last - (dx, dy)
+                inside = ((c >= 0).all(axis=1) & (c[:, 0] < occupied.shape[1])
+                          & (c[:, 1] < occupied.shape[0])
+                          & (rel < c * s + r).all(axis=1) & (out < 0))
+                hit = np.full(len(pts), -1, np.int64)
+                hit[inside] = occupied[c[inside, 1], c[inside, 0]]
+                out = np.where(hit >= 0, hit, out)
+        return out
+
     def attrs(self) -> dict[str, float | int]:
         return {"level": self.level, "level_downsample": self.level_downsample,
                 "read_px": self.read_px, "stride_px": self.stride_px,

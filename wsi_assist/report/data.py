@@ -93,17 +93,24 @@ def composition(zs: ZeroShot | None, regions: list[ClassRegion]) -> dict[str, An
 
 
 def submodel_findings(subs: list[SubmodelRecord]) -> list[dict[str, Any]]:
-    """Counts and scores (with their definitions) of each sub-model."""
+    """Counts and scores (with their definitions) of each sub-model; a score that does
+    not apply to the slide has no value and says why (``not_applicable``). The built-in
+    nucleus analysis adds the parameters it ran with (QuPath's names) and its stains."""
     out = []
     for s in subs:
         scores = {k: {"value": finite_float(v.get("value")),
-                      "definition": str(v.get("definition", ""))}
+                      "definition": str(v.get("definition", "")),
+                      "not_applicable": v.get("not_applicable") or None}
                   for k, v in (s.attrs.get("scores") or {}).items()}
         out.append({"name": s.name, "task": s.task, "classes": s.classes,
                     "colors": s.attrs.get("colors", []),
                     "counts": {k: int(v) for k, v in (s.attrs.get("counts") or {}).items()},
                     "scores": scores, "model_path": s.attrs.get("model_path"),
-                    "model_sha256": s.attrs.get("model_sha256")})
+                    "model_sha256": s.attrs.get("model_sha256"), "skipped": s.skipped,
+                    "method": s.attrs.get("method"),
+                    "parameters": dict(s.attrs.get("parameters") or {}),
+                    "stains": s.attrs.get("stains"),
+                    "intensity_counts": s.attrs.get("intensity_counts")})
     return out
 
 

@@ -57,7 +57,8 @@ def key_points(r: dict[str, Any]) -> list[str]:
     if main:
         points.append({"kind": "classes", "classes": main[:4]})
     for m in r["submodels"]:
-        points += [{"kind": "score", "name": k, "value": v["value"], "model": m["name"]}
+        points += [{"kind": "score", "name": k, "value": v["value"], "model": m["name"],
+                    "not_applicable": v.get("not_applicable")}
                    for k, v in m["scores"].items()]
         if m["counts"] and not m["scores"]:
             points.append({"kind": "count", "model": m["name"],

@@ -106,12 +106,28 @@ def _submodels(r: dict[str, Any]) -> list[str]:
         return out + ["Not run.", ""]
     for m in r["submodels"]:
         out += [f"### {m['name']} ({m['task']})", ""]
+        if m.get("skipped"):
+            out += [f"Not run: {m['skipped']}", ""]
+        if m.get("method"):
+            out += [f"Method: {m['method']}.", ""]
         if m["counts"]:
             out += ["Counts: " + ", ".join(f"{k} {fmt(v)}" for k, v in m["counts"].items()),
                     ""]
+        if m.get("intensity_counts"):
+            out += ["Intensity classes: " + ", ".join(
+                f"{k} {fmt(v)}" for k, v in m["intensity_counts"].items()), ""]
         for name, sc in m["scores"].items():
-            out.append(f"- **{name}**: {fmt(sc['value'])}. {sc['definition']}")
+            value = sc["not_applicable"] or fmt(sc["value"])
+            out.append(f"- **{name}**: {value}. {sc['definition']}")
         out.append("")
+        if m.get("parameters"):
+            out += ["Parameters: " + ", ".join(f"{k} {fmt(v)}"
+                                               for k, v in m["parameters"].items()), ""]
+        if m.get("stains"):
+            st = m["stains"]
+            out += [f"Stains: {st.get('kind')} ({st.get('source')}): " + "; ".join(
+                f"{n} {v}" for n, v in zip(st.get("names", []), st.get("vectors", []),
+                                           strict=False)), ""]
     return out
 
 

@@ -2,6 +2,8 @@
 
 Tissue pieces and class regions are annotations; tiles (optional) are ``tile`` objects
 with class probabilities as measurements; sub-model points and boxes are detections;
+nuclei of the built-in analysis are detections with their outlines, QuPath's measurements
+and classes (Positive/Negative or 1+/2+/3+/Negative, unclassified without DAB);
 segmentation findings (``findings/<name>.geojson``) are passed through. Features are
 generated lazily and streamed to disk, reading stored arrays a chunk at a time, so a
 slide with hundreds of thousands of detections is never held in memory twice.
@@ -27,6 +29,8 @@ from wsi_assist.store import (
     SUB_LABELS,
     SUB_MEASUREMENTS,
     SUB_POINTS,
+    SUB_POLYGON_OFFSETS,
+    SUB_POLYGONS,
     SUB_PROBS,
     SUB_SCORES,
     SlideStore,
@@ -132,6 +136,44 @@ def detection_features(sub: SubmodelRecord) -> Iterator[Feature]:
                    "properties": props}
 
 
+def nucleus_features(sub: SubmodelRecord) -> Iterator[Feature]:
+    """Nuclei stored with outlines as QuPath detections (Polygon geometry, level-0 px),
+    chunk by chunk: their classification (none when the slide has no DAB to score) and
+    every measurement under QuPath's name."""
+    g = sub.arrays
+    if SUB_POLYGONS not in g or SUB_POLYGON_OFFSETS not in g:
+        return
+    offsets = np.asarray(g[SUB_POLYGON_OFFSETS][...], np.int64)
+    n = len(offsets) - 1
+    names = sub.measurement_names
+    classified = bool(sub.attrs.get("classified", True))
+    classes = {k: _classification(sub, k) for k in range(len(sub.classes))}
+    meta = {"sub-model": sub.name}
+    has_meas = SUB_MEASUREMENTS in g
+    for start in range(0, n, DETECTION_CHUNK):
+        stop = min(n, start + DETECTION_CHUNK)
+        lo, hi = int(offsets[start]), int(offsets[stop])
+        xy = np.asarray(g[SUB_POLYGONS][lo:hi], np.float64)
+        labels = np.asarray(g[SUB_LABELS][start:stop], np.int64).tolist()
+        values = (np.asarray(g[SUB_MEASUREMENTS][start:stop], np.float64).tolist()
+                  if has_meas else None)
+        ids = _uuid4s(stop - start)
+        for i in range(stop - start):
+            ring = xy[offsets[start + i] - lo:offsets[start + i + 1] - lo]
+            props: dict[str, Any] = {"objectType": "detection", "metadata": meta}
+            if classified:
+                props["classification"] = classes.get(labels[i]) or _classification(
+                    sub, labels[i])
+            if values is not None:
+                props["measurements"] = {k: v for k, v in zip(names, values[i], strict=False)
+                                         if math.isfinite(v)}
+            coords = ring.tolist()
+            coords.append(coords[0])
+            yield {"type": "Feature", "id": ids[i],
+                   "geometry": {"type": "Polygon", "coordinates": [coords]},
+                   "properties": props}
+
+
 def _geometry(kind: str, row: list[float]) -> dict[str, Any]:
     if kind == "points":
         return {"type": "Point", "coordinates": row}
@@ -183,7 +225,8 @@ def all_features(store: SlideStore, regions: list[ClassRegion], grid: TileGrid |
     if include_tiles and grid is not None:
         parts.append(tile_features(grid, zs, [s for s in subs
                                               if s.task == "tile-classification"]))
-    parts.extend(detection_features(s) for s in subs)
+    parts.extend(nucleus_features(s) if SUB_POLYGONS in s.arrays else detection_features(s)
+                 for s in subs)
     parts.extend(segmentation_features(p, p.stem) for p in store.findings_files())
     return itertools.chain.from_iterable(parts)
 

@@ -91,12 +91,13 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
                         "embeddings and a prompt set (zeroshot.prompts)",
           configured=zeroshot.configured, rgb_only=True),
-    # every sub-model spec today takes RGB (or BGR) tiles
-    Stage("submodels", submodels.run, needs=("tiles", "zeroshot"), sections=("submodels",),
-          slide_inputs=(), done=lambda store: bool(store.read_submodels()),
-          how_to_enable="list sub-model spec files (ONNX + YAML) under submodels.specs",
-          configured=submodels.configured, rgb_only=True,
-          check=submodels.check),
+    # every sub-model today takes RGB (or BGR) tiles, the built-in nuclei included
+    Stage("submodels", submodels.run, needs=("tiles", "zeroshot"),
+          sections=("submodels", "nuclei"), slide_inputs=(),
+          done=lambda store: bool(store.read_submodels()),
+          how_to_enable="list the built-in 'nuclei' or sub-model spec files (ONNX + YAML) "
+                        "under submodels.specs",
+          configured=submodels.configured, rgb_only=True, check=submodels.check),
     Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
           sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,
           how_to_enable=caption.HOW_TO_ENABLE, configured=caption.configured,

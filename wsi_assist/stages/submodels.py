@@ -1,6 +1,9 @@
-"""The ``submodels`` stage: every configured ONNX sub-model over the slide's tiles, read
-once for all of them; findings stored per model (detections de-duplicated across tile
-borders, slide scores from class counts, segmentation polygons in ``findings/``)."""
+"""The ``submodels`` stage: the built-in nucleus analysis (``nuclei`` in
+``submodels.specs``, see :mod:`wsi_assist.stages.nuclei`) and every configured ONNX
+sub-model over the slide's tiles, read once for all ONNX models; findings stored per
+model (detections de-duplicated across tile borders, slide scores from class counts,
+segmentation polygons in ``findings/``). The built-in reads the tiles again, each with a
+halo around it."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from wsi_assist.models.submodels import (
     run_models,
     select_rows,
 )
-from wsi_assist.settings import SubmodelParams
+from wsi_assist.settings import BUILTIN_NUCLEI, LEGACY_NUCLEI, NucleiParams, SubmodelParams
+from wsi_assist.stages import nuclei as builtin
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.store import SUB_MEASUREMENTS, SlideStore
 from wsi_assist.tiling import TileGrid
@@ -28,24 +32,57 @@ from wsi_assist.tiling import TileGrid
 log = logging.getLogger(__name__)
 
 
-def configured(store: SlideStore, submodels: SubmodelParams) -> bool:
+def configured(store: SlideStore, submodels: SubmodelParams, nuclei: NucleiParams) -> bool:
     """At least one sub-model spec is listed."""
     return bool(submodels.specs)
 
 
-def check(submodels: SubmodelParams) -> None:
-    """Every listed spec reads, and its model loads and agrees with it (on the CPU)."""
+def check(submodels: SubmodelParams, nuclei: NucleiParams) -> None:
+    """Every listed spec reads, and its model loads and agrees with it (on the CPU); the
+    built-in nucleus analysis needs no file."""
     for entry in submodels.specs:
-        get_submodel(resolve_spec_path(entry), ["CPUExecutionProvider"])
+        if not is_builtin(entry):
+            get_submodel(resolve_spec_path(entry), ["CPUExecutionProvider"])
 
 
-def run(slide: SlideContext, submodels: SubmodelParams) -> dict[str, Any]:
-    """Run the sub-models whose input suits the slide; store each one's findings."""
-    providers = choose_providers(submodels.providers, slide.device)
-    models = [get_submodel(resolve_spec_path(s), providers) for s in submodels.specs]
+def is_builtin(entry: str) -> bool:
+    """Whether a ``submodels.specs`` entry names the built-in nucleus analysis."""
+    return entry in (BUILTIN_NUCLEI, LEGACY_NUCLEI)
+
+
+def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
+        ) -> dict[str, Any]:
+    """Run the analyses whose input suits the slide; store each one's findings."""
     store = slide.store
     grid = store.read_grid()
     background = store.read_tissue().background
+    summary: dict[str, Any] = {}
+    if any(is_builtin(s) for s in submodels.specs):
+        summary[builtin.NAME] = _run_builtin(slide, grid, background, nuclei)
+    onnx = [s for s in submodels.specs if not is_builtin(s)]
+    if onnx:
+        summary.update(_run_onnx(slide, grid, background, onnx, submodels))
+    return summary
+
+
+def _run_builtin(slide: SlideContext, grid: TileGrid, background: str | None,
+                 params: NucleiParams) -> dict[str, Any]:
+    store = slide.store
+    stains = builtin.slide_stains(store, params.stains)
+    if background == "dark" or stains.kind == "fluorescence":
+        what = "fluorescence" if stains.kind == "fluorescence" else "dark (fluorescence)"
+        return builtin.skip(store, stains, params, "needs a bright-field slide (nuclei are "
+                            f"found on optical density); this slide's background is {what}")
+    blocks, block_of = builtin.analysis_grid(grid, params)
+    return builtin.run(store, grid, slide.stream(blocks, batch_size=builtin.BATCH), blocks,
+                       block_of, stains, params, slide.info.level_dimensions[grid.level])
+
+
+def _run_onnx(slide: SlideContext, grid: TileGrid, background: str | None,
+              specs: list[str], submodels: SubmodelParams) -> dict[str, Any]:
+    providers = choose_providers(submodels.providers, slide.device)
+    models = [get_submodel(resolve_spec_path(s), providers) for s in specs]
+    store = slide.store
     zs = store.read_zeroshot()
     active, summary = [], {}
     for m in models:

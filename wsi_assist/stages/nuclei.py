@@ -1,0 +1,202 @@
+"""The built-in analysis of the ``submodels`` stage: QuPath-style positive cell detection
+(:mod:`wsi_assist.nuclei`) over the slide's tiles, read in blocks with a halo.
+
+The tiles are analysed in blocks of about ``nuclei.analysisTileMicrons`` (whole tiles),
+each with ``nuclei.haloMicrons`` of context on every side; a nucleus belongs to the tile
+that holds its centroid (the last in raster order where tiles overlap, see
+:meth:`TileGrid.owners`), so nuclei cut by tile or block borders are found whole and
+once, and none outside the tissue tiles. Results go to the
+store as sub-model ``nuclei``: centroids (``points``), classes (``labels``), the
+measurement table (``measurements``) and outlines (``polygons`` with
+``polygon_offsets``), with the DAB scores, the stains and the QuPath parameters as
+attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from wsi_assist import nuclei as nu
+from wsi_assist.settings import BUILTIN_NUCLEI, NucleiParams
+from wsi_assist.stain import StainVectors, default_vectors
+from wsi_assist.store import (
+    SUB_LABELS,
+    SUB_MEASUREMENTS,
+    SUB_POINTS,
+    SUB_POLYGON_OFFSETS,
+    SUB_POLYGONS,
+    SlideStore,
+)
+from wsi_assist.stream import TileBatch
+from wsi_assist.tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+NAME = BUILTIN_NUCLEI
+TASK = "nucleus-detection"
+#: Blocks per batch of the stream (a block of 512 um at 0.5 um/px is about 3 MB).
+BATCH = 2
+
+
+def slide_stains(store: SlideStore, setting: str) -> StainVectors:
+    """The stain vectors nuclei are measured with: ``setting`` names a kind (QuPath's
+    default vectors for it), or is ``auto``: the slide's own, when stored, else QuPath's
+    H&E defaults (so DAB is scored only on slides known to be H-DAB)."""
+    if setting != "auto":
+        return default_vectors("brightfield-hdab" if setting == "brightfield-hdab"
+                               else "brightfield-he")
+    stored = store.read_stains()  # found by the tissue stage
+    return stored if stored is not None else default_vectors("brightfield-he")
+
+
+def halo_px(grid: TileGrid, params: NucleiParams) -> int:
+    """The halo, in delivered pixels, of ``params.haloMicrons``."""
+    return max(1, math.ceil(params.haloMicrons / grid.delivered_mpp))
+
+
+def block_cells(grid: TileGrid, params: NucleiParams) -> int:
+    """Grid cells per side of the regions analysed at once (``analysisTileMicrons``)."""
+    cell_um = grid.stride_px * grid.level_downsample * grid.mpp
+    return max(1, int(round(params.analysisTileMicrons / cell_um)))
+
+
+def analysis_grid(grid: TileGrid, params: NucleiParams) -> tuple[TileGrid, np.ndarray]:
+    """The haloed blocks the analysis reads, and the block of each tile of ``grid``."""
+    return grid.blocks(block_cells(grid, params), halo_px(grid, params))
+
+
+def analyse(batches: Iterable[TileBatch], grid: TileGrid, blocks: TileGrid,
+            block_of: np.ndarray, stains: StainVectors, params: NucleiParams,
+            level_size: tuple[int, int]) -> nu.Nuclei:
+    """Nuclei (level-0 px) of the haloed ``blocks`` of ``grid`` (see
+    :func:`analysis_grid`) streamed as ``batches``: each keeps those whose centroid
+    belongs to one of its tiles (:meth:`TileGrid.owners`). ``level_size``: (width, height) of the grid's level;
+    beyond it the slide's edge pixels are repeated, as when the whole image is analysed
+    at once, and no nucleus reaches past it."""
+    names = nu.measurement_names(stains)
+    ds = grid.level_downsample
+    level_xy = blocks.level_coords().astype(np.float64)
+    step = blocks.read_px / blocks.tile_px  # level px per delivered px
+    corner = grid.level_coords().astype(np.float64) * ds
+    tiles = np.concatenate([corner, corner + grid.read_px * ds], axis=1)  # level-0 boxes
+    halo = halo_px(grid, params)
+    order = np.argsort(block_of, kind="stable")
+    members = np.split(order, np.searchsorted(block_of[order], np.arange(1, len(blocks))))
+    parts = []
+    for batch in batches:
+        for i, tile in zip(batch.index.tolist(), batch.tiles, strict=True):
+            lo, hi = on_slide(tile.shape[0], level_xy[i], step, level_size)
+            core = (tiles[members[i]] - np.r_[level_xy[i], level_xy[i]] * ds) / (ds * step)
+            # what is worth analysing: the cores and their halo, on the slide or just off it
+            a0 = np.maximum(np.floor(core[:, :2].min(axis=0)).astype(int) - halo,
+                            np.maximum(lo - halo, 0))
+            a1 = np.minimum(np.ceil(core[:, 2:].max(axis=0)).astype(int) + halo,
+                            np.minimum(hi + halo, tile.shape[0]))
+            if (hi <= lo).any() or (a1 <= a0).any():
+                continue
+            part = tile[a0[1]:a1[1], a0[0]:a1[0]]
+            v0, v1 = np.clip(lo - a0, 0, a1 - a0), np.clip(hi - a0, 0, a1 - a0)
+            found = nu.detect_nuclei(edge_extended(part, v0, v1), blocks.delivered_mpp,
+                                     stains, params, core=core - np.r_[a0, a0],
+                                     valid=(v0[0], v0[1], v1[0], v1[1]))
+            o = (level_xy[i] + a0 * step) * ds
+            found = found.transformed((o[0], o[1]), ds * step)
+            parts.append(found.select(np.isin(grid.owners(found.centroids), members[i])))
+    return nu.Nuclei.concat(parts, names)
+
+
+def on_slide(t: int, corner: np.ndarray, step: float, level_size: tuple[int, int]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels (x, y from ``lo`` to ``hi``) of a ``t``-pixel tile with its corner at
+    level px ``corner`` (``step`` level px per pixel) that lie on the slide."""
+    lo = np.clip(np.ceil(-corner / step), 0, t).astype(int)
+    hi = np.clip(np.floor((np.asarray(level_size, np.float64) - corner) / step), 0, t
+                 ).astype(int)
+    return lo, hi
+
+
+def edge_extended(tile: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``tile`` with its pixels outside x, y ``lo``..``hi`` (off the slide) replaced by
+    the nearest ones inside, as filters see past the edge of a whole image."""
+    h, w = tile.shape[:2]
+    if (lo == 0).all() and hi[0] == w and hi[1] == h:
+        return tile
+    inner = tile[lo[1]:hi[1], lo[0]:hi[0]]
+    return np.pad(inner, ((lo[1], h - hi[1]), (lo[0], w - hi[0]), (0, 0)), mode="edge")
+
+
+def score_table(found: nu.Nuclei, pos: nu.Positivity, params: NucleiParams,
+                area_mm2: float) -> dict[str, dict[str, Any]]:
+    """The slide scores as the report shows them: value, definition, and for DAB scores
+    on slides without DAB, ``not_applicable`` (the reason) and no value."""
+    s = nu.summary(found, pos, area_mm2)
+    t = (params.thresholdPositive1, params.thresholdPositive2, params.thresholdPositive3)
+    na = None if pos.applicable else pos.reason
+    comp = params.thresholdCompartment
+    return {
+        "nucleus_density_per_mm2": {
+            "value": s["density_per_mm2"],
+            "definition": "nuclei per mm^2 of analysed tissue"},
+        "median_nucleus_area_um2": {
+            "value": s["median_nucleus_area_um2"],
+            "definition": "median of Nucleus: Area µm^2"},
+        "positive_percent": {
+            "value": s["positive_percent"], "not_applicable": na,
+            "definition": f"Positive %: nuclei with {comp} >= thresholdPositive1 "
+                          f"({t[0]:g}) / all nuclei x 100"},
+        "h_score": {
+            "value": s["h_score"], "not_applicable": na,
+            "definition": f"H-score: 1 x %1+ + 2 x %2+ + 3 x %3+ (0..300), classes by "
+                          f"{comp} >= {t[0]:g} / {t[1]:g} / {t[2]:g}"},
+    }
+
+
+def run(store: SlideStore, grid: TileGrid, batches: Iterable[TileBatch], blocks: TileGrid,
+        block_of: np.ndarray, stains: StainVectors, params: NucleiParams,
+        level_size: tuple[int, int]) -> dict[str, Any]:
+    """Analyse the haloed blocks, score positivity and store everything as ``nuclei``."""
+    found = analyse(batches, grid, blocks, block_of, stains, params, level_size)
+    pos = nu.score_positivity(found, stains, params)
+    area_mm2 = float(grid.tissue_fraction.sum()) * grid.cell_area_mm2
+    scores = score_table(found, pos, params, area_mm2)
+    attrs = {**base_attrs(stains, params, pos), "counts": pos.counts, "scores": scores,
+             "intensity_counts": pos.intensity_counts or None, "n_tiles_run": len(grid),
+             "analysed_area_mm2": area_mm2, "n_blocks": len(blocks),
+             "halo_px": halo_px(grid, params), "analysis_mpp": blocks.delivered_mpp}
+    arrays = {SUB_POINTS: found.centroids, SUB_LABELS: pos.labels,
+              SUB_MEASUREMENTS: found.measurements, SUB_POLYGONS: found.vertices,
+              SUB_POLYGON_OFFSETS: found.offsets}
+    store.write_submodel(NAME, arrays, attrs, array_attrs={
+        SUB_MEASUREMENTS: {"measurement_names": list(found.names)},
+        SUB_POLYGONS: {"description": "outline vertices, level-0 x, y; nucleus i is "
+                                      "rows polygon_offsets[i]:polygon_offsets[i + 1]"}})
+    log.debug("%s: %d nuclei, %s", store.folder.name, len(found), pos.counts)
+    return {"counts": pos.counts, "scores": {k: v["value"] for k, v in scores.items()}}
+
+
+def base_attrs(stains: StainVectors, params: NucleiParams, pos: nu.Positivity | None = None
+               ) -> dict[str, Any]:
+    """What every stored ``nuclei`` record says about how it was made."""
+    classes = pos.classes if pos is not None else ()
+    colors = pos.colors if pos is not None else ()
+    return {"task": TASK, "classes": list(classes), "colors": [list(c) for c in colors],
+            "classified": bool(pos is not None and pos.applicable),
+            "method": 'QuPath-style "Positive cell detection" (wsi_assist.nuclei)',
+            "parameters": {**params.qupath(),
+                           "detectionImageBrightfield": nu.detection_image(stains, params)},
+            "stains": stains.to_json(),
+            "model_path": "built-in", "model_sha256": None}
+
+
+def skip(store: SlideStore, stains: StainVectors, params: NucleiParams, why: str
+         ) -> dict[str, Any]:
+    """Record that the analysis did not run on this slide, and why."""
+    store.write_submodel(NAME, {}, {**base_attrs(stains, params), "counts": {}, "scores": {},
+                                    "skipped": why})
+    log.info("%s: built-in nuclei not run: %s", store.folder.name, why)
+    return {"skipped": why}
