@@ -329,16 +329,18 @@ def test_real_he_and_fluorescence_slides(shared_slides, tmp_path) -> None:
         assert s["h_score"]["value"] is None and not a["classified"]
 
 
-def test_stains_come_from_the_store_when_stored() -> None:
+def test_stains_come_from_the_store_when_stored(tmp_path) -> None:
     from wsi_assist.stages import nuclei as builtin
+    from wsi_assist.store import SlideStore
 
-    class Stored:
-        def read_stains(self):  # what stain estimation will store
-            return HDAB
-
-    assert builtin.slide_stains(Stored(), "auto") is HDAB  # type: ignore[arg-type]
-    assert builtin.slide_stains(object(), "auto").kind == "brightfield-he"  # type: ignore
-    assert builtin.slide_stains(object(), "brightfield-hdab").kind == "brightfield-hdab"  # type: ignore
+    stored = SlideStore(tmp_path / "a", mode="w")
+    stored.write_stains(HDAB)  # as the tissue stage's stain estimation does
+    got = builtin.slide_stains(stored, "auto")
+    assert got.kind == "brightfield-hdab"
+    np.testing.assert_allclose(got.matrix, HDAB.matrix, atol=1e-5)
+    bare = SlideStore(tmp_path / "b", mode="w")
+    assert builtin.slide_stains(bare, "auto").kind == "brightfield-he"
+    assert builtin.slide_stains(bare, "brightfield-hdab").kind == "brightfield-hdab"
 
 
 def test_owners_share_out_overlapping_tiles_and_blocks_cover_them() -> None:
