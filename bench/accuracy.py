@@ -39,16 +39,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import shapely  # noqa: E402
+import shapely
 
-from wsi_assist import config  # noqa: E402
-from wsi_assist import nuclei as nu  # noqa: E402
-from wsi_assist.settings import NucleiParams, TilingParams  # noqa: E402
-from wsi_assist.slide import describe  # noqa: E402
-from wsi_assist.stages import nuclei as builtin  # noqa: E402
-from wsi_assist.stain import StainVectors, default_vectors  # noqa: E402
-from wsi_assist.stream import stream  # noqa: E402
-from wsi_assist.tiling import grid as make_grid  # noqa: E402
+from wsi_assist import config
+from wsi_assist import nuclei as nu
+from wsi_assist.settings import NucleiParams, TilingParams
+from wsi_assist.slide import describe
+from wsi_assist.stages import nuclei as builtin
+from wsi_assist.stain import StainVectors, default_vectors
+from wsi_assist.stream import stream
+from wsi_assist.tiling import grid as make_grid
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "slides"
 KI67 = SHARED / "OS-2-vsi-Ki67.ome.tif"

@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsi_assist.models import submodels as sm
 from wsi_assist.models.submodel_decode import Accumulator, TileFrame
-from wsi_assist.settings import BUILTIN_SUBMODEL
 from wsi_assist.synthetic import default_slide
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "slides"

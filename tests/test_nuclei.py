@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
+from findings_helper import report_config
 from scipy.spatial import cKDTree
 from shapely.geometry import shape
 from stage_helper import run_slide
@@ -21,11 +22,9 @@ from wsi_assist import nuclei as nu
 from wsi_assist.errors import ConfigError
 from wsi_assist.report import qupath
 from wsi_assist.settings import NucleiParams, SettingsError
-from wsi_assist.stain import DAB, HEMATOXYLIN, default_vectors
 from wsi_assist.stages import rebuild_report
+from wsi_assist.stain import DAB, HEMATOXYLIN, default_vectors
 from wsi_assist.synthetic import SyntheticSlide, default_slide, write_slide
-
-from findings_helper import report_config
 
 HDAB = default_vectors("brightfield-hdab")
 HE = default_vectors("brightfield-he")

@@ -20,9 +20,9 @@ from wsi_assist.aggregate import nice_length
 from wsi_assist.cli import app
 from wsi_assist.errors import ConfigError
 from wsi_assist.report import html, pdf
+from wsi_assist.report.index import write_batch_outputs
 from wsi_assist.stages import rebuild_report
 from wsi_assist.store import SlideStore
-from wsi_assist.report.index import write_batch_outputs
 
 needs_chromium = pytest.mark.skipif(pdf.find_browser() is None,
                                     reason="chromium not installed (apt-get install chromium)")

@@ -15,10 +15,9 @@ import pytest
 import yaml
 from findings_helper import report_config
 from scipy.spatial import cKDTree
-
-from exporters.submodels import export_model, spec_dict
 from stage_helper import run_slide
 
+from exporters.submodels import export_model, spec_dict
 from wsi_assist import config
 from wsi_assist.errors import ConfigError, ModelError
 from wsi_assist.models import submodels as sm

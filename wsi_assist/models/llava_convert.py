@@ -102,7 +102,7 @@ def read_weights(files: Iterable[Path]) -> dict[str, Any]:
                 part = load_file(str(path))
             else:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        except Exception as e:
             raise ModelError(f"{path}: cannot read weights ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
         if not isinstance(part, dict):
@@ -189,7 +189,7 @@ def map_state_dict(weights: dict[str, Any], tower: dict[str, Any], projector: st
                                          for k in target_vision_keys) else "")
 
     def vision_key(k: str) -> str:
-        inner = k[len("vision_model."):] if k.startswith("vision_model.") else k
+        inner = k.removeprefix("vision_model.")
         return "model.vision_tower." + vis_prefix + inner
 
     out: dict[str, Any] = {}
