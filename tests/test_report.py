@@ -253,3 +253,36 @@ def test_gallery_tiles_come_from_the_slide_when_present(tmp_path: Path, svs_slid
     assert np.abs(got - want).mean() < 3
     save_tiles(tmp_path, picks, overview, 16.0, None, out_px=64)  # no slide: overview crop
     assert np.asarray(Image.open(tmp_path / picks[0]["tile_png"])).max() == 0
+
+
+def test_nuclei_pictures_in_the_report(tmp_path: Path, svs_slide: Path) -> None:
+    """The built-in nuclei get a picture of their outlines on a sharp field, coloured by
+    class, shown in report.html; the DAB map exists only where DAB is scored."""
+    from wsi_assist.batch import run_batch
+
+    cfg = config.from_dict({"stages": ["tissue", "tiles", "submodels", "report"],
+                            "report": {"pdf": False}, "parallelism": {"device": "cpu"}})
+    res = run_batch([svs_slide], tmp_path / "out", cfg)
+    assert res[0].status == "done", res[0].error
+    d = tmp_path / "out" / res[0].slide_id
+    r = json.loads((d / "report.json").read_text())
+    nuclei = next(m for m in r["submodels"] if m["name"] == "nuclei")
+    assert set(nuclei["pictures"]) == {"detections"}  # H&E: no DAB map
+    img = np.asarray(Image.open(d / nuclei["pictures"]["detections"]).convert("RGB"))
+    color = np.asarray(nuclei["colors"][0])
+    assert (np.abs(img.astype(int) - color).sum(axis=2) == 0).sum() > 200  # outlines drawn
+    assert "Detections on a sharp field" in (d / "report.html").read_text()
+
+
+@pytest.mark.real_slides
+def test_dab_map_on_the_real_ki67_crop(tmp_path: Path, shared_slides: Path) -> None:
+    from wsi_assist.batch import run_batch
+
+    cfg = config.from_dict({"stages": ["tissue", "tiles", "submodels", "report"],
+                            "report": {"pdf": False}, "parallelism": {"device": "cpu"}})
+    res = run_batch([shared_slides / "OS-2-vsi-Ki67.ome.tif"], tmp_path / "out", cfg)
+    assert res[0].status == "done", res[0].error
+    r = json.loads((tmp_path / "out" / res[0].slide_id / "report.json").read_text())
+    nuclei = next(m for m in r["submodels"] if m["name"] == "nuclei")
+    assert set(nuclei["pictures"]) == {"detections", "dab_heatmap"}
+    assert nuclei["scores"]["positive_percent"]["value"] is not None

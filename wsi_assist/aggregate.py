@@ -145,12 +145,16 @@ def view(overview: np.ndarray, downsample: float, max_px: int,
 
 def heatmap(overview: np.ndarray, downsample: float, tiles: TileGrid,
             probs: np.ndarray, title: str, *, max_px: int = 768, alpha: float = 0.7,
-            bounds: tuple[float, float, float, float] | None = None) -> Image.Image:
-    """Tile probabilities of one class over a faded overview, with legend and scale bar."""
+            bounds: tuple[float, float, float, float] | None = None,
+            label: str = "probability", vmax: float = 1.0) -> Image.Image:
+    """Tile values in 0..``vmax`` (a class's probabilities, or ``label``) over a faded
+    overview, with legend and scale bar; tiles whose value is NaN are left clear."""
+    if not vmax > 0:
+        raise ValueError(f"vmax must be positive, got {vmax!r}")
     v = view(overview, downsample, max_px, bounds)
     faded = Image.blend(v.image.convert("L").convert("RGB"),
                         Image.new("RGB", v.image.size, (255, 255, 255)), 0.35)
-    lattice, origin = prob_grid(tiles, probs)
+    lattice, origin = prob_grid(tiles, np.asarray(probs, np.float64) / vmax)
     if lattice.size:
         rgba = np.dstack([colormap(lattice), np.where(np.isnan(lattice), 0,
                                                    round(255 * alpha)).astype(np.uint8)])
@@ -160,7 +164,24 @@ def heatmap(overview: np.ndarray, downsample: float, tiles: TileGrid,
         layer = layer.resize((w, h), Image.Resampling.NEAREST)
         x, y = v.xy(*origin)
         faded.paste(layer, (round(x), round(y)), layer)
-    return _frame(faded, title, tiles.mpp / v.scale, legend=_ramp_legend)
+    return _frame(faded, title, tiles.mpp / v.scale,
+                  legend=lambda d, x, y, u: _ramp_legend(d, x, y, u, label, vmax))
+
+
+def outlines(field: Image.Image, objects: list[tuple[np.ndarray, Color]],
+             entries: list[tuple[str, Color]], um_per_px: float, title: str) -> Image.Image:
+    """Object outlines (vertices in ``field`` pixels) drawn in their colours on ``field``,
+    with a legend of ``entries`` and a scale bar."""
+    img = field.convert("RGB")
+    draw = ImageDraw.Draw(img)
+    width = max(1, img.width // 320)
+    for xy, color in objects:
+        if len(xy) >= 3:
+            pts = [(float(x), float(y)) for x, y in xy]
+            draw.line([*pts, pts[0]], fill=(int(color[0]), int(color[1]), int(color[2])),
+                      width=width)
+    return _frame(img, title, um_per_px,
+                  legend=lambda d, x, y, u: _class_legend(d, x, y, u, entries))
 
 
 def class_overlay(overview: np.ndarray, downsample: float, regions: list[ClassRegion],
@@ -219,16 +240,17 @@ def _frame(img: Image.Image, title: str, um_per_px: float, legend: Legend) -> Im
     return out
 
 
-def _ramp_legend(d: ImageDraw.ImageDraw, x: int, y: int, u: int) -> None:
+def _ramp_legend(d: ImageDraw.ImageDraw, x: int, y: int, u: int,
+                 label: str = "probability", vmax: float = 1.0) -> None:
     width = 10 * u
     ramp = colormap(np.linspace(0, 1, width))
     for i, c in enumerate(ramp):
         d.line([(x + i, y), (x + i, y + u)], fill=tuple(int(v) for v in c))
     font = _font(u)
     d.text((x, y + u + 2), "0", fill=(40, 40, 40), font=font)
-    d.text((x + width // 2 - u, y + u + 2), "0.5", fill=(40, 40, 40), font=font)
-    d.text((x + width - u // 2, y + u + 2), "1", fill=(40, 40, 40), font=font)
-    d.text((x + width + u, y), "probability", fill=(40, 40, 40), font=font)
+    d.text((x + width // 2 - u, y + u + 2), f"{vmax / 2:g}", fill=(40, 40, 40), font=font)
+    d.text((x + width - u // 2, y + u + 2), f"{vmax:g}", fill=(40, 40, 40), font=font)
+    d.text((x + width + u, y), label, fill=(40, 40, 40), font=font)
 
 
 def _class_legend(d: ImageDraw.ImageDraw, x: int, y: int, u: int,

@@ -18,7 +18,7 @@ from wsi_assist import aggregate, files
 from wsi_assist.errors import WsiAssistError
 from wsi_assist.report import data, html, images, markdown, pdf, qupath
 from wsi_assist.settings import ReportParams
-from wsi_assist.store import SlideStore, ZeroShot
+from wsi_assist.store import SlideStore, SubmodelRecord, ZeroShot
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
         "stain": data.stain(store),
         "stages": stages,
         "composition": data.composition(zs, regions),
-        "submodels": data.submodel_findings(subs),
+        "submodels": _with_pictures(data.submodel_findings(subs), subs, store, grid,
+                                    overview.image, overview.downsample, slide_path, params),
         "representative_tiles": gallery,
         "summary": store.read_summary(),
         "images": {"thumbnail": "thumbnail.png" if (out_dir / "thumbnail.png").is_file()
@@ -116,6 +117,20 @@ def _gallery(out_dir: Path, captions: list[dict[str, Any]] | None, grid: TileGri
     picks = images.pick_tiles(grid, zs, params.gallery_per_class, exclude)
     images.save_tiles(out_dir, picks, overview, downsample, slide_path)
     return picks
+
+
+def _with_pictures(findings: list[dict[str, Any]], subs: list[SubmodelRecord],
+                   store: SlideStore, grid: TileGrid | None, overview: np.ndarray,
+                   downsample: float, slide_path: Path | None, params: ReportParams
+                   ) -> list[dict[str, Any]]:
+    """Each sub-model's findings with its pictures (outlines on a sharp field, DAB map)."""
+    qc = store.read_qc()
+    focus = None if qc is None else qc.get("focus")
+    for f, s in zip(findings, subs, strict=True):
+        f["pictures"] = {} if grid is None else images.nuclei_pictures(
+            store.folder, s, grid, focus, overview, downsample, slide_path,
+            max_px=params.image_px // 2 + 160)
+    return findings
 
 
 def _inside(base: Path, target: Path) -> bool:

@@ -34,6 +34,11 @@ def data_uri(path: Path) -> str | None:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+#: Captions of a sub-model's pictures (``report.json`` submodels[].pictures).
+PICTURE_TITLES = {"detections": "Detections on a sharp field (outlines coloured by class)",
+                  "dab_heatmap": "Mean nuclear DAB OD per tile"}
+
+
 def render(r: dict[str, Any], out_dir: Path) -> str:
     """The HTML page of report dict ``r``; pictures are read from ``out_dir``."""
     images = r["images"]
@@ -44,7 +49,9 @@ def render(r: dict[str, Any], out_dir: Path) -> str:
         overview=_uri(out_dir, images.get("overlay") or images.get("thumbnail")),
         classes=[(x, f"{100 * (x['fraction'] or 0) / top:.1f}") for x in classes],
         heatmaps=[(k, _uri(out_dir, v)) for k, v in images.get("heatmaps", {}).items()],
-        submodels=[(m, dict(zip(m["classes"], m["colors"], strict=False)))
+        submodels=[(m, dict(zip(m["classes"], m["colors"], strict=False)),
+                    [(PICTURE_TITLES.get(k, k), _uri(out_dir, v))
+                     for k, v in (m.get("pictures") or {}).items()])
                    for m in r["submodels"]],
         tiles=[(t, _uri(out_dir, t.get("tile_png"))) for t in r["representative_tiles"]],
         summary=_summary(r))

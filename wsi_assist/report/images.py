@@ -18,7 +18,15 @@ from PIL import Image
 from wsi_assist import aggregate
 from wsi_assist.aggregate import ClassRegion
 from wsi_assist.settings import ReportParams
-from wsi_assist.store import ZeroShot
+from wsi_assist.store import (
+    SUB_LABELS,
+    SUB_MEASUREMENTS,
+    SUB_POINTS,
+    SUB_POLYGON_OFFSETS,
+    SUB_POLYGONS,
+    SubmodelRecord,
+    ZeroShot,
+)
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -157,3 +165,78 @@ def _crop(overview: np.ndarray, downsample: float, p: dict[str, Any], out_px: in
         crop = np.full((1, 1, 3), 255, np.uint8)
     return Image.fromarray(np.ascontiguousarray(crop)).resize(
         (out_px, out_px), Image.Resampling.BICUBIC)
+
+
+#: Side of the detection picture's field, um: large enough for context, small enough that
+#: nuclei are several pixels across at 640 px.
+FIELD_UM = 200.0
+DAB_MEAN = "Nucleus: DAB OD mean"
+
+
+def nuclei_pictures(out_dir: Path, sub: SubmodelRecord, grid: TileGrid,
+                    focus: np.ndarray | None, overview: np.ndarray, downsample: float,
+                    slide_path: Path | None, max_px: int = 640) -> dict[str, str]:
+    """For a sub-model with outlines: ``overlays/<name>_detections.png`` (the outlines on
+    the sharp field with most of them, coloured by class) and, when its classes come
+    from DAB, ``overlays/<name>_dab.png`` (mean nuclear DAB OD per tile). Paths are
+    relative to ``out_dir``; none when there is nothing to draw."""
+    if SUB_POLYGONS not in sub.arrays or not len(grid) or not sub.arrays[SUB_POINTS].shape[0]:
+        return {}
+    folder = out_dir / "overlays"
+    folder.mkdir(exist_ok=True)
+    pts = sub.read(SUB_POINTS).astype(np.float64)
+    labels = sub.read(SUB_LABELS).astype(np.int64)
+    owner = grid.owners(pts)
+    counts = np.bincount(owner[owner >= 0], minlength=len(grid)).astype(np.float64)
+    if focus is not None and len(focus) == len(grid) and np.isfinite(focus).any():
+        counts[focus < np.nanmedian(focus)] = -1  # the sharper half of the tiles
+    centre = grid.coords[int(np.argmax(counts))] + grid.size_l0 / 2
+    side = FIELD_UM / grid.mpp
+    x0, y0 = (float(v) for v in np.maximum(centre - side / 2, 0))
+    field = _field(slide_path, x0, y0, side, max_px) or _crop(
+        overview, downsample, {"x": x0, "y": y0, "size_l0": side}, max_px)
+    scale = field.width / side
+    offsets, verts = sub.read(SUB_POLYGON_OFFSETS), sub.read(SUB_POLYGONS)
+    inside = np.flatnonzero((pts[:, 0] >= x0) & (pts[:, 0] < x0 + side)
+                            & (pts[:, 1] >= y0) & (pts[:, 1] < y0 + side))
+    outlines = [((verts[offsets[i]:offsets[i + 1]] - (x0, y0)) * scale,
+                 sub.color(int(labels[i]))[1]) for i in inside]
+    entries = [sub.color(k) for k in range(len(sub.classes))]
+    img = aggregate.outlines(field, outlines, entries, grid.mpp / scale,
+                             f"{sub.name}: {len(inside)} objects in a {FIELD_UM:g} um field")
+    rel = {"detections": f"overlays/{file_name(sub.name)}_detections.png"}
+    img.save(out_dir / rel["detections"], optimize=True)
+    names = sub.measurement_names
+    if sub.attrs.get("classified") and DAB_MEAN in names:
+        dab = sub.read(SUB_MEASUREMENTS)[:, names.index(DAB_MEAN)].astype(np.float64)
+        ok = owner >= 0
+        total = np.bincount(owner[ok], weights=dab[ok], minlength=len(grid))
+        n = np.bincount(owner[ok], minlength=len(grid))
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        top = _strongest_threshold(sub.attrs.get("parameters") or {})
+        hm = aggregate.heatmap(overview, downsample, grid, np.clip(mean, 0, top),
+                               f"{sub.name}: mean nuclear DAB OD per tile",
+                               max_px=max_px, label="DAB OD", vmax=top)
+        rel["dab_heatmap"] = f"overlays/{file_name(sub.name)}_dab.png"
+        hm.save(out_dir / rel["dab_heatmap"], optimize=True)
+    return rel
+
+
+def _field(slide_path: Path | None, x0: float, y0: float, side: float, out_px: int
+           ) -> Image.Image | None:
+    slide = _open(slide_path)
+    if slide is None:
+        return None
+    try:
+        return _read(slide, {"x": int(x0), "y": int(y0), "size_l0": side}, out_px)
+    finally:
+        slide.close()
+
+
+def _strongest_threshold(parameters: dict[str, Any]) -> float:
+    """The top of the DAB scale: QuPath's 3+ threshold (``thresholdPositive3``), else 0.6."""
+    try:
+        value = float(parameters.get("thresholdPositive3", 0.6))
+    except (TypeError, ValueError):
+        return 0.6
+    return value if value > 0 else 0.6

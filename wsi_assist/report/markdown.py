@@ -120,6 +120,8 @@ def _submodels(r: dict[str, Any]) -> list[str]:
             value = sc["not_applicable"] or fmt(sc["value"])
             out.append(f"- **{name}**: {value}. {sc['definition']}")
         out.append("")
+        for key, rel in (m.get("pictures") or {}).items():
+            out += [f"![{m['name']} {key}]({rel})", ""]
         if m.get("parameters"):
             out += ["Parameters: " + ", ".join(f"{k} {fmt(v)}"
                                                for k, v in m["parameters"].items()), ""]
