@@ -33,6 +33,7 @@ from shapely.geometry import shape
 
 from wsi_assist import files, geojson
 from wsi_assist.errors import WsiAssistError
+from wsi_assist.slide import finite_float
 from wsi_assist.stain import StainVectors
 from wsi_assist.tiling import TileGrid
 from wsi_assist.tissue import as_multipolygon
@@ -249,7 +250,7 @@ class SlideStore:
     def read_slide(self) -> SlideRecord:
         a = self.attrs
         return SlideRecord(path=_opt_str(a.get("slide_path")),
-                           mpp=_opt_float(a.get("slide_mpp", a.get("mpp"))),
+                           mpp=finite_float(a.get("slide_mpp", a.get("mpp"))),
                            mpp_source=_opt_str(a.get("mpp_source")),
                            synthetic=bool(a.get("synthetic", False)),
                            fingerprint=_opt_str(a.get("slide_fingerprint")),
@@ -290,8 +291,8 @@ class SlideStore:
         a = self.attrs
         return TissueRecord(geometry=self.read_tissue_geometry(),
                             background=_opt_str(a.get("tissue_background")),
-                            threshold=_opt_float(a.get("tissue_threshold")),
-                            area_um2=_opt_float(a.get("tissue_area_um2")),
+                            threshold=finite_float(a.get("tissue_threshold")),
+                            area_um2=finite_float(a.get("tissue_area_um2")),
                             method=_opt_str(a.get("tissue_method")),
                             levels={str(k): float(v) for k, v in
                                     (a.get("tissue_levels") or {}).items()})
@@ -444,7 +445,7 @@ class SlideStore:
                         uncertain=uncertain, prompt_set=_opt_str(a.get("prompt_set")),
                         prompt_sha256=_opt_str(a.get("prompt_sha256")),
                         model=_opt_str(a.get("model")),
-                        threshold=_opt_float(a.get("threshold")),
+                        threshold=finite_float(a.get("threshold")),
                         composition=dict(a.get("composition") or {}),
                         uncertain_summary=dict(a.get("uncertain") or {}))
 
@@ -533,14 +534,6 @@ def _attrs(node: zarr.Array | zarr.Group) -> dict[str, Any]:
 
 def _opt_str(v: Any) -> str | None:
     return None if v is None else str(v)
-
-
-def _opt_float(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
