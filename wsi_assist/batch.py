@@ -158,7 +158,6 @@ def read_done(folder: Path) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
-WORK_DIR, work_dir = files.WORK_DIR, files.work_dir
 #: The error of a slide skipped because another run holds its lock.
 BUSY = "being processed by "
 
@@ -222,7 +221,7 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
     An error outside the stages (preparing the folder, done.json, the swap) carries
     ``stage = "write"``."""
     final = out / slide_id
-    work = inside(out, work_dir(out) / slide_id)
+    work = inside(out, files.work_dir(out) / slide_id)
     shutil.rmtree(work, ignore_errors=True)
     partial = done is not None and todo != config.stages and done.get("slide") == fp
     try:
@@ -333,7 +332,7 @@ def remove_leftovers(out: Path) -> list[Path]:
     """Remove what killed processes of this host left in OUT: their work folders
     (``.work/<host>.<pid>``, and ``.work/<id>.<pid>`` of older versions when no live
     lock covers them) and their temporary files; never what a live run is using."""
-    work = out / WORK_DIR
+    work = out / files.WORK_DIR
     removed = files.remove_leftovers(work)
     legacy = re.compile(r"^(?P<id>.+)\.(?P<pid>\d+)(?:\.old)?$")
     for d in (list(work.iterdir()) if work.is_dir() else []):
@@ -443,7 +442,7 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
                 progress.advance(r)
     else:
         results = _run_on_cluster(client, p, out, config, force, progress, stop)
-    with_pid = work_dir(out)
+    with_pid = files.work_dir(out)
     with contextlib.suppress(OSError):
         with_pid.rmdir()  # empty unless a slide is still being written by this process
     order = {str(path): i for i, path in enumerate(p.paths)}

@@ -8,6 +8,7 @@ otherwise ``read_px`` level pixels are read and resized to ``tile_px``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,13 +117,7 @@ class TileGrid:
         if not len(self) or not len(pts):
             return out
         s, r = self.stride_px, self.read_px
-        xy = self.level_coords()
-        origin = xy.min(axis=0)
-        cell = (xy - origin) // s
-        if ((xy - origin) % s).any():
-            raise ValueError("tiles are not on a lattice of the grid's stride")
-        occupied = np.full(tuple(cell.max(axis=0)[::-1] + 1), -1, np.int64)
-        occupied[cell[:, 1], cell[:, 0]] = np.arange(len(xy))
+        origin, occupied = self._lattice
         rel = pts - origin
         last = np.floor(rel / s).astype(np.int64)  # the last cell whose tile may hold it
         reach = -(-r // s)  # cells back a tile of read_px still reaches
@@ -136,6 +131,20 @@ class TileGrid:
                 hit[inside] = occupied[c[inside, 1], c[inside, 0]]
                 out = np.where(hit >= 0, hit, out)
         return out
+
+    @functools.cached_property
+    def _lattice(self) -> tuple[np.ndarray, np.ndarray]:
+        """The level-px corner of cell (0, 0) and, per cell of the stride lattice, the row
+        of the tile there (-1: none); built once per grid, as :meth:`owners` is called
+        for every block of a slide."""
+        xy = self.level_coords()
+        origin = xy.min(axis=0)
+        cell = (xy - origin) // self.stride_px
+        if ((xy - origin) % self.stride_px).any():
+            raise ValueError("tiles are not on a lattice of the grid's stride")
+        occupied = np.full(tuple(cell.max(axis=0)[::-1] + 1), -1, np.int64)
+        occupied[cell[:, 1], cell[:, 0]] = np.arange(len(xy))
+        return origin, occupied
 
     def attrs(self) -> dict[str, float | int]:
         return {"level": self.level, "level_downsample": self.level_downsample,

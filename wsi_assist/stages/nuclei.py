@@ -61,7 +61,7 @@ def halo_px(grid: TileGrid, params: NucleiParams) -> int:
 
 def block_cells(grid: TileGrid, params: NucleiParams) -> int:
     """Grid cells per side of the regions analysed at once (``analysisTileMicrons``)."""
-    cell_um = grid.stride_px * grid.level_downsample * grid.mpp
+    cell_um = grid.stride_l0 * grid.mpp
     return max(1, int(round(params.analysisTileMicrons / cell_um)))
 
 

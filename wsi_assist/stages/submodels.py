@@ -118,12 +118,11 @@ def _base_attrs(m: Submodel) -> dict[str, Any]:
 
 def _store(slide: SlideContext, grid: TileGrid, m: Submodel, sel: np.ndarray,
            acc: Accumulator) -> dict[str, Any]:
-    area_mm2 = float(grid.tissue_fraction[sel].sum()) * (grid.stride_l0 * grid.mpp) ** 2 / 1e6
+    area_mm2 = float(grid.tissue_fraction[sel].sum()) * grid.cell_area_mm2
     arrays, attrs = acc.finish(area_mm2)
     o = m.spec.output
     attrs.update(_base_attrs(m))
-    attrs.update({"n_tiles_run": int(sel.sum()), "analysed_area_mm2": area_mm2,
-                  "draw_radius_px": o.draw_radius_um / grid.mpp})
+    attrs.update({"n_tiles_run": int(sel.sum()), "analysed_area_mm2": area_mm2})
     if m.spec.task == "segmentation":
         attrs["geojson"] = _write_segmentation(slide.store, m, acc)
     slide.store.write_submodel(
