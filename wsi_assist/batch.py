@@ -233,9 +233,9 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
         store = SlideStore(work, mode="a" if partial else "w")
         store.write_slide(path, info.mpp, info.mpp_source, info.synthetic, fp, __version__,
                           layout=info.layout, channels=info.channels)
+        device = stages.resolve_device(config.parallelism.device)
         slide = stages.SlideContext(
-            path=path, slide_id=slide_id, info=info, store=store,
-            device=stages.resolve_device(config.parallelism.device),
+            path=path, slide_id=slide_id, info=info, store=store, device=device,
             stream_params=config.stream, out_root=out, config_hash=config.section_hash(),
             stage_status=stages.stage_table)
         ran, seconds = stages.run_stages(slide, config, todo)
@@ -249,7 +249,7 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
         files.write_json(work / DONE_FILE, {
             "slide_id": slide_id, "path": str(path), "slide": fp, "stages": fingerprints,
             "summary": summary, "seconds": result.seconds, "n_tiles": n_tiles,
-            "info": info.to_json(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            "device": device, "info": info.to_json(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _swap_into_place(work, final)
     except Exception as e:
         if not hasattr(e, "stage"):
@@ -423,7 +423,10 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
     check_writable(out)
     remove_leftovers(out)
     p = plan(inputs, config)
-    stages.check_models(config, local=client is None or not config.parallelism.scheduler)
+    local = client is None or not config.parallelism.scheduler
+    stages.check_models(config, local=local)
+    if local:  # said once here (``auto`` without a GPU), not once per slide
+        stages.resolve_device(config.parallelism.device)
     try:
         config_mod.save(config, out / "config.yaml")
     except OSError as e:

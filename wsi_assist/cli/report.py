@@ -49,7 +49,8 @@ def report(
                     configs[d.parent] = cfg
                 done = read_done(d) or {}
                 summary = rebuild_report(d, cfg, info=done.get("info"),
-                                         seconds=done.get("seconds"))
+                                         seconds=done.get("seconds"),
+                                         device=done.get("device"))
                 typer.echo(f"{d}: {summary['annotations']} annotations, "
                            f"{summary['heatmaps']} heatmaps, pdf {summary['pdf']}")
                 done_in[d.parent] = None

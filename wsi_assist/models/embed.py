@@ -103,11 +103,13 @@ def ort_session(path: Path, device: str) -> Any:
     """An onnxruntime session: CUDA then CPU providers on a GPU device, CPU otherwise."""
     import onnxruntime as ort
 
+    from wsi_assist.models.submodels import usable_provider
+
     if not Path(path).is_file():
         raise ModelError(f"{path}: ONNX image encoder not found; export one with "
                          "`python -m exporters.pathclip_onnx SPEC -o FILE`")
     providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+    if device.startswith("cuda") and usable_provider("CUDAExecutionProvider"):
         dev_id = int(device.split(":")[1]) if ":" in device else 0
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": dev_id}))  # type: ignore
     try:

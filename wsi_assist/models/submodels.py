@@ -8,6 +8,8 @@ zero-shot class is listed in its spec). The ``submodels`` stage stores what they
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,22 +44,63 @@ def resolve_spec_path(entry: str) -> Path:
     return builtin_dir() / p
 
 
+#: onnxruntime's library of each GPU provider (in ``onnxruntime/capi``): listed by
+#: ``get_available_providers()`` whenever the wheel ships it, usable only when it loads
+#: (its CUDA, cuDNN or TensorRT libraries are installed).
+PROVIDER_LIBRARIES = {"TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",
+                      "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so"}
+#: Providers already said to be left out (a warning once per process and provider).
+_LEFT_OUT: set[str] = set()
+
+
 def choose_providers(requested: tuple[str, ...] | None, device: str) -> list[str]:
-    """onnxruntime providers: the requested ones (short names), else TensorRT, CUDA, CPU in
-    that order when available (CPU only when the device is ``cpu``)."""
+    """onnxruntime providers: the requested ones (short names), else TensorRT, CUDA, CPU
+    in that order (CPU only when the device is ``cpu``), keeping only those that exist
+    here (:func:`usable_provider`), so that no session prints errors of a provider whose
+    libraries are missing. A requested provider left out is said once in a warning;
+    a ModelError when none of the requested ones exists."""
+    if requested is None and device == "cpu":
+        return ["CPUExecutionProvider"]
+    wanted = [PROVIDERS[p] for p in requested] if requested is not None \
+        else list(PROVIDERS.values())
+    chosen = [p for p in wanted if usable_provider(p)]
+    said = (p for p in wanted if p not in chosen
+            and (requested is not None or p == "CUDAExecutionProvider"))
+    for p in said:  # asked for, or what a CUDA device needs
+        if p not in _LEFT_OUT:
+            _LEFT_OUT.add(p)
+            log.warning("onnxruntime provider %s left out: %s", p, provider_problem(p))
+    if not chosen:
+        raise ModelError(f"none of the onnxruntime providers {', '.join(wanted)} can run "
+                         f"here: {provider_problem(wanted[0])}")
+    return chosen
+
+
+def usable_provider(name: str) -> bool:
+    """Whether onnxruntime lists provider ``name`` and its library loads here."""
+    return provider_problem(name) is None
+
+
+@functools.cache
+def provider_problem(name: str) -> str | None:
+    """Why provider ``name`` cannot run here, in words (None: it can)."""
     import onnxruntime as ort
 
-    available = set(ort.get_available_providers())
-    if requested is not None:
-        chosen = [PROVIDERS[p] for p in requested]
-        missing = [p for p in chosen if p not in available]
-        if missing:
-            raise ModelError(f"onnxruntime provider {missing[0]!r} is not available here; "
-                             f"available: {', '.join(sorted(available))}")
-        return chosen
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    return [p for p in PROVIDERS.values() if p in available] or ["CPUExecutionProvider"]
+    if name not in ort.get_available_providers():
+        return "not in this onnxruntime build (pip install onnxruntime-gpu for CUDA)"
+    lib = PROVIDER_LIBRARIES.get(name)
+    if lib is None:
+        return None
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        # what onnxruntime loads first, then the provider: its missing CUDA/TensorRT
+        # libraries show here as one OSError instead of errors printed by each session
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / lib))
+    except OSError as e:
+        first = str(e).split(":", 1)[0] if ".so" in str(e) else str(e)
+        return f"its libraries do not load ({first} missing)"
+    return None
 
 
 _SUBMODELS: FileCache[Submodel] = FileCache()

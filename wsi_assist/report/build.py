@@ -29,11 +29,13 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
                         slide_id: str | None = None, info: dict[str, Any] | None = None,
                         slide_path: Path | None = None,
                         seconds: dict[str, float] | None = None,
-                        scratch: Path | None = None) -> dict[str, Any]:
+                        scratch: Path | None = None,
+                        device: str | None = None) -> dict[str, Any]:
     """Aggregate the slide's stored findings; write its annotations, pictures and
     reports into the slide folder. ``stages``: the status of each stage (done, or not
     run and how to enable it); ``scratch``: a folder for Chromium's temporary files
-    (default: the slide folder). Returns a short summary."""
+    (default: the slide folder); ``device``: what the models ran on. Returns a short
+    summary."""
     out_dir = store.folder
     slide_id = slide_id or out_dir.name
     overview = store.read_overview()
@@ -70,7 +72,8 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
                    else None, **pics},
         "annotations": {"file": qupath.ANNOTATIONS_FILE, "n_features": n_feats},
         "provenance": data.provenance(store.read_embedding_model(), zs,
-                                      subs, captions, config_hash, slide.version, seconds),
+                                      subs, captions, config_hash, slide.version, seconds,
+                                      device),
     }
     files.write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False))
     files.write_text(out_dir / "report.md", markdown.render(report))

@@ -116,8 +116,10 @@ def submodel_findings(subs: list[SubmodelRecord]) -> list[dict[str, Any]]:
 
 def provenance(emb: Embeddings | None, zs: ZeroShot | None, subs: list[SubmodelRecord],
                captions: list[dict[str, Any]] | None, config_hash: str,
-               version: str | None, seconds: dict[str, float] | None) -> dict[str, Any]:
-    """Model ids and checksums, prompt set hash, config hash, package versions, times."""
+               version: str | None, seconds: dict[str, float] | None,
+               device: str | None = None) -> dict[str, Any]:
+    """Model ids and checksums, prompt set hash, config hash, package versions, times,
+    the device the models ran on."""
     models: list[dict[str, Any]] = []
     if emb is not None:
         models.append({"role": "embedding", "model": emb.model, "sha256": emb.model_sha256})
@@ -133,7 +135,7 @@ def provenance(emb: Embeddings | None, zs: ZeroShot | None, subs: list[SubmodelR
     return {"models": models, "config_sha256": config_hash,
             "packages": package_versions(), "wsi_assist_version": version,
             "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "stage_seconds": seconds}
+            "stage_seconds": seconds, "device": device}
 
 
 def package_versions() -> dict[str, str]:

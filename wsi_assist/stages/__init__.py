@@ -194,13 +194,14 @@ def run_stages(slide: SlideContext, config: Config, names: tuple[str, ...]
 
 
 def rebuild_report(folder: Path, config: Config, info: dict[str, Any] | None = None,
-                   seconds: dict[str, float] | None = None) -> dict[str, Any]:
+                   seconds: dict[str, float] | None = None, device: str | None = None
+                   ) -> dict[str, Any]:
     """Rebuild a finished slide's annotations and reports from its stored results alone
     (``wsi-assist report``): no model, no slide file."""
     store = SlideStore(folder, mode="r")
     return build_slide_outputs(store, config.report, stages=stage_table(store),
                                config_hash=config.section_hash(), slide_id=folder.name,
-                               info=info, seconds=seconds,
+                               info=info, seconds=seconds, device=device,
                                scratch=work_dir(folder.resolve().parent))
 
 

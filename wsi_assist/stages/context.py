@@ -3,6 +3,7 @@ are read. Built by the batch for each slide; stages know nothing of the CLI or D
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from wsi_assist.slide import SlideInfo, open_slide
 from wsi_assist.store import SlideStore
 from wsi_assist.stream import TileBatch, stream
 from wsi_assist.tiling import TileGrid
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,29 @@ class SlideContext:
                       prefetch=sp.prefetch, threads=sp.threads)
 
 
+#: Whether this process has said that ``auto`` fell back to the CPU (said once).
+_FELL_BACK: list[str] = []
+
+
 def resolve_device(spec: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; other specs unchanged."""
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu`` (with one warning line
+    per process saying why); other specs unchanged."""
     if spec != "auto":
         return spec
     try:
         import torch
     except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return _fall_back("torch is not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    return _fall_back("no CUDA device found")
+
+
+def _fall_back(why: str) -> str:
+    if not _FELL_BACK:
+        _FELL_BACK.append(why)
+        log.warning("--device auto: %s; running on the CPU", why)
+    return "cpu"
 
 
 def check_device(spec: str) -> None:

@@ -20,4 +20,5 @@ def run(slide: SlideContext, report: ReportParams) -> dict[str, Any]:
     """Build the slide's annotations and reports from its stored results."""
     return build_slide_outputs(slide.store, report, stages=slide.stage_status(slide.store),
                                config_hash=slide.config_hash, slide_id=slide.slide_id,
-                               info=slide.info.to_json(), slide_path=slide.path)
+                               info=slide.info.to_json(), slide_path=slide.path,
+                               device=slide.device)
