@@ -11,6 +11,7 @@ import zarr
 from typer.testing import CliRunner
 
 from wsi_assist.cli import app
+from wsi_assist.stages.context import resolve_device
 from wsi_assist.store import SlideStore
 
 runner = CliRunner()
@@ -104,6 +105,13 @@ def test_demo(tmp_path: Path) -> None:
     done = json.loads((tmp_path / "results" / "synthetic-demo" / "done.json").read_text())
     assert done["info"]["synthetic"] is True
     assert done["summary"]["tiles"]["n_tiles"] > 20
+    # it ends with the files to open, which exist
+    last = r.stdout.strip().splitlines()[-3:]
+    report = tmp_path.resolve() / "results" / "synthetic-demo" / "report.html"
+    assert f"open the report: {report}" in last
+    assert f"open the index of the batch: {tmp_path.resolve() / 'results' / 'index.html'}" \
+        in last[-1]
+    assert report.is_file() and done["device"] == resolve_device("auto")
 
 
 @pytest.mark.real_slides

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 import traceback
 import unicodedata
@@ -65,6 +66,8 @@ class SlideResult:
     #: OUT holds when the manifest is written.
     want: dict[str, str] | None = None
     seen: str = ""
+    #: Stages this run recorded as "not run", and why (said once per batch).
+    not_run: dict[str, str] = field(default_factory=dict)
 
     @property
     def tiles_per_s(self) -> float | None:
@@ -246,6 +249,8 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
         n_tiles = summary.get("tiles", {}).get("n_tiles")
         result.n_tiles = n_tiles
         result.warnings = stage_warnings(summary)
+        result.not_run = {k: str(v["skipped"]) for k, v in ran.items()
+                          if isinstance(v, dict) and "skipped" in v}
         files.write_json(work / DONE_FILE, {
             "slide_id": slide_id, "path": str(path), "slide": fp, "stages": fingerprints,
             "summary": summary, "seconds": result.seconds, "n_tiles": n_tiles,
@@ -287,6 +292,22 @@ def stage_warnings(summary: dict[str, Any]) -> list[str]:
         ws = s.get("warnings", []) if isinstance(s, dict) else []
         out += [str(w) for w in ws if str(w) not in out]
     return out
+
+
+def log_not_run(results: list[SlideResult]) -> list[str]:
+    """One INFO line per stage and reason for the stages not run on this run's slides
+    (instead of a line per slide); returns the lines."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        for stage, reason in r.not_run.items():
+            groups.setdefault((stage, reason), []).append(r.slide_id)
+    lines = []
+    for (stage, reason), ids in groups.items():
+        which = "all slides" if len(ids) == len(results) > 1 else \
+            f"{len(ids)} slide(s): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+        lines.append(f"{stage} not run on {which}: {reason}")
+        log.info("%s", lines[-1])
+    return lines
 
 
 def as_out_is(results: list[SlideResult], out: Path, config: Config) -> list[SlideResult]:
@@ -353,6 +374,63 @@ def remove_leftovers(out: Path) -> list[Path]:
                  ", ".join(str(p.relative_to(out)) for p in removed[:5])
                  + (" ..." if len(removed) > 5 else ""))
     return removed
+
+
+#: Chromium profile folders that versions before 0.1.0's fixes made in $TMPDIR (now
+#: Chromium's scratch is under ``OUT/.work/<host>.<pid>``, removed with it).
+OLD_CHROMIUM_PREFIX = "wsi-assist-chromium-"
+#: A profile folder with no Chromium lock this old is a leftover: a live run holds its
+#: lock from a moment after making the folder until it removes it.
+OLD_CHROMIUM_AGE_S = 600.0
+
+
+def remove_chromium_leftovers(tmp: Path | None = None) -> list[Path]:
+    """Remove ``$TMPDIR/wsi-assist-chromium-*`` profile folders left by dead processes:
+    their Chromium lock (``SingletonLock`` -> ``<host>-<pid>``) names a dead pid of this
+    host, or they have no lock and are older than :data:`OLD_CHROMIUM_AGE_S`; with each,
+    the ``org.chromium.Chromium.*`` folder its ``SingletonSocket`` link points into."""
+    import tempfile
+
+    base = Path(tmp or tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        found = sorted(base.glob(f"{OLD_CHROMIUM_PREFIX}*"))
+    except OSError:
+        return removed
+    for d in found:
+        if d.is_symlink() or not d.is_dir() or not _dead_profile(d):
+            continue
+        socket_dir = _link_parent(d / "SingletonSocket")
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+        if socket_dir is not None and socket_dir.parent == base \
+                and socket_dir.name.lstrip(".").startswith("org.chromium.Chromium."):
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            removed.append(socket_dir)
+    if removed:
+        log.info("removed %d Chromium folders of dead runs from %s", len(removed), base)
+    return removed
+
+
+def _dead_profile(d: Path) -> bool:
+    try:
+        target = os.readlink(d / "SingletonLock")
+    except FileNotFoundError:
+        try:
+            return time.time() - d.stat().st_mtime > OLD_CHROMIUM_AGE_S
+        except OSError:
+            return False
+    except OSError:
+        return False
+    host, _, pid = target.rpartition("-")
+    return host == socket.gethostname() and pid.isdigit() and not files.pid_alive(int(pid))
+
+
+def _link_parent(link: Path) -> Path | None:
+    try:
+        return Path(os.readlink(link)).parent
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -422,16 +500,19 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
     """
     check_writable(out)
     remove_leftovers(out)
+    remove_chromium_leftovers()
     p = plan(inputs, config)
     local = client is None or not config.parallelism.scheduler
     stages.check_models(config, local=local)
-    if local:  # said once here (``auto`` without a GPU), not once per slide
-        stages.resolve_device(config.parallelism.device)
     try:
         config_mod.save(config, out / "config.yaml")
     except OSError as e:
         raise WsiAssistError(f"{out / 'config.yaml'}: cannot write the effective config "
                              f"({_os_reason(e, out)})") from e
+    wants_gpu = config.parallelism.device.startswith("cuda")
+    if local:  # ``auto`` resolved (and its fallback said) once here, not in every worker
+        config = config_mod.override(config, parallelism={
+            "device": stages.resolve_device(config.parallelism.device)})
     if progress is not None:
         progress.start(len(p.paths))
     results: list[SlideResult] = []
@@ -444,12 +525,13 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
             if progress is not None:
                 progress.advance(r)
     else:
-        results = _run_on_cluster(client, p, out, config, force, progress, stop)
+        results = _run_on_cluster(client, p, out, config, force, progress, stop, wants_gpu)
     with_pid = files.work_dir(out)
     with contextlib.suppress(OSError):
         with_pid.rmdir()  # empty unless a slide is still being written by this process
     order = {str(path): i for i, path in enumerate(p.paths)}
     results.sort(key=lambda r: order[r.path])
+    log_not_run(results)
     results = as_out_is(results, out, config)
     problems = []
     try:
@@ -470,12 +552,12 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
 
 
 def _run_on_cluster(client: Any, p: BatchPlan, out: Path, config: Config, force: bool,
-                    progress: Any, stop: Any) -> list[SlideResult]:
+                    progress: Any, stop: Any, wants_gpu: bool) -> list[SlideResult]:
     """One task per slide; workers open the slides themselves. GPU stages need a worker
-    declaring the ``GPU`` resource when the configured device is CUDA."""
+    declaring the ``GPU`` resource when the configured device (``wants_gpu``) is CUDA."""
     from dask.distributed import as_completed
 
-    gpu = config.parallelism.device.startswith("cuda") and any(
+    gpu = wants_gpu and any(
         s in config.stages for s in ("embed", "submodels", "caption"))
     futures = [client.submit(process_slide, path, p.ids[path], out, config, p.mpp_table,
                              force, key=f"slide-{p.ids[path]}-{os.getpid()}", pure=False,

@@ -23,4 +23,18 @@ def demo(
     if not path.exists():
         write_slide(path, default_slide(3072, 2304), kind="svs", mpp=0.5)
     typer.echo(f"synthetic slide (not a real specimen): {path}")
-    execute([path], out / "results", None, stages=None, mpp=None, mpp_csv=None)
+    results = out / "results"
+    try:
+        execute([path], results, None, stages=None, mpp=None, mpp_csv=None)
+    except typer.Exit as e:  # execute ends with the run's exit code, after its summary
+        _say_what_to_open(results, path.stem)
+        raise e from None
+
+
+def _say_what_to_open(results: Path, slide_id: str) -> None:
+    """The files a new user opens next, when the run wrote them."""
+    for label, p in (("report", results / slide_id / "report.html"),
+                     ("report (PDF)", results / slide_id / "report.pdf"),
+                     ("index of the batch", results / "index.html")):
+        if p.is_file():
+            typer.echo(f"open the {label}: {p.resolve()}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from wsi_assist.cli import options as opt
-from wsi_assist.cli.common import user_errors
+from wsi_assist.cli.common import state, user_errors
 from wsi_assist.files import QuietFileHandler, remove_leftovers, work_dir
 
 if TYPE_CHECKING:
@@ -181,6 +181,22 @@ def _log_to_file(path: Path) -> QuietFileHandler:
     return h
 
 
+def _quiet_dask() -> None:
+    """Dask's own INFO lines (scheduler, nanny, connections: ~30 a run) at WARNING, in
+    this process and its worker processes; one summary line is logged instead. With
+    --debug they stay."""
+    import dask
+    import distributed  # noqa: F401  (configures its loggers on import: after that)
+
+    if state.debug:
+        return
+    dask.config.set({"logging": {"distributed": "warning", "bokeh": "error",
+                                 "tornado": "critical"}})
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "distributed"]
+    for name in ["distributed", *names]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 class _client:
     """A Dask client for ``--scheduler`` or ``--workers N`` (N > 1), else None."""
 
@@ -196,21 +212,27 @@ class _client:
         if self.cfg.scheduler:
             from dask.distributed import Client
 
+            _quiet_dask()
             try:
                 self.client = Client(self.cfg.scheduler, timeout="20s")
             except (OSError, TimeoutError) as e:
                 raise WsiAssistError(f"cannot reach the Dask scheduler at "
                                      f"{self.cfg.scheduler!r} ({e})") from e
+            log.info("Dask: scheduler %s, %d workers", self.cfg.scheduler,
+                     len(self.client.scheduler_info().get("workers", {})))
         elif self.cfg.workers > 1:
             import dask
             from dask.distributed import Client, LocalCluster
 
+            _quiet_dask()
             dask.config.set({"temporary-directory": str(self.scratch)})
             self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1,
                                         processes=True, host="127.0.0.1",
                                         dashboard_address=None,
                                         local_directory=str(self.scratch))
             self.client = Client(self.cluster)
+            log.info("Dask: local cluster of %d worker processes at %s", self.cfg.workers,
+                     self.cluster.scheduler_address)
         return self.client
 
     def __exit__(self, *exc: object) -> None:

@@ -182,7 +182,8 @@ def run_stages(slide: SlideContext, config: Config, names: tuple[str, ...]
         except StageSkipped as e:
             summary[name] = {"skipped": str(e)}
             slide.store.mark_skipped(name, str(e))
-            log.info("%s: %s not run: %s", slide.slide_id, name, e)
+            # the batch says it once for all slides (batch.log_not_run)
+            log.debug("%s: %s not run: %s", slide.slide_id, name, e)
             continue
         except Exception as e:
             e.stage = name  # type: ignore[attr-defined]
