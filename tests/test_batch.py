@@ -239,3 +239,75 @@ def test_local_cluster_gives_same_results(small_slides: list[Path], tmp_path: Pa
         dist = batch.run_batch([src], tmp_path / "dist", cfg, client=client)
     assert [r.status for r in local] == [r.status for r in dist] == ["done"] * 6
     _assert_same(_results(tmp_path / "local"), _results(tmp_path / "dist"))
+
+
+def test_second_run_says_why_it_skipped_and_the_index_shows_done(
+        small_slides: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["run", str(small_slides[0]), str(small_slides[1]), "-o", str(out), "--stages",
+            "tissue,tiles,report"]
+    assert runner.invoke(app, args).exit_code == 0
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "0 done, 2 skipped, 0 failed" in r.stdout
+    assert "skipped (already done; --force to redo): s0, s1" in r.stdout
+    assert [row["status"] for row in manifest(out)] == ["skipped", "skipped"]
+    page = (out / "index.html").read_text(encoding="utf-8")
+    cells = [c.split("</td>")[0] for c in page.split('<td class="')[1:]]
+    assert len(cells) == 2 and all(c.startswith('done">done') and "earlier run" in c
+                                   for c in cells), cells
+    assert ">skipped<" not in page
+
+
+def test_not_run_and_dask_lines_are_said_once_per_batch(small_slides: list[Path],
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("WSI_ASSIST_PATHCLIP", None)
+    p = subprocess.run(_cli("run", *map(str, small_slides[:2]), "-o", str(out), "--stages",
+                            "tissue,tiles,embed,zeroshot,caption", "--workers", "2",
+                            "--device", "auto"),
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    for stage in ("embed", "zeroshot", "caption"):
+        said = [line for line in lines if f"{stage} not run" in line]
+        assert len(said) == 1 and "on all slides" in said[0], said
+    assert not [line for line in lines if line.startswith("INFO distributed")], lines
+    assert sum("Dask: local cluster of 2 worker" in line for line in lines) == 1
+    # auto without a GPU: one warning line for the whole run, workers included
+    from wsi_assist.stages.context import resolve_device
+
+    if resolve_device("auto") == "cpu":
+        assert sum("--device auto" in line for line in lines) == 1, lines
+    assert not [line for line in lines if "EP Error" in line or "libcublas" in line]
+    done = json.loads((out / "s0" / "done.json").read_text())
+    assert done["device"] == resolve_device("auto")
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_still_writes_manifest_and_index(small_slides: list[Path],
+                                                      tmp_path: Path) -> None:
+    src, out = small_slides[0].parent, tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("report:\n  pdf: false\n")
+    p = subprocess.Popen(_cli("run", str(src), "-o", str(out), "--config", str(cfg)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("s*/done.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first slide is done: the second has just started
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)  # abort the slide being processed
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    rows = manifest(out)
+    done = [r for r in rows if r["status"] == "done"]
+    assert done and all((out / r["slide_id"] / "done.json").is_file() for r in done)
+    cut = [r for r in rows if r["status"] == "failed"]
+    assert len(cut) == 1 and "interrupted by Ctrl-C" in cut[0]["error"], rows
+    assert not (out / cut[0]["slide_id"]).exists()
+    assert len(rows) < 6 and "Traceback" not in err
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert all(f">{r['slide_id']}<" in page for r in done)
+    assert "interrupted: finished slides are kept" in err

@@ -70,6 +70,13 @@ class SlideResult:
     not_run: dict[str, str] = field(default_factory=dict)
 
     @property
+    def why_skipped(self) -> str:
+        """Why a skipped slide was skipped, in words ("" unless skipped)."""
+        if self.status != "skipped":
+            return ""
+        return self.error or ALREADY_DONE
+
+    @property
     def tiles_per_s(self) -> float | None:
         total = sum(self.seconds.values())
         return self.n_tiles / total if self.n_tiles and total > 0 else None
@@ -163,6 +170,8 @@ def read_done(folder: Path) -> dict[str, Any] | None:
 
 #: The error of a slide skipped because another run holds its lock.
 BUSY = "being processed by "
+#: Why a slide whose stages are all done with the same settings is skipped.
+ALREADY_DONE = "already done; --force to redo"
 
 
 def process_slide(path: Path, slide_id: str, out: Path, config: Config,
@@ -520,7 +529,11 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
         for path in p.paths:
             if stop is not None and stop():
                 break
-            r = process_slide(path, p.ids[path], out, config, p.mpp_table, force)
+            try:
+                r = process_slide(path, p.ids[path], out, config, p.mpp_table, force)
+            except KeyboardInterrupt:  # a second Ctrl-C: this slide is dropped
+                results.append(interrupted(path, p.ids[path]))
+                break
             results.append(r)
             if progress is not None:
                 progress.advance(r)
@@ -559,21 +572,33 @@ def _run_on_cluster(client: Any, p: BatchPlan, out: Path, config: Config, force:
 
     gpu = wants_gpu and any(
         s in config.stages for s in ("embed", "submodels", "caption"))
-    futures = [client.submit(process_slide, path, p.ids[path], out, config, p.mpp_table,
+    futures = {client.submit(process_slide, path, p.ids[path], out, config, p.mpp_table,
                              force, key=f"slide-{p.ids[path]}-{os.getpid()}", pure=False,
-                             resources={"GPU": 1} if gpu else None)
-               for path in p.paths]
+                             resources={"GPU": 1} if gpu else None): path
+               for path in p.paths}
     results = []
-    for fut in as_completed(futures):
-        r = fut.result()
-        results.append(r)
-        if progress is not None:
-            progress.advance(r)
-        if stop is not None and stop():
-            for f in futures:
-                f.cancel()  # running slides finish their atomic write or are discarded
-            break
+    try:
+        for fut in as_completed(futures):
+            r = fut.result()
+            results.append(r)
+            if progress is not None:
+                progress.advance(r)
+            if stop is not None and stop():
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C: slides still running are dropped
+        finished = {r.path for r in results}
+        results += [interrupted(path, p.ids[path]) for f, path in futures.items()
+                    if str(path) not in finished and f.status != "pending"]
+    for f in futures:
+        f.cancel()  # running slides finish their atomic write or are discarded
     return results
+
+
+def interrupted(path: Path, slide_id: str) -> SlideResult:
+    """The manifest row of a slide dropped by a second Ctrl-C."""
+    return SlideResult(path=str(path), slide_id=slide_id, status="failed", stage="interrupted",
+                       error=f"{path}: interrupted by Ctrl-C before it finished; run the "
+                             "same command again to process it")
 
 
 def write_manifest(path: Path, results: list[SlideResult]) -> None:

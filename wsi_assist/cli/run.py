@@ -118,6 +118,9 @@ def _summarise(results: list[Any], out: Path, interrupted: bool,
     done = sum(r.status == "done" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
     typer.echo(f"{done} done, {skipped} skipped, {len(failed)} failed -> {out}")
+    for why, ids in _skipped_by_reason(results).items():
+        shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        typer.echo(f"skipped ({why}): {shown}")
     for r in failed:
         typer.secho(f"failed [{r.stage}]: {r.error}", err=True, fg=typer.colors.RED)
     for r in results:
@@ -135,6 +138,15 @@ def _summarise(results: list[Any], out: Path, interrupted: bool,
         typer.secho("error: no slide files found", err=True)
         raise typer.Exit(2)
     raise typer.Exit(1 if failed else 0)
+
+
+def _skipped_by_reason(results: list[Any]) -> dict[str, list[str]]:
+    """Skipped slides' ids by why they were skipped (another run's pid shown once)."""
+    out: dict[str, list[str]] = {}
+    for r in results:
+        if r.status == "skipped":
+            out.setdefault(r.why_skipped, []).append(r.slide_id)
+    return out
 
 
 class _StopOnInterrupt:

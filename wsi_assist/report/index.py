@@ -63,8 +63,9 @@ def _row(out: Path, r: dict[str, Any], report: dict[str, Any] | None,
          f: dict[str, Any]) -> dict[str, Any]:
     """What the index shows of manifest row ``r``: names, links, findings ``f``."""
     sid = str(r.get("slide_id") or "")
+    status, note = result(out, r)
     return {"sid": sid, "href": quote(sid), "linked": report is not None,
-            "path": str(r.get("path") or ""), "status": str(r.get("status") or ""),
+            "path": str(r.get("path") or ""), "status": status, "note": note,
             "thumb": next((p for p in ("overlays/classes.png", "thumbnail.png")
                            if sid and (out / sid / p).is_file()), None),
             "stage": str(r.get("stage") or ""), "error": str(r.get("error") or ""),
@@ -74,6 +75,18 @@ def _row(out: Path, r: dict[str, Any], report: dict[str, Any] | None,
             "scores": [(k, v) for k, v in f.items()
                        if ":" in k and ":count:" not in k and not k.startswith("fraction:")],
             "synthetic": bool(report and report["slide"].get("synthetic"))}
+
+
+def result(out: Path, r: dict[str, Any]) -> tuple[str, str]:
+    """A slide's result and a note: its manifest status, except that a slide this run
+    skipped because it was already done is ``done`` (noted: by an earlier run)."""
+    status, sid = str(r.get("status") or ""), str(r.get("slide_id") or "")
+    if status == "skipped" and not r.get("error") and sid \
+            and (out / sid / "done.json").is_file():
+        return "done", "by an earlier run"
+    if status == "skipped":
+        return status, str(r.get("error") or "")
+    return status, ""
 
 
 def _int(v: Any) -> int | None:
