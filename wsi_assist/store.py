@@ -362,6 +362,13 @@ class SlideStore:
         self._write(THUMBNAIL, image, rows_per_chunk=1024, downsample=downsample,
                     description="RGB thumbnail, pixels are `downsample` level-0 px wide")
 
+    def read_thumbnail(self) -> Overview | None:
+        """The stored RGB thumbnail (the ``tiles`` stage), as an Overview; None before."""
+        if THUMBNAIL not in self.group:
+            return None
+        arr = _array(self.group, THUMBNAIL)
+        return Overview(np.asarray(arr[...]), float(_attrs(arr)["downsample"]))
+
     def write_qc(self, scores: np.ndarray, names: list[str], description: str,
                  damaged: np.ndarray | None = None) -> None:
         """Per-tile quality scores (N, len(names)) float32; ``damaged``: grid rows of

@@ -18,7 +18,7 @@ from wsi_assist import aggregate, files
 from wsi_assist.errors import WsiAssistError
 from wsi_assist.report import data, html, images, markdown, pdf, qupath
 from wsi_assist.settings import ReportParams
-from wsi_assist.store import SlideStore, SubmodelRecord, ZeroShot
+from wsi_assist.store import Overview, SlideStore, SubmodelRecord, ZeroShot
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
     regions = _regions(grid, zs, tissue.geometry, tissue.area_um2, params)
     n_feats = qupath.write_annotations(store, regions, grid, zs, subs,
                                             include_tiles=params.include_tiles)
-    pics = images.overlay_and_heatmaps(out_dir, overview.image, overview.downsample, grid,
+    sharp = _sharpest(overview, store.read_thumbnail())
+    pics = images.overlay_and_heatmaps(out_dir, sharp.image, sharp.downsample, grid,
                                        zs, regions, tissue.geometry, slide.mpp, params)
     captions = store.read_captions()
     gallery = _gallery(out_dir, captions, grid, zs, overview.image, overview.downsample,
@@ -82,6 +83,14 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
         if params.pdf else "disabled (report.pdf: false)"
     return {"annotations": n_feats, "regions": sum(not r.geometry.is_empty for r in regions),
             "heatmaps": len(pics["heatmaps"]), "pdf": pdf_note}
+
+
+def _sharpest(overview: Overview, thumbnail: Overview | None) -> Overview:
+    """The finer of the stored overview (``tissue.overview_mpp``, 8 µm/px by default)
+    and the thumbnail (``outputs.thumbnail_px``): the slide picture of the report."""
+    if thumbnail is None or thumbnail.image.ndim != 3 or thumbnail.image.shape[2] != 3:
+        return overview
+    return thumbnail if thumbnail.downsample < overview.downsample else overview
 
 
 def _regions(grid: TileGrid | None, zs: ZeroShot | None, tissue: shapely.MultiPolygon,

@@ -11,6 +11,13 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from wsi_assist.report.labels import (
+    finding_label,
+    na_reason,
+    not_run_notes,
+    score_label,
+    score_value,
+)
 from wsi_assist.report.markdown import fmt, fmt_rgb, pct, stain_label
 
 log = logging.getLogger(__name__)
@@ -22,7 +29,9 @@ def environment() -> Environment:
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
                       autoescape=True, undefined=StrictUndefined, trim_blocks=True,
                       lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(fmt=fmt, pct=pct, rgb=_rgb, white=fmt_rgb, stain_label=stain_label)
+    env.filters.update(fmt=fmt, pct=pct, rgb=_rgb, white=fmt_rgb, stain_label=stain_label,
+                       score_label=score_label, score_value=score_value,
+                       finding_label=finding_label, na_reason=na_reason)
     return env
 
 
@@ -54,7 +63,7 @@ def render(r: dict[str, Any], out_dir: Path) -> str:
                      for k, v in (m.get("pictures") or {}).items()])
                    for m in r["submodels"]],
         tiles=[(t, _uri(out_dir, t.get("tile_png"))) for t in r["representative_tiles"]],
-        summary=_summary(r))
+        summary=_summary(r), not_run=not_run_notes(r["stages"]))
 
 
 def key_points(r: dict[str, Any]) -> list[str]:

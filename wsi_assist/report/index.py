@@ -72,8 +72,8 @@ def _row(out: Path, r: dict[str, Any], report: dict[str, Any] | None,
             "warnings": [w for w in str(r.get("warnings") or "").split("; ") if w],
             "tissue_area_mm2": f.get("tissue_area_mm2"), "n_tiles": _int(r.get("n_tiles")),
             "top_class": f.get("top_class"), "top_class_fraction": f.get("top_class_fraction"),
-            "scores": [(k, v) for k, v in f.items()
-                       if ":" in k and ":count:" not in k and not k.startswith("fraction:")],
+            "scores": [(k, v) for k, v in f.items() if v is not None
+                       and ":" in k and ":count:" not in k and not k.startswith("fraction:")],
             "synthetic": bool(report and report["slide"].get("synthetic"))}
 
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from wsi_assist.report.labels import (
+    na_reason,
+    not_run_notes,
+    number,
+    score_label,
+    score_value,
+)
 
-def fmt(v: Any, digits: int = 3) -> str:
-    """A number for people: ``-`` when missing, else a short general format."""
+
+def fmt(v: Any) -> str:
+    """A number for people: ``-`` when missing, else :func:`labels.number` (no exponent)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -14,7 +22,7 @@ def fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
-        return f"{v:.{digits}g}"
+        return number(v)
     return str(v)
 
 
@@ -33,11 +41,11 @@ def render(r: dict[str, Any]) -> str:
     out += ["## Slide", "", "| | |", "|---|---|",
             f"| File | `{s['path']}` |",
             f"| Size | {fmt(s['width'])} x {fmt(s['height'])} px |",
-            f"| Resolution | {fmt(s['mpp'])} um/px ({s['mpp_source'] or 'unknown'}) |",
+            f"| Resolution | {fmt(s['mpp'])} µm/px ({s['mpp_source'] or 'unknown'}) |",
             *([f"| Channels | {', '.join(s['channels'])} (fluorescence / multichannel) |"]
               if s.get("layout") == "channels" else []),
-            f"| Tiles | {fmt(q['n_tiles'])} at {fmt(s['grid'].get('target_mpp'))} um/px |",
-            f"| Tissue area | {fmt(q['tissue_area_mm2'])} mm^2 |",
+            f"| Tiles | {fmt(q['n_tiles'])} at {fmt(s['grid'].get('target_mpp'))} µm/px |",
+            f"| Tissue area | {fmt(q['tissue_area_mm2'])} mm² |",
             (f"| Empty tiles | {pct(q['empty_tile_fraction'])} "
              f"({q['empty_tile_definition']}) |"),
             f"| Image type | {stain_label(r.get('stain'))} |",
@@ -87,7 +95,7 @@ def _composition(r: dict[str, Any]) -> list[str]:
         return ["## Tissue composition", "", "Not run (zero-shot classification).", ""]
     out = ["## Tissue composition", "",
            f"Prompt set `{c['prompt_set']}`; {fmt(c['n_uncertain'])} uncertain tiles.", "",
-           "| Class | Tiles | Fraction of tiles | Region area mm^2 | Fraction of tissue |",
+           "| Class | Tiles | Fraction of tiles | Region area mm² | Fraction of tissue |",
            "|---|---:|---:|---:|---:|"]
     for row in c["classes"]:
         out.append(f"| {row['name']} | {fmt(row['n_tiles'])} | {pct(row['fraction'])} | "
@@ -117,8 +125,10 @@ def _submodels(r: dict[str, Any]) -> list[str]:
             out += ["Intensity classes: " + ", ".join(
                 f"{k} {fmt(v)}" for k, v in m["intensity_counts"].items()), ""]
         for name, sc in m["scores"].items():
-            value = sc["not_applicable"] or fmt(sc["value"])
-            out.append(f"- **{name}**: {value}. {sc['definition']}")
+            value = (f"not applicable ({na_reason(sc['not_applicable'])})"
+                     if sc["not_applicable"]
+                     else score_value(name, sc["value"]))
+            out.append(f"- **{score_label(name)}**: {value}. {sc['definition']}")
         out.append("")
         for key, rel in (m.get("pictures") or {}).items():
             out += [f"![{m['name']} {key}]({rel})", ""]
@@ -128,8 +138,8 @@ def _submodels(r: dict[str, Any]) -> list[str]:
         if m.get("stains"):
             st = m["stains"]
             out += [f"Stains: {st.get('kind')} ({st.get('source')}): " + "; ".join(
-                f"{n} {v}" for n, v in zip(st.get("names", []), st.get("vectors", []),
-                                           strict=False)), ""]
+                f"{n} " + ", ".join(f"{c:.3f}" for c in v)
+                for n, v in zip(st.get("names", []), st.get("vectors", []), strict=False)), ""]
     return out
 
 
@@ -148,13 +158,10 @@ def _gallery(r: dict[str, Any]) -> list[str]:
 
 
 def _stages(r: dict[str, Any]) -> list[str]:
-    missing = {k: v for k, v in r["stages"].items() if v["status"] != "done"}
-    if not missing:
+    notes = not_run_notes(r["stages"])
+    if not notes:
         return []
-    out = ["## Not run", ""]
-    out += [f"- **{k}**: {v['reason']}. To enable: {v['how_to_enable']}."
-            for k, v in missing.items()]
-    return out + [""]
+    return ["## Not run", "", *(f"- **{k}**: {text}." for k, text in notes.items()), ""]
 
 
 def _provenance(r: dict[str, Any]) -> list[str]:
@@ -163,7 +170,8 @@ def _provenance(r: dict[str, Any]) -> list[str]:
     for m in p["models"]:
         extra = ", ".join(f"{k} {v}" for k, v in m.items() if k not in ("role", "model") and v)
         out.append(f"- {m['role']}: `{m['model']}`" + (f" ({extra})" if extra else ""))
-    out += [f"- config sha256: `{p['config_sha256']}`",
+    out += [f"- device: {p.get('device') or 'not recorded'}",
+            f"- config sha256: `{p['config_sha256']}`",
             f"- generated: {p['generated_at']}",
             "- packages: " + ", ".join(f"{k} {v}" for k, v in p["packages"].items()),
             f"- report schema: {r['schema']} {r['schema_version']}"]

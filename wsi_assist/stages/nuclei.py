@@ -141,7 +141,7 @@ def score_table(found: nu.Nuclei, pos: nu.Positivity, params: NucleiParams,
     return {
         "nucleus_density_per_mm2": {
             "value": s["density_per_mm2"],
-            "definition": "nuclei per mm^2 of analysed tissue"},
+            "definition": "nuclei per mm² of analysed tissue"},
         "median_nucleus_area_um2": {
             "value": s["median_nucleus_area_um2"],
             "definition": "median of Nucleus: Area µm^2"},
