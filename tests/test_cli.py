@@ -137,3 +137,40 @@ def test_tile_reads_every_tile_for_quality_scores(svs_slide: Path, tmp_path: Pat
     assert ((qc[:, 0] >= 0) & (qc[:, 0] <= 1)).all() and (qc[:, 1] > 0).all()
     done = json.loads((out / "aperio" / "done.json").read_text())
     assert done["summary"]["tiles"]["tiles_per_s"] > 0
+
+
+def test_models_lists_every_configured_model_and_whether_it_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import _subnets
+    from random_vlm import build_llava
+
+    from exporters.submodels import export_model, spec_dict
+
+    monkeypatch.delenv("WSI_ASSIST_PATHCLIP", raising=False)
+    export_model(_subnets.classifier(3).eval(), tmp_path, spec_dict(
+        "cls", "tile-classification", ["a", "b", "c"], 64, 0.5, mean=(0, 0, 0),
+        std=(1, 1, 1)), atol=1e-4)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: broken\ntask: tile-classification\nmodel: nope.onnx\n")
+    vlm = build_llava(tmp_path / "vlm")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"submodels:\n  specs: [nuclei, {tmp_path / 'cls.yaml'}, {broken}]\n"
+                   f"caption:\n  model: {vlm}\n")
+    r = runner.invoke(app, ["models", "--config", str(cfg)])
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 1, r.output  # the broken spec
+    assert [line.split()[0] for line in lines[-4:]] == ["sub-model"] * 3 + ["captioner"]
+    nuclei, cls, bad, cap = lines[-4:]
+    assert "built-in" in nuclei and "loads: cls (tile-classification), 3 classes" in cls
+    assert f"{broken}: error:" in bad and "\n" not in bad
+    assert f"{vlm}: loads: Llava" in cap
+    assert "embedder        not configured" in r.stdout
+    # without the broken spec every configured model loads: exit 0
+    cfg.write_text(f"submodels:\n  specs: [{tmp_path / 'cls.yaml'}]\ncaption:\n"
+                   f"  model: {tmp_path / 'no-such-folder'}\n")
+    r = runner.invoke(app, ["models", "--config", str(cfg)])
+    assert r.exit_code == 1 and "no-such-folder: error:" in r.stdout.splitlines()[-1]
+    cfg.write_text(f"submodels:\n  specs: [{tmp_path / 'cls.yaml'}]\n")
+    r = runner.invoke(app, ["models", "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[-1].startswith("captioner       caption.model: not configured")

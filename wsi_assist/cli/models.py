@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -57,15 +57,16 @@ def models(
                                                                "(reads the weights).")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
-    """Show the configured embedding model, prompt sets and whether the model loads.
+    """Show every configured model (embedder, sub-models, captioner), the prompt sets,
+    and whether each loads: one line each, with the reason when it does not.
 
-    Exit 0 when the configured model loads (or none is configured), 1 when it does not.
+    Exit 0 when every configured model loads, 1 when any does not.
     `wsi-assist models` without a subcommand is `models show`.
     """
     if ctx.invoked_subcommand is not None:
         return  # `models convert ...`: the subcommand runs instead
     from wsi_assist import config as config_mod
-    from wsi_assist.errors import WsiAssistError
+    from wsi_assist.cli.model_status import captioner_statuses, submodel_statuses
     from wsi_assist.models import pathclip as pc
     from wsi_assist.models.zeroshot import load_prompt_set, shipped_prompt_sets
     from wsi_assist.stages.context import resolve_device
@@ -85,26 +86,41 @@ def models(
         ps = load_prompt_set(cfg.zeroshot.prompts)
     typer.echo(f"zeroshot        {ps.name}: {len(ps.classes)} classes, threshold "
                f"{cfg.zeroshot.threshold}; shipped: {', '.join(shipped_prompt_sets())}")
+    with user_errors():
+        dev = resolve_device(device)
+    ok = _embedder(params, load, dev)
+    for st in [*submodel_statuses(cfg, dev, load), *captioner_statuses(cfg, dev, load)]:
+        typer.secho(st.line(), fg=None if st.ok else typer.colors.RED)
+        ok = ok and st.ok
+    raise typer.Exit(0 if ok else 1)
+
+
+def _embedder(params: Any, load: bool, device: str) -> bool:
+    """The embedder's lines; whether it loads (or is not configured)."""
+    from wsi_assist.errors import WsiAssistError
+    from wsi_assist.models import pathclip as pc
+
     try:
         spec = pc.configured_spec(params)
     except WsiAssistError as e:
-        typer.secho(f"status          error: {e}", fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+        typer.secho(f"embedder        error: {e}", fg=typer.colors.RED)
+        return False
     if spec is None:
-        typer.echo("status          not configured: embed and zeroshot will not run "
+        typer.echo("embedder        not configured: embed and zeroshot will not run "
                    f"(set embed.pathclip, --pathclip or {pc.PATHCLIP_ENV})")
-        raise typer.Exit(0)
+        return True
     _describe_file(spec.weights)
     if not load:
-        raise typer.Exit(0)
+        return True
     try:
-        lm = pc.load_model(spec, resolve_device(device))
+        lm = pc.load_model(spec, device)
     except WsiAssistError as e:
-        typer.secho(f"status          error: {e}", fg=typer.colors.RED)
-        raise typer.Exit(1) from None
-    typer.secho(f"status          loads: {spec.describe()}, {lm.embed_dim}-d, "
+        typer.secho(f"embedder        error: {e}", fg=typer.colors.RED)
+        return False
+    typer.secho(f"embedder        loads: {spec.describe()}, {lm.embed_dim}-d, "
                 f"{lm.image_size} px, sha256 {lm.sha256[:16]} on {lm.device}",
                 fg=typer.colors.GREEN)
+    return True
 
 
 def _describe_file(path: Path | None) -> None:
