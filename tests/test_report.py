@@ -286,3 +286,59 @@ def test_dab_map_on_the_real_ki67_crop(tmp_path: Path, shared_slides: Path) -> N
     nuclei = next(m for m in r["submodels"] if m["name"] == "nuclei")
     assert set(nuclei["pictures"]) == {"detections", "dab_heatmap"}
     assert nuclei["scores"]["positive_percent"]["value"] is not None
+
+
+def test_labels_and_numbers_are_readable() -> None:
+    from wsi_assist.report import labels
+
+    assert labels.score_value("nucleus_density_per_mm2", 5753.2) == "5,753 nuclei/mm²"
+    assert labels.score_label("nucleus_density_per_mm2") == "Nucleus density"
+    assert labels.score_value("positive_percent", 16.83) == "16.8%"
+    assert labels.score_label("tumour_cells_per_mm2") == "Tumour cells"
+    assert labels.score_value("tumour_cells_per_mm2", 12.0) == "12.0 /mm²"
+    assert labels.score_label("Ki-67 index") == "Ki-67 index"  # a spec's own name kept
+    assert labels.finding_label("nuclei:h_score") == "nuclei: H-score"
+    assert [labels.number(v) for v in (123456.7, 33.71, 0.4992, 2.0, 0.0)] == \
+        ["123,457", "33.7", "0.499", "2", "0"]
+    notes = labels.not_run_notes({
+        "tiles": {"status": "done"},
+        "embed": {"status": "not run", "reason": "no weights; set X",
+                  "how_to_enable": "no weights; set X"},
+        "zeroshot": {"status": "not run", "reason": "no weights; set X; needs prompts",
+                     "how_to_enable": "no weights; set X; needs prompts"},
+        "caption": {"status": "not run", "reason": "not in the run's stages",
+                    "how_to_enable": "add 'caption' to stages"}})
+    assert notes == {"embed": "no weights; set X", "zeroshot": "as for embed; needs prompts",
+                     "caption": "not in the run's stages. To enable: add 'caption' to stages"}
+
+
+def test_report_text_reads_as_words_and_the_picture_is_the_sharpest(
+        tmp_path: Path, svs_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_assist.report.build import _sharpest
+    from wsi_assist.store import Overview
+
+    monkeypatch.delenv("WSI_ASSIST_PATHCLIP", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("report:\n  pdf: false\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(svs_slide), "-o", str(out), "--config", str(cfg),
+                                   "--stages", "tissue,tiles,submodels,report"])
+    assert res.exit_code == 0, res.output
+    d = out / svs_slide.stem
+    md = (d / "report.md").read_text(encoding="utf-8")
+    page = (d / "report.html").read_text(encoding="utf-8")
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for text in (md, page, index):
+        assert "nuclei/mm²" in text and "_per_mm2" not in text
+        assert not re.search(r"\d\.\d+e[+-]\d", text), re.findall(r".{30}\de[+-]\d.{10}", text)
+    assert "nuclei: Nucleus density: " in index
+    # each stage's reason once: the PathCLIP sentence in embed's line, zeroshot refers to it
+    assert md.count("no PathCLIP weights configured") == 1
+    assert page.count("no PathCLIP weights configured") == 1 and "as for embed" in page
+    assert md.count("no captioner configured") == 1
+    r = json.loads((d / "report.json").read_text(encoding="utf-8"))
+    assert r["provenance"]["device"] == json.loads((d / "done.json").read_text())["device"]
+    fine = Overview(np.zeros((40, 30, 3), np.uint8), 2.0)
+    coarse = Overview(np.zeros((10, 8, 3), np.uint8), 8.0)
+    assert _sharpest(coarse, fine) is fine and _sharpest(fine, coarse) is fine
+    assert _sharpest(coarse, None) is coarse
