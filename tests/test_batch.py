@@ -311,3 +311,39 @@ def test_ctrl_c_twice_still_writes_manifest_and_index(small_slides: list[Path],
     page = (out / "index.html").read_text(encoding="utf-8")
     assert all(f">{r['slide_id']}<" in page for r in done)
     assert "interrupted: finished slides are kept" in err
+
+
+def test_chromium_folders_of_dead_runs_are_removed_from_tmpdir(
+        small_slides: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+
+    def profile(name: str, lock: str | None, age_s: float = 0.0) -> Path:
+        d = tmp / f"wsi-assist-chromium-{name}"
+        (d / "Default").mkdir(parents=True)
+        if lock is not None:
+            (d / "SingletonLock").symlink_to(lock)
+        if age_s:
+            os.utime(d, (time.time() - age_s, time.time() - age_s))
+        return d
+
+    sock = tmp / "org.chromium.Chromium.abc123"
+    sock.mkdir()
+    gone = [profile("dead", f"{host}-{dead.pid}"), profile("old", None, age_s=3600), sock]
+    (gone[0] / "SingletonSocket").symlink_to(sock / "SingletonSocket")
+    kept = [profile("live", f"{host}-{os.getpid()}"), profile("young", None),
+            profile("other-host", f"elsewhere.example-{dead.pid}")]
+    other = tmp / "org.chromium.Chromium.someone-elses"
+    other.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    r = runner.invoke(app, ["run", str(small_slides[0]), "-o", str(tmp_path / "out"),
+                            "--stages", "tissue"])
+    assert r.exit_code == 0, r.output
+    assert [p.exists() for p in gone] == [False] * 3
+    assert all(p.is_dir() for p in [*kept, other])
