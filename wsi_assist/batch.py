@@ -311,9 +311,15 @@ def log_not_run(results: list[SlideResult]) -> list[str]:
         for stage, reason in r.not_run.items():
             groups.setdefault((stage, reason), []).append(r.slide_id)
     lines = []
+    said: dict[str, str] = {}  # a reason -> the stage that gave it (said once)
     for (stage, reason), ids in groups.items():
         which = "all slides" if len(ids) == len(results) > 1 else \
             f"{len(ids)} slide(s): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+        before = next((t for t in said if reason.startswith(t)), None)
+        if before is None:
+            said[reason] = stage
+        else:
+            reason = f"as for {said[before]}{reason[len(before):]}"
         lines.append(f"{stage} not run on {which}: {reason}")
         log.info("%s", lines[-1])
     return lines
