@@ -277,9 +277,9 @@ def test_annotations_hold_qupath_nuclei(runs, tmp_path) -> None:
         md = (store.folder / "report.md").read_text()
         assert "requestedPixelSizeMicrons 0.5" in md and "thresholdPositive1 0.2" in md
         if classified:
-            assert "**positive_percent**: not applicable" not in md
-        else:
-            assert "**positive_percent**: not applicable: this is an H&E" in md
+            assert "**Positive**: not applicable" not in md
+        else:  # the score's label, and "not applicable" said once
+            assert "**Positive**: not applicable (this is an H&E" in md
             html = (store.folder / "report.html").read_text()
             assert "not applicable" in html
     assert list(qupath.nucleus_features(runs["tiles"].store.read_submodel("nuclei")))
