@@ -338,6 +338,9 @@ def test_report_text_reads_as_words_and_the_picture_is_the_sharpest(
     assert md.count("no captioner configured") == 1
     r = json.loads((d / "report.json").read_text(encoding="utf-8"))
     assert r["provenance"]["device"] == json.loads((d / "done.json").read_text())["device"]
+    keys = html.key_points(r)  # DAB scores of an H&E slide: in their table, not here
+    assert any("Nucleus density: <b>" in k for k in keys)
+    assert not any("not applicable" in k for k in keys)
     fine = Overview(np.zeros((40, 30, 3), np.uint8), 2.0)
     coarse = Overview(np.zeros((10, 8, 3), np.uint8), 8.0)
     assert _sharpest(coarse, fine) is fine and _sharpest(fine, coarse) is fine

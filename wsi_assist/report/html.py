@@ -73,9 +73,10 @@ def key_points(r: dict[str, Any]) -> list[str]:
     if main:
         points.append({"kind": "classes", "classes": main[:4]})
     for m in r["submodels"]:
+        # a score that does not apply to the slide is explained in its table, not here
         points += [{"kind": "score", "name": k, "value": v["value"], "model": m["name"],
-                    "not_applicable": v.get("not_applicable")}
-                   for k, v in m["scores"].items()]
+                    "not_applicable": None}
+                   for k, v in m["scores"].items() if not v.get("not_applicable")]
         if m["counts"] and not m["scores"]:
             points.append({"kind": "count", "model": m["name"],
                            "total": sum(m["counts"].values())})
