@@ -7,10 +7,12 @@ A model spec is one of
 - ``pathclip:/path/pathclip-base.pt``: the same architecture with an explicit file;
 - ``ARCH:/path/ckpt.pt``: any open_clip architecture (``ViT-B-16``, ``ViT-B-32-quickgelu``,
   or one added with ``open_clip.add_model_config``) with a plain state_dict;
-- ``hf-hub:org/repo``: an open_clip model from the Hugging Face hub (needs network).
+- ``hf-hub:org/repo``: an open_clip model from the Hugging Face hub (needs network);
+- ``open_clip:/dir``, ``hf-clip:/dir``, ``timm:/dir``, ``hf:/dir`` or a plain ``/dir``:
+  a model folder as its authors release it (see ``wsi_assist.models.encoders``).
 
-Local checkpoints are read with ``torch.load(weights_only=True)`` and must match the
-architecture key for key and shape for shape.
+Local checkpoints are read with ``torch.load(weights_only=True)`` (or safetensors) and
+must match the architecture key for key and shape for shape.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -51,16 +54,49 @@ class ModelSpec:
     weights: Path | None = None
     hub: str | None = None
     quick_gelu: bool = False
+    #: ``open_clip`` (an open_clip model: PathCLIP, ARCH:file, hub, open_clip folder),
+    #: ``hf-clip``, ``timm`` or ``hf`` (see ``wsi_assist.models.encoders``).
+    kind: str = "open_clip"
+    #: The model folder, for a released folder layout.
+    folder: Path | None = None
 
     def describe(self) -> str:
-        src = self.hub or str(self.weights)
+        src = self.hub or str(self.folder or self.weights)
         gelu = ", QuickGELU" if self.quick_gelu else ""
-        return f"{self.arch}{gelu} from {src}"
+        return f"{self.kind} {self.arch}{gelu} from {src}"
+
+    @property
+    def name(self) -> str:
+        """A short file-safe name of the model (the folder or file stem, or the hub id)."""
+        if self.spec == "pathclip":
+            raw = "pathclip"
+        elif self.folder is not None:
+            raw = self.folder.name
+        elif self.weights is not None:
+            raw = self.weights.stem
+        else:
+            raw = self.spec.rsplit("/", 1)[-1]
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "model"
+
+
+class Backend(Protocol):
+    """How a non-open_clip model (``wsi_assist.models.encoders``) embeds images and texts."""
+
+    has_text: bool
+
+    def image(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def text(self, texts: list[str], device: str) -> torch.Tensor: ...
+
+    def logit_scale(self) -> float: ...
 
 
 @dataclass
 class LoadedModel:
-    """An open_clip model in eval mode on ``device``, with what preprocessing needs."""
+    """A model in eval mode on ``device``, with what preprocessing needs. ``backend`` is
+    None for an open_clip model (its own ``encode_image`` / ``encode_text``); the image is
+    resized to ``resize_px`` (default ``image_size``) with ``interpolation``, then
+    centre-cropped to ``image_size``, as the model's published preprocessing does."""
 
     spec: ModelSpec
     model: Any
@@ -70,11 +106,24 @@ class LoadedModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     embed_dim: int
+    backend: Backend | None = None
+    resize_px: int | None = None
+    interpolation: str = "bicubic"
+
+    @property
+    def has_text(self) -> bool:
+        return self.backend is None or self.backend.has_text
 
     @property
     def logit_scale(self) -> float:
         """exp(logit_scale), clipped at 100 as in CLIP."""
+        if self.backend is not None:
+            return self.backend.logit_scale()
         return float(min(100.0, float(self.model.logit_scale.detach().exp().cpu())))
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (N, 3, S, S) -> the model's (N, D) image features, unnormalised."""
+        return self.backend.image(x) if self.backend is not None else self.model.encode_image(x)
 
     @functools.cached_property
     def norm_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +144,12 @@ def pathclip_weights(configured: str | None = None) -> str | None:
 
 def parse_spec(spec: str, pathclip: str | None = None) -> ModelSpec:
     """Parse a model spec (see the module docstring); ``pathclip`` is the configured file."""
+    from wsi_assist.models import encoders
+
     spec = spec.strip()
+    folder_spec = encoders.parse_folder_spec(spec)
+    if folder_spec is not None:
+        return folder_spec
     if spec.startswith(HUB_PREFIX):
         return ModelSpec(spec=spec, arch=spec, hub=spec)
     if spec == "pathclip":
@@ -107,16 +161,15 @@ def parse_spec(spec: str, pathclip: str | None = None) -> ModelSpec:
                          quick_gelu=True)
     arch, sep, path = spec.partition(":")
     if not sep or not path:
-        raise ModelError(f"model spec {spec!r}: expected 'pathclip', 'ARCH:/path/ckpt.pt' "
-                         "or 'hf-hub:org/repo'")
+        raise ModelError(f"model spec {spec!r}: {encoders.VALID_SPECS}")
     if arch == "pathclip":
         return ModelSpec(spec=spec, arch=PATHCLIP_ARCH, weights=Path(path).expanduser(),
                          quick_gelu=True)
     import open_clip
 
     if arch not in open_clip.list_models():
-        raise ModelError(f"model spec {spec!r}: unknown open_clip architecture {arch!r} "
-                         "(see open_clip.list_models())")
+        raise ModelError(f"model spec {spec!r}: unknown open_clip architecture or model kind "
+                         f"{arch!r} (see open_clip.list_models()); {encoders.VALID_SPECS}")
     return ModelSpec(spec=spec, arch=arch, weights=Path(path).expanduser())
 
 
@@ -150,15 +203,22 @@ def spec_sha256(spec: ModelSpec) -> str:
     return hashlib.sha256(spec.spec.encode()).hexdigest()
 
 
-def read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
-    """A plain state_dict from ``path`` (``weights_only=True``); ModelError when unreadable."""
+def read_state_dict(path: Path, arch: str, expected: str | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """A plain state_dict from ``path`` (``weights_only=True``, or a ``.safetensors``
+    file); ModelError when unreadable. ``expected`` says what it should hold."""
     import torch
 
-    expected = f"an open_clip {arch} state_dict"
+    expected = expected or f"an open_clip {arch} state_dict"
     if not path.is_file():
         raise ModelError(f"{path}: model file not found; expected {expected}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{path}: cannot read (truncated or not a PyTorch checkpoint?); "
@@ -172,23 +232,32 @@ def read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def check_state_dict(sd: dict[str, Any], model: Any, path: Path, arch: str) -> None:
-    """ModelError naming the file and architecture unless keys and shapes match exactly."""
+def check_state_dict(sd: dict[str, Any], model: Any, path: Path, arch: str,
+                     what: str | None = None) -> None:
+    """ModelError naming the file and architecture unless keys and shapes match exactly.
+    ``what`` names the model in the message (default ``open_clip ARCH``)."""
     want = model.state_dict()
     missing = sorted(set(want) - set(sd))
     extra = sorted(set(sd) - set(want))
     shapes = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]!r})")
+        problems.append(f"{len(missing)} missing keys ({_some(missing)})")
     if extra:
-        problems.append(f"{len(extra)} unexpected keys (e.g. {extra[0]!r})")
+        problems.append(f"{len(extra)} unexpected keys ({_some(extra)})")
     if shapes:
         k = shapes[0]
         problems.append(f"{len(shapes)} shape mismatches (e.g. {k!r}: file "
                         f"{tuple(sd[k].shape)}, {arch} expects {tuple(want[k].shape)})")
     if problems:
-        raise ModelError(f"{path}: does not match open_clip {arch}: " + "; ".join(problems))
+        raise ModelError(f"{path}: does not match {what or 'open_clip ' + arch}: "
+                         + "; ".join(problems))
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    """The first ``n`` key names, quoted, and how many more."""
+    more = f", ... {len(keys) - n} more" if len(keys) > n else ""
+    return "e.g. " + ", ".join(repr(k) for k in keys[:n]) + more
 
 
 _MODELS: FileCache[LoadedModel] = FileCache()
@@ -208,8 +277,11 @@ def load_model(spec: ModelSpec | str | LoadedModel, device: str = "cpu",
 
 def _load(spec: ModelSpec, device: str) -> LoadedModel:
     import open_clip
-    import torch
 
+    if spec.folder is not None:
+        from wsi_assist.models import encoders
+
+        return encoders.load_folder(spec, device)
     if spec.hub is not None:
         try:
             model = open_clip.create_model(spec.hub, device="cpu")
@@ -227,6 +299,14 @@ def _load(spec: ModelSpec, device: str) -> LoadedModel:
         check_state_dict(sd, model, spec.weights, spec.arch)
         model.load_state_dict(sd, strict=True)
         sha = file_sha256(spec.weights)
+    return open_clip_loaded(spec, model, device, sha)
+
+
+def open_clip_loaded(spec: ModelSpec, model: Any, device: str, sha: str) -> LoadedModel:
+    """An open_clip model, its weights loaded, made ready on ``device``."""
+    import open_clip
+    import torch
+
     model = model.eval().to(torch.device(device))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -260,19 +340,34 @@ def _quiet_open_clip() -> Iterator[None]:
 
 
 def preprocess(tiles: torch.Tensor, size: int, mean: tuple[float, ...] | torch.Tensor,
-               std: tuple[float, ...] | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there.
-    ``mean`` and ``std``: 3 values, or tensors already there (no host copy per batch)."""
+               std: tuple[float, ...] | torch.Tensor, resize_px: int | None = None,
+               interpolation: str = "bicubic") -> torch.Tensor:
+    """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there:
+    resized to ``resize_px`` (default ``size``; antialiased ``interpolation``), then
+    centre-cropped to ``size``. ``mean`` and ``std``: 3 values, or tensors already there
+    (no host copy per batch)."""
     import torch
     import torch.nn.functional as F
 
     x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+    r = resize_px or size
+    if x.shape[-2:] != (r, r):
+        mode = "bilinear" if interpolation == "bilinear" else "bicubic"
+        x = F.interpolate(x, size=(r, r), mode=mode, antialias=True,
                           align_corners=False).clamp_(0.0, 1.0)
+    if r != size:
+        top = (r - size) // 2  # timm / transformers centre crop: the floor of the margin
+        x = x[..., top:top + size, top:top + size]
     m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def no_text_tower(spec: ModelSpec) -> str:
+    """Why text (zero-shot classes, text queries) cannot be embedded with ``spec``."""
+    return (f"{spec.spec}: {spec.kind} model {spec.arch} is an image-only encoder with no "
+            "text tower; zero-shot classes and text queries need a model with a text tower "
+            "(pathclip, an open_clip model or folder, or a hf-clip: CLIPModel folder)")
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
@@ -284,19 +379,21 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
-def encode_images(lm: LoadedModel, tiles: torch.Tensor, precision: str = "auto"
-                  ) -> torch.Tensor:
-    """uint8 (N, H, W, 3) tiles (on ``lm.device``) -> L2-normalised float32 (N, D)."""
+def encode_images(lm: LoadedModel, tiles: torch.Tensor, precision: str = "auto",
+                  raw: bool = False) -> torch.Tensor:
+    """uint8 (N, H, W, 3) tiles (on ``lm.device``) -> L2-normalised float32 (N, D), or
+    the model's own unnormalised features when ``raw``."""
     import torch
     import torch.nn.functional as F
 
     dtype = autocast_dtype(precision, lm.device)
     with torch.inference_mode():
-        x = preprocess(tiles, lm.image_size, *lm.norm_tensors)
+        x = preprocess(tiles, lm.image_size, *lm.norm_tensors, resize_px=lm.resize_px,
+                       interpolation=lm.interpolation)
         with torch.autocast(device_type="cuda", dtype=dtype or torch.float32,
                             enabled=dtype is not None):
-            feats = lm.model.encode_image(x)
-        return F.normalize(feats.float(), dim=-1)
+            feats = lm.image_features(x)
+        return feats.float() if raw else F.normalize(feats.float(), dim=-1)
 
 
 def encode_text(model_spec: ModelSpec | str | LoadedModel, texts: list[str], *,
@@ -308,12 +405,19 @@ def encode_text(model_spec: ModelSpec | str | LoadedModel, texts: list[str], *,
     import torch.nn.functional as F
 
     lm = load_model(model_spec, device, pathclip)
+    if not lm.has_text:
+        raise ModelError(no_text_tower(lm.spec))
     if not texts:
         return np.zeros((0, lm.embed_dim), np.float32)
-    tokenizer = open_clip.get_tokenizer(lm.spec.arch)
+    backend = lm.backend
+    tokenizer = open_clip.get_tokenizer(lm.spec.arch) if backend is None else None
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            tokens = tokenizer(list(texts[i:i + batch_size])).to(lm.device)
-            out.append(F.normalize(lm.model.encode_text(tokens).float(), dim=-1).cpu())
+            chunk = list(texts[i:i + batch_size])
+            if backend is not None:
+                feats = backend.text(chunk, lm.device)
+            else:
+                feats = lm.model.encode_text(tokenizer(chunk).to(lm.device))  # type: ignore[misc]
+            out.append(F.normalize(feats.float(), dim=-1).cpu())
     return torch.cat(out).numpy()
