@@ -102,7 +102,7 @@ def test_open_clip_folder_strict_and_bad_specs(tmp_path: Path) -> None:
                        r"1 missing keys \(e.g. 'visual.proj'\); 1 unexpected keys "
                        r"\(e.g. 'extra.weight'\)"):
         load_model(f"open_clip:{folder}")
-    with pytest.raises(ModelError, match="valid specs: .*open_clip:/dir.*hf-clip:/dir.*timm:"):
+    with pytest.raises(ModelError, match="expected 'pathclip'.*open_clip:/dir.*hf-clip:/dir.*timm:"):
         parse_spec("nonsense-kind:/x")
     with pytest.raises(ModelError, match="is not a folder"):
         parse_spec(f"timm:{tmp_path / 'missing'}")

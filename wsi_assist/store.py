@@ -590,7 +590,7 @@ def write_feature_file(path: Path, ff: FeatureFile, grid: TileGrid) -> Path:
     overlap = max(0, round((grid.read_px - grid.stride_px) * grid.tile_px / grid.read_px))
     coords_attrs: dict[str, Any] = {
         "patch_size": int(grid.tile_px),
-        "patch_size_level0": int(round(grid.size_l0)),
+        "patch_size_level0": round(grid.size_l0),
         "level0_magnification": 10.0 / grid.mpp,
         "target_magnification": 10.0 / grid.delivered_mpp,
         "overlap": int(overlap),
@@ -605,10 +605,9 @@ def write_feature_file(path: Path, ff: FeatureFile, grid: TileGrid) -> Path:
     feat_attrs: dict[str, Any] = {"name": ff.slide_name, "encoder": ff.encoder,
                                   "model_sha256": ff.model_sha256,
                                   "l2_normalised": bool(ff.l2_normalised)}
-    with files.atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            d = f.create_dataset(H5_FEATURES, data=feats)
-            d.attrs.update(feat_attrs)
-            c = f.create_dataset(H5_COORDS, data=np.asarray(grid.coords, np.int64))
-            c.attrs.update(coords_attrs)
+    with files.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        d = f.create_dataset(H5_FEATURES, data=feats)
+        d.attrs.update(feat_attrs)
+        c = f.create_dataset(H5_COORDS, data=np.asarray(grid.coords, np.int64))
+        c.attrs.update(coords_attrs)
     return path

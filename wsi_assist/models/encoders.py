@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_assist.errors import ModelError
-from wsi_assist.models.pathclip import (
+from wsi_assist.models.modelspec import (
     LoadedModel,
     ModelSpec,
     check_state_dict,
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("open_clip", "hf-clip", "timm", "hf")
 IMAGE_ONLY = ("timm", "hf")
-VALID_SPECS = ("valid specs: 'pathclip', 'pathclip:/file.pt', 'ARCH:/file.pt' (an open_clip "
+VALID_SPECS = ("expected 'pathclip', 'pathclip:/file.pt', 'ARCH:/file.pt' (an open_clip "
                "architecture), 'hf-hub:org/repo', or a model folder as 'open_clip:/dir', "
                "'hf-clip:/dir', 'timm:/dir', 'hf:/dir' (or the folder alone, its kind told "
                "from its files)")
