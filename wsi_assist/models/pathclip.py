@@ -63,18 +63,18 @@ def pathclip_weights(configured: str | None = None) -> str | None:
 def parse_spec(spec: str, pathclip: str | None = None) -> ModelSpec:
     """Parse a model spec (see the module docstring); ``pathclip`` is the configured file."""
     spec = spec.strip()
-    folder_spec = encoders.parse_folder_spec(spec)
-    if folder_spec is not None:
-        return folder_spec
     if spec.startswith(HUB_PREFIX):
         return ModelSpec(spec=spec, arch=spec, hub=spec)
-    if spec == "pathclip":
+    if spec == "pathclip":  # before folders: a folder named "pathclip" is not this spec
         weights = pathclip_weights(pathclip)
         if weights is None:
             raise ModelError("model 'pathclip' has no weights: set embed.pathclip, pass "
                              f"--pathclip PATH or set {PATHCLIP_ENV} to pathclip-base.pt")
         return ModelSpec(spec=spec, arch=PATHCLIP_ARCH, weights=Path(weights).expanduser(),
                          quick_gelu=True)
+    folder_spec = encoders.parse_folder_spec(spec)
+    if folder_spec is not None:
+        return folder_spec
     arch, sep, path = spec.partition(":")
     if not sep or not path:
         raise ModelError(f"model spec {spec!r}: {encoders.VALID_SPECS}")
