@@ -284,6 +284,8 @@ class EmbedParams(Section):
     onnx: str | None = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: PosInt | None = None
+    #: Also write ``OUT/<slide>/features/<model>.h5`` (TRIDENT / CLAM layout) for MIL.
+    features_h5: bool = True
 
     @field_validator("model")
     @classmethod

@@ -16,6 +16,7 @@ the zarr group by string. Per-tile arrays are row-aligned with ``coords``.
 | nuclei | ``submodels/nuclei/{points,labels,measurements,polygons,polygon_offsets}`` |
 | captions, summary | ``captions.json``, ``summary.json`` |
 | segmentation | ``findings/<name>.geojson`` |
+| MIL features | ``features/<model>.h5`` (TRIDENT / CLAM layout, see :func:`write_feature_file`) |
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ TILE_QC = "tile_qc"
 #: At most this many damaged tile rows are listed in ``tile_qc`` attrs.
 MAX_DAMAGED_ROWS = 1000
 EMBEDDINGS = "embeddings"
+FEATURES_DIR = "features"
+#: HDF5 dataset names that TRIDENT and CLAM read.
+H5_FEATURES = "features"
+H5_COORDS = "coords"
 ZEROSHOT = "zeroshot"
 ZS_PROBS, ZS_TOP, ZS_UNCERTAIN = "probs", "top", "uncertain"
 SUBMODELS = "submodels"
@@ -420,6 +425,10 @@ class SlideStore:
         """What made the embeddings (no vectors read), or None before ``embed`` ran."""
         return self.read_embeddings(rows=np.zeros(0, np.int64))
 
+    def features_path(self, model_name: str) -> Path:
+        """``features/<model>.h5`` beside the store."""
+        return self.folder / FEATURES_DIR / f"{model_name}.h5"
+
     # -- zero-shot -----------------------------------------------------------------
     def write_zeroshot(self, zs: ZeroShot) -> None:
         g = self.group.require_group(ZEROSHOT)
@@ -554,3 +563,58 @@ def _plain(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
     return str(v)
+
+
+@dataclass(frozen=True)
+class FeatureFile:
+    """One slide's features from one model, for MIL training: (N, D) float32 rows aligned
+    with the grid's coords; ``encoder`` the model spec; ``l2_normalised`` whether the rows
+    are unit vectors (the model's own output is written as it came, unnormalised)."""
+
+    features: np.ndarray
+    slide_name: str
+    encoder: str
+    model_sha256: str
+    l2_normalised: bool
+    level0_size: tuple[int, int]
+
+
+def write_feature_file(path: Path, ff: FeatureFile, grid: TileGrid) -> Path:
+    """Write ``ff`` to ``path`` atomically as HDF5 in the layout TRIDENT and CLAM read:
+    ``features`` (N, D) float32 and ``coords`` (N, 2) int64 level-0 x, y of each tile's
+    top-left corner. ``coords`` attrs as TRIDENT writes them (``patch_size`` in the
+    delivered pixels the encoder saw, ``patch_size_level0``, ``level0_magnification`` and
+    ``target_magnification`` as 10 / mpp, ``overlap``, ``name``, ``level0_width``,
+    ``level0_height``) plus CLAM's ``patch_level`` (the pyramid level read) and
+    ``downsample``; ``features`` attrs ``name``, ``encoder``, ``model_sha256``,
+    ``l2_normalised``."""
+    import h5py
+
+    feats = np.ascontiguousarray(ff.features, dtype=np.float32)
+    if feats.ndim != 2 or len(feats) != len(grid):
+        raise WsiAssistError(f"{path}: features {feats.shape} do not match the grid's "
+                             f"{len(grid)} tiles")
+    overlap = max(0, round((grid.read_px - grid.stride_px) * grid.tile_px / grid.read_px))
+    coords_attrs: dict[str, Any] = {
+        "patch_size": int(grid.tile_px),
+        "patch_size_level0": round(grid.size_l0),
+        "level0_magnification": 10.0 / grid.mpp,
+        "target_magnification": 10.0 / grid.delivered_mpp,
+        "overlap": int(overlap),
+        "name": ff.slide_name,
+        "level0_width": int(ff.level0_size[0]),
+        "level0_height": int(ff.level0_size[1]),
+        "patch_level": int(grid.level),
+        "downsample": np.array([grid.level_downsample] * 2, np.float64),
+        "mpp": float(grid.mpp),
+        "target_mpp": float(grid.target_mpp),
+    }
+    feat_attrs: dict[str, Any] = {"name": ff.slide_name, "encoder": ff.encoder,
+                                  "model_sha256": ff.model_sha256,
+                                  "l2_normalised": bool(ff.l2_normalised)}
+    with files.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        d = f.create_dataset(H5_FEATURES, data=feats)
+        d.attrs.update(feat_attrs)
+        c = f.create_dataset(H5_COORDS, data=np.asarray(grid.coords, np.int64))
+        c.attrs.update(coords_attrs)
+    return path

@@ -4,7 +4,8 @@ Two engines share one loop. ``torch`` preprocesses on the device (pinned host me
 non-blocking copies on CUDA, bf16/fp16 autocast) and keeps one batch in flight, so the
 stream reads batch i+1 while the GPU computes batch i. ``onnx`` runs an image encoder
 exported by ``exporters.pathclip_onnx`` through onnxruntime (CUDA provider, then CPU).
-Results: ``embeddings`` (N, D) float16, L2-normalised, rows aligned with ``coords``.
+Results: ``embeddings`` (N, D) float16, L2-normalised, rows aligned with ``coords``, and
+on request the model's own unnormalised float32 features (for MIL feature files).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ ONNX_META = "wsi_assist."
 
 
 class Encoder(Protocol):
-    """Submit a batch of uint8 tiles; fetch its (N, D) normalised embeddings later."""
+    """Submit a batch of uint8 tiles; fetch its (N, D) float32 features later: the model's
+    own output (unnormalised), or normalised ones where ``normalised`` says so."""
 
     sha256: str
     embed_dim: int
+    normalised: bool
 
     def submit(self, tiles: np.ndarray) -> Any: ...
 
@@ -48,7 +51,9 @@ class Encoder(Protocol):
 
 
 class TorchEncoder:
-    """An open_clip image tower on its device."""
+    """A loaded model's image tower on its device."""
+
+    normalised = False
 
     def __init__(self, lm: LoadedModel, precision: str = "auto") -> None:
         self.lm, self.precision = lm, precision
@@ -61,16 +66,16 @@ class TorchEncoder:
         t = torch.from_numpy(np.ascontiguousarray(tiles))
         if self.cuda:
             t = t.pin_memory().to(self.lm.device, non_blocking=True)
-        return encode_images(self.lm, t, self.precision)
+        return encode_images(self.lm, t, self.precision, raw=True)
 
     def fetch(self, handle: Any) -> np.ndarray:
-        import torch
-
-        return handle.to(torch.float16).cpu().numpy()
+        return handle.cpu().numpy()
 
 
 class OnnxEncoder:
     """An exported image encoder (input ``pixel_values``, output normalised embeddings)."""
+
+    normalised = True
 
     def __init__(self, path: Path, device: str, expect_sha256: str | None = None) -> None:
         self.session = ort_session(path, device)
@@ -96,7 +101,7 @@ class OnnxEncoder:
         return self.session.run(None, {"pixel_values": x.numpy()})[0]
 
     def fetch(self, handle: Any) -> np.ndarray:
-        return np.asarray(handle, dtype=np.float16)
+        return np.asarray(handle, dtype=np.float32)
 
 
 def ort_session(path: Path, device: str) -> Any:
@@ -149,21 +154,33 @@ def used_precision(params: EmbedParams, device: str) -> str:
 
 @dataclass(frozen=True)
 class EmbedResult:
-    """Embeddings of a whole grid and where the time went."""
+    """Embeddings of a whole grid (and the model's own features, when kept) and where
+    the time went."""
 
     embeddings: np.ndarray
     seconds: float
     input_wait_s: float
+    features: np.ndarray | None = None
 
     @property
     def tiles_per_s(self) -> float:
         return len(self.embeddings) / self.seconds if self.seconds > 0 else 0.0
 
 
-def embed_batches(encoder: Encoder, batches: Iterable[TileBatch], n: int) -> EmbedResult:
-    """Run ``encoder`` over the batches with one batch in flight; every row must arrive."""
+def embed_batches(encoder: Encoder, batches: Iterable[TileBatch], n: int,
+                  keep_features: bool = False) -> EmbedResult:
+    """Run ``encoder`` over the batches with one batch in flight; every row must arrive.
+    ``keep_features``: also return the encoder's float32 output as it came."""
     out = np.zeros((n, encoder.embed_dim), np.float16)
+    feats = np.zeros((n, encoder.embed_dim), np.float32) if keep_features else None
     seen = np.zeros(n, bool)
+
+    def put(rows: np.ndarray, handle: Any) -> None:
+        f = encoder.fetch(handle)
+        if feats is not None:
+            feats[rows] = f
+        out[rows] = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
     pending: tuple[np.ndarray, Any] | None = None
     it = iter(batches)
     wait = 0.0
@@ -176,11 +193,11 @@ def embed_batches(encoder: Encoder, batches: Iterable[TileBatch], n: int) -> Emb
             break
         handle = encoder.submit(batch.tiles)
         if pending is not None:
-            out[pending[0]] = encoder.fetch(pending[1])
+            put(*pending)
         pending = (batch.index, handle)
         seen[batch.index] = True
     if pending is not None:
-        out[pending[0]] = encoder.fetch(pending[1])
+        put(*pending)
     if not seen.all():
         raise WsiAssistError(f"tile stream delivered {int(seen.sum())} of {n} tiles")
-    return EmbedResult(out, time.perf_counter() - t_start, wait)
+    return EmbedResult(out, time.perf_counter() - t_start, wait, feats)

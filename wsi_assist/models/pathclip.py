@@ -7,29 +7,38 @@ A model spec is one of
 - ``pathclip:/path/pathclip-base.pt``: the same architecture with an explicit file;
 - ``ARCH:/path/ckpt.pt``: any open_clip architecture (``ViT-B-16``, ``ViT-B-32-quickgelu``,
   or one added with ``open_clip.add_model_config``) with a plain state_dict;
-- ``hf-hub:org/repo``: an open_clip model from the Hugging Face hub (needs network).
+- ``hf-hub:org/repo``: an open_clip model from the Hugging Face hub (needs network);
+- ``open_clip:/dir``, ``hf-clip:/dir``, ``timm:/dir``, ``hf:/dir`` or a plain ``/dir``:
+  a model folder as its authors release it (see ``wsi_assist.models.encoders``).
 
-Local checkpoints are read with ``torch.load(weights_only=True)`` and must match the
-architecture key for key and shape for shape.
+Local checkpoints are read with ``torch.load(weights_only=True)`` (or safetensors) and
+must match the architecture key for key and shape for shape.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
-import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from wsi_assist.errors import ModelError
 from wsi_assist.files import FileCache
+from wsi_assist.models import encoders
+from wsi_assist.models.modelspec import (
+    Backend,
+    LoadedModel,
+    ModelSpec,
+    check_state_dict,
+    file_sha256,
+    open_clip_loaded,
+    read_state_dict,
+)
 from wsi_assist.settings import EmbedParams
 
 if TYPE_CHECKING:
@@ -37,55 +46,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Re-exported from ``modelspec``, where every loader's shared types live.
+__all__ = ["Backend", "LoadedModel", "ModelSpec", "check_state_dict", "file_sha256",
+           "load_model", "open_clip_loaded", "parse_spec", "read_state_dict"]
+
 PATHCLIP_ARCH = "ViT-B-16"
 PATHCLIP_ENV = "WSI_ASSIST_PATHCLIP"
 HUB_PREFIX = "hf-hub:"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed spec: an architecture plus either a local file or a hub id."""
-
-    spec: str
-    arch: str
-    weights: Path | None = None
-    hub: str | None = None
-    quick_gelu: bool = False
-
-    def describe(self) -> str:
-        src = self.hub or str(self.weights)
-        gelu = ", QuickGELU" if self.quick_gelu else ""
-        return f"{self.arch}{gelu} from {src}"
-
-
-@dataclass
-class LoadedModel:
-    """An open_clip model in eval mode on ``device``, with what preprocessing needs."""
-
-    spec: ModelSpec
-    model: Any
-    device: str
-    sha256: str
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    embed_dim: int
-
-    @property
-    def logit_scale(self) -> float:
-        """exp(logit_scale), clipped at 100 as in CLIP."""
-        return float(min(100.0, float(self.model.logit_scale.detach().exp().cpu())))
-
-    @functools.cached_property
-    def norm_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mean`` and ``std`` as float32 (1, 3, 1, 1) tensors on ``device``, made once
-        (not per batch: building them on a GPU waits for the host)."""
-        import torch
-
-        with torch.inference_mode(False):  # plain tensors, even when first asked for in one
-            m, s = (torch.tensor(v, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
-                    for v in (self.mean, self.std))
-        return m, s
 
 
 def pathclip_weights(configured: str | None = None) -> str | None:
@@ -98,17 +65,19 @@ def parse_spec(spec: str, pathclip: str | None = None) -> ModelSpec:
     spec = spec.strip()
     if spec.startswith(HUB_PREFIX):
         return ModelSpec(spec=spec, arch=spec, hub=spec)
-    if spec == "pathclip":
+    if spec == "pathclip":  # before folders: a folder named "pathclip" is not this spec
         weights = pathclip_weights(pathclip)
         if weights is None:
             raise ModelError("model 'pathclip' has no weights: set embed.pathclip, pass "
                              f"--pathclip PATH or set {PATHCLIP_ENV} to pathclip-base.pt")
         return ModelSpec(spec=spec, arch=PATHCLIP_ARCH, weights=Path(weights).expanduser(),
                          quick_gelu=True)
+    folder_spec = encoders.parse_folder_spec(spec)
+    if folder_spec is not None:
+        return folder_spec
     arch, sep, path = spec.partition(":")
     if not sep or not path:
-        raise ModelError(f"model spec {spec!r}: expected 'pathclip', 'ARCH:/path/ckpt.pt' "
-                         "or 'hf-hub:org/repo'")
+        raise ModelError(f"model spec {spec!r}: {encoders.VALID_SPECS}")
     if arch == "pathclip":
         return ModelSpec(spec=spec, arch=PATHCLIP_ARCH, weights=Path(path).expanduser(),
                          quick_gelu=True)
@@ -116,7 +85,8 @@ def parse_spec(spec: str, pathclip: str | None = None) -> ModelSpec:
 
     if arch not in open_clip.list_models():
         raise ModelError(f"model spec {spec!r}: unknown open_clip architecture {arch!r} "
-                         "(see open_clip.list_models())")
+                         "(see open_clip.list_models()), nor a model kind; "
+                         f"{encoders.VALID_SPECS}")
     return ModelSpec(spec=spec, arch=arch, weights=Path(path).expanduser())
 
 
@@ -127,68 +97,12 @@ def configured_spec(params: EmbedParams) -> ModelSpec | None:
     return parse_spec(params.model, params.pathclip)
 
 
-_SHA256S: FileCache[str] = FileCache()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, computed once per process for each state of the file."""
-    def digest() -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        return h.hexdigest()
-
-    return _SHA256S.get("sha256", (path,), digest)
-
-
 def spec_sha256(spec: ModelSpec) -> str:
     """The weights' SHA-256; for a hub model, the hash of its id (the files live in the
     hub cache and are versioned there)."""
     if spec.weights is not None:
         return file_sha256(spec.weights)
     return hashlib.sha256(spec.spec.encode()).hexdigest()
-
-
-def read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
-    """A plain state_dict from ``path`` (``weights_only=True``); ModelError when unreadable."""
-    import torch
-
-    expected = f"an open_clip {arch} state_dict"
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found; expected {expected}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path}: cannot read (truncated or not a PyTorch checkpoint?); "
-                         f"expected {expected}: {first}") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelError(f"{path}: not a state_dict of tensors; expected {expected}")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def check_state_dict(sd: dict[str, Any], model: Any, path: Path, arch: str) -> None:
-    """ModelError naming the file and architecture unless keys and shapes match exactly."""
-    want = model.state_dict()
-    missing = sorted(set(want) - set(sd))
-    extra = sorted(set(sd) - set(want))
-    shapes = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]!r})")
-    if extra:
-        problems.append(f"{len(extra)} unexpected keys (e.g. {extra[0]!r})")
-    if shapes:
-        k = shapes[0]
-        problems.append(f"{len(shapes)} shape mismatches (e.g. {k!r}: file "
-                        f"{tuple(sd[k].shape)}, {arch} expects {tuple(want[k].shape)})")
-    if problems:
-        raise ModelError(f"{path}: does not match open_clip {arch}: " + "; ".join(problems))
 
 
 _MODELS: FileCache[LoadedModel] = FileCache()
@@ -208,8 +122,9 @@ def load_model(spec: ModelSpec | str | LoadedModel, device: str = "cpu",
 
 def _load(spec: ModelSpec, device: str) -> LoadedModel:
     import open_clip
-    import torch
 
+    if spec.folder is not None:
+        return encoders.load_folder(spec, device)
     if spec.hub is not None:
         try:
             model = open_clip.create_model(spec.hub, device="cpu")
@@ -227,20 +142,7 @@ def _load(spec: ModelSpec, device: str) -> LoadedModel:
         check_state_dict(sd, model, spec.weights, spec.arch)
         model.load_state_dict(sd, strict=True)
         sha = file_sha256(spec.weights)
-    model = model.eval().to(torch.device(device))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    size = model.visual.image_size
-    size = int(size[0] if isinstance(size, tuple | list) else size)
-    mean = tuple(float(v) for v in getattr(model.visual, "image_mean", None)
-                 or open_clip.OPENAI_DATASET_MEAN)
-    std = tuple(float(v) for v in getattr(model.visual, "image_std", None)
-                or open_clip.OPENAI_DATASET_STD)
-    with torch.no_grad():
-        dim = int(model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[1])
-    log.info("loaded %s (%s) on %s, %d-d", spec.spec, spec.describe(), device, dim)
-    return LoadedModel(spec=spec, model=model, device=device, sha256=sha, image_size=size,
-                       mean=mean, std=std, embed_dim=dim)  # type: ignore[arg-type]
+    return open_clip_loaded(spec, model, device, sha)
 
 
 class _DropNoPretrained(logging.Filter):
@@ -260,19 +162,34 @@ def _quiet_open_clip() -> Iterator[None]:
 
 
 def preprocess(tiles: torch.Tensor, size: int, mean: tuple[float, ...] | torch.Tensor,
-               std: tuple[float, ...] | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there.
-    ``mean`` and ``std``: 3 values, or tensors already there (no host copy per batch)."""
+               std: tuple[float, ...] | torch.Tensor, resize_px: int | None = None,
+               interpolation: str = "bicubic") -> torch.Tensor:
+    """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there:
+    resized to ``resize_px`` (default ``size``; antialiased ``interpolation``), then
+    centre-cropped to ``size``. ``mean`` and ``std``: 3 values, or tensors already there
+    (no host copy per batch)."""
     import torch
     import torch.nn.functional as F
 
     x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+    r = resize_px or size
+    if x.shape[-2:] != (r, r):
+        mode = "bilinear" if interpolation == "bilinear" else "bicubic"
+        x = F.interpolate(x, size=(r, r), mode=mode, antialias=True,
                           align_corners=False).clamp_(0.0, 1.0)
+    if r != size:
+        top = (r - size) // 2  # timm / transformers centre crop: the floor of the margin
+        x = x[..., top:top + size, top:top + size]
     m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def no_text_tower(spec: ModelSpec) -> str:
+    """Why text (zero-shot classes, text queries) cannot be embedded with ``spec``."""
+    return (f"{spec.spec}: {spec.kind} model {spec.arch} is an image-only encoder with no "
+            "text tower; zero-shot classes and text queries need a model with a text tower "
+            "(pathclip, an open_clip model or folder, or a hf-clip: CLIPModel folder)")
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
@@ -284,19 +201,21 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
-def encode_images(lm: LoadedModel, tiles: torch.Tensor, precision: str = "auto"
-                  ) -> torch.Tensor:
-    """uint8 (N, H, W, 3) tiles (on ``lm.device``) -> L2-normalised float32 (N, D)."""
+def encode_images(lm: LoadedModel, tiles: torch.Tensor, precision: str = "auto",
+                  raw: bool = False) -> torch.Tensor:
+    """uint8 (N, H, W, 3) tiles (on ``lm.device``) -> L2-normalised float32 (N, D), or
+    the model's own unnormalised features when ``raw``."""
     import torch
     import torch.nn.functional as F
 
     dtype = autocast_dtype(precision, lm.device)
     with torch.inference_mode():
-        x = preprocess(tiles, lm.image_size, *lm.norm_tensors)
+        x = preprocess(tiles, lm.image_size, *lm.norm_tensors, resize_px=lm.resize_px,
+                       interpolation=lm.interpolation)
         with torch.autocast(device_type="cuda", dtype=dtype or torch.float32,
                             enabled=dtype is not None):
-            feats = lm.model.encode_image(x)
-        return F.normalize(feats.float(), dim=-1)
+            feats = lm.image_features(x)
+        return feats.float() if raw else F.normalize(feats.float(), dim=-1)
 
 
 def encode_text(model_spec: ModelSpec | str | LoadedModel, texts: list[str], *,
@@ -308,12 +227,19 @@ def encode_text(model_spec: ModelSpec | str | LoadedModel, texts: list[str], *,
     import torch.nn.functional as F
 
     lm = load_model(model_spec, device, pathclip)
+    if not lm.has_text:
+        raise ModelError(no_text_tower(lm.spec))
     if not texts:
         return np.zeros((0, lm.embed_dim), np.float32)
-    tokenizer = open_clip.get_tokenizer(lm.spec.arch)
+    backend = lm.backend
+    tokenizer = open_clip.get_tokenizer(lm.spec.arch) if backend is None else None
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            tokens = tokenizer(list(texts[i:i + batch_size])).to(lm.device)
-            out.append(F.normalize(lm.model.encode_text(tokens).float(), dim=-1).cpu())
+            chunk = list(texts[i:i + batch_size])
+            if backend is not None:
+                feats = backend.text(chunk, lm.device)
+            else:
+                feats = lm.model.encode_text(tokenizer(chunk).to(lm.device))  # type: ignore[misc]
+            out.append(F.normalize(feats.float(), dim=-1).cpu())
     return torch.cat(out).numpy()

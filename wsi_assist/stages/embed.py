@@ -10,13 +10,14 @@ from wsi_assist.models.embed import embed_batches, make_encoder, used_precision
 from wsi_assist.models.pathclip import configured_spec
 from wsi_assist.settings import EmbedParams
 from wsi_assist.stages.context import SlideContext
-from wsi_assist.store import Embeddings, SlideStore
+from wsi_assist.store import Embeddings, FeatureFile, SlideStore, write_feature_file
 
 log = logging.getLogger(__name__)
 
 HOW_TO_ENABLE = ("no PathCLIP weights configured: set embed.pathclip (or pass --pathclip "
                  "PATH, or set WSI_ASSIST_PATHCLIP) to pathclip-base.pt, or set embed.model "
-                 "to another open_clip spec (ARCH:/path/ckpt.pt or hf-hub:org/repo)")
+                 "to another model (ARCH:/path/ckpt.pt, hf-hub:org/repo, or a model folder: "
+                 "open_clip:/dir, hf-clip:/dir, timm:/dir, hf:/dir)")
 
 
 def configured(store: SlideStore, embed: EmbedParams) -> bool:
@@ -39,10 +40,17 @@ def run(slide: SlideContext, embed: EmbedParams) -> dict[str, Any]:
         raise StageSkipped(HOW_TO_ENABLE)
     grid = slide.store.read_grid()
     encoder = make_encoder(spec, embed, slide.device)
-    res = embed_batches(encoder, slide.stream(grid, embed.batch_size), len(grid))
+    res = embed_batches(encoder, slide.stream(grid, embed.batch_size), len(grid),
+                        keep_features=embed.features_h5)
     slide.store.write_embeddings(Embeddings(
         vectors=res.embeddings, model=spec.spec, model_sha256=encoder.sha256,
         engine=embed.engine, precision=used_precision(embed, slide.device)))
+    if res.features is not None:
+        path = write_feature_file(slide.store.features_path(spec.name), FeatureFile(
+            features=res.features, slide_name=slide.slide_id, encoder=spec.spec,
+            model_sha256=encoder.sha256, l2_normalised=encoder.normalised,
+            level0_size=(slide.info.width, slide.info.height)), grid)
+        log.info("%s: MIL features written to %s", slide.slide_id, path)
     wait = res.input_wait_s / max(res.seconds, 1e-9)
     log.info("%s: %d tiles embedded at %.1f tiles/s (%.0f%% waiting for input)",
              slide.slide_id, len(grid), res.tiles_per_s, 100 * wait)

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from wsi_assist.errors import WsiAssistError
+from wsi_assist.errors import StageSkipped, WsiAssistError
 from wsi_assist.models import zeroshot as zs_mod
-from wsi_assist.models.pathclip import configured_spec
+from wsi_assist.models.encoders import IMAGE_ONLY
+from wsi_assist.models.pathclip import configured_spec, no_text_tower
 from wsi_assist.settings import EmbedParams, ZeroShotParams
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.store import SlideStore, ZeroShot
@@ -27,6 +28,8 @@ def run(slide: SlideContext, zeroshot: ZeroShotParams, embed: EmbedParams) -> di
         raise WsiAssistError(f"{slide.path}: slide.zarr has no embeddings; run 'embed' first")
     prompts = zs_mod.load_prompt_set(zeroshot.prompts)
     spec = configured_spec(embed)
+    if spec is not None and spec.kind in IMAGE_ONLY:
+        raise StageSkipped(no_text_tower(spec))
     cache = zeroshot.cache_dir or (None if slide.out_root is None else
                                    slide.out_root / ".cache" / "text-embeddings")
     text = zs_mod.text_embeddings(spec if spec is not None else emb.model, prompts,
