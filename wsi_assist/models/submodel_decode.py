@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import shapely
 
+from wsi_assist.models.scores import evaluate
 from wsi_assist.models.submodel_spec import ScoreSpec, SubmodelSpec
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,8 @@ class Accumulator:
             counts = np.bincount(arrays["labels"].astype(np.int64), minlength=len(o.classes))
         # every branch above counts at least one entry per class
         count_map = {c: int(counts[i]) for i, c in enumerate(o.classes)}
-        scores = {n: {"value": slide_score(s, count_map, analysed_mm2),
-                      "definition": s.definition} for n, s in self.spec.scores.items()}
+        scores = {n: evaluate(s, count_map, analysed_mm2)
+                  for n, s in self.spec.scores.items()}
         return arrays, {"counts": count_map, "scores": scores}
 
     def _dedup(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -196,10 +197,7 @@ class Accumulator:
         return counts
 
 
-def slide_score(spec: ScoreSpec, counts: dict[str, int], analysed_mm2: float) -> float | None:
-    """A score from class counts; None when its denominator is zero."""
-    num = sum(counts.get(c, 0) for c in spec.numerator)
-    if spec.kind == "density":
-        return num / analysed_mm2 * spec.scale if analysed_mm2 > 0 else None
-    den = sum(counts.get(c, 0) for c in spec.denominator)
-    return num / den * spec.scale if den > 0 else None
+def slide_score(spec: ScoreSpec, counts: dict[str, int], analysed_mm2: float) -> Any:
+    """A score's value from class counts (a category for a categorical score); None when
+    it does not apply (see :func:`wsi_assist.models.scores.evaluate`)."""
+    return evaluate(spec, counts, analysed_mm2)["value"]

@@ -97,23 +97,109 @@ class OutputSpec:
                              f"{self.background_index!r}")
 
 
+SCORE_KINDS = ("ratio", "density", "cps", "hscore", "categorical")
+RULE_OPS = (">", ">=", "<", "<=")
+
+
+@dataclass(frozen=True)
+class RuleCondition:
+    """``percent`` of the score's denominator cells in ``classes`` compared by ``op``."""
+
+    classes: tuple[str, ...]
+    op: str
+    percent: float
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise ValueError("a rule condition must list classes")
+        if self.op not in RULE_OPS:
+            raise ValueError(f"rule op {self.op!r} unknown; valid: {list(RULE_OPS)}")
+        if not 0 <= self.percent <= 100:
+            raise ValueError(f"rule percent must be in 0..100, got {self.percent!r}")
+
+    def text(self) -> str:
+        return f"{' + '.join(self.classes)} {self.op} {self.percent:g} %"
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """One category of a categorical score: its rule in words and the conditions (all
+    must hold; none = the category otherwise)."""
+
+    category: str
+    rule: str
+    when: tuple[RuleCondition, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not str(self.category).strip() or not self.rule.strip():
+            raise ValueError("each rule needs a category and its rule text")
+
+
 @dataclass(frozen=True)
 class ScoreSpec:
-    """A slide score from counts: ratio (numerator / denominator) or density (per mm^2)."""
+    """A slide score from class counts. ``ratio``: numerator / denominator x scale;
+    ``density``: numerator per mm^2 x scale; ``cps``: combined positive score, numerator
+    / denominator x 100 capped at 100; ``hscore``: sum of weight x % of denominator cells
+    per class (``weights``, e.g. 1+ 1, 2+ 2, 3+ 3: 0..300); ``categorical``: the first of
+    ``rules`` whose conditions hold (percentages of denominator cells)."""
 
-    kind: Literal["ratio", "density"]
+    kind: Literal["ratio", "density", "cps", "hscore", "categorical"]
     definition: str
     numerator: tuple[str, ...] = ()
     denominator: tuple[str, ...] = ()
     scale: float = 1.0
+    cap: float | None = None
+    weights: tuple[tuple[str, float], ...] = ()
+    rules: tuple[ScoreRule, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ratio", "density"):
-            raise ValueError(f"kind must be ratio or density, got {self.kind!r}")
-        if not self.numerator or (self.kind == "ratio" and not self.denominator):
-            raise ValueError("numerator (and for a ratio, denominator) must list classes")
+        if self.kind not in SCORE_KINDS:
+            raise ValueError(f"kind must be one of {list(SCORE_KINDS)}, got {self.kind!r}")
+        if self.kind in ("ratio", "density", "cps") and (
+                not self.numerator or (self.kind != "density" and not self.denominator)):
+            raise ValueError(f"a {self.kind} score needs numerator"
+                             f"{'' if self.kind == 'density' else ' and denominator'} classes")
+        if self.kind in ("hscore", "categorical") and not self.denominator:
+            raise ValueError(f"a {self.kind} score needs denominator classes")
+        if self.kind == "hscore" and not self.weights:
+            raise ValueError("an hscore needs weights (class: intensity 1, 2 or 3)")
+        if self.kind == "categorical" and not self.rules:
+            raise ValueError("a categorical score needs rules")
         if not self.definition.strip():
             raise ValueError("definition must say what the score means")
+
+    def class_names(self) -> list[str]:
+        """Every class the score names, in the order given."""
+        rule_classes = [c for r in self.rules for w in r.when for c in w.classes]
+        return [*self.numerator, *self.denominator, *(c for c, _ in self.weights),
+                *rule_classes]
+
+
+def score_from_dict(name: str, v: dict[str, Any]) -> ScoreSpec:
+    """A score of a spec's ``scores`` mapping, as read from YAML."""
+    if not isinstance(v, dict):
+        raise ValueError(f"scores: {name!r} must be a mapping")
+    allowed = {"kind", "definition", "numerator", "denominator", "scale", "cap", "weights",
+               "rules"}
+    unknown = set(v) - allowed
+    if unknown:
+        raise ValueError(f"scores: {name!r} has unknown key {min(unknown)!r}; valid: "
+                         f"{sorted(allowed)}")
+    rules = []
+    for r in v.get("rules") or ():
+        when = tuple(RuleCondition(classes=tuple(str(c) for c in w.get("classes", ())),
+                                   op=str(w.get("op", ">")), percent=float(w["percent"]))
+                     for w in r.get("when") or ())
+        rules.append(ScoreRule(category=str(r.get("category", "")),
+                               rule=str(r.get("rule", "")), when=when))
+    return ScoreSpec(kind=v["kind"], definition=str(v.get("definition", "")),
+                     numerator=tuple(str(c) for c in v.get("numerator", ())),
+                     denominator=tuple(str(c) for c in v.get("denominator", ())),
+                     scale=float(v.get("scale", 1.0)),
+                     cap=None if v.get("cap") is None else float(v["cap"]),
+                     weights=tuple((str(c), float(w))
+                                   for c, w in (v.get("weights") or {}).items()),
+                     rules=tuple(rules))
 
 
 @dataclass(frozen=True)
@@ -137,9 +223,10 @@ class SubmodelSpec:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         known = set(self.output.classes)
         for sname, s in self.scores.items():
-            bad = [c for c in (*s.numerator, *s.denominator) if c not in known]
+            bad = [c for c in s.class_names() if c not in known]
             if bad:
-                raise ValueError(f"scores: {sname!r} names unknown class {bad[0]!r}")
+                raise ValueError(f"scores: {sname!r} names unknown class {bad[0]!r}; "
+                                 f"valid: {list(self.output.classes)}")
 
 
 def affine(mean: Any, std: Any, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -182,11 +269,7 @@ def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = No
     out["measurement_names"] = tuple(out.get("measurement_names", ()))
     tiles = data.get("tiles") or {}
     zs = tiles.get("zeroshot_classes")
-    scores = {str(k): ScoreSpec(kind=v["kind"], definition=str(v["definition"]),
-                                numerator=tuple(v.get("numerator", ())),
-                                denominator=tuple(v.get("denominator", ())),
-                                scale=float(v.get("scale", 1.0)))
-              for k, v in (data.get("scores") or {}).items()}
+    scores = {str(k): score_from_dict(str(k), v) for k, v in (data.get("scores") or {}).items()}
     return SubmodelSpec(name=str(data["name"]), task=data["task"],
                         model_path=(base / str(data["model"])).resolve(),
                         input=InputSpec(**inp), output=OutputSpec(**out),

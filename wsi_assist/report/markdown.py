@@ -119,6 +119,7 @@ def _submodels(r: dict[str, Any]) -> list[str]:
         for name, sc in m["scores"].items():
             value = sc["not_applicable"] or fmt(sc["value"])
             out.append(f"- **{name}**: {value}. {sc['definition']}")
+            out += _rules(sc)
         out.append("")
         for key, rel in (m.get("pictures") or {}).items():
             out += [f"![{m['name']} {key}]({rel})", ""]
@@ -130,6 +131,20 @@ def _submodels(r: dict[str, Any]) -> list[str]:
             out += [f"Stains: {st.get('kind')} ({st.get('source')}): " + "; ".join(
                 f"{n} {v}" for n, v in zip(st.get("names", []), st.get("vectors", []),
                                            strict=False)), ""]
+    return out
+
+
+def _rules(sc: dict[str, Any]) -> list[str]:
+    """A categorical score's rules (first met wins), the met one marked."""
+    if not sc.get("rules"):
+        return []
+    judged = "; ".join(f"{c} {fmt(p)} %" for c, p in (sc.get("percent") or {}).items())
+    out = [f"  - Rules, first met wins (judged on {judged}):" if judged
+           else "  - Rules, first met wins:"]
+    for r in sc["rules"]:
+        cond = " and ".join(r["when"]) or "otherwise"
+        met = " **(met)**" if r["rule"] == sc.get("rule") else ""
+        out.append(f"    - {r['category']}: {r['rule']} (`{cond}`){met}")
     return out
 
 
