@@ -7,6 +7,10 @@ expected per task: tile-classification and segmentation use the first output;
 point-detection ``points`` (B,P,2) x,y tile px, ``scores`` (B,P), ``labels`` (B,P) and
 optionally ``measurements`` (B,P,K); box-detection ``boxes`` (B,P,4) x0,y0,x1,y1,
 ``scores``, ``labels``. Padding rows carry a score below the threshold.
+promptable-segmentation (SAM-style): ``encoder`` names an image encoder (one image input,
+first output the image embedding) and ``model`` its prompt decoder with SAM's ONNX
+export signature (``DECODER_INPUTS`` -> ``DECODER_OUTPUTS``); ``prompts`` names the
+sub-model whose detections are the point prompts.
 """
 
 from __future__ import annotations
@@ -20,10 +24,16 @@ import numpy as np
 from wsi_assist.errors import ModelError
 from wsi_assist.files import read_yaml
 
-Task = Literal["tile-classification", "point-detection", "box-detection", "segmentation"]
-TASKS = ("tile-classification", "point-detection", "box-detection", "segmentation")
+Task = Literal["tile-classification", "point-detection", "box-detection", "segmentation",
+               "promptable-segmentation"]
+TASKS = ("tile-classification", "point-detection", "box-detection", "segmentation",
+         "promptable-segmentation")
 DETECTION_OUTPUTS = {"point-detection": ("points", "scores", "labels"),
                      "box-detection": ("boxes", "scores", "labels")}
+#: SAM's ONNX export of its prompt decoder (segment_anything/utils/onnx.py), by name.
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input",
+                  "has_mask_input", "orig_im_size")
+DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
@@ -76,6 +86,7 @@ class OutputSpec:
     min_area_um2: float = 0.0
     measurement_names: tuple[str, ...] = ()
     draw_radius_um: float = 3.0
+    simplify_um: float = 0.25  # segmentation outlines: Douglas-Peucker tolerance, um
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -91,6 +102,8 @@ class OutputSpec:
                              f"{self.activation!r}")
         if self.nms_radius_um < 0 or not 0 < self.iou_threshold <= 1:
             raise ValueError("nms_radius_um must be >= 0 and iou_threshold in (0, 1]")
+        if not self.simplify_um >= 0:
+            raise ValueError(f"simplify_um must be >= 0, got {self.simplify_um!r}")
         if self.background_index is not None and not 0 <= self.background_index < len(
                 self.classes):
             raise ValueError(f"background_index must index classes, got "
@@ -203,6 +216,24 @@ def score_from_dict(name: str, v: dict[str, Any]) -> ScoreSpec:
 
 
 @dataclass(frozen=True)
+class PromptSpec:
+    """Prompts of a promptable segmenter: the detections of sub-model ``source`` (e.g.
+    the built-in ``nuclei``), optionally only its ``classes``, at most ``max_per_tile``
+    (highest-scored first) per tile."""
+
+    source: str
+    classes: tuple[str, ...] | None = None
+    max_per_tile: int = 512
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("prompts.source must name the sub-model whose detections "
+                             "prompt this one")
+        if self.max_per_tile < 1:
+            raise ValueError(f"prompts.max_per_tile must be >= 1, got {self.max_per_tile!r}")
+
+
+@dataclass(frozen=True)
 class SubmodelSpec:
     """A sub-model: ONNX file plus everything needed to run and read it."""
 
@@ -214,6 +245,8 @@ class SubmodelSpec:
     zeroshot_classes: tuple[str, ...] | None = None
     scores: dict[str, ScoreSpec] = field(default_factory=dict)
     spec_path: Path | None = None
+    encoder_path: Path | None = None  # promptable-segmentation: the image encoder
+    prompts: PromptSpec | None = None  # promptable-segmentation: where prompts come from
 
     def __post_init__(self) -> None:
         if not self.name or self.name[0] == "." or not all(
@@ -221,6 +254,13 @@ class SubmodelSpec:
             raise ValueError(f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        promptable = self.task == "promptable-segmentation"
+        if promptable != (self.encoder_path is not None) or promptable != (
+                self.prompts is not None):
+            raise ValueError("encoder and prompts are for task promptable-segmentation, "
+                             "which needs both" if promptable else
+                             f"encoder and prompts are only for promptable-segmentation, "
+                             f"not {self.task}")
         known = set(self.output.classes)
         for sname, s in self.scores.items():
             bad = [c for c in s.class_names() if c not in known]
@@ -252,7 +292,7 @@ def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = No
                    ) -> SubmodelSpec:
     """Build a spec from a plain dict (as read from YAML)."""
     allowed = {"name", "task", "model", "input", "output", "tiles", "scores", "description",
-               "model_params"}
+               "model_params", "encoder", "prompts"}
     unknown = set(data) - allowed
     if unknown:
         raise ValueError(f"unknown key {min(unknown)!r}; valid: {sorted(allowed)}")
@@ -274,15 +314,45 @@ def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = No
                         model_path=(base / str(data["model"])).resolve(),
                         input=InputSpec(**inp), output=OutputSpec(**out),
                         zeroshot_classes=tuple(zs) if zs else None, scores=scores,
-                        spec_path=spec_path)
+                        spec_path=spec_path,
+                        encoder_path=(base / str(data["encoder"])).resolve()
+                        if data.get("encoder") else None,
+                        prompts=_prompts(data.get("prompts")))
+
+
+def _prompts(p: Any) -> PromptSpec | None:
+    if p is None:
+        return None
+    if not isinstance(p, dict):
+        raise ValueError("prompts must be a mapping (source, classes, max_per_tile)")
+    unknown = set(p) - {"source", "classes", "max_per_tile"}
+    if unknown:
+        raise ValueError(f"prompts: unknown key {min(unknown)!r}; valid: "
+                         f"['classes', 'max_per_tile', 'source']")
+    classes = p.get("classes")
+    return PromptSpec(source=str(p.get("source", "")),
+                      classes=tuple(str(c) for c in classes) if classes else None,
+                      max_per_tile=int(p.get("max_per_tile", 512)))
 
 
 def check_against_model(spec: SubmodelSpec, session: Any) -> None:
-    """Refuse (ModelError) a spec whose inputs or outputs contradict the ONNX model's."""
+    """Refuse (ModelError) a spec whose inputs or outputs contradict the ONNX model's.
+    For a promptable segmenter ``session`` is its prompt decoder (its encoder is checked
+    with :func:`check_image_input`)."""
     where = f"{spec.model_path}"
+    if spec.task == "promptable-segmentation":
+        check_decoder(session, where)
+        return
+    check_image_input(spec, session, where)
+    _check_outputs(spec, session.get_outputs(), where)
+
+
+def check_image_input(spec: SubmodelSpec, session: Any, where: str) -> None:
+    """The model takes one image input as the spec's ``input`` describes."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
-        raise ModelError(f"{where}: expected 1 input (tiles), model has {len(inputs)}")
+        raise ModelError(f"{where}: expected 1 input (tiles), model has {len(inputs)}: "
+                         f"{[i.name for i in inputs]}")
     inp = inputs[0]
     if spec.input.name is not None and inp.name != spec.input.name:
         raise ModelError(f"{where}: spec input name {spec.input.name!r}, model has {inp.name!r}")
@@ -300,7 +370,21 @@ def check_against_model(spec: SubmodelSpec, session: Any) -> None:
         if isinstance(d, int) and d != spec.input.tile_px:
             raise ModelError(f"{where}: spec input tile_px {spec.input.tile_px}, model input "
                              f"shape is {shape}")
-    _check_outputs(spec, session.get_outputs(), where)
+
+
+def check_decoder(session: Any, where: str) -> None:
+    """A SAM-style prompt decoder: SAM's ONNX export inputs and outputs, by name."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    missing = [n for n in DECODER_INPUTS if n not in inputs]
+    extra = [n for n in inputs if n not in DECODER_INPUTS]
+    if missing or extra:
+        raise ModelError(f"{where}: a promptable-segmentation decoder takes inputs "
+                         f"{list(DECODER_INPUTS)} (SAM's ONNX export); model takes {inputs}")
+    if any(n not in outputs for n in DECODER_OUTPUTS[:2]):
+        raise ModelError(f"{where}: a promptable-segmentation decoder outputs "
+                         f"{list(DECODER_OUTPUTS)} (low_res_masks optional); model outputs "
+                         f"{outputs}")
 
 
 def _check_outputs(spec: SubmodelSpec, outputs: list[Any], where: str) -> None:

@@ -1,0 +1,136 @@
+"""Promptable segmenters in the ``submodels`` stage: prompts from a sub-model already
+stored for the slide (points, or box centres; e.g. the built-in nuclei), the tiles that
+hold prompts streamed once, one outline per prompt stored as QuPath detections in
+``findings/<name>.geojson`` (passed through to ``annotations.geojson``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from wsi_assist import geojson
+from wsi_assist.errors import WsiAssistError
+from wsi_assist.models.promptable import (
+    Outline,
+    PromptableSubmodel,
+    Prompts,
+    assign_prompts,
+    get_promptable,
+    run_promptable,
+)
+from wsi_assist.models.scores import evaluate
+from wsi_assist.models.submodels import choose_providers, resolve_spec_path, select_rows
+from wsi_assist.settings import SubmodelParams
+from wsi_assist.stages.context import SlideContext
+from wsi_assist.store import SUB_BOXES, SUB_LABELS, SUB_POINTS, SUB_SCORES, SlideStore
+from wsi_assist.tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+
+def run(slide: SlideContext, grid: TileGrid, background: str | None, entry: str,
+        submodels: SubmodelParams) -> dict[str, Any]:
+    """One promptable segmenter over the slide; its summary by name."""
+    m = get_promptable(resolve_spec_path(entry), choose_providers(submodels.providers,
+                                                                  slide.device))
+    store, name = slide.store, m.spec.name
+    want = m.spec.input.background
+    why = None
+    if want != "any" and background is not None and background != want:
+        why = f"needs a {want} background (bright-field); this slide's is {background}"
+    source = _source(store, m)
+    if why is None and source.skipped:
+        why = f"its prompts' source {source.name!r} was not run: {source.skipped}"
+    if why is not None:
+        store.write_submodel(name, {}, {**_attrs(m), "counts": {}, "scores": {},
+                                        "skipped": why})
+        log.info("%s: sub-model %s not run: %s", slide.slide_id, name, why)
+        return {name: {"skipped": why}}
+    prompts = read_prompts(source, m, grid)
+    zs = store.read_zeroshot()
+    sel = select_rows(m.spec, len(grid), None if zs is None else zs.classes,
+                      None if zs is None else zs.top)
+    rows = np.array(sorted(r for r in prompts.by_row if sel[r]), np.int64)
+    outlines: list[Outline] = []
+    if len(rows):
+        part = dataclasses.replace(grid, coords=grid.coords[rows],
+                                   tissue_fraction=grid.tissue_fraction[rows])
+        outlines = run_promptable(slide.stream(part), grid, rows, m, prompts)
+    return {name: _store(store, grid, m, prompts, rows, outlines)}
+
+
+def _source(store: SlideStore, m: PromptableSubmodel) -> Any:
+    assert m.spec.prompts is not None  # checked by the spec
+    try:
+        return store.read_submodel(m.spec.prompts.source)
+    except KeyError as e:
+        raise WsiAssistError(f"sub-model {m.spec.name!r}: prompts.source "
+                             f"{m.spec.prompts.source!r} has no findings for this slide; "
+                             f"list it in submodels.specs ({e.args[0]})") from None
+
+
+def read_prompts(source: Any, m: PromptableSubmodel, grid: TileGrid) -> Prompts:
+    """The source's detections (points, or box centres) of the listed classes, by tile."""
+    p = m.spec.prompts
+    assert p is not None  # checked by the spec
+    g = source.arrays
+    if SUB_POINTS in g:
+        points = np.asarray(g[SUB_POINTS][...], np.float64)
+    elif SUB_BOXES in g:
+        b = np.asarray(g[SUB_BOXES][...], np.float64)
+        points = (b[:, :2] + b[:, 2:]) / 2
+    else:
+        raise WsiAssistError(f"sub-model {m.spec.name!r}: prompts.source {source.name!r} "
+                             f"stores no points or boxes (task {source.task})")
+    labels = (np.asarray(g[SUB_LABELS][...], np.int64) if SUB_LABELS in g
+              else np.zeros(len(points), np.int64))
+    names = [source.color(int(k))[0] for k in labels]
+    keep = np.isfinite(points).all(axis=1)
+    if p.classes is not None:
+        unknown = [c for c in p.classes if c not in source.classes]
+        if unknown:
+            raise WsiAssistError(f"sub-model {m.spec.name!r}: prompts.classes names "
+                                 f"{unknown[0]!r}, not a class of {source.name!r}; valid: "
+                                 f"{list(source.classes)}")
+        keep &= np.isin(np.array(names, dtype=object), list(p.classes))
+    scores = np.asarray(g[SUB_SCORES][...], np.float64) if SUB_SCORES in g else None
+    idx = np.flatnonzero(keep)
+    return assign_prompts(grid, points[idx], [names[i] for i in idx],
+                          None if scores is None else scores[idx], p.max_per_tile)
+
+
+def _attrs(m: PromptableSubmodel) -> dict[str, Any]:
+    o, p = m.spec.output, m.spec.prompts
+    return {"task": m.spec.task, "classes": list(o.classes),
+            "colors": [list(c) for c in o.colors], "model_path": str(m.spec.model_path),
+            "model_sha256": m.sha256, "encoder_path": str(m.spec.encoder_path),
+            "encoder_sha256": m.encoder.sha256, "spec_path": str(m.spec.spec_path or ""),
+            "prompt_source": p.source if p else None, "simplify_um": o.simplify_um}
+
+
+def _store(store: SlideStore, grid: TileGrid, m: PromptableSubmodel, prompts: Prompts,
+           rows: np.ndarray, outlines: list[Outline]) -> dict[str, Any]:
+    o = m.spec.output
+    counts = {c: 0 for c in o.classes}
+    counts[o.classes[0]] = len(outlines)
+    area_mm2 = float(grid.tissue_fraction[rows].sum()) * grid.cell_area_mm2
+    scores = {k: evaluate(s, counts, area_mm2) for k, s in m.spec.scores.items()}
+    path = store.findings_path(m.spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    um2 = grid.mpp ** 2
+    meta = {"sub-model": m.spec.name, "prompt source": m.spec.prompts.source
+            if m.spec.prompts else ""}
+    feats = (geojson.feature(
+        x.polygon, "detection", classification=(o.classes[0], o.colors[0]),
+        measurements={"Area µm^2": x.polygon.area * um2, "IoU prediction": x.iou},
+        metadata={**meta, "prompt class": prompts.names[x.prompt]}) for x in outlines)
+    geojson.write_features(path, feats)
+    attrs = {**_attrs(m), "counts": counts, "scores": scores, "n_tiles_run": int(len(rows)),
+             "analysed_area_mm2": area_mm2,
+             "n_prompts": int(sum(len(v) for v in prompts.by_row.values())),
+             "geojson": path.relative_to(store.folder).as_posix()}
+    store.write_submodel(m.spec.name, {}, attrs)
+    return {"counts": counts, "scores": {k: v["value"] for k, v in scores.items()}}
