@@ -191,7 +191,7 @@ class ScoreSpec:
 def score_from_dict(name: str, v: dict[str, Any]) -> ScoreSpec:
     """A score of a spec's ``scores`` mapping, as read from YAML."""
     if not isinstance(v, dict):
-        raise ValueError(f"scores: {name!r} must be a mapping")
+        raise TypeError(f"scores: {name!r} must be a mapping")
     allowed = {"kind", "definition", "numerator", "denominator", "scale", "cap", "weights",
                "rules"}
     unknown = set(v) - allowed
@@ -324,7 +324,7 @@ def _prompts(p: Any) -> PromptSpec | None:
     if p is None:
         return None
     if not isinstance(p, dict):
-        raise ValueError("prompts must be a mapping (source, classes, max_per_tile)")
+        raise TypeError("prompts must be a mapping (source, classes, max_per_tile)")
     unknown = set(p) - {"source", "classes", "max_per_tile"}
     if unknown:
         raise ValueError(f"prompts: unknown key {min(unknown)!r}; valid: "

@@ -22,6 +22,7 @@ from wsi_assist.models.promptable import (
     run_promptable,
 )
 from wsi_assist.models.scores import evaluate
+from wsi_assist.models.submodel_spec import PromptSpec
 from wsi_assist.models.submodels import choose_providers, resolve_spec_path, select_rows
 from wsi_assist.settings import SubmodelParams
 from wsi_assist.stages.context import SlideContext
@@ -62,20 +63,26 @@ def run(slide: SlideContext, grid: TileGrid, background: str | None, entry: str,
     return {name: _store(store, grid, m, prompts, rows, outlines)}
 
 
+def _prompt_spec(m: PromptableSubmodel) -> PromptSpec:
+    if m.spec.prompts is None:  # load_spec refuses such a spec; a hand-built one may lack it
+        raise WsiAssistError(f"sub-model {m.spec.name!r}: a promptable segmenter needs "
+                             f"'prompts' in its spec")
+    return m.spec.prompts
+
+
 def _source(store: SlideStore, m: PromptableSubmodel) -> Any:
-    assert m.spec.prompts is not None  # checked by the spec
+    source = _prompt_spec(m).source
     try:
-        return store.read_submodel(m.spec.prompts.source)
+        return store.read_submodel(source)
     except KeyError as e:
-        raise WsiAssistError(f"sub-model {m.spec.name!r}: prompts.source "
-                             f"{m.spec.prompts.source!r} has no findings for this slide; "
-                             f"list it in submodels.specs ({e.args[0]})") from None
+        raise WsiAssistError(f"sub-model {m.spec.name!r}: prompts.source {source!r} has no "
+                             f"findings for this slide; list it in submodels.specs "
+                             f"({e.args[0]})") from None
 
 
 def read_prompts(source: Any, m: PromptableSubmodel, grid: TileGrid) -> Prompts:
     """The source's detections (points, or box centres) of the listed classes, by tile."""
-    p = m.spec.prompts
-    assert p is not None  # checked by the spec
+    p = _prompt_spec(m)
     g = source.arrays
     if SUB_POINTS in g:
         points = np.asarray(g[SUB_POINTS][...], np.float64)
@@ -128,7 +135,7 @@ def _store(store: SlideStore, grid: TileGrid, m: PromptableSubmodel, prompts: Pr
         measurements={"Area µm^2": x.polygon.area * um2, "IoU prediction": x.iou},
         metadata={**meta, "prompt class": prompts.names[x.prompt]}) for x in outlines)
     geojson.write_features(path, feats)
-    attrs = {**_attrs(m), "counts": counts, "scores": scores, "n_tiles_run": int(len(rows)),
+    attrs = {**_attrs(m), "counts": counts, "scores": scores, "n_tiles_run": len(rows),
              "analysed_area_mm2": area_mm2,
              "n_prompts": int(sum(len(v) for v in prompts.by_row.values())),
              "geojson": path.relative_to(store.folder).as_posix()}

@@ -140,6 +140,7 @@ def _store(slide: SlideContext, grid: TileGrid, m: Submodel, sel: np.ndarray,
     attrs.update({"n_tiles_run": int(sel.sum()), "analysed_area_mm2": area_mm2})
     if m.spec.task == "segmentation":
         attrs["geojson"] = _write_segmentation(slide.store, m, acc)
+        attrs["simplify_um"] = o.simplify_um
     slide.store.write_submodel(
         m.spec.name, arrays, attrs,
         array_attrs={SUB_MEASUREMENTS: {"measurement_names": list(o.measurement_names)}})
@@ -152,8 +153,10 @@ def _write_segmentation(store: SlideStore, m: Submodel, acc: Accumulator) -> str
     o = m.spec.output
     path = store.findings_path(m.spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    um2 = acc.mpp ** 2
     feats = (geojson.feature(poly, "annotation", classification=(o.classes[c], o.colors[c]),
-                             measurements={"Area px^2": poly.area}, name=o.classes[c])
+                             measurements={"Area px^2": poly.area, "Area µm^2": poly.area * um2},
+                             name=o.classes[c], metadata={"sub-model": m.spec.name})
              for c, mp in sorted(acc.merged.items()) for poly in mp.geoms)
     geojson.write_features(path, feats)
     return path.relative_to(store.folder).as_posix()
