@@ -138,6 +138,10 @@ def provenance(emb: Embeddings | None, zs: ZeroShot | None, subs: list[SubmodelR
     for s in subs:
         models.append({"role": f"sub-model {s.name}", "model": s.attrs.get("model_path"),
                        "sha256": s.attrs.get("model_sha256")})
+        if s.attrs.get("encoder_path"):  # a promptable segmenter's image encoder
+            models.append({"role": f"sub-model {s.name} encoder",
+                           "model": s.attrs.get("encoder_path"),
+                           "sha256": s.attrs.get("encoder_sha256")})
     cap_models = sorted({str(c.get("model")) for c in captions or [] if c.get("model")})
     for m in cap_models:
         models.append({"role": "captioner", "model": m})

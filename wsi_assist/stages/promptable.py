@@ -26,10 +26,21 @@ from wsi_assist.models.submodel_spec import PromptSpec
 from wsi_assist.models.submodels import choose_providers, resolve_spec_path, select_rows
 from wsi_assist.settings import SubmodelParams
 from wsi_assist.stages.context import SlideContext
-from wsi_assist.store import SUB_BOXES, SUB_LABELS, SUB_POINTS, SUB_SCORES, SlideStore
+from wsi_assist.store import (
+    SUB_BOXES,
+    SUB_LABELS,
+    SUB_MEASUREMENTS,
+    SUB_POINTS,
+    SUB_POLYGON_OFFSETS,
+    SUB_POLYGONS,
+    SUB_SCORES,
+    SlideStore,
+)
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
+
+MEASUREMENTS = ("Area µm^2", "IoU prediction")
 
 
 def run(slide: SlideContext, grid: TileGrid, background: str | None, entry: str,
@@ -109,6 +120,20 @@ def read_prompts(source: Any, m: PromptableSubmodel, grid: TileGrid) -> Prompts:
                           None if scores is None else scores[idx], p.max_per_tile)
 
 
+def _arrays(prompts: Prompts, outlines: list[Outline], um2: float) -> dict[str, np.ndarray]:
+    """Outlines as the store keeps nuclei (prompt points, outer rings, measurements), for
+    the report's pictures; ``annotations.geojson`` takes them from the findings file."""
+    rings = [np.asarray(x.polygon.exterior.coords, np.float64)[:-1] for x in outlines]
+    offsets = np.zeros(len(rings) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in rings])
+    return {SUB_POINTS: prompts.points[[x.prompt for x in outlines]].reshape(-1, 2),
+            SUB_LABELS: np.zeros(len(outlines), np.int16),
+            SUB_MEASUREMENTS: np.array([[x.polygon.area * um2, x.iou] for x in outlines],
+                                       np.float32).reshape(-1, len(MEASUREMENTS)),
+            SUB_POLYGONS: np.concatenate(rings) if rings else np.zeros((0, 2)),
+            SUB_POLYGON_OFFSETS: offsets}
+
+
 def _attrs(m: PromptableSubmodel) -> dict[str, Any]:
     o, p = m.spec.output, m.spec.prompts
     return {"task": m.spec.task, "classes": list(o.classes),
@@ -132,12 +157,22 @@ def _store(store: SlideStore, grid: TileGrid, m: PromptableSubmodel, prompts: Pr
             if m.spec.prompts else ""}
     feats = (geojson.feature(
         x.polygon, "detection", classification=(o.classes[0], o.colors[0]),
-        measurements={"Area µm^2": x.polygon.area * um2, "IoU prediction": x.iou},
+        measurements=dict(zip(MEASUREMENTS, (x.polygon.area * um2, x.iou), strict=True)),
         metadata={**meta, "prompt class": prompts.names[x.prompt]}) for x in outlines)
     geojson.write_features(path, feats)
+    n_prompts = int(sum(len(v) for v in prompts.by_row.values()))
+    method = (f"Promptable segmentation (SAM-style): one point prompt per "
+              f"{_prompt_spec(m).source} detection ({n_prompts} prompts in {len(rows)} "
+              f"tiles); each outline is the predicted mask's part under its prompt, "
+              f"simplified to {o.simplify_um:g} µm; QuPath detections in annotations.geojson")
     attrs = {**_attrs(m), "counts": counts, "scores": scores, "n_tiles_run": len(rows),
+             "method": method,
              "analysed_area_mm2": area_mm2,
-             "n_prompts": int(sum(len(v) for v in prompts.by_row.values())),
+             "n_prompts": n_prompts,
              "geojson": path.relative_to(store.folder).as_posix()}
-    store.write_submodel(m.spec.name, {}, attrs)
+    store.write_submodel(m.spec.name, _arrays(prompts, outlines, um2), attrs, array_attrs={
+        SUB_MEASUREMENTS: {"measurement_names": list(MEASUREMENTS)},
+        SUB_POLYGONS: {"description": "outer ring vertices, level-0 x, y; outline i is rows "
+                                      "polygon_offsets[i]:polygon_offsets[i + 1] (holes "
+                                      "are in the findings GeoJSON)"}})
     return {"counts": counts, "scores": {k: v["value"] for k, v in scores.items()}}

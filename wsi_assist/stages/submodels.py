@@ -141,6 +141,10 @@ def _store(slide: SlideContext, grid: TileGrid, m: Submodel, sel: np.ndarray,
     if m.spec.task == "segmentation":
         attrs["geojson"] = _write_segmentation(slide.store, m, acc)
         attrs["simplify_um"] = o.simplify_um
+        attrs["method"] = (f"Segmentation masks per class merged across tile borders "
+                           f"(shapely union), simplified to {o.simplify_um:g} µm, polygons "
+                           f"under {o.min_area_um2:g} µm² dropped; QuPath annotations in "
+                           f"annotations.geojson")
     slide.store.write_submodel(
         m.spec.name, arrays, attrs,
         array_attrs={SUB_MEASUREMENTS: {"measurement_names": list(o.measurement_names)}})
