@@ -140,47 +140,42 @@ class PromptableSubmodel:
 
 def assign_prompts(grid: TileGrid, points: np.ndarray, names: list[str],
                    scores: np.ndarray | None, max_per_tile: int) -> Prompts:
-    """Each prompt in the tile whose centre is nearest (dropped when outside it), at most
-    ``max_per_tile`` per tile, highest ``scores`` first."""
+    """Each prompt in the tile that owns it (:meth:`TileGrid.owners`; dropped when in
+    none), at most ``max_per_tile`` per tile, highest ``scores`` first."""
     by_row: dict[int, np.ndarray] = {}
     if len(points) and len(grid.coords):
-        from scipy.spatial import cKDTree
-
-        centres = grid.coords.astype(np.float64) + grid.size_l0 / 2
-        _, row = cKDTree(centres).query(points)
-        rel = points - grid.coords[row]
-        inside = ((rel >= 0) & (rel < grid.size_l0)).all(axis=1)
+        row = grid.owners(points)
         order = np.argsort(-scores, kind="stable") if scores is not None else np.arange(
             len(points))
-        order = order[inside[order]]
+        order = order[row[order] >= 0]
         for r in np.unique(row[order]):
             by_row[int(r)] = order[row[order] == r][:max_per_tile]
     return Prompts(points=points, names=names, by_row=by_row)
 
 
-def run_promptable(batches: Iterable[TileBatch], grid: TileGrid, rows: np.ndarray,
+def run_promptable(batches: Iterable[TileBatch], tiles: TileGrid, keys: np.ndarray,
                    model: PromptableSubmodel, prompts: Prompts) -> list[Outline]:
-    """The encoder over the streamed tiles (grid ``rows``), the decoder over each tile's
-    prompts; one outline per prompt whose mask is not empty."""
-    size = model.encoder.model_px(grid.tile_px, grid.delivered_mpp)
-    scale = grid.size_l0 / size  # level-0 px per encoder px
-    simplify_px = model.spec.output.simplify_um / grid.mpp
-    min_px2 = model.spec.output.min_area_um2 / grid.mpp**2
+    """The encoder over the streamed ``tiles`` (each a grid tile grown by a halo), the
+    decoder over the prompts of each one's grid tile (``keys``: its row in the grid the
+    prompts were assigned on); one outline per prompt whose mask is not empty."""
+    size = model.encoder.model_px(tiles.tile_px, tiles.delivered_mpp)
+    scale = tiles.size_l0 / size  # level-0 px per encoder px
+    simplify_px = model.spec.output.simplify_um / tiles.mpp
+    min_px2 = model.spec.output.min_area_um2 / tiles.mpp**2
     out: list[Outline] = []
     for batch in batches:
-        brows = rows[batch.index]
         emb = model.encode(model.encoder.prepare(batch.tiles, size))
-        for t, r in enumerate(brows.tolist()):
-            idx = prompts.by_row.get(r)
+        for t, i in enumerate(batch.index.tolist()):
+            idx = prompts.by_row.get(int(keys[i]))
             if idx is None or not len(idx):
                 continue
-            corner = grid.coords[r].astype(np.float64)
+            corner = tiles.coords[i].astype(np.float64)
             local = (prompts.points[idx] - corner) / scale
             masks, ious = model.decode(emb[t:t + 1], local.astype(np.float32), size)
-            for i, (mask, iou) in enumerate(zip(masks, ious, strict=True)):
-                poly = outline_at(mask, tuple(local[i]), scale, tuple(corner), simplify_px)
+            for j, (mask, iou) in enumerate(zip(masks, ious, strict=True)):
+                poly = outline_at(mask, tuple(local[j]), scale, tuple(corner), simplify_px)
                 if poly is not None and poly.area >= min_px2:
-                    out.append(Outline(poly, float(iou), int(idx[i])))
+                    out.append(Outline(poly, float(iou), int(idx[j])))
     return out
 
 

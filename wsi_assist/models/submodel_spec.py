@@ -219,11 +219,13 @@ def score_from_dict(name: str, v: dict[str, Any]) -> ScoreSpec:
 class PromptSpec:
     """Prompts of a promptable segmenter: the detections of sub-model ``source`` (e.g.
     the built-in ``nuclei``), optionally only its ``classes``, at most ``max_per_tile``
-    (highest-scored first) per tile."""
+    (highest-scored first) per tile; each tile is read with ``halo_um`` of context
+    around it so that cells on its border are outlined whole."""
 
     source: str
     classes: tuple[str, ...] | None = None
     max_per_tile: int = 512
+    halo_um: float = 8.0
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -231,6 +233,8 @@ class PromptSpec:
                              "prompt this one")
         if self.max_per_tile < 1:
             raise ValueError(f"prompts.max_per_tile must be >= 1, got {self.max_per_tile!r}")
+        if not self.halo_um >= 0:
+            raise ValueError(f"prompts.halo_um must be >= 0, got {self.halo_um!r}")
 
 
 @dataclass(frozen=True)
@@ -325,14 +329,15 @@ def _prompts(p: Any) -> PromptSpec | None:
         return None
     if not isinstance(p, dict):
         raise TypeError("prompts must be a mapping (source, classes, max_per_tile)")
-    unknown = set(p) - {"source", "classes", "max_per_tile"}
+    unknown = set(p) - {"source", "classes", "max_per_tile", "halo_um"}
     if unknown:
         raise ValueError(f"prompts: unknown key {min(unknown)!r}; valid: "
-                         f"['classes', 'max_per_tile', 'source']")
+                         f"['classes', 'halo_um', 'max_per_tile', 'source']")
     classes = p.get("classes")
     return PromptSpec(source=str(p.get("source", "")),
                       classes=tuple(str(c) for c in classes) if classes else None,
-                      max_per_tile=int(p.get("max_per_tile", 512)))
+                      max_per_tile=int(p.get("max_per_tile", 512)),
+                      halo_um=float(p.get("halo_um", 8.0)))
 
 
 def check_against_model(spec: SubmodelSpec, session: Any) -> None:

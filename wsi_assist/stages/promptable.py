@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,11 @@ def run(slide: SlideContext, grid: TileGrid, background: str | None, entry: str,
     if len(rows):
         part = dataclasses.replace(grid, coords=grid.coords[rows],
                                    tissue_fraction=grid.tissue_fraction[rows])
-        outlines = run_promptable(slide.stream(part), grid, rows, m, prompts)
+        halo = math.ceil(_prompt_spec(m).halo_um / grid.delivered_mpp)
+        haloed, block_of = part.blocks(1, halo)  # each tile with context around it
+        keys = np.empty(len(haloed), np.int64)
+        keys[block_of] = rows
+        outlines = run_promptable(slide.stream(haloed), haloed, keys, m, prompts)
     return {name: _store(store, grid, m, prompts, rows, outlines)}
 
 
@@ -163,7 +168,7 @@ def _store(store: SlideStore, grid: TileGrid, m: PromptableSubmodel, prompts: Pr
     n_prompts = int(sum(len(v) for v in prompts.by_row.values()))
     method = (f"Promptable segmentation (SAM-style): one point prompt per "
               f"{_prompt_spec(m).source} detection ({n_prompts} prompts in {len(rows)} "
-              f"tiles); each outline is the predicted mask's part under its prompt, "
+              f"tiles, each read with a {_prompt_spec(m).halo_um:g} µm halo); each outline is the predicted mask's part under its prompt, "
               f"simplified to {o.simplify_um:g} µm; QuPath detections in annotations.geojson")
     attrs = {**_attrs(m), "counts": counts, "scores": scores, "n_tiles_run": len(rows),
              "method": method,
