@@ -14,8 +14,8 @@ import pytest
 import shapely
 import torch
 import yaml
-from scipy.spatial import cKDTree
 from findings_helper import report_config
+from scipy.spatial import cKDTree
 from shapely.geometry import shape
 from stage_helper import run_slide
 from torch import nn
