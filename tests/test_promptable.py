@@ -106,11 +106,18 @@ class TinyDecoder(nn.Module):
         return masks, iou, torch.nn.functional.avg_pool2d(masks, 4)
 
 
-def export_sam(out: Path, name: str = "sam", prompts: dict | None = None) -> Path:
+def export_sam(out: Path, name: str = "sam", prompts: dict | None = None,
+               batched: bool = False) -> Path:
+    """The tiny encoder and decoder as SAM's export makes them (one image, one prompt per
+    call) or, ``batched``, with dynamic batch axes; and their spec."""
     enc, dec = out / f"{name}_encoder.onnx", out / f"{name}_decoder.onnx"
     torch.onnx.export(TinyEncoder().eval(), (torch.rand(1, 3, TILE, TILE),), str(enc),
                       input_names=["image"], output_names=["image_embeddings"], opset_version=17,
-                      dynamo=False)
+                      dynamic_axes={"image": {0: "b"}} if batched else None, dynamo=False)
+    axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    if batched:
+        axes = {"image_embeddings": {0: "b"}, "point_coords": {0: "b", 1: "num_points"},
+                "point_labels": {0: "b", 1: "num_points"}, "mask_input": {0: "b"}}
     feeds = (torch.rand(1, 8, 16, 16), torch.tensor([[[20.0, 30.0], [0.0, 0.0]]]),
              torch.tensor([[1.0, -1.0]]), torch.zeros(1, 1, 64, 64), torch.zeros(1),
              torch.tensor([64.0, 64.0]))
@@ -118,9 +125,7 @@ def export_sam(out: Path, name: str = "sam", prompts: dict | None = None) -> Pat
                       input_names=["image_embeddings", "point_coords", "point_labels",
                                    "mask_input", "has_mask_input", "orig_im_size"],
                       output_names=["masks", "iou_predictions", "low_res_masks"],
-                      dynamic_axes={"point_coords": {1: "num_points"},
-                                    "point_labels": {1: "num_points"}},
-                      opset_version=17, dynamo=False)
+                      dynamic_axes=axes, opset_version=17, dynamo=False)
     spec = {"name": name, "task": "promptable-segmentation", "model": dec.name,
             "encoder": enc.name,
             "input": {"tile_px": TILE, "mpp": 0.5, "mean": [0.5] * 3, "std": [0.25] * 3},
@@ -159,6 +164,20 @@ def test_decoder_signature_checked(sam_spec: Path, tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(spec))
     with pytest.raises(ModelError, match="promptable-segmentation, which needs both"):
         load_spec(bad)
+
+
+def test_batched_decoder_gives_the_same_masks(sam_spec: Path, tmp_path: Path) -> None:
+    one = get_promptable(sam_spec, ["CPUExecutionProvider"])
+    many = get_promptable(export_sam(tmp_path, "samb", batched=True), ["CPUExecutionProvider"])
+    assert many.batched and not many.enc_batch1
+    tiles = np.random.default_rng(0).integers(0, 256, (3, TILE, TILE, 3), dtype=np.uint8)
+    emb = many.encode(many.encoder.prepare(tiles, TILE))
+    assert emb.shape == (3, 8, 16, 16)
+    assert np.allclose(emb, one.encode(one.encoder.prepare(tiles, TILE)), atol=1e-4)
+    pts = np.array([[5.0, 6.0], [30.0, 31.0], [60.0, 2.0]], np.float32)
+    m1, i1 = one.decode(emb[1:2], pts, TILE)
+    m2, i2 = many.decode(emb[1:2], pts, TILE)
+    assert (m1 == m2).all() and np.allclose(i1, i2, atol=1e-6) and m1.any(axis=(1, 2)).all()
 
 
 @pytest.fixture(scope="module")
