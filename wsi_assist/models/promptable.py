@@ -154,11 +154,17 @@ def assign_prompts(grid: TileGrid, points: np.ndarray, names: list[str],
 
 
 def run_promptable(batches: Iterable[TileBatch], tiles: TileGrid, keys: np.ndarray,
-                   model: PromptableSubmodel, prompts: Prompts) -> list[Outline]:
+                   model: PromptableSubmodel, prompts: Prompts, mpp_tolerance: float = 0.1
+                   ) -> list[Outline]:
     """The encoder over the streamed ``tiles`` (each a grid tile grown by a halo), the
     decoder over the prompts of each one's grid tile (``keys``: its row in the grid the
     prompts were assigned on); one outline per prompt whose mask is not empty."""
     size = model.encoder.model_px(tiles.tile_px, tiles.delivered_mpp)
+    want, got = model.spec.input.mpp, tiles.delivered_mpp * tiles.tile_px / size
+    if want is not None and abs(got - want) > mpp_tolerance * want:
+        log.warning("sub-model %s expects %.3g um/px, its haloed tiles give it %.3g um/px; "
+                    "outlines may be off (set tiling.target_mpp, the spec's input.mpp or "
+                    "prompts.halo_um)", model.spec.name, want, got)
     scale = tiles.size_l0 / size  # level-0 px per encoder px
     simplify_px = model.spec.output.simplify_um / tiles.mpp
     min_px2 = model.spec.output.min_area_um2 / tiles.mpp**2

@@ -75,7 +75,8 @@ def run(slide: SlideContext, grid: TileGrid, background: str | None, entry: str,
         haloed, block_of = part.blocks(1, halo)  # each tile with context around it
         keys = np.empty(len(haloed), np.int64)
         keys[block_of] = rows
-        outlines = run_promptable(slide.stream(haloed), haloed, keys, m, prompts)
+        outlines = run_promptable(slide.stream(haloed), haloed, keys, m, prompts,
+                                  submodels.mpp_tolerance)
     return {name: _store(store, grid, m, prompts, rows, outlines)}
 
 
