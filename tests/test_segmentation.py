@@ -53,6 +53,56 @@ def test_ring_across_tile_border_is_one_polygon_with_a_hole() -> None:
     assert merge_polygons(parts, min_area_px2=exact.area * 1.01).is_empty
 
 
+class Stroma(nn.Module):
+    """Two-class logits (background, stroma): stroma where the mean intensity is between
+    nuclei (dark) and glass (bright), so each tissue piece is one region with a hole per
+    nucleus. Hand-set; input (B,3,H,W) float in [0, 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=1, keepdim=True)
+        stroma = torch.minimum(m - 0.55, 0.9 - m) * 40.0
+        return torch.cat([torch.zeros_like(stroma), stroma], dim=1)
+
+
+def test_segmentation_regions_with_holes_end_to_end(tmp_path: Path) -> None:
+    from exporters.submodels import export_model, spec_dict
+
+    models = tmp_path / "models"
+    models.mkdir()
+    export_model(Stroma().eval(), models, spec_dict(
+        "stroma", "segmentation", ["background", "stroma"], TILE, 0.5, mean=(0, 0, 0),
+        std=(1, 1, 1), output={"simplify_um": 0.5, "min_area_um2": 50.0}), atol=1e-4)
+    spec = default_slide(1024, 768, seed=3)
+    slide = write_slide(tmp_path / "s.svs", spec, mpp=0.5, quality=95)
+    out = tmp_path / "run"
+    cfg = config.override(config.load(), tiling={"tile_px": TILE},
+                          parallelism={"device": "cpu"},
+                          submodels={"specs": [str(models / "stroma.yaml")]})
+    run_slide(slide, out, cfg, ("tissue", "tiles", "submodels"))
+    rebuild_report(out, report_config())
+    feats = json.loads((out / "annotations.geojson").read_text())["features"]
+    regions = [f for f in feats if f["properties"].get("metadata", {}).get("sub-model")
+               == "stroma"]
+    polys = [shape(f["geometry"]) for f in regions]
+    assert all(f["properties"]["objectType"] == "annotation"
+               and f["properties"]["classification"]["name"] == "stroma" for f in regions)
+    assert all(p.is_valid for p in polys)
+    # the tiles of each tissue piece dissolve into one region: no seams at tile borders
+    big = [p for p in polys if p.area * 0.25 > 5000]
+    assert 1 <= len(big) <= len(spec.ellipses) and len(polys) <= 3 * len(spec.ellipses)
+    holes = [shapely.Polygon(r) for p in big for r in p.interiors]
+    assert len(holes) > 50
+    nuc = spec.nuclei()
+    inside_hole = shapely.contains_xy(shapely.MultiPolygon(holes), nuc[:, 0], nuc[:, 1])
+    d = cKDTree(nuc).query([h.centroid.coords[0] for h in holes])[0]
+    assert np.mean(d < spec.nucleus_radius) > 0.9 and inside_hole.sum() > 50
+    report = json.loads((out / "report.json").read_text())
+    m = next(x for x in report["submodels"] if x["name"] == "stroma")
+    assert m["counts"]["stroma"] == len(polys)
+    assert "simplified to 0.5 µm" in m["method"]
+    assert "merged across tile borders" in (out / "report.html").read_text()
+
+
 def test_outline_at_takes_the_part_under_the_prompt() -> None:
     m = np.zeros((32, 32), bool)
     m[2:8, 2:8] = True
