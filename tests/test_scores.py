@@ -127,6 +127,12 @@ def _spec(tmp_path: Path, scores: dict, classes: list[str] = HER2) -> Path:
     (lambda s: s.update(rule=[]), ["unknown key 'rule'", "'rules'"]),
     (lambda s: s["rules"][0]["when"][0].update(percent=110), ["percent must be in 0..100"]),
     (lambda s: s["rules"][2].pop("rule"), ["rule text"]),
+    (lambda s: s["rules"][0]["when"][0].pop("percent"), ["needs percent"]),
+    (lambda s: s["rules"][0].update(when={"classes": ["tumour 3+"]}),
+     ["'when' must be a list of mappings"]),
+    (lambda s: s["rules"][0].update(if_=1), ["unknown key 'if_'", "'when'"]),
+    (lambda s: s.update(weights=["tumour 1+"]), ["weights must map class -> weight"]),
+    (lambda s: s.pop("kind"), ["needs a kind", "'hscore'"]),
 ])
 def test_bad_score_specs_give_one_line(tmp_path, mutate, words) -> None:
     s = her2_score()

@@ -198,21 +198,43 @@ def score_from_dict(name: str, v: dict[str, Any]) -> ScoreSpec:
     if unknown:
         raise ValueError(f"scores: {name!r} has unknown key {min(unknown)!r}; valid: "
                          f"{sorted(allowed)}")
-    rules = []
-    for r in v.get("rules") or ():
-        when = tuple(RuleCondition(classes=tuple(str(c) for c in w.get("classes", ())),
-                                   op=str(w.get("op", ">")), percent=float(w["percent"]))
-                     for w in r.get("when") or ())
-        rules.append(ScoreRule(category=str(r.get("category", "")),
-                               rule=str(r.get("rule", "")), when=when))
+    rules = tuple(_rule(name, r) for r in _listed(v.get("rules"), f"scores: {name!r} rules"))
+    weights = v.get("weights") or {}
+    if not isinstance(weights, dict):
+        raise TypeError(f"scores: {name!r} weights must map class -> weight, got {weights!r}")
+    if "kind" not in v:
+        raise ValueError(f"scores: {name!r} needs a kind; valid: {list(SCORE_KINDS)}")
     return ScoreSpec(kind=v["kind"], definition=str(v.get("definition", "")),
                      numerator=tuple(str(c) for c in v.get("numerator", ())),
                      denominator=tuple(str(c) for c in v.get("denominator", ())),
                      scale=float(v.get("scale", 1.0)),
                      cap=None if v.get("cap") is None else float(v["cap"]),
-                     weights=tuple((str(c), float(w))
-                                   for c, w in (v.get("weights") or {}).items()),
-                     rules=tuple(rules))
+                     weights=tuple((str(c), float(w)) for c, w in weights.items()),
+                     rules=rules)
+
+
+def _listed(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise TypeError(f"{what} must be a list of mappings, got {value!r}")
+    return value
+
+
+def _rule(score: str, r: dict[str, Any]) -> ScoreRule:
+    """One rule of a categorical score: category, rule (text), when (conditions)."""
+    unknown = set(r) - {"category", "rule", "when"}
+    if unknown:
+        raise ValueError(f"scores: {score!r} rule has unknown key {min(unknown)!r}; valid: "
+                         f"['category', 'rule', 'when']")
+    when = []
+    for w in _listed(r.get("when"), f"scores: {score!r} rule 'when'"):
+        if "percent" not in w:
+            raise ValueError(f"scores: {score!r} rule condition {w!r} needs percent")
+        when.append(RuleCondition(classes=tuple(str(c) for c in w.get("classes") or ()),
+                                  op=str(w.get("op", ">")), percent=float(w["percent"])))
+    return ScoreRule(category=str(r.get("category", "")), rule=str(r.get("rule", "")),
+                     when=tuple(when))
 
 
 @dataclass(frozen=True)
