@@ -356,6 +356,8 @@ def _prompts(p: Any) -> PromptSpec | None:
         raise ValueError(f"prompts: unknown key {min(unknown)!r}; valid: "
                          f"['classes', 'halo_um', 'max_per_tile', 'source']")
     classes = p.get("classes")
+    if classes is not None and not isinstance(classes, list):
+        raise TypeError(f"prompts.classes must be a list of class names, got {classes!r}")
     return PromptSpec(source=str(p.get("source", "")),
                       classes=tuple(str(c) for c in classes) if classes else None,
                       max_per_tile=int(p.get("max_per_tile", 512)),
