@@ -90,6 +90,7 @@ def test_her2_categories_follow_declared_rules(counts, category) -> None:
     assert s["rule"] == next(r["rule"] for r in her2_score()["rules"]
                              if r["category"] == category)
     assert [r["category"] for r in s["rules"]] == ["3+", "2+", "1+", "0"]
+    assert s["rules"][s["met"]]["category"] == category
     assert s["percent"]["tumour 3+"] == pytest.approx(100 * counts[3] / sum(counts[:4]))
 
 

@@ -64,11 +64,11 @@ def _categorical(out: dict[str, Any], spec: ScoreSpec, counts: dict[str, int], d
                      "when": [w.text() for w in r.when]} for r in spec.rules]
     out["percent"] = {" + ".join(w.classes): round(percent(w.classes), 3)
                       for r in spec.rules for w in r.when}
-    match: ScoreRule | None = next(
-        (r for r in spec.rules
-         if all(_OPS[w.op](percent(w.classes), w.percent) for w in r.when)), None)
-    if match is None:
+    met = next((i for i, r in enumerate(spec.rules)
+                if all(_OPS[w.op](percent(w.classes), w.percent) for w in r.when)), None)
+    if met is None:
         return _done(out, None, "no rule matched")
-    out["rule"] = match.rule
+    match: ScoreRule = spec.rules[met]
+    out["rule"], out["met"] = match.rule, met
     return _done(out, match.category, None)
 

@@ -120,7 +120,7 @@ def _score(v: dict[str, Any]) -> dict[str, Any]:
            "definition": str(v.get("definition", "")), "kind": v.get("kind"),
            "not_applicable": v.get("not_applicable") or None}
     if v.get("rules"):
-        out.update({"rules": list(v["rules"]), "rule": v.get("rule"),
+        out.update({"rules": list(v["rules"]), "rule": v.get("rule"), "met": v.get("met"),
                     "percent": dict(v.get("percent") or {})})
     return out
 

@@ -141,9 +141,9 @@ def _rules(sc: dict[str, Any]) -> list[str]:
     judged = "; ".join(f"{c} {fmt(p)} %" for c, p in (sc.get("percent") or {}).items())
     out = [f"  - Rules, first met wins (judged on {judged}):" if judged
            else "  - Rules, first met wins:"]
-    for r in sc["rules"]:
+    for i, r in enumerate(sc["rules"]):
         cond = " and ".join(r["when"]) or "otherwise"
-        met = " **(met)**" if r["rule"] == sc.get("rule") else ""
+        met = " **(met)**" if i == sc.get("met") else ""
         out.append(f"    - {r['category']}: {r['rule']} (`{cond}`){met}")
     return out
 
