@@ -58,8 +58,8 @@ def template_summary(findings: Mapping[str, Any], captions: Sequence[Mapping[str
             f"{name} {100 * float(v.get('fraction', 0)):.0f}%" for name, v in ranked) + ".")
     for name, sub in (findings.get("submodels") or {}).items():
         bits = [f"{k} {v}" for k, v in (sub.get("counts") or {}).items()]
-        bits += [f"{k} = {float(v):.3g}" for k, v in (sub.get("scores") or {}).items()
-                 if v is not None]
+        bits += [f"{k} = {v:.3g}" if isinstance(v, int | float) else f"{k} = {v}"
+                 for k, v in (sub.get("scores") or {}).items() if v is not None]
         bits += [f"{k} not applicable" for k in sub.get("not_applicable") or ()]
         if bits:
             parts.append(f"{name}: " + ", ".join(bits) + ".")

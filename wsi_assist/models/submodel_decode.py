@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import shapely
 
+from wsi_assist.models.mask_polygons import merge_polygons, tile_polygons
+from wsi_assist.models.scores import evaluate
 from wsi_assist.models.submodel_spec import ScoreSpec, SubmodelSpec
 
 log = logging.getLogger(__name__)
@@ -125,10 +127,6 @@ class Accumulator:
             self._add("measurements", np.asarray(out["measurements"], np.float32)[b, p])
 
     def _add_masks(self, logits: np.ndarray, frame: TileFrame) -> None:
-        from shapely import affinity
-
-        from wsi_assist.tissue import mask_to_polygons
-
         o = self.spec.output
         probs = activate(logits, o.activation)
         k = probs.shape[1]
@@ -138,12 +136,11 @@ class Accumulator:
         else:
             masks = np.eye(k, dtype=bool)[probs.argmax(axis=1)].transpose(0, 3, 1, 2)
         for t in range(len(probs)):
-            x0, y0 = frame.corners[t]
             for c in range(k):
                 if c == o.background_index or not masks[t, c].any():
                     continue
-                poly = mask_to_polygons(masks[t, c], px_scale)
-                self.polygons.setdefault(c, []).append(affinity.translate(poly, x0, y0))
+                self.polygons.setdefault(c, []).append(
+                    tile_polygons(masks[t, c], px_scale, tuple(frame.corners[t])))
 
     def finish(self, analysed_mm2: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Arrays for the store and attrs (counts, scores) after de-duplication."""
@@ -165,8 +162,8 @@ class Accumulator:
             counts = np.bincount(arrays["labels"].astype(np.int64), minlength=len(o.classes))
         # every branch above counts at least one entry per class
         count_map = {c: int(counts[i]) for i, c in enumerate(o.classes)}
-        scores = {n: {"value": slide_score(s, count_map, analysed_mm2),
-                      "definition": s.definition} for n, s in self.spec.scores.items()}
+        scores = {n: evaluate(s, count_map, analysed_mm2)
+                  for n, s in self.spec.scores.items()}
         return arrays, {"counts": count_map, "scores": scores}
 
     def _dedup(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -183,23 +180,16 @@ class Accumulator:
         return {k: v[keep] for k, v in arrays.items()}
 
     def _merge_polygons(self) -> np.ndarray:
-        from wsi_assist.tissue import as_multipolygon
-
         o = self.spec.output
         counts = np.zeros(len(o.classes), np.int64)
-        min_px2 = o.min_area_um2 / self.mpp**2
         for c, parts in self.polygons.items():
-            mp = as_multipolygon(shapely.union_all(parts))
-            kept = [g for g in mp.geoms if g.area >= min_px2]
-            self.merged[c] = shapely.MultiPolygon(kept)
-            counts[c] = len(kept)
+            self.merged[c] = merge_polygons(parts, o.simplify_um / self.mpp,
+                                            o.min_area_um2 / self.mpp**2)
+            counts[c] = len(self.merged[c].geoms)
         return counts
 
 
-def slide_score(spec: ScoreSpec, counts: dict[str, int], analysed_mm2: float) -> float | None:
-    """A score from class counts; None when its denominator is zero."""
-    num = sum(counts.get(c, 0) for c in spec.numerator)
-    if spec.kind == "density":
-        return num / analysed_mm2 * spec.scale if analysed_mm2 > 0 else None
-    den = sum(counts.get(c, 0) for c in spec.denominator)
-    return num / den * spec.scale if den > 0 else None
+def slide_score(spec: ScoreSpec, counts: dict[str, int], analysed_mm2: float) -> Any:
+    """A score's value from class counts (a category for a categorical score); None when
+    it does not apply (see :func:`wsi_assist.models.scores.evaluate`)."""
+    return evaluate(spec, counts, analysed_mm2)["value"]

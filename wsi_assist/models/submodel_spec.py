@@ -7,6 +7,10 @@ expected per task: tile-classification and segmentation use the first output;
 point-detection ``points`` (B,P,2) x,y tile px, ``scores`` (B,P), ``labels`` (B,P) and
 optionally ``measurements`` (B,P,K); box-detection ``boxes`` (B,P,4) x0,y0,x1,y1,
 ``scores``, ``labels``. Padding rows carry a score below the threshold.
+promptable-segmentation (SAM-style): ``encoder`` names an image encoder (one image input,
+first output the image embedding) and ``model`` its prompt decoder with SAM's ONNX
+export signature (``DECODER_INPUTS`` -> ``DECODER_OUTPUTS``); ``prompts`` names the
+sub-model whose detections are the point prompts.
 """
 
 from __future__ import annotations
@@ -20,10 +24,16 @@ import numpy as np
 from wsi_assist.errors import ModelError
 from wsi_assist.files import read_yaml
 
-Task = Literal["tile-classification", "point-detection", "box-detection", "segmentation"]
-TASKS = ("tile-classification", "point-detection", "box-detection", "segmentation")
+Task = Literal["tile-classification", "point-detection", "box-detection", "segmentation",
+               "promptable-segmentation"]
+TASKS = ("tile-classification", "point-detection", "box-detection", "segmentation",
+         "promptable-segmentation")
 DETECTION_OUTPUTS = {"point-detection": ("points", "scores", "labels"),
                      "box-detection": ("boxes", "scores", "labels")}
+#: SAM's ONNX export of its prompt decoder (segment_anything/utils/onnx.py), by name.
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input",
+                  "has_mask_input", "orig_im_size")
+DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
@@ -76,6 +86,7 @@ class OutputSpec:
     min_area_um2: float = 0.0
     measurement_names: tuple[str, ...] = ()
     draw_radius_um: float = 3.0
+    simplify_um: float = 0.25  # segmentation outlines: Douglas-Peucker tolerance, um
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -91,29 +102,161 @@ class OutputSpec:
                              f"{self.activation!r}")
         if self.nms_radius_um < 0 or not 0 < self.iou_threshold <= 1:
             raise ValueError("nms_radius_um must be >= 0 and iou_threshold in (0, 1]")
+        if not self.simplify_um >= 0:
+            raise ValueError(f"simplify_um must be >= 0, got {self.simplify_um!r}")
         if self.background_index is not None and not 0 <= self.background_index < len(
                 self.classes):
             raise ValueError(f"background_index must index classes, got "
                              f"{self.background_index!r}")
 
 
+SCORE_KINDS = ("ratio", "density", "cps", "hscore", "categorical")
+RULE_OPS = (">", ">=", "<", "<=")
+
+
+@dataclass(frozen=True)
+class RuleCondition:
+    """``percent`` of the score's denominator cells in ``classes`` compared by ``op``."""
+
+    classes: tuple[str, ...]
+    op: str
+    percent: float
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise ValueError("a rule condition must list classes")
+        if self.op not in RULE_OPS:
+            raise ValueError(f"rule op {self.op!r} unknown; valid: {list(RULE_OPS)}")
+        if not 0 <= self.percent <= 100:
+            raise ValueError(f"rule percent must be in 0..100, got {self.percent!r}")
+
+    def text(self) -> str:
+        return f"{' + '.join(self.classes)} {self.op} {self.percent:g} %"
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """One category of a categorical score: its rule in words and the conditions (all
+    must hold; none = the category otherwise)."""
+
+    category: str
+    rule: str
+    when: tuple[RuleCondition, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not str(self.category).strip() or not self.rule.strip():
+            raise ValueError("each rule needs a category and its rule text")
+
+
 @dataclass(frozen=True)
 class ScoreSpec:
-    """A slide score from counts: ratio (numerator / denominator) or density (per mm^2)."""
+    """A slide score from class counts. ``ratio``: numerator / denominator x scale;
+    ``density``: numerator per mm^2 x scale; ``cps``: combined positive score, numerator
+    / denominator x 100 capped at 100; ``hscore``: sum of weight x % of denominator cells
+    per class (``weights``, e.g. 1+ 1, 2+ 2, 3+ 3: 0..300); ``categorical``: the first of
+    ``rules`` whose conditions hold (percentages of denominator cells)."""
 
-    kind: Literal["ratio", "density"]
+    kind: Literal["ratio", "density", "cps", "hscore", "categorical"]
     definition: str
     numerator: tuple[str, ...] = ()
     denominator: tuple[str, ...] = ()
     scale: float = 1.0
+    cap: float | None = None
+    weights: tuple[tuple[str, float], ...] = ()
+    rules: tuple[ScoreRule, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ratio", "density"):
-            raise ValueError(f"kind must be ratio or density, got {self.kind!r}")
-        if not self.numerator or (self.kind == "ratio" and not self.denominator):
-            raise ValueError("numerator (and for a ratio, denominator) must list classes")
+        if self.kind not in SCORE_KINDS:
+            raise ValueError(f"kind must be one of {list(SCORE_KINDS)}, got {self.kind!r}")
+        if self.kind in ("ratio", "density", "cps") and (
+                not self.numerator or (self.kind != "density" and not self.denominator)):
+            raise ValueError(f"a {self.kind} score needs numerator"
+                             f"{'' if self.kind == 'density' else ' and denominator'} classes")
+        if self.kind in ("hscore", "categorical") and not self.denominator:
+            raise ValueError(f"a {self.kind} score needs denominator classes")
+        if self.kind == "hscore" and not self.weights:
+            raise ValueError("an hscore needs weights (class: intensity 1, 2 or 3)")
+        if self.kind == "categorical" and not self.rules:
+            raise ValueError("a categorical score needs rules")
         if not self.definition.strip():
             raise ValueError("definition must say what the score means")
+
+    def class_names(self) -> list[str]:
+        """Every class the score names, in the order given."""
+        rule_classes = [c for r in self.rules for w in r.when for c in w.classes]
+        return [*self.numerator, *self.denominator, *(c for c, _ in self.weights),
+                *rule_classes]
+
+
+def score_from_dict(name: str, v: dict[str, Any]) -> ScoreSpec:
+    """A score of a spec's ``scores`` mapping, as read from YAML."""
+    if not isinstance(v, dict):
+        raise TypeError(f"scores: {name!r} must be a mapping")
+    allowed = {"kind", "definition", "numerator", "denominator", "scale", "cap", "weights",
+               "rules"}
+    unknown = set(v) - allowed
+    if unknown:
+        raise ValueError(f"scores: {name!r} has unknown key {min(unknown)!r}; valid: "
+                         f"{sorted(allowed)}")
+    rules = tuple(_rule(name, r) for r in _listed(v.get("rules"), f"scores: {name!r} rules"))
+    weights = v.get("weights") or {}
+    if not isinstance(weights, dict):
+        raise TypeError(f"scores: {name!r} weights must map class -> weight, got {weights!r}")
+    if "kind" not in v:
+        raise ValueError(f"scores: {name!r} needs a kind; valid: {list(SCORE_KINDS)}")
+    return ScoreSpec(kind=v["kind"], definition=str(v.get("definition", "")),
+                     numerator=tuple(str(c) for c in v.get("numerator", ())),
+                     denominator=tuple(str(c) for c in v.get("denominator", ())),
+                     scale=float(v.get("scale", 1.0)),
+                     cap=None if v.get("cap") is None else float(v["cap"]),
+                     weights=tuple((str(c), float(w)) for c, w in weights.items()),
+                     rules=rules)
+
+
+def _listed(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise TypeError(f"{what} must be a list of mappings, got {value!r}")
+    return value
+
+
+def _rule(score: str, r: dict[str, Any]) -> ScoreRule:
+    """One rule of a categorical score: category, rule (text), when (conditions)."""
+    unknown = set(r) - {"category", "rule", "when"}
+    if unknown:
+        raise ValueError(f"scores: {score!r} rule has unknown key {min(unknown)!r}; valid: "
+                         f"['category', 'rule', 'when']")
+    when = []
+    for w in _listed(r.get("when"), f"scores: {score!r} rule 'when'"):
+        if "percent" not in w:
+            raise ValueError(f"scores: {score!r} rule condition {w!r} needs percent")
+        when.append(RuleCondition(classes=tuple(str(c) for c in w.get("classes") or ()),
+                                  op=str(w.get("op", ">")), percent=float(w["percent"])))
+    return ScoreRule(category=str(r.get("category", "")), rule=str(r.get("rule", "")),
+                     when=tuple(when))
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Prompts of a promptable segmenter: the detections of sub-model ``source`` (e.g.
+    the built-in ``nuclei``), optionally only its ``classes``, at most ``max_per_tile``
+    (highest-scored first) per tile; each tile is read with ``halo_um`` of context
+    around it so that cells on its border are outlined whole."""
+
+    source: str
+    classes: tuple[str, ...] | None = None
+    max_per_tile: int = 512
+    halo_um: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("prompts.source must name the sub-model whose detections "
+                             "prompt this one")
+        if self.max_per_tile < 1:
+            raise ValueError(f"prompts.max_per_tile must be >= 1, got {self.max_per_tile!r}")
+        if not self.halo_um >= 0:
+            raise ValueError(f"prompts.halo_um must be >= 0, got {self.halo_um!r}")
 
 
 @dataclass(frozen=True)
@@ -128,6 +271,8 @@ class SubmodelSpec:
     zeroshot_classes: tuple[str, ...] | None = None
     scores: dict[str, ScoreSpec] = field(default_factory=dict)
     spec_path: Path | None = None
+    encoder_path: Path | None = None  # promptable-segmentation: the image encoder
+    prompts: PromptSpec | None = None  # promptable-segmentation: where prompts come from
 
     def __post_init__(self) -> None:
         if not self.name or self.name[0] == "." or not all(
@@ -135,11 +280,19 @@ class SubmodelSpec:
             raise ValueError(f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        promptable = self.task == "promptable-segmentation"
+        if promptable != (self.encoder_path is not None) or promptable != (
+                self.prompts is not None):
+            raise ValueError("encoder and prompts are for task promptable-segmentation, "
+                             "which needs both" if promptable else
+                             f"encoder and prompts are only for promptable-segmentation, "
+                             f"not {self.task}")
         known = set(self.output.classes)
         for sname, s in self.scores.items():
-            bad = [c for c in (*s.numerator, *s.denominator) if c not in known]
+            bad = [c for c in s.class_names() if c not in known]
             if bad:
-                raise ValueError(f"scores: {sname!r} names unknown class {bad[0]!r}")
+                raise ValueError(f"scores: {sname!r} names unknown class {bad[0]!r}; "
+                                 f"valid: {list(self.output.classes)}")
 
 
 def affine(mean: Any, std: Any, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +318,7 @@ def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = No
                    ) -> SubmodelSpec:
     """Build a spec from a plain dict (as read from YAML)."""
     allowed = {"name", "task", "model", "input", "output", "tiles", "scores", "description",
-               "model_params"}
+               "model_params", "encoder", "prompts"}
     unknown = set(data) - allowed
     if unknown:
         raise ValueError(f"unknown key {min(unknown)!r}; valid: {sorted(allowed)}")
@@ -182,24 +335,53 @@ def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = No
     out["measurement_names"] = tuple(out.get("measurement_names", ()))
     tiles = data.get("tiles") or {}
     zs = tiles.get("zeroshot_classes")
-    scores = {str(k): ScoreSpec(kind=v["kind"], definition=str(v["definition"]),
-                                numerator=tuple(v.get("numerator", ())),
-                                denominator=tuple(v.get("denominator", ())),
-                                scale=float(v.get("scale", 1.0)))
-              for k, v in (data.get("scores") or {}).items()}
+    scores = {str(k): score_from_dict(str(k), v) for k, v in (data.get("scores") or {}).items()}
     return SubmodelSpec(name=str(data["name"]), task=data["task"],
                         model_path=(base / str(data["model"])).resolve(),
                         input=InputSpec(**inp), output=OutputSpec(**out),
                         zeroshot_classes=tuple(zs) if zs else None, scores=scores,
-                        spec_path=spec_path)
+                        spec_path=spec_path,
+                        encoder_path=(base / str(data["encoder"])).resolve()
+                        if data.get("encoder") else None,
+                        prompts=_prompts(data.get("prompts")))
+
+
+def _prompts(p: Any) -> PromptSpec | None:
+    if p is None:
+        return None
+    if not isinstance(p, dict):
+        raise TypeError("prompts must be a mapping (source, classes, max_per_tile)")
+    unknown = set(p) - {"source", "classes", "max_per_tile", "halo_um"}
+    if unknown:
+        raise ValueError(f"prompts: unknown key {min(unknown)!r}; valid: "
+                         f"['classes', 'halo_um', 'max_per_tile', 'source']")
+    classes = p.get("classes")
+    if classes is not None and not isinstance(classes, list):
+        raise TypeError(f"prompts.classes must be a list of class names, got {classes!r}")
+    return PromptSpec(source=str(p.get("source", "")),
+                      classes=tuple(str(c) for c in classes) if classes else None,
+                      max_per_tile=int(p.get("max_per_tile", 512)),
+                      halo_um=float(p.get("halo_um", 8.0)))
 
 
 def check_against_model(spec: SubmodelSpec, session: Any) -> None:
-    """Refuse (ModelError) a spec whose inputs or outputs contradict the ONNX model's."""
+    """Refuse (ModelError) a spec whose inputs or outputs contradict the ONNX model's.
+    For a promptable segmenter ``session`` is its prompt decoder (its encoder is checked
+    with :func:`check_image_input`)."""
     where = f"{spec.model_path}"
+    if spec.task == "promptable-segmentation":
+        check_decoder(session, where)
+        return
+    check_image_input(spec, session, where)
+    _check_outputs(spec, session.get_outputs(), where)
+
+
+def check_image_input(spec: SubmodelSpec, session: Any, where: str) -> None:
+    """The model takes one image input as the spec's ``input`` describes."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
-        raise ModelError(f"{where}: expected 1 input (tiles), model has {len(inputs)}")
+        raise ModelError(f"{where}: expected 1 input (tiles), model has {len(inputs)}: "
+                         f"{[i.name for i in inputs]}")
     inp = inputs[0]
     if spec.input.name is not None and inp.name != spec.input.name:
         raise ModelError(f"{where}: spec input name {spec.input.name!r}, model has {inp.name!r}")
@@ -217,7 +399,21 @@ def check_against_model(spec: SubmodelSpec, session: Any) -> None:
         if isinstance(d, int) and d != spec.input.tile_px:
             raise ModelError(f"{where}: spec input tile_px {spec.input.tile_px}, model input "
                              f"shape is {shape}")
-    _check_outputs(spec, session.get_outputs(), where)
+
+
+def check_decoder(session: Any, where: str) -> None:
+    """A SAM-style prompt decoder: SAM's ONNX export inputs and outputs, by name."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    missing = [n for n in DECODER_INPUTS if n not in inputs]
+    extra = [n for n in inputs if n not in DECODER_INPUTS]
+    if missing or extra:
+        raise ModelError(f"{where}: a promptable-segmentation decoder takes inputs "
+                         f"{list(DECODER_INPUTS)} (SAM's ONNX export); model takes {inputs}")
+    if any(n not in outputs for n in DECODER_OUTPUTS[:2]):
+        raise ModelError(f"{where}: a promptable-segmentation decoder outputs "
+                         f"{list(DECODER_OUTPUTS)} (low_res_masks optional); model outputs "
+                         f"{outputs}")
 
 
 def _check_outputs(spec: SubmodelSpec, outputs: list[Any], where: str) -> None:

@@ -146,6 +146,9 @@ class Submodel:
 
         if spec is None:
             spec = load_spec(spec_path)
+        if spec.task == "promptable-segmentation":
+            raise ModelError(f"{spec_path}: a promptable segmenter has an encoder and a "
+                             f"decoder; load it with models.promptable.get_promptable")
         session = create_session(spec.model_path, providers)
         check_against_model(spec, session)
         blob = fused_model(spec.model_path, spec) if fuse else None

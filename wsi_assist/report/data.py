@@ -98,10 +98,7 @@ def submodel_findings(subs: list[SubmodelRecord]) -> list[dict[str, Any]]:
     nucleus analysis adds the parameters it ran with (QuPath's names) and its stains."""
     out = []
     for s in subs:
-        scores = {k: {"value": finite_float(v.get("value")),
-                      "definition": str(v.get("definition", "")),
-                      "not_applicable": v.get("not_applicable") or None}
-                  for k, v in (s.attrs.get("scores") or {}).items()}
+        scores = {k: _score(v) for k, v in (s.attrs.get("scores") or {}).items()}
         out.append({"name": s.name, "task": s.task, "classes": s.classes,
                     "colors": s.attrs.get("colors", []),
                     "counts": {k: int(v) for k, v in (s.attrs.get("counts") or {}).items()},
@@ -111,6 +108,20 @@ def submodel_findings(subs: list[SubmodelRecord]) -> list[dict[str, Any]]:
                     "parameters": dict(s.attrs.get("parameters") or {}),
                     "stains": s.attrs.get("stains"),
                     "intensity_counts": s.attrs.get("intensity_counts")})
+    return out
+
+
+def _score(v: dict[str, Any]) -> dict[str, Any]:
+    """A stored score for the report: its value (a category stays a string), definition,
+    why it does not apply; a categorical one adds its rules, the one met and the
+    percentages they were judged on."""
+    value = v.get("value")
+    out = {"value": value if isinstance(value, str) else finite_float(value),
+           "definition": str(v.get("definition", "")), "kind": v.get("kind"),
+           "not_applicable": v.get("not_applicable") or None}
+    if v.get("rules"):
+        out.update({"rules": list(v["rules"]), "rule": v.get("rule"), "met": v.get("met"),
+                    "percent": dict(v.get("percent") or {})})
     return out
 
 
@@ -129,6 +140,10 @@ def provenance(emb: Embeddings | None, zs: ZeroShot | None, subs: list[SubmodelR
     for s in subs:
         models.append({"role": f"sub-model {s.name}", "model": s.attrs.get("model_path"),
                        "sha256": s.attrs.get("model_sha256")})
+        if s.attrs.get("encoder_path"):  # a promptable segmenter's image encoder
+            models.append({"role": f"sub-model {s.name} encoder",
+                           "model": s.attrs.get("encoder_path"),
+                           "sha256": s.attrs.get("encoder_sha256")})
     cap_models = sorted({str(c.get("model")) for c in captions or [] if c.get("model")})
     for m in cap_models:
         models.append({"role": "captioner", "model": m})

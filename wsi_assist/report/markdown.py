@@ -129,6 +129,7 @@ def _submodels(r: dict[str, Any]) -> list[str]:
                      if sc["not_applicable"]
                      else score_value(name, sc["value"]))
             out.append(f"- **{score_label(name)}**: {value}. {sc['definition']}")
+            out += _rules(sc)
         out.append("")
         for key, rel in (m.get("pictures") or {}).items():
             out += [f"![{m['name']} {key}]({rel})", ""]
@@ -140,6 +141,20 @@ def _submodels(r: dict[str, Any]) -> list[str]:
             out += [f"Stains: {st.get('kind')} ({st.get('source')}): " + "; ".join(
                 f"{n} " + ", ".join(f"{c:.3f}" for c in v)
                 for n, v in zip(st.get("names", []), st.get("vectors", []), strict=False)), ""]
+    return out
+
+
+def _rules(sc: dict[str, Any]) -> list[str]:
+    """A categorical score's rules (first met wins), the met one marked."""
+    if not sc.get("rules"):
+        return []
+    judged = "; ".join(f"{c} {fmt(p)} %" for c, p in (sc.get("percent") or {}).items())
+    out = [f"  - Rules, first met wins (judged on {judged}):" if judged
+           else "  - Rules, first met wins:"]
+    for i, r in enumerate(sc["rules"]):
+        cond = " and ".join(r["when"]) or "otherwise"
+        met = " **(met)**" if i == sc.get("met") else ""
+        out.append(f"    - {r['category']}: {r['rule']} (`{cond}`){met}")
     return out
 
 

@@ -226,7 +226,7 @@ def all_features(store: SlideStore, regions: list[ClassRegion], grid: TileGrid |
         parts.append(tile_features(grid, zs, [s for s in subs
                                               if s.task == "tile-classification"]))
     parts.extend(nucleus_features(s) if SUB_POLYGONS in s.arrays else detection_features(s)
-                 for s in subs)
+                 for s in subs if not s.attrs.get("geojson"))  # those: findings files below
     parts.extend(segmentation_features(p, p.stem) for p in store.findings_files())
     return itertools.chain.from_iterable(parts)
 

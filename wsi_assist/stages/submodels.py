@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from wsi_assist import geojson
+from wsi_assist.models.promptable import get_promptable
 from wsi_assist.models.submodel_decode import Accumulator
+from wsi_assist.models.submodel_spec import load_spec
 from wsi_assist.models.submodels import (
     Submodel,
     choose_providers,
@@ -25,9 +27,12 @@ from wsi_assist.models.submodels import (
 )
 from wsi_assist.settings import BUILTIN_NUCLEI, LEGACY_NUCLEI, NucleiParams, SubmodelParams
 from wsi_assist.stages import nuclei as builtin
+from wsi_assist.stages import promptable
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.store import SUB_MEASUREMENTS, SlideStore
 from wsi_assist.tiling import TileGrid
+
+PROMPTABLE = "promptable-segmentation"
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +46,20 @@ def check(submodels: SubmodelParams, nuclei: NucleiParams) -> None:
     """Every listed spec reads, and its model loads and agrees with it (on the CPU); the
     built-in nucleus analysis needs no file."""
     for entry in submodels.specs:
-        if not is_builtin(entry):
+        if is_promptable(entry):
+            get_promptable(resolve_spec_path(entry), ["CPUExecutionProvider"])
+        elif not is_builtin(entry):
             get_submodel(resolve_spec_path(entry), ["CPUExecutionProvider"])
 
 
 def is_builtin(entry: str) -> bool:
     """Whether a ``submodels.specs`` entry names the built-in nucleus analysis."""
     return entry in (BUILTIN_NUCLEI, LEGACY_NUCLEI)
+
+
+def is_promptable(entry: str) -> bool:
+    """Whether a ``submodels.specs`` entry is a promptable segmenter (SAM-style)."""
+    return not is_builtin(entry) and load_spec(resolve_spec_path(entry)).task == PROMPTABLE
 
 
 def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
@@ -59,9 +71,12 @@ def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
     summary: dict[str, Any] = {}
     if any(is_builtin(s) for s in submodels.specs):
         summary[builtin.NAME] = _run_builtin(slide, grid, background, nuclei)
-    onnx = [s for s in submodels.specs if not is_builtin(s)]
+    prompted = [s for s in submodels.specs if is_promptable(s)]
+    onnx = [s for s in submodels.specs if not is_builtin(s) and s not in prompted]
     if onnx:
         summary.update(_run_onnx(slide, grid, background, onnx, submodels))
+    for entry in prompted:  # after the models whose detections prompt them
+        summary.update(promptable.run(slide, grid, background, entry, submodels))
     return summary
 
 
@@ -125,6 +140,11 @@ def _store(slide: SlideContext, grid: TileGrid, m: Submodel, sel: np.ndarray,
     attrs.update({"n_tiles_run": int(sel.sum()), "analysed_area_mm2": area_mm2})
     if m.spec.task == "segmentation":
         attrs["geojson"] = _write_segmentation(slide.store, m, acc)
+        attrs["simplify_um"] = o.simplify_um
+        attrs["method"] = (f"Segmentation masks per class merged across tile borders "
+                           f"(shapely union), simplified to {o.simplify_um:g} µm, polygons "
+                           f"under {o.min_area_um2:g} µm² dropped; QuPath annotations in "
+                           f"annotations.geojson")
     slide.store.write_submodel(
         m.spec.name, arrays, attrs,
         array_attrs={SUB_MEASUREMENTS: {"measurement_names": list(o.measurement_names)}})
@@ -137,8 +157,10 @@ def _write_segmentation(store: SlideStore, m: Submodel, acc: Accumulator) -> str
     o = m.spec.output
     path = store.findings_path(m.spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    um2 = acc.mpp ** 2
     feats = (geojson.feature(poly, "annotation", classification=(o.classes[c], o.colors[c]),
-                             measurements={"Area px^2": poly.area}, name=o.classes[c])
+                             measurements={"Area px^2": poly.area, "Area µm^2": poly.area * um2},
+                             name=o.classes[c], metadata={"sub-model": m.spec.name})
              for c, mp in sorted(acc.merged.items()) for poly in mp.geoms)
     geojson.write_features(path, feats)
     return path.relative_to(store.folder).as_posix()
