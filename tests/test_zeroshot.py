@@ -104,8 +104,8 @@ def test_shipped_prompt_sets() -> None:
     assert crc.classes[8].prompts == ("An H&E patch of colorectal adenocarcinoma epithelium",)
     assert sets["wsss4luad"].names == ["Tumor", "Normal"]  # binary, as published
     assert sets["wsss4luad"].classes[0].prompts == ("An H&E image of tumor tissue.",)
-    assert sets["pcam"].classes[1].prompts == ("an H&E patch of lymph nodes containing "
-                                               "metastases",)
+    metastases = "an H&E patch of lymph nodes containing metastases"
+    assert sets["pcam"].classes[1].prompts == (metastases,)
     assert len(sets["skincancer"].classes) == 16 and len(sets["sicapv2"].classes) == 4
     assert [len(c.prompts) for n in benchmarks - {"bach"} for c in sets[n].classes] == \
         [1] * sum(len(sets[n].classes) for n in benchmarks - {"bach"})

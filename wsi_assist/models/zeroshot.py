@@ -146,7 +146,7 @@ def _parse_prompt_set(data: Any, default_name: str) -> PromptSet:
                                    aliases=tuple(str(a) for a in c.get("aliases") or [])))
     dataset = data.get("dataset") or {}
     if not isinstance(dataset, dict):
-        raise ValueError("'dataset' must be a mapping such as {layout: folders}")
+        raise TypeError("'dataset' must be a mapping such as {layout: folders}")
     return PromptSet(name=str(data.get("name") or default_name), classes=tuple(classes),
                      layout=str(dataset.get("layout") or "folders"),
                      source=str(data.get("source") or ""))
