@@ -153,11 +153,12 @@ def test_gated_repo_says_how_to_get_access(tmp_path: Path, online: None,
     import huggingface_hub
     from huggingface_hub import errors
 
-    def gated(url: str, token: object = None) -> None:
+    def gated(*a: object, **k: object) -> None:
         raise errors.GatedRepoError("restricted", response=SimpleNamespace(
             headers={}, status_code=401, request=None))
 
-    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", gated)
+    for fn in ("list_repo_files", "get_hf_file_metadata", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, fn, gated)
     with pytest.raises(ModelError, match="MahmoodLab/UNI is gated: accept its licence at "
                                          "https://huggingface.co/MahmoodLab/UNI"):
         pull_mod.pull(registry.get("uni"), cache_dir=tmp_path)

@@ -37,6 +37,6 @@ def pull(
         files = pull_mod.pull(entry, cache_dir=cache_dir, token=token, revision=revision)
     for f in files:
         typer.echo(f"{f.name:<40} {f.check:<10} {f.path}")
-    target = files[0].path if entry.single_file else files[0].path.parent
+    target = files[0].path if len(files) == 1 else files[0].path.parent
     typer.secho(f"{entry.name} ({entry.repo_id}) is in the cache; use it with "
                 f"{entry.use(str(target))}", fg=typer.colors.GREEN)
