@@ -55,6 +55,14 @@ def test_lc25000_from_the_release_root(tmp_path: Path) -> None:
     assert colon.labels.tolist() == [1]
 
 
+def test_two_splits_under_one_root_is_an_error(tmp_path: Path) -> None:
+    for split in ("NCT-CRC-HE-100K", "CRC-VAL-HE-7K"):
+        _png(tmp_path / split / "ADI" / "a.tif", 0)
+    with pytest.raises(WsiAssistError, match="class folders under several folders .*point "
+                                             "at one of them"):
+        datasets.read(tmp_path, load_prompt_set("crc100k"))
+
+
 def test_bach_photos(tmp_path: Path) -> None:
     root = tmp_path / "ICIAR2018_BACH_Challenge"
     for k, cls in enumerate(["Benign", "InSitu", "Invasive", "Normal"]):
@@ -129,6 +137,11 @@ def test_skincancer_csv_test_rows(tmp_path: Path) -> None:
         w.writerows(rows)
     p = datasets.read(tmp_path, load_prompt_set("skincancer"))
     assert p.labels.tolist() == [13, 10]  # Train rows are not read
+    # the CSV in a subfolder, paths relative to the dataset root
+    (tmp_path / "data").mkdir()
+    (tmp_path / "tiles-v2.csv").rename(tmp_path / "data" / "tiles-v2.csv")
+    p = datasets.read(tmp_path / "data" / "tiles-v2.csv", load_prompt_set("skincancer"))
+    assert p.paths == [tmp_path / "tiles" / "a.png", tmp_path / "tiles" / "b.png"]
 
 
 def test_osteo_pathologist_validation(tmp_path: Path) -> None:

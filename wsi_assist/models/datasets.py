@@ -15,7 +15,8 @@ wsss4luad   ``1.training/*-[tumor, stroma, normal].png``; tumour flag 1 -> "tumo
             "normal" (the published binary split)
 sicapv2     ``partition/Test/Test.xlsx`` (image_name, NC, G3, G4, G5, G4C) + ``images/``;
             rows with exactly one of NC/G3/G4/G5
-skin_csv    a CSV with columns ``file``, ``class``, ``set``; rows whose set is ``Test``
+skin_csv    a CSV with columns ``file``, ``class``, ``set``; rows whose set is ``Test``;
+            ``file`` relative to the CSV's folder or one of the two above it
 osteo       ``PathologistValidation.csv`` files (no header: image name, label) next to the
             ``*.jpg`` tiles they label
 =========== ==================================================================================
@@ -120,6 +121,11 @@ def read_folders(root: Path, prompts: PromptSet) -> Patches:
     level = [root]
     for _ in range(4):
         found, unmapped = _class_folders(level, prompts)
+        parents = sorted({str(d.parent) for d in found})
+        if len(parents) > 1:
+            raise WsiAssistError(f"{root}: class folders under several folders "
+                                 f"({', '.join(parents)}), e.g. a training and a test split; "
+                                 "point at one of them")
         if found:
             if unmapped:
                 raise WsiAssistError(
@@ -240,11 +246,19 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
 def read_skin_csv(root: Path, prompts: PromptSet, split: str = "Test") -> Patches:
     """The rows of ``split`` in the dataset CSV (``root`` is the CSV or its folder)."""
     table = root if root.is_file() else _find_csv(root, {"file", "class", "set"})
-    rows = _read_table(table)
-    pairs = [(table.parent / str(r["file"]), str(r["class"])) for r in rows
-             if str(r.get("set")) == split]
+    rows = [r for r in _read_table(table) if str(r.get("set")) == split]
+    base = _base_folder(table, [str(r["file"]) for r in rows[:20]])
+    pairs = [(base / str(r["file"]), str(r["class"])) for r in rows]
     _check_exist([p for p, _ in pairs], table)
     return _from_files(pairs, prompts, table)
+
+
+def _base_folder(table: Path, files: list[str]) -> Path:
+    """The folder the CSV's relative paths start from: its own or up to two above it."""
+    for base in [table.parent, *table.parent.parents][:3]:
+        if files and all((base / f).is_file() for f in files):
+            return base
+    return table.parent
 
 
 def _find_csv(root: Path, columns: set[str]) -> Path:
