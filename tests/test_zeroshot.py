@@ -79,6 +79,8 @@ def test_prompt_set_expansion_and_hash(two_class: Path) -> None:
     ('"A photomicrograph of {}."', '"A photomicrograph."', "templates must be strings "
                                                            "containing"),
     ("names: [red tissue]", "", "prompts of 'Red': none given"),
+    ("name: two", "name: two\ndataset: {layout: zip}", "dataset.layout 'zip' is not one of "
+                                                        "folders, pcam_h5"),
 ])
 def test_bad_prompt_sets_name_the_problem(tmp_path: Path, old: str, new: str,
                                           message: str) -> None:
