@@ -79,6 +79,8 @@ def test_prompt_set_expansion_and_hash(two_class: Path) -> None:
     ('"A photomicrograph of {}."', '"A photomicrograph."', "templates must be strings "
                                                            "containing"),
     ("names: [red tissue]", "", "prompts of 'Red': none given"),
+    ("name: two", "name: two\ndataset: {layout: zip}", "dataset.layout 'zip' is not one of "
+                                                        "folders, pcam_h5"),
 ])
 def test_bad_prompt_sets_name_the_problem(tmp_path: Path, old: str, new: str,
                                           message: str) -> None:
@@ -96,7 +98,19 @@ def test_shipped_prompt_sets() -> None:
     assert [crc.class_index(a) for a in ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM",
                                          "STR", "TUM"]] == list(range(9))
     assert sets["lc25000_lung"].class_index("lung_scc") == 2
-    assert all("An H&E image of" in c.prompts[0] for s in sets.values() for c in s.classes)
+    benchmarks = {"crc100k", "lc25000_lung", "lc25000_colon", "bach", "wsss4luad", "pcam",
+                  "skincancer", "osteo", "sicapv2"}
+    assert benchmarks <= set(sets)
+    assert all(sets[n].source for n in benchmarks)
+    # the published protocols: one template and one class name per class
+    assert crc.classes[8].prompts == ("An H&E patch of colorectal adenocarcinoma epithelium",)
+    assert sets["wsss4luad"].names == ["Tumor", "Normal"]  # binary, as published
+    assert sets["wsss4luad"].classes[0].prompts == ("An H&E image of tumor tissue.",)
+    metastases = "an H&E patch of lymph nodes containing metastases"
+    assert sets["pcam"].classes[1].prompts == (metastases,)
+    assert len(sets["skincancer"].classes) == 16 and len(sets["sicapv2"].classes) == 4
+    assert [len(c.prompts) for n in benchmarks - {"bach"} for c in sets[n].classes] == \
+        [1] * sum(len(sets[n].classes) for n in benchmarks - {"bach"})
     with pytest.raises(ConfigError, match="no prompt set 'nope'"):
         zs.load_prompt_set("nope")
 
@@ -168,7 +182,7 @@ def test_eval_zeroshot_cli(tiny_spec: str, two_class: Path, tmp_path: Path) -> N
     assert res.exit_code == 0, res.output
     assert "balanced accuracy" in res.output and "confusion matrix" in res.output
     m = json.loads(out.read_text())
-    assert m["n"] == 6 and m["folders"] == {"Blue": "Blue", "r": "Red"}
+    assert m["n"] == 6 and m["labels"] == {"Blue": "Blue", "r": "Red"}
     lm = load_model(tiny_spec)
     _, _, tf = open_clip.create_model_and_transforms(TINY_ARCH, load_weights=False)
     ps = zs.load_prompt_set(str(two_class))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from wsi_assist.cli import demo, info, models, report, run, tile
+from wsi_assist.cli import demo, info, models, pull, report, run, tile
 from wsi_assist.cli import eval as eval_cmd
 from wsi_assist.cli.common import state
 
@@ -44,6 +44,7 @@ app.command("info")(info.info)
 app.command("run")(run.run)
 app.command("tile")(tile.tile)
 app.command("demo")(demo.demo)
+models.app.command("pull")(pull.pull)
 app.add_typer(models.app, name="models")
 app.add_typer(eval_cmd.app, name="eval")
 app.command("report")(report.report)

@@ -1,4 +1,5 @@
-"""`wsi-assist eval zeroshot DIR --prompts FILE --model SPEC`: zero-shot metrics."""
+"""`wsi-assist eval zeroshot DIR --prompts SET --model SPEC`: zero-shot metrics on a
+benchmark in its released layout (the prompt set's `dataset.layout`)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ app = typer.Typer(no_args_is_help=True, help="Evaluate models on labelled data."
 
 @app.command("zeroshot")
 def zeroshot(
-    folder: Annotated[Path, typer.Argument(help="Folder with one subfolder of patches per "
-                                                "class (names or aliases of the classes).")],
-    prompts: Annotated[str, typer.Option(help="Prompt set: a shipped name (crc100k, ...) "
-                                              "or a YAML file.")],
+    folder: Annotated[Path, typer.Argument(help="The benchmark as released: class folders "
+                                                "(crc100k, lc25000_*, bach), the PCam .h5 "
+                                                "folder, WSSS4LUAD, SICAPv2, SkinCancer or "
+                                                "Osteo root (see the prompt set's layout).")],
+    prompts: Annotated[str, typer.Option(help="Prompt set: a shipped name (crc100k, pcam, "
+                                              "sicapv2, ...) or a YAML file.")],
     model: ModelOpt = None,
     pathclip: PathclipOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -49,7 +52,8 @@ def _print(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     out = Console(width=None if Console().is_terminal else 160)
-    out.print(f"{r['model']} on {r['root']} ({r['n']} patches), prompt set {r['prompt_set']}")
+    out.print(f"{r['model']} on {r['root']} ({r['n']} patches), prompt set {r['prompt_set']}"
+              + (f" ({r['prompt_source']})" if r.get("prompt_source") else ""))
     out.print(f"accuracy {r['accuracy']:.4f}  balanced accuracy "
               f"{r['balanced_accuracy']:.4f}  weighted F1 {r['weighted_f1']:.4f}")
     t = Table(title="confusion matrix (rows: true, columns: predicted)")

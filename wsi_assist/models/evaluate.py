@@ -1,78 +1,35 @@
-"""Zero-shot evaluation on a folder of labelled patches (one subfolder per class).
+"""Zero-shot evaluation on a benchmark in its released layout (see models/datasets.py).
 
-Subfolder names are matched to prompt classes by name or alias (case-insensitive), so
-dataset folders (CRC-100K's ``ADI``, LC25000's ``lung_aca``) work as they are. Patches are
-resized (shorter side) and centre-cropped to the model's input as open_clip does.
+Released label names (CRC-100K's ``ADI``, LC25000's ``lung_aca``, PCam's 0/1) are matched
+to prompt classes by name or alias (case-insensitive). Patches are resized (shorter side)
+and centre-cropped to the model's input as open_clip does.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsi_assist.errors import WsiAssistError
+from wsi_assist.models import datasets
 from wsi_assist.models.zeroshot import PromptSet, classify, text_embeddings
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
-
-@dataclass(frozen=True)
-class LabelledFolder:
-    """Image paths and their class indices in the prompt set."""
-
-    paths: list[Path]
-    labels: np.ndarray
-    folders: dict[str, str]  # subfolder -> class name
-
-
-def scan(root: Path, prompts: PromptSet) -> LabelledFolder:
-    """Images per subfolder of ``root``; every subfolder must map to a prompt class."""
-    if not root.is_dir():
-        raise WsiAssistError(f"{root}: not a folder of class subfolders")
-    paths, labels, folders, unmapped = [], [], {}, []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        idx = prompts.class_index(sub.name)
-        if idx is None:
-            unmapped.append(sub.name)
-            continue
-        files = sorted(f for f in sub.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        folders[sub.name] = prompts.classes[idx].name
-        paths += files
-        labels += [idx] * len(files)
-    if unmapped:
-        raise WsiAssistError(f"{root}: subfolders {unmapped!r} match no class of prompt set "
-                             f"{prompts.name!r} ({', '.join(prompts.names)}); rename them "
-                             "or add aliases to the prompt set")
-    if not paths:
-        raise WsiAssistError(f"{root}: no images in class subfolders")
-    return LabelledFolder(paths, np.asarray(labels, np.int64), folders)
-
-
-def load_patch(path: Path, size: int) -> np.ndarray:
+def fit(im: Any, size: int) -> np.ndarray:
     """RGB uint8 (size, size, 3): shorter side resized to ``size`` (bicubic), centre crop."""
     from PIL import Image
 
-    with Image.open(path) as f:
-        im = f.convert("RGB")
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))),
-                       Image.Resampling.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)))
-
-
-def _batches(paths: list[Path], size: int, batch_size: int) -> Iterator[np.ndarray]:
-    for i in range(0, len(paths), batch_size):
-        yield np.stack([load_patch(p, size) for p in paths[i:i + batch_size]])
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))),
+                   Image.Resampling.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, Any]:
@@ -99,21 +56,24 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str,
 
 def evaluate(root: Path, prompts: PromptSet, model: Any, *, device: str = "cpu",
              batch_size: int = 64, cache: str | None = None) -> dict[str, Any]:
-    """Zero-shot predictions for every patch under ``root`` and their metrics."""
+    """Zero-shot predictions for every labelled patch of the benchmark at ``root`` (in
+    ``prompts.layout``) and their metrics; ``labels`` maps released labels to classes."""
     import torch
 
     from wsi_assist.models import pathclip
 
-    folder = scan(root, prompts)
+    patches = datasets.read(root, prompts)
     lm = pathclip.load_model(model, device)
     text = text_embeddings(lm, prompts, cache=cache, model_sha256=lm.sha256)
     preds = []
-    for tiles in _batches(folder.paths, lm.image_size, batch_size):
+    for images in patches.batches(batch_size):
+        tiles = np.stack([fit(im, lm.image_size) for im in images])
         emb = pathclip.encode_images(lm, torch.from_numpy(tiles).to(lm.device))
         preds.append(classify(emb.cpu().numpy(), text).argmax(axis=1))
     y_pred = np.concatenate(preds)
-    out = metrics(folder.labels, y_pred, len(prompts.classes))
+    out = metrics(patches.labels, y_pred, len(prompts.classes))
     out.update({"classes": prompts.names, "prompt_set": prompts.name,
-                "prompt_sha256": prompts.sha256, "model": lm.spec.spec,
-                "model_sha256": lm.sha256, "folders": folder.folders, "root": str(root)})
+                "prompt_sha256": prompts.sha256, "prompt_source": prompts.source,
+                "layout": prompts.layout, "model": lm.spec.spec, "model_sha256": lm.sha256,
+                "labels": patches.labels_found, "root": str(root)})
     return out

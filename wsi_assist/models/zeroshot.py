@@ -45,12 +45,20 @@ class PromptClass:
             raise ValueError(f"prompts of {self.name!r}: none given")
 
 
+#: How ``eval zeroshot`` reads a benchmark's released files (see models/datasets.py).
+LAYOUTS = ("folders", "pcam_h5", "wsss4luad", "sicapv2", "skin_csv", "osteo")
+
+
 @dataclass(frozen=True)
 class PromptSet:
-    """Classes in order; ``sha256`` identifies the exact prompts."""
+    """Classes in order; ``sha256`` identifies the exact prompts. ``layout`` names how
+    ``eval zeroshot`` reads the benchmark's released files, ``source`` where the
+    prompts come from (a published protocol, or this project)."""
 
     name: str
     classes: tuple[PromptClass, ...]
+    layout: str = "folders"
+    source: str = ""
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2:
@@ -58,6 +66,9 @@ class PromptSet:
         names = [c.name.casefold() for c in self.classes]
         if len(set(names)) != len(names):
             raise ValueError(f"classes of {self.name!r}: duplicate class names")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"dataset.layout {self.layout!r} is not one of "
+                             f"{', '.join(LAYOUTS)}")
 
     @property
     def names(self) -> list[str]:
@@ -133,7 +144,12 @@ def _parse_prompt_set(data: Any, default_name: str) -> PromptSet:
         classes.append(PromptClass(name=c["name"], color=rgb,
                                    prompts=tuple(prompts),
                                    aliases=tuple(str(a) for a in c.get("aliases") or [])))
-    return PromptSet(name=str(data.get("name") or default_name), classes=tuple(classes))
+    dataset = data.get("dataset") or {}
+    if not isinstance(dataset, dict):
+        raise TypeError("'dataset' must be a mapping such as {layout: folders}")
+    return PromptSet(name=str(data.get("name") or default_name), classes=tuple(classes),
+                     layout=str(dataset.get("layout") or "folders"),
+                     source=str(data.get("source") or ""))
 
 
 @dataclass(frozen=True)
