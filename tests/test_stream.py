@@ -309,3 +309,19 @@ def test_ndpi_power_of_two_falls_back_to_full_decode(shared_slides: Path) -> Non
     g = full_grid(path, target_mpp=describe(path).require_mpp() * 2, tile_px=128)
     with SOURCES.lease(str(path), g.level, "auto") as src:
         assert reduced_source(src, g)[0] is src  # JPEG strips with a shared header
+
+
+def test_near_power_of_two_target_reads_an_exact_multiple() -> None:
+    """A 40x scan at 0.2527 um/px read at 0.5: 2 x tile_px exactly (0.5054 delivered),
+    so the DCT-scaled decode applies; a target 10 % off keeps its own ratio."""
+    from wsi_assist.slide import SlideInfo
+
+    info = SlideInfo(path="x.svs", format="aperio", vendor="aperio", width=4000,
+                     height=3000, level_count=2, level_dimensions=((4000, 3000), (1000, 750)),
+                     level_downsamples=(1.0, 4.0), mpp=0.2527, mpp_source="metadata",
+                     objective_power=40.0)
+    g = grid(info, shapely.box(0, 0, 4000, 3000), TilingParams(target_mpp=0.5))
+    assert (g.level, g.read_px, g.tile_px) == (0, 448, 224)
+    assert g.delivered_mpp == pytest.approx(0.5054)
+    g = grid(info, shapely.box(0, 0, 4000, 3000), TilingParams(target_mpp=0.56))
+    assert g.read_px == round(224 * 0.56 / 0.2527)
