@@ -325,3 +325,25 @@ def test_near_power_of_two_target_reads_an_exact_multiple() -> None:
     assert g.delivered_mpp == pytest.approx(0.5054)
     g = grid(info, shapely.box(0, 0, 4000, 3000), TilingParams(target_mpp=0.56))
     assert g.read_px == round(224 * 0.56 / 0.2527)
+
+
+def test_scaled_decode_of_cut_short_or_bad_chunks(svs_slide: Path) -> None:
+    """A chunk cut short is decoded in full and area-reduced (as the full path reads
+    it); bytes that are no JPEG raise, which ``decode`` reports naming the slide."""
+    from wsi_assist.chunks import SOURCES, TiffUnits
+
+    with SOURCES.lease(str(svs_slide), 0, "tifffile") as src:
+        assert isinstance(src, TiffUnits)
+        scaled = src.scaled(2)
+        assert scaled is not None and src.scaled(3) is None
+        data = src.read_chunk(5)
+        assert data is not None
+        ch, cw = src.unit_shape
+        out = np.zeros((ch // 2, cw // 2, 4), np.uint8)
+        scaled.decode_chunk(data[:len(data) // 2], out)
+        full = np.empty((ch, cw, 3), np.uint8)
+        src.decode_chunk(data[:len(data) // 2], 5, full)
+        box = full.reshape(ch // 2, 2, cw // 2, 2, 3).mean(axis=(1, 3))
+        assert np.abs(out[..., :3] - box).max() <= 0.5 + 1e-9  # Pillow rounds halves up
+        with pytest.raises(ValueError, match="JPEG decoder error"):
+            scaled.decode_chunk(b"not a jpeg" + data, out)

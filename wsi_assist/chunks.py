@@ -299,13 +299,15 @@ class ScaledUnits:
         buf = getattr(self._local, "buf", None)
         if buf is None:  # RGBX: the layout Pillow decodes into, so no copy out of it
             buf = self._local.buf = np.empty((*self.unit_shape, 4), np.uint8)
+            self._local.images = [self._mapped(buf[k * ch:(k + 1) * ch])
+                                  for k in range(src._rows_per_unit)]
         cy0 = uy * src._rows_per_unit
         try:
             for k, cy in enumerate(range(cy0, min(src._nrows, cy0 + src._rows_per_unit))):
                 data = src.read_chunk(cy * src._ncols + ux)
                 if data is not None and src._check_jpeg and jpeg_damaged(data):
                     self.damaged_units.add((uy, ux))
-                self.decode_chunk(data, buf[k * ch:(k + 1) * ch])
+                self._decode_into(data, buf[k * ch:(k + 1) * ch], self._local.images[k])
         except Exception as e:  # codec errors have no common base class
             raise SlideError(f"{self._where}: cannot decode chunk row {cy0}, column {ux} "
                              f"at 1/{self.factor} scale: {e}") from e
@@ -315,14 +317,20 @@ class ScaledUnits:
         """Decode one chunk's compressed bytes at reduced scale straight into ``out``, a
         C-contiguous (rows, width, 4) uint8 array at that scale (RGB and one unused
         byte per pixel, Pillow's own layout)."""
+        self._decode_into(data, out, self._mapped(out))
+
+    def _mapped(self, out: np.ndarray) -> Any:
+        """A Pillow RGBX core image whose pixels are the memory of ``out``."""
+        h, w = out.shape[:2]
+        return self._image.frombuffer("RGBX", (w, h), out, "raw", "RGBX", 0, 1).im
+
+    def _decode_into(self, data: bytes | None, out: np.ndarray, image: Any) -> None:
         if data is None:  # missing chunk: zeros, as tifffile
             out[:] = 0
             return
-        Image = self._image
-        h, w = out.shape[:2]
-        image = Image.frombuffer("RGBX", (w, h), out, "raw", "RGBX", 0, 1)
-        dec = Image._getdecoder("RGBX", "jpeg", ("RGB", self._jpegmode), (self.factor, 0))
-        dec.setimage(image.im, (0, 0, w, h))
+        dec = self._image._getdecoder("RGBX", "jpeg", ("RGB", self._jpegmode),
+                                      (self.factor, 0))
+        dec.setimage(image, (0, 0, *image.size))
         n, err = dec.decode(self._prefix + data[2:] if self._prefix else data)
         dec.cleanup()
         if err < 0:
