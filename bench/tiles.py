@@ -17,7 +17,9 @@ one thread pinned to each core in turn into one reused buffer (the stream's own 
 ``TiffUnits.decode_chunk``; where the stream decodes at reduced scale in the DCT domain,
 ``ScaledUnits.decode_chunk`` at that scale, so the limit is the rate at which those
 level-0 chunks can be decoded at all, and ``full_decode_limit_mps`` is the full-scale
-rate they would cost decoded in full); the per-core rates summed. Also the sample decoded by N
+rate they would cost decoded in full, and ``full_decode_stream_tiles_per_s`` the stream
+over the same grid decoding in full and area-reducing, as it did before, timed in the
+same round); the per-core rates summed. Also the sample decoded by N
 threads at once (``decode_threads``): what the cores give together.
 (c) stream: ``wsi_assist.stream.stream`` with N threads over the whole grid, repeated
 for 0.3 s at least, the slide already open (the decode limit does not open it either).
@@ -49,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shapely
 
+from wsi_assist import stream as stream_mod
 from wsi_assist.chunks import SOURCES
 from wsi_assist.settings import TilingParams
 from wsi_assist.slide import describe
@@ -244,15 +247,26 @@ def measure_round(a: argparse.Namespace, g: TileGrid, src: Any, sample: list,
     n, dt, cpu = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores), min_s=0.3)
     after = decode_limit(src, sample, cpus, dec)
     full = decode_limit(src, sample, cpus)[0] if dec is not None else None
+    exact = None
+    if dec is not None:  # the same grid decoded in full and area-reduced, as before
+        real = stream_mod.reduced_source
+        stream_mod.reduced_source = lambda s, grid: (s, grid.level_coords(), grid.read_px)
+        try:
+            exact = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores),
+                          min_s=0.3)
+        finally:
+            stream_mod.reduced_source = real
     limit, per_cpu_s, threaded = (float(np.mean(v)) for v in zip(before, after, strict=True))
     row = {"limit": limit, "threaded": threaded, "per_cpu_s": per_cpu_s,
            "naive": naive[0] * mp / naive[1], "zarr": zarr[0] * mp / zarr[1],
            "cold": cold[0] * mp / cold[1], "stream": n * mp / dt,
            "stream_cpu": n * mp / cpu, "tiles_s": n / dt,
-           "full_limit": limit if full is None else full}
+           "full_limit": limit if full is None else full,
+           "exact_tiles_s": n / dt if exact is None else exact[0] / exact[1]}
     row |= {"r_limit": row["stream"] / limit, "r_naive": row["stream"] / row["naive"],
             "r_cold": row["cold"] / limit, "r_threaded": row["stream"] / threaded,
-            "r_full": row["stream"] / row["full_limit"]}
+            "r_full": row["stream"] / row["full_limit"],
+            "r_exact": row["tiles_s"] / row["exact_tiles_s"]}
     log.info("round %d: limit %6.1f MP/s (threads %6.1f), naive %5.1f, zarr %5.1f, "
              "stream %6.1f (cold %6.1f) MP/s, %7.1f tiles/s; ratio to limit %.3f, "
              "to naive %.1f", r + 1, limit, threaded, row["naive"], row["zarr"],
@@ -317,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "tile_px": g.tile_px, "decode_scale": g.read_px // px,
         "full_decode_limit_mps": round(med("full_limit"), 1),
         "ratio_to_full_decode_limit": round(med("r_full"), 3),
+        "full_decode_stream_tiles_per_s": round(med("exact_tiles_s"), 1),
+        "speedup_over_full_decode_stream": round(med("r_exact"), 2),
         "decode_limit_mps": round(med("limit"), 1), "naive_mps": round(med("naive"), 1),
         "zarr_stream_mps": round(med("zarr"), 1), "stream_mps": round(med("stream"), 1),
         "stream_cold_mps": round(med("cold"), 1), "stream_tiles_per_s": round(med("tiles_s"), 1),
