@@ -97,3 +97,35 @@ def test_batch_starts_one_chromium_for_all_slides(svs_slide: Path, tmp_path: Pat
         assert (tmp_path / "out" / r.slide_id / "report.pdf").read_bytes()[:5] == b"%PDF-"
     assert not (tmp_path / "out" / ".work").exists() or not any(
         (tmp_path / "out" / ".work").rglob(".chromium-*"))
+
+
+@needs_chromium
+def test_report_command_over_out_shares_one_chromium(svs_slide: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_assist import batch, config
+    from wsi_assist.cli import app
+
+    slides = []
+    for name in ("a.svs", "b.svs"):
+        shutil.copy(svs_slide, tmp_path / name)
+        slides.append(tmp_path / name)
+    out = tmp_path / "out"
+    cfg = config.from_dict({"stages": ["tissue", "tiles"]})
+    assert [r.status for r in batch.run_batch(slides, out, cfg)] == ["done", "done"]
+    made: list[browser.Browser] = []
+    real = pdf.batch_browser
+
+    def counting(scratch: Path) -> browser.Browser | None:
+        b = real(scratch)
+        if b is not None:
+            made.append(b)
+        return b
+
+    monkeypatch.setattr(pdf, "batch_browser", counting)
+    res = CliRunner().invoke(app, ["report", str(out), "--pdf"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("pdf written") == 2
+    assert len(made) == 1 and made[0].starts == 1
+    assert not (out / ".work").exists()  # nothing left behind in OUT
