@@ -317,7 +317,10 @@ class ScaledUnits:
         """Decode one chunk's compressed bytes at reduced scale straight into ``out``, a
         C-contiguous (rows, width, 4) uint8 array at that scale (RGB and one unused
         byte per pixel, Pillow's own layout)."""
-        self._decode_into(data, out, self._mapped(out))
+        key = (out.ctypes.data, out.shape)  # the same buffer again: its mapped image
+        if getattr(self._local, "key", None) != key:
+            self._local.key, self._local.image = key, self._mapped(out)
+        self._decode_into(data, out, self._local.image)
 
     def _mapped(self, out: np.ndarray) -> Any:
         """A Pillow RGBX core image whose pixels are the memory of ``out``."""
