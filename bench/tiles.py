@@ -1,17 +1,25 @@
 """Tile streaming benchmark: decode limit vs naive read_region loop vs wsi_assist stream.
 
-    python3 bench/tiles.py SLIDE [--cores N] [--mpp 0.5] [--tile 224] [--rounds R]
-    python3 bench/tiles.py --synthetic 40000 [--cores N]
+    python3 bench/tiles.py SLIDE [--cores N] [--target-mpp 0.5] [--tile 224] [--rounds R]
+    python3 bench/tiles.py --synthetic 40000 [--cores N] [--target-mpp 0.5]
     python3 bench/tiles.py SLIDE --peer lazyslide [--peer-python VENV/bin/python]
 
 All figures come from one process and one grid (every tile of the slide at the target
-mpp). MP/s counts source-level pixels (read_px^2 per tile), the unit of the decode limit.
+mpp; by default the slide's level-0 mpp, read without resizing). The synthetic slide is
+a 40x scan (0.25 um/px at level 0), so ``--target-mpp 0.5`` is the common case of a 40x
+slide read at 20x: ``read_px = 2 * tile_px`` level-0 pixels per tile. MP/s counts
+source-level pixels (read_px^2 per tile), the unit of the decode limit.
 Each round measures, back to back:
 (b) naive: one tiffslide ``read_region`` per tile; tiffslide's zarr store through the
 stream (``engine="zarr"``); the stream with the slide's opening timed (``stream_cold``).
 (a) decode limit: a sample of the level's compressed chunks, read into memory, decoded by
 one thread pinned to each core in turn into one reused buffer (the stream's own decoder,
-``TiffUnits.decode_chunk``); the per-core rates summed. Also the sample decoded by N
+``TiffUnits.decode_chunk``; where the stream decodes at reduced scale in the DCT domain,
+``ScaledUnits.decode_chunk`` at that scale, so the limit is the rate at which those
+level-0 chunks can be decoded at all, and ``full_decode_limit_mps`` is the full-scale
+rate they would cost decoded in full, and ``full_decode_stream_tiles_per_s`` the stream
+over the same grid decoding in full and area-reducing, as it did before, timed in the
+same round); the per-core rates summed. Also the sample decoded by N
 threads at once (``decode_threads``): what the cores give together.
 (c) stream: ``wsi_assist.stream.stream`` with N threads over the whole grid, repeated
 for 0.3 s at least, the slide already open (the decode limit does not open it either).
@@ -43,16 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shapely
 
+from wsi_assist import stream as stream_mod
 from wsi_assist.chunks import SOURCES
 from wsi_assist.settings import TilingParams
 from wsi_assist.slide import describe
-from wsi_assist.stream import stream, stream_naive
+from wsi_assist.stream import reduced_source, stream, stream_naive
 from wsi_assist.tiling import TileGrid, grid
 
 log = logging.getLogger("bench.tiles")
 
 
-def write_synthetic(path: Path, size: int, tile: int = 256, mpp: float = 0.5) -> Path:
+def write_synthetic(path: Path, size: int, tile: int = 256, mpp: float = 0.25) -> Path:
     """A size x size px Aperio-style JPEG pyramid, fast: 16 distinct rendered tiles are
     JPEG-encoded once and their bytes repeated (levels /4 reuse them too)."""
     import tifffile
@@ -86,7 +95,8 @@ def write_synthetic(path: Path, size: int, tile: int = 256, mpp: float = 0.5) ->
     while sizes[-1][0] // 4 >= 1024:
         sizes.append((sizes[-1][0] // 4, sizes[-1][1] // 4))
     desc = (f"Aperio Image Library v12.0.15\r\n{size}x{size} [0,0 {size}x{size}] "
-            f"({tile}x{tile}) JPEG/RGB Q=90|AppMag = 20|MPP = {mpp}|Title = bench")
+            f"({tile}x{tile}) JPEG/RGB Q=90|AppMag = {round(10 / mpp)}|MPP = {mpp}|"
+            "Title = bench")
     extra = {"jpegtables": tables} if tables else {}
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for i, (w, h) in enumerate(sizes):
@@ -96,10 +106,20 @@ def write_synthetic(path: Path, size: int, tile: int = 256, mpp: float = 0.5) ->
     return path
 
 
-def full_grid(path: Path, mpp: float, tile: int) -> TileGrid:
+def full_grid(path: Path, mpp: float | None, tile: int) -> TileGrid:
+    """Every tile of the slide at ``mpp`` (None: its level-0 mpp)."""
     info = describe(path)
     return grid(info, shapely.box(0, 0, info.width, info.height),
-                TilingParams(target_mpp=mpp, tile_px=tile, min_tissue=0.0))
+                TilingParams(target_mpp=mpp or info.require_mpp(), tile_px=tile,
+                             min_tissue=0.0))
+
+
+def chunk_decoder(src: Any) -> tuple[Any, tuple[int, int]]:
+    """(decode(data, i, out), unit shape) of the stream's decoder for ``src``: a
+    ``TiffUnits`` or the ``ScaledUnits`` of :func:`stream.reduced_source`."""
+    if hasattr(src, "factor"):  # straight into an RGBX buffer, as the stream does
+        return (lambda d, i, out: src.decode_chunk(d, out)), (*src.unit_shape, 4)
+    return src.decode_chunk, (*src.unit_shape, 3)
 
 
 def decode_sample(src: Any, max_chunks: int) -> list[tuple[int, bytes | None, int]]:
@@ -114,35 +134,41 @@ def pixels(src: Any, sample: list[tuple[int, bytes | None, int]]) -> int:
     return sum(rows for _, _, rows in sample) * src.unit_shape[1]
 
 
-def decode_rate(src: Any, data: list, min_s: float = 0.2) -> tuple[float, float]:
-    """MP/s and MP per CPU-second of one thread decoding ``data`` into one buffer, over
-    and over for at least ``min_s`` seconds."""
-    buf = np.empty((*src.unit_shape, 3), np.uint8)
-    src.decode_chunk(data[0][1], data[0][0], buf[:data[0][2]])  # warm up
+def decode_rate(src: Any, data: list, min_s: float = 0.2, dec: Any = None
+                ) -> tuple[float, float]:
+    """MP/s (level pixels of the chunks) and MP per CPU-second of one thread decoding
+    ``data`` into one buffer with ``dec`` (:func:`chunk_decoder`; default the full-scale
+    decoder of ``src``), over and over for at least ``min_s`` seconds."""
+    decode, shape = dec or chunk_decoder(src)
+    f = src.unit_shape[0] // shape[0]
+    buf = np.empty(shape, np.uint8)
+    decode(data[0][1], data[0][0], buf[:data[0][2] // f])  # warm up
     px = pixels(src, data)
     t, c, done = time.perf_counter(), time.thread_time(), 0
     while not done or time.perf_counter() - t < min_s:
         for i, d, r in data:
-            src.decode_chunk(d, i, buf[:r])
+            decode(d, i, buf[:r // f])
         done += px
     return done / (time.perf_counter() - t) / 1e6, done / (time.thread_time() - c) / 1e6
 
 
-def decode_limit(src: Any, data: list, cpus: list[int]) -> tuple[float, float, float]:
+def decode_limit(src: Any, data: list, cpus: list[int], dec: Any = None
+                 ) -> tuple[float, float, float]:
     """Sum over ``cpus`` of one pinned thread's decode rate (MP/s); the mean MP per
     CPU-second; and MP/s of len(cpus) threads decoding the sample together."""
     rates, per_cpu = [], []
     for cpu in cpus:
         os.sched_setaffinity(0, {cpu})  # this thread only
         try:
-            r, c = decode_rate(src, data)
+            r, c = decode_rate(src, data, dec=dec)
         finally:
             os.sched_setaffinity(0, cpus)
         rates.append(r)
         per_cpu.append(c)
     parts = [data[k::len(cpus)] for k in range(len(cpus))]
     with ThreadPoolExecutor(len(cpus)) as ex:
-        pooled = sum(r for r, _ in ex.map(lambda part: decode_rate(src, part), parts))
+        pooled = sum(r for r, _ in ex.map(lambda part: decode_rate(src, part, dec=dec),
+                                          parts))
     return sum(rates), float(np.mean(per_cpu)), pooled
 
 
@@ -209,7 +235,7 @@ def lazyslide_rate(python: str, path: Path, mpp: float, tile: int, limit: int
 
 
 def measure_round(a: argparse.Namespace, g: TileGrid, src: Any, sample: list,
-                  cpus: list[int], r: int) -> dict[str, float]:
+                  cpus: list[int], r: int, dec: Any) -> dict[str, float]:
     """One round of (b), (a), (c), (a); rates in MP/s and their ratios."""
     mp = g.read_px ** 2 / 1e6  # per tile
     naive = timed(lambda: stream_naive(a.slide, g, a.batch), a.baseline_tiles, min_s=0.2)
@@ -217,16 +243,30 @@ def measure_round(a: argparse.Namespace, g: TileGrid, src: Any, sample: list,
                  a.baseline_tiles, min_s=0.2)
     cold = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores),
                  before=SOURCES.clear)
-    before = decode_limit(src, sample, cpus)
+    before = decode_limit(src, sample, cpus, dec)
     n, dt, cpu = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores), min_s=0.3)
-    after = decode_limit(src, sample, cpus)
+    after = decode_limit(src, sample, cpus, dec)
+    full = decode_limit(src, sample, cpus)[0] if dec is not None else None
+    exact = None
+    if dec is not None:  # the same grid decoded in full and area-reduced, as before
+        real = stream_mod.reduced_source
+        stream_mod.reduced_source = lambda s, grid: (s, grid.level_coords(), grid.read_px)
+        try:
+            exact = timed(lambda: stream(a.slide, g, a.batch, a.prefetch, a.cores),
+                          min_s=0.3)
+        finally:
+            stream_mod.reduced_source = real
     limit, per_cpu_s, threaded = (float(np.mean(v)) for v in zip(before, after, strict=True))
     row = {"limit": limit, "threaded": threaded, "per_cpu_s": per_cpu_s,
            "naive": naive[0] * mp / naive[1], "zarr": zarr[0] * mp / zarr[1],
            "cold": cold[0] * mp / cold[1], "stream": n * mp / dt,
-           "stream_cpu": n * mp / cpu, "tiles_s": n / dt}
+           "stream_cpu": n * mp / cpu, "tiles_s": n / dt,
+           "full_limit": limit if full is None else full,
+           "exact_tiles_s": n / dt if exact is None else exact[0] / exact[1]}
     row |= {"r_limit": row["stream"] / limit, "r_naive": row["stream"] / row["naive"],
-            "r_cold": row["cold"] / limit, "r_threaded": row["stream"] / threaded}
+            "r_cold": row["cold"] / limit, "r_threaded": row["stream"] / threaded,
+            "r_full": row["stream"] / row["full_limit"],
+            "r_exact": row["tiles_s"] / row["exact_tiles_s"]}
     log.info("round %d: limit %6.1f MP/s (threads %6.1f), naive %5.1f, zarr %5.1f, "
              "stream %6.1f (cold %6.1f) MP/s, %7.1f tiles/s; ratio to limit %.3f, "
              "to naive %.1f", r + 1, limit, threaded, row["naive"], row["zarr"],
@@ -238,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("slide", nargs="?", type=Path)
     ap.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument("--target-mpp", "--mpp", dest="mpp", type=float, default=None,
+                    help="delivered um/px (default: the slide's level-0 mpp, no resize)")
     ap.add_argument("--tile", type=int, default=224)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prefetch", type=int, default=4)
@@ -275,13 +316,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
              " ".join(f"{v:.2f}" for v in os.getloadavg()))
     with SOURCES.lease(str(a.slide), g.level, "tifffile") as src:
         sample = decode_sample(src, a.decode_chunks)
-        rows = [measure_round(a, g, src, sample, cpus, r) for r in range(rounds)]
+        reduced, _, px = reduced_source(src, g)
+        dec = None if reduced is src else chunk_decoder(reduced)
+        log.info("decoded at 1/%d scale%s", g.read_px // px,
+                 " in the DCT domain" if dec is not None else "")
+        rows = [measure_round(a, g, src, sample, cpus, r, dec) for r in range(rounds)]
 
     def med(k: str) -> float:
         return float(np.median([row[k] for row in rows]))
 
     out: dict[str, object] = {
         "slide": a.slide.name, "tiles": len(g), "cores": a.cores, "rounds": rounds,
+        "target_mpp": round(g.delivered_mpp, 4), "read_px": g.read_px,
+        "tile_px": g.tile_px, "decode_scale": g.read_px // px,
+        "full_decode_limit_mps": round(med("full_limit"), 1),
+        "ratio_to_full_decode_limit": round(med("r_full"), 3),
+        "full_decode_stream_tiles_per_s": round(med("exact_tiles_s"), 1),
+        "speedup_over_full_decode_stream": round(med("r_exact"), 2),
         "decode_limit_mps": round(med("limit"), 1), "naive_mps": round(med("naive"), 1),
         "zarr_stream_mps": round(med("zarr"), 1), "stream_mps": round(med("stream"), 1),
         "stream_cold_mps": round(med("cold"), 1), "stream_tiles_per_s": round(med("tiles_s"), 1),

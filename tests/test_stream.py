@@ -240,3 +240,110 @@ def test_reused_buffers_never_overwrite_batches_still_held(svs_slide: Path) -> N
     a_id = id(a)
     del a
     assert id(pool.take((2, 3))) == a_id
+
+
+def inside_tiles(g: TileGrid) -> np.ndarray:
+    """Tiles wholly on the slide (not touching its right or bottom edge)."""
+    lw, lh = g.level_dimensions
+    xy = g.level_coords()
+    return (xy[:, 0] + g.read_px <= lw) & (xy[:, 1] + g.read_px <= lh)
+
+
+#: DCT-scaled decoding against the area (box) average of the full decode, in grey levels
+#: (0-255): tiles on the slide. A slide whose size is not a multiple of the factor loses
+#: its last partial row/column of output pixels (white instead of a blend with white).
+DCT_MEAN, DCT_MAX = 1.0, 48
+
+
+def compare_scaled(path: Path, g: TileGrid, factor: int) -> None:
+    from wsi_assist.chunks import SOURCES, ScaledUnits
+    from wsi_assist.stream import reduced_source
+
+    with SOURCES.lease(str(path), g.level, "auto") as src:
+        reduced, _, px = reduced_source(src, g)
+        assert isinstance(reduced, ScaledUnits) and reduced.factor == factor
+        assert px == g.tile_px
+    idx, tiles = collect(stream(path, g, batch_size=6, threads=2))
+    _, naive = collect(stream_naive(path, g))
+    np.testing.assert_array_equal(idx, np.arange(len(g)))
+    diff = np.abs(tiles.astype(np.int16) - naive)[inside_tiles(g)]
+    assert diff.size and diff.mean() < DCT_MEAN and diff.max() <= DCT_MAX, \
+        (diff.mean(), diff.max())
+    # and a real difference from the exact path: the DCT decode is in use
+    assert diff.max() > 0
+
+
+def test_power_of_two_resize_decodes_at_reduced_scale(svs_slide: Path) -> None:
+    g = full_grid(svs_slide, target_mpp=1.0, tile_px=96)  # level 0 (level 1 is / 4)
+    assert g.level == 0 and g.read_px == 2 * g.tile_px
+    compare_scaled(svs_slide, g, 2)
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_real_slide_reduced_scale_within_tolerance(shared_slides: Path, factor: int
+                                                   ) -> None:
+    path = shared_slides / "CMU-1-Small-Region.svs"
+    mpp = describe(path).require_mpp()
+    g = full_grid(path, target_mpp=mpp * factor, tile_px=224 if factor < 8 else 64)
+    compare_scaled(path, g, factor)
+
+
+def test_unaligned_power_of_two_grid_keeps_exact_area_resize(svs_slide: Path) -> None:
+    import dataclasses
+
+    from wsi_assist.chunks import SOURCES
+    from wsi_assist.stream import reduced_source
+
+    g = full_grid(svs_slide, target_mpp=1.0, tile_px=96)
+    shifted = dataclasses.replace(g, coords=g.coords + 1)  # odd corners: no 1/2 scale
+    with SOURCES.lease(str(svs_slide), g.level, "auto") as src:
+        assert reduced_source(src, shifted)[0] is src
+    compare(svs_slide, shifted, exact=True, batch_size=5)
+
+
+def test_ndpi_power_of_two_falls_back_to_full_decode(shared_slides: Path) -> None:
+    from wsi_assist.chunks import SOURCES
+    from wsi_assist.stream import reduced_source
+
+    path = shared_slides / "test3-DAPI-2-387.ndpi"
+    g = full_grid(path, target_mpp=describe(path).require_mpp() * 2, tile_px=128)
+    with SOURCES.lease(str(path), g.level, "auto") as src:
+        assert reduced_source(src, g)[0] is src  # JPEG strips with a shared header
+
+
+def test_near_power_of_two_target_reads_an_exact_multiple() -> None:
+    """A 40x scan at 0.2527 um/px read at 0.5: 2 x tile_px exactly (0.5054 delivered),
+    so the DCT-scaled decode applies; a target 10 % off keeps its own ratio."""
+    from wsi_assist.slide import SlideInfo
+
+    info = SlideInfo(path="x.svs", format="aperio", vendor="aperio", width=4000,
+                     height=3000, level_count=2, level_dimensions=((4000, 3000), (1000, 750)),
+                     level_downsamples=(1.0, 4.0), mpp=0.2527, mpp_source="metadata",
+                     objective_power=40.0)
+    g = grid(info, shapely.box(0, 0, 4000, 3000), TilingParams(target_mpp=0.5))
+    assert (g.level, g.read_px, g.tile_px) == (0, 448, 224)
+    assert g.delivered_mpp == pytest.approx(0.5054)
+    g = grid(info, shapely.box(0, 0, 4000, 3000), TilingParams(target_mpp=0.56))
+    assert g.read_px == round(224 * 0.56 / 0.2527)
+
+
+def test_scaled_decode_of_cut_short_or_bad_chunks(svs_slide: Path) -> None:
+    """A chunk cut short is decoded in full and area-reduced (as the full path reads
+    it); bytes that are no JPEG raise, which ``decode`` reports naming the slide."""
+    from wsi_assist.chunks import SOURCES, TiffUnits
+
+    with SOURCES.lease(str(svs_slide), 0, "tifffile") as src:
+        assert isinstance(src, TiffUnits)
+        scaled = src.scaled(2)
+        assert scaled is not None and src.scaled(3) is None
+        data = src.read_chunk(5)
+        assert data is not None
+        ch, cw = src.unit_shape
+        out = np.zeros((ch // 2, cw // 2, 4), np.uint8)
+        scaled.decode_chunk(data[:len(data) // 2], out)
+        full = np.empty((ch, cw, 3), np.uint8)
+        src.decode_chunk(data[:len(data) // 2], 5, full)
+        box = full.reshape(ch // 2, 2, cw // 2, 2, 3).mean(axis=(1, 3))
+        assert np.abs(out[..., :3] - box).max() <= 0.5 + 1e-9  # Pillow rounds halves up
+        with pytest.raises(ValueError, match="JPEG decoder error"):
+            scaled.decode_chunk(b"not a jpeg" + data, out)

@@ -27,6 +27,7 @@ from typing import Any
 from wsi_assist import __version__, files, locks, stages
 from wsi_assist import config as config_mod
 from wsi_assist.errors import WsiAssistError, in_words
+from wsi_assist.report import browser, pdf
 from wsi_assist.report.index import write_batch_outputs
 from wsi_assist.settings import Config
 from wsi_assist.slide import (
@@ -532,17 +533,18 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
         progress.start(len(p.paths))
     results: list[SlideResult] = []
     if client is None:
-        for path in p.paths:
-            if stop is not None and stop():
-                break
-            try:
-                r = process_slide(path, p.ids[path], out, config, p.mpp_table, force)
-            except KeyboardInterrupt:  # a second Ctrl-C: this slide is dropped
-                results.append(interrupted(path, p.ids[path]))
-                break
-            results.append(r)
-            if progress is not None:
-                progress.advance(r)
+        with browser.shared(_batch_browser(out, config)):  # one Chromium for all PDFs
+            for path in p.paths:
+                if stop is not None and stop():
+                    break
+                try:
+                    r = process_slide(path, p.ids[path], out, config, p.mpp_table, force)
+                except KeyboardInterrupt:  # a second Ctrl-C: this slide is dropped
+                    results.append(interrupted(path, p.ids[path]))
+                    break
+                results.append(r)
+                if progress is not None:
+                    progress.advance(r)
     else:
         results = _run_on_cluster(client, p, out, config, force, progress, stop, wants_gpu)
     with_pid = files.work_dir(out)
@@ -568,6 +570,13 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
     if problems:
         raise OutputsNotWritten(problems, results)
     return results
+
+
+def _batch_browser(out: Path, config: Config) -> browser.Browser | None:
+    """The batch's Chromium for report PDFs (started on the first), when it makes any."""
+    if "report" not in config.stages or not config.report.pdf:
+        return None
+    return pdf.batch_browser(files.work_dir(out))
 
 
 def _run_on_cluster(client: Any, p: BatchPlan, out: Path, config: Config, force: bool,

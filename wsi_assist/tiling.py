@@ -3,7 +3,10 @@
 Tiles are laid on the source level, the coarsest level still at least as fine as the
 target mpp. When that level's mpp is within ``mpp_tolerance`` of the target, tiles are
 read at ``tile_px`` and not resized (the delivered mpp is the level's, and is recorded);
-otherwise ``read_px`` level pixels are read and resized to ``tile_px``.
+otherwise ``read_px`` level pixels are read and resized to ``tile_px``. When the target
+is within the same tolerance of 2, 4 or 8 times the level's mpp (a 40x scan at 0.2527
+um/px read at 0.5), ``read_px`` is exactly that multiple of ``tile_px`` (delivered:
+0.5054 um/px, recorded), so the stream can decode JPEG at that scale in the DCT domain.
 """
 
 from __future__ import annotations
@@ -167,8 +170,11 @@ def grid(info: SlideInfo, tissue: shapely.Geometry, params: TilingParams = Tilin
     level = source_level(info, params.target_mpp, params.mpp_tolerance)
     ds = info.level_downsamples[level]
     level_mpp = mpp * ds
+    f = power_of_two(params.target_mpp / level_mpp, params.mpp_tolerance)
     if abs(level_mpp - params.target_mpp) <= params.mpp_tolerance * params.target_mpp:
         read_px, delivered = params.tile_px, level_mpp
+    elif f:  # a 40x scan read at 20x (0.2527 -> 0.5054 um/px): decoded at 1/f scale
+        read_px, delivered = f * params.tile_px, level_mpp * f
     else:
         read_px = max(1, int(round(params.tile_px * params.target_mpp / level_mpp)))
         delivered = level_mpp * read_px / params.tile_px
@@ -186,6 +192,19 @@ def grid(info: SlideInfo, tissue: shapely.Geometry, params: TilingParams = Tilin
                     level=level, level_downsample=float(ds), read_px=read_px,
                     stride_px=stride, tile_px=params.tile_px, target_mpp=params.target_mpp,
                     mpp=mpp, delivered_mpp=float(delivered), level_dimensions=(lw, lh))
+
+
+#: Resize factors read as such when the target is within tolerance of them: the stream
+#: decodes JPEG at these scales in the DCT domain (``stream.reduced_source``).
+POWER_OF_TWO = (2, 4, 8)
+
+
+def power_of_two(ratio: float, tolerance: float) -> int | None:
+    """The factor of POWER_OF_TWO within ``tolerance`` (relative) of ``ratio``, or None."""
+    for f in POWER_OF_TWO:
+        if abs(ratio - f) <= tolerance * f:
+            return f
+    return None
 
 
 def tissue_fraction(coords: np.ndarray, size: float, tissue: shapely.Geometry) -> np.ndarray:

@@ -28,17 +28,25 @@ def report(
     Uses the run's OUT/config.yaml unless --config is given; refreshes OUT/index.html
     and OUT/summary.csv when OUT/manifest.csv exists.
     """
+    import contextlib
     import csv
 
     from wsi_assist import config as config_mod
+    from wsi_assist import files
     from wsi_assist.batch import read_done, slide_folders
+    from wsi_assist.report import browser
+    from wsi_assist.report import pdf as report_pdf
     from wsi_assist.report.index import write_batch_outputs
     from wsi_assist.stages import rebuild_report
 
     configs: dict[Path, config_mod.Config] = {}
     done_in: dict[Path, None] = {}  # output folders with a rebuilt slide, in order
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         folders = slide_folders(slide_dirs)
+        if len(folders) > 1:  # one Chromium for every slide's PDF, its folder in OUT
+            scratch = files.work_dir(folders[0].parent)
+            stack.callback(_remove_empty, scratch)
+            stack.enter_context(browser.shared(report_pdf.batch_browser(scratch)))
         try:
             for d in folders:
                 cfg = configs.get(d.parent)
@@ -60,3 +68,12 @@ def report(
                 if manifest.is_file():
                     with manifest.open(newline="", encoding="utf-8") as f:
                         write_batch_outputs(out, list(csv.DictReader(f)))
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove ``folder`` and its parent (``OUT/.work``) where they are left empty."""
+    for d in (folder, folder.parent):
+        try:
+            d.rmdir()
+        except OSError:
+            return

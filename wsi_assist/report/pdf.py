@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from wsi_assist.files import atomic_path
+from wsi_assist.report.browser import Browser, BrowserError, current
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,35 @@ class _NoPdf(Exception):
     """Chromium ran but wrote no PDF; the message is the note to return."""
 
 
+def batch_browser(scratch: Path) -> Browser | None:
+    """One Chromium for a batch's PDFs (see :mod:`browser`), its temporary folder in
+    ``scratch``; None when Chromium is not installed. Started on its first page."""
+    exe = find_browser()
+    # --no-pdf-header-footer puts headless Chromium in its print-one-page command mode,
+    # in which it opens no page to drive; printToPDF's own options say the same
+    flags = tuple(f for f in FLAGS if f != "--no-pdf-header-footer")
+    return None if exe is None else Browser(exe, flags, scratch, CHROMIUM_DIRS)
+
+
 def write_pdf(html: Path, pdf: Path, scratch: Path | None = None) -> str:
-    """Print ``html`` to ``pdf``; returns a note ("written", or why it was skipped).
-    ``scratch``: where Chromium's temporary folder goes (see :func:`chromium`)."""
+    """Print ``html`` to ``pdf``; returns a note ("written", or why it was skipped):
+    with the batch's browser when one is open (:func:`browser.shared`), else by running
+    Chromium once. ``scratch``: where that Chromium's temporary folder goes (see
+    :func:`chromium`)."""
     if find_browser() is None:
         log.info("report.pdf skipped: chromium is not installed")
         return "skipped: chromium not installed"
+    shared = current()
+    if shared is not None:
+        try:
+            with atomic_path(pdf) as tmp:
+                shared.print_pdf(html, tmp)
+                if tmp.stat().st_size == 0:
+                    raise BrowserError("empty PDF")
+            return "written"
+        except BrowserError as e:  # this slide alone: Chromium once, as without a batch
+            log.warning("report.pdf: the batch's chromium failed on %s (%s); running "
+                        "chromium for it alone", html, e)
     try:
         with atomic_path(pdf) as tmp:
             res = chromium([f"--print-to-pdf={tmp.resolve()}"], html, scratch=scratch)

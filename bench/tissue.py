@@ -1,0 +1,166 @@
+"""Tissue detection + tile grid benchmark: wall time per step, against a baseline.
+
+    python3 bench/tissue.py SLIDE [SLIDE...] [--rounds R] [--baseline OLD/tissue.py]
+    python3 bench/tissue.py --synthetic 40000 /work/shared/slides/test3-DAPI-2-387.ndpi
+
+Steps, as the ``tissue`` and ``tiles`` stages run them: ``open`` (describe the slide),
+``overview`` (``slide.read_lowres`` at ``tissue.overview_mpp``), ``detect``
+(``tissue.detect``), ``grid`` (``tiling.grid`` at 0.5 um/px, tissue fractions
+included). tiatoolbox is not installed here (it brings its own torch stack); its Otsu
+path is not measured by this script. ``--baseline`` loads another version of ``tissue.py`` (e.g. main's, before
+a change) as a module of its own and times its ``detect`` on the same overview in the
+same process, round by round (alternating which runs first), so ``detect_speedup`` is
+a ratio within one run; the overview is also read as before ``slide.box_mean`` (numpy's
+mean over the strided block axes), checked equal, and timed (``baseline_overview_s``);
+``total_speedup`` is the baseline's total over ours, round by round. The
+masks of both are compared (``mask_agreement``: fraction of equal overview cells).
+Medians over rounds. The last line is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wsi_assist import slide as slide_mod
+from wsi_assist import tiling, tissue
+from wsi_assist.settings import TilingParams, TissueParams
+from wsi_assist.slide import describe, open_slide, read_lowres
+
+log = logging.getLogger("bench.tissue")
+
+
+def load_baseline(path: Path) -> ModuleType:
+    """Another version of tissue.py as the module ``baseline_tissue``."""
+    spec = importlib.util.spec_from_file_location("baseline_tissue", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_tissue"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def read_overview(path: Path, info: Any, want: float, as_before: bool
+                  ) -> tuple[np.ndarray, float, float]:
+    """(overview, downsample, seconds); ``as_before``: block means by numpy's mean over
+    the strided block axes, as before ``slide.box_mean``."""
+    real = slide_mod.box_mean
+    if as_before:
+        slide_mod.box_mean = lambda blocks: blocks.mean(axis=(1, 3))
+    try:
+        t = time.perf_counter()
+        with open_slide(path) as s:
+            image, ds = read_lowres(s, info, want)
+        return image, ds, time.perf_counter() - t
+    finally:
+        slide_mod.box_mean = real
+
+
+def one_round(path: Path, base: ModuleType | None, r: int) -> dict[str, Any]:
+    """One round; with a baseline, ours and the baseline's run in turn, the first of the
+    two alternating between rounds (the first read of a slide pays its page cache)."""
+    params = TissueParams()
+    t0 = time.perf_counter()
+    info = describe(path)
+    t_open = time.perf_counter() - t0
+    mpp = info.require_mpp()
+    want = tissue.overview_mpp(info.width, info.height, mpp, params, info.level_downsamples)
+    order = (False, True) if r % 2 == 0 else (True, False)
+    runs: dict[bool, Any] = {}
+    for before in order if base is not None else (False,):
+        image, ds, t_over = read_overview(path, info, want, before)
+        det = base.detect if before and base is not None else tissue.detect
+        t = time.perf_counter()
+        found = det(image, ds, mpp, params)
+        runs[before] = (image, found, t_over, time.perf_counter() - t)
+    image, found, t_over, t_det = runs[False]
+    t = time.perf_counter()
+    g = tiling.grid(info, found.geometry, TilingParams(target_mpp=0.5))
+    t_grid = time.perf_counter() - t
+    row: dict[str, Any] = {"open": t_open, "overview": t_over, "detect": t_det,
+                           "grid": t_grid, "total": t_open + t_over + t_det + t_grid,
+                           "tiles": len(g), "overview_px": list(image.shape[:2]),
+                           "method": found.method}
+    if base is not None:
+        old_image, old, b_over, b_det = runs[True]
+        if not np.array_equal(old_image, image):
+            raise SystemExit(f"{path}: the overview differs from numpy's mean")
+        row |= {"baseline_overview": b_over, "baseline_detect": b_det,
+                "baseline_total": t_open + b_over + b_det + t_grid,
+                "mask_agreement": float((old.mask == found.mask).mean()),
+                "area_ratio": found.area_um2 / old.area_um2 if old.area_um2 else None}
+    return row
+
+
+def bench(path: Path, rounds: int, base: ModuleType | None) -> dict[str, Any]:
+    rows = [one_round(path, base, r) for r in range(rounds)]
+
+    def med(k: str) -> float:
+        return float(np.median([r[k] for r in rows]))
+
+    out: dict[str, Any] = {"slide": path.name, "tiles": rows[0]["tiles"],
+                           "overview_px": rows[0]["overview_px"],
+                           "method": rows[0]["method"]}
+    out |= {f"{k}_s": round(med(k), 4) for k in ("open", "overview", "detect", "grid",
+                                                  "total")}
+    if base is not None:
+        out["overview_speedup"] = round(float(np.median(
+            [r["baseline_overview"] / r["overview"] for r in rows])), 2)
+        out["baseline_detect_s"] = round(med("baseline_detect"), 4)
+        out["baseline_overview_s"] = round(med("baseline_overview"), 4)
+        out["baseline_total_s"] = round(med("baseline_total"), 4)
+        out["total_speedup"] = round(float(np.median(
+            [r["baseline_total"] / r["total"] for r in rows])), 2)
+        out["detect_speedup"] = round(float(np.median(
+            [r["baseline_detect"] / r["detect"] for r in rows])), 2)
+        out["mask_agreement"] = round(rows[0]["mask_agreement"], 5)
+        out["area_ratio"] = rows[0]["area_ratio"] and round(rows[0]["area_ratio"], 5)
+    log.info("%s", json.dumps(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("slides", nargs="*", type=Path)
+    ap.add_argument("--synthetic", type=int, metavar="PX",
+                    help="also a PX^2 synthetic 40x slide (bench/tiles.py's)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--baseline", type=Path, help="another tissue.py to compare detect with")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.simplefilter("ignore", UserWarning)
+    base = load_baseline(a.baseline) if a.baseline else None
+    tmp = None
+    slides = list(a.slides)
+    if a.synthetic:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from tiles import write_synthetic
+
+        tmp = tempfile.TemporaryDirectory(prefix="wsi-bench-")
+        slides.insert(0, write_synthetic(Path(tmp.name) / f"synthetic-{a.synthetic}.svs",
+                                         a.synthetic))
+    if not slides:
+        ap.error("give SLIDE or --synthetic PX")
+    results = [bench(p, a.rounds, base) for p in slides]
+    if tmp is not None:
+        tmp.cleanup()
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""One headless Chromium kept for a batch, printing each slide's report to PDF.
+
+Starting Chromium costs 1.3-1.6 s; a batch of small slides spent most of its report
+stage on it. :class:`Browser` starts one, talks to it over its DevTools protocol on a
+pair of pipes (``--remote-debugging-pipe``: fd 3 in, fd 4 out, JSON messages ended by a
+NUL byte; no port, no websocket library), and prints each report in the page it opened
+at start: ``Page.navigate`` → ``Page.loadEventFired`` (images loaded) →
+``Page.printToPDF``. The options are those of Chromium's own
+``--print-to-pdf`` with ``--no-pdf-header-footer`` (backgrounds printed, the page's
+CSS page size, no header or footer).
+
+A page that fails (an error, a timeout, the browser gone) raises :class:`BrowserError`
+and the browser is stopped; the next page starts a fresh one, so one slide never fails
+another. :func:`shared` opens the batch's browser (``batch.run_batch`` does, around its
+local loop); :func:`current` is what ``pdf.write_pdf`` uses, else it runs Chromium once.
+Chromium's profile, HOME, XDG folders and TMPDIR are a folder inside the batch's scratch
+folder, removed when the batch ends.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+#: Where Chromium's log goes (a file while debugging).
+_STDERR: Any = subprocess.DEVNULL
+
+#: Seconds to wait for one page to load and print.
+PAGE_TIMEOUT = 120.0
+#: printToPDF options matching ``chromium --headless --print-to-pdf --no-pdf-header-footer``.
+PRINT = {"printBackground": True, "preferCSSPageSize": True, "displayHeaderFooter": False,
+         "transferMode": "ReturnAsBase64"}
+#: The shell moves the pipes to the fds Chromium reads (3) and writes (4): no preexec_fn,
+#: which is unsafe in a process with threads.
+LAUNCH = 'exec "$0" "$@" 3<&0 4>&1 </dev/null >/dev/null'
+
+
+class BrowserError(Exception):
+    """One page could not be printed (the message says why, in words)."""
+
+
+class Browser:
+    """A headless Chromium driven over ``--remote-debugging-pipe``; one page at a time."""
+
+    def __init__(self, exe: str, flags: tuple[str, ...], scratch: Path,
+                 env_dirs: dict[str, str]) -> None:
+        self._exe, self._flags, self._scratch, self._dirs = exe, flags, scratch, env_dirs
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: Path | None = None
+        self._buf = b""
+        self._session: str | None = None
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self.starts = 0  # how many Chromium processes were started (the bench and tests)
+
+    def print_pdf(self, html: Path, out: Path, timeout: float = PAGE_TIMEOUT) -> None:
+        """Print ``html`` to ``out``; BrowserError when it cannot (the browser is then
+        stopped, and the next call starts a new one)."""
+        with self._lock:
+            try:
+                self._start()
+                out.write_bytes(self._print(html, time.monotonic() + timeout))
+            except (OSError, ValueError, KeyError, BrowserError) as e:
+                self.close()
+                raise BrowserError(str(e) or type(e).__name__) from e
+
+    def close(self) -> None:
+        """Stop Chromium (if running) and remove its scratch folder."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    if stream is not None:
+                        stream.close()
+            try:
+                proc.wait(timeout=5)  # it exits when its pipe closes
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its renderers, still writing the profile
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        self._buf, self._session = b"", None
+
+    def _start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self.close()
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        root = self._tmp = Path(tempfile.mkdtemp(prefix=".chromium-", dir=self._scratch))
+        root = root.resolve()
+        env = {**os.environ, **{var: str(root / sub) for var, sub in self._dirs.items()}}
+        env["TMPDIR"] = self._dirs["TMPDIR"]  # relative: a short socket path (see pdf.py)
+        for sub in self._dirs.values():
+            (root / sub).mkdir(mode=0o700)
+        cmd = ["sh", "-c", LAUNCH, self._exe, *self._flags, "--remote-debugging-pipe",
+               f"--user-data-dir={root / 'profile'}", f"--crash-dumps-dir={root / 'crash'}",
+               "about:blank"]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=_STDERR, env=env, cwd=root,
+                                      start_new_session=True)  # its own process group
+        self.starts += 1
+        log.debug("chromium started for the batch's PDFs (pid %d)", self._proc.pid)
+
+    def _attach(self, deadline: float) -> str:
+        """The session of the page Chromium opened at start (tabs created later over the
+        protocol lose their renderer in headless Chromium 150: the one page is reused)."""
+        while True:  # the page appears a moment after Chromium starts
+            pages = [t for t in self._call("Target.getTargets", {}, deadline)["targetInfos"]
+                     if t.get("type") == "page"]
+            if pages:
+                break
+            if time.monotonic() > deadline:
+                raise BrowserError("chromium opened no page")
+            time.sleep(0.05)
+        session = self._call("Target.attachToTarget", {"targetId": pages[0]["targetId"],
+                                                       "flatten": True}, deadline)
+        self._call("Page.enable", {}, deadline, session["sessionId"])
+        return str(session["sessionId"])
+
+    def _print(self, html: Path, deadline: float) -> bytes:
+        if self._session is None:
+            self._session = self._attach(deadline)
+        session = self._session
+        self._loaded = None
+        nav = self._call("Page.navigate", {"url": html.resolve().as_uri()}, deadline, session)
+        if nav.get("errorText"):
+            raise BrowserError(f"cannot open {html}: {nav['errorText']}")
+        self._wait_event("Page.loadEventFired", session, deadline)
+        return base64.b64decode(self._call("Page.printToPDF", PRINT, deadline,
+                                           session)["data"])
+
+    def _call(self, method: str, params: dict[str, Any], deadline: float,
+              session: str | None = None) -> dict[str, Any]:
+        """Send one command; its result (events read meanwhile are dropped, except the
+        load event, which is kept for :meth:`_wait_event`)."""
+        self._next_id += 1
+        msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
+        if session is not None:
+            msg["sessionId"] = session
+        stdin = self._proc.stdin if self._proc is not None else None
+        if stdin is None:
+            raise BrowserError("chromium is not running")
+        stdin.write(json.dumps(msg).encode() + b"\0")
+        stdin.flush()
+        while True:
+            reply = self._read(deadline)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise BrowserError(f"{method}: {reply['error'].get('message', reply)}")
+                return dict(reply.get("result", {}))
+            if reply.get("method") == "Page.loadEventFired":
+                self._loaded = reply.get("sessionId")
+
+    _loaded: str | None = None
+
+    def _wait_event(self, method: str, session: str, deadline: float) -> None:
+        if self._loaded == session:
+            self._loaded = None
+            return
+        while True:
+            ev = self._read(deadline)
+            if ev.get("method") == method and ev.get("sessionId") == session:
+                return
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        """The next NUL-ended message from Chromium, or BrowserError at the deadline or
+        when it has exited."""
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            raise BrowserError("chromium is not running")
+        fd = proc.stdout.fileno()
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrowserError("chromium timed out")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise BrowserError(f"chromium exited (status {proc.poll()})")
+                self._buf += chunk
+        raw, self._buf = self._buf.split(b"\0", 1)
+        return dict(json.loads(raw))
+
+
+_CURRENT: Browser | None = None
+
+
+def current() -> Browser | None:
+    """The batch's browser while :func:`shared` is open in this process, else None."""
+    return _CURRENT
+
+
+@contextlib.contextmanager
+def shared(browser: Browser | None) -> Iterator[Browser | None]:
+    """Make ``browser`` the one :func:`current` gives while the block runs (None: no
+    Chromium installed, nothing to share), and close it at the end."""
+    global _CURRENT
+    previous, _CURRENT = _CURRENT, browser
+    try:
+        yield browser
+    finally:
+        _CURRENT = previous
+        if browser is not None:
+            browser.close()
