@@ -740,6 +740,26 @@ def score_positivity(nuclei: Nuclei, stains: StainVectors,
                       h_score=(pct["1+"] + 2 * pct["2+"] + 3 * pct["3+"]) if n else None)
 
 
+#: Fewest nuclei a density must rest on before :func:`density_warning` judges it.
+MIN_NUCLEI_FOR_DENSITY = 50
+
+
+def density_warning(n: int, area_mm2: float, params: NucleiParams) -> str | None:
+    """A warning that the mpp may be wrong when ``n`` nuclei on ``area_mm2`` lie outside
+    ``minPlausibleDensity`` .. ``maxPlausibleDensity`` per mm^2; None inside it, or with
+    fewer than :data:`MIN_NUCLEI_FOR_DENSITY` nuclei or no area. A mpp 4x too small
+    makes the area 16x too small; the upper end (60,000/mm^2) is about a section packed
+    solid with nuclei 4.5 µm across, which no tissue reaches."""
+    if n < MIN_NUCLEI_FOR_DENSITY or not area_mm2 > 0:
+        return None
+    density = n / area_mm2
+    lo, hi = params.minPlausibleDensity, params.maxPlausibleDensity
+    if lo <= density <= hi:
+        return None
+    return (f"the mpp may be wrong: {density:,.0f} nuclei/mm^2 is outside the plausible "
+            f"{lo:,.0f}-{hi:,.0f}; check the slide's mpp (or give --mpp)")
+
+
 def summary(nuclei: Nuclei, positivity: Positivity, area_mm2: float) -> dict[str, Any]:
     """Slide-level numbers: counts, density, median nucleus area and the DAB scores."""
     n = len(nuclei)

@@ -360,6 +360,10 @@ class NucleiParams(Section):
     contrastRingMicrons: Annotated[float, Field(gt=0)] = 1.5
     maxStainAngle: NonNegFloat = 5.0
     minSolidity: Fraction = 0.0
+    #: mpp plausibility (ours): nuclei per mm^2 of analysed tissue outside this range make
+    #: the manifest and the report warn that the slide's mpp may be wrong (see README).
+    minPlausibleDensity: NonNegFloat = 300.0
+    maxPlausibleDensity: NonNegFloat = 60_000.0
 
     @model_validator(mode="after")
     def _ordered(self) -> NucleiParams:

@@ -37,6 +37,8 @@ def qc(store: SlideStore, grid: TileGrid | None, empty_below: float) -> dict[str
     tissue, and ``warnings`` a reader must see (no tissue found)."""
     tissue = store.read_tissue()
     warnings = tissue_warnings(tissue.geometry) if tissue.area_um2 is not None else []
+    warnings += [str(w) for s in store.read_submodels()
+                 for w in (s.attrs.get("warnings") or [])]
     n = None if grid is None else len(grid)
     empty = None
     if grid is not None and n:

@@ -62,6 +62,10 @@ def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
     onnx = [s for s in submodels.specs if not is_builtin(s)]
     if onnx:
         summary.update(_run_onnx(slide, grid, background, onnx, submodels))
+    warnings = [w for r in summary.values() if isinstance(r, dict)
+                for w in r.get("warnings", [])]
+    if warnings:  # what the manifest's warnings column shows
+        summary["warnings"] = warnings
     return summary
 
 
