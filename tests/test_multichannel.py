@@ -407,3 +407,18 @@ def test_channel_qc_scores() -> None:
     background, focus = score(tiles)
     assert background[1] == 0 and background[0] > 0.5
     assert focus[0] > 100 and focus[1] == 0
+
+
+def test_submodels_not_applicable_when_every_analysis_was_skipped() -> None:
+    """On a fluorescence slide the stage ran but analysed nothing: the report's stage table
+    says "not applicable" and why, not "done"."""
+    from wsi_assist.report.data import stage_statuses
+
+    stages = {"tissue": {"status": "done"}, "submodels": {"status": "done"}}
+    why = "needs a bright-field slide; this slide's background is fluorescence"
+    out = stage_statuses(stages, [{"name": "nuclei", "skipped": why}])
+    assert out["submodels"]["status"] == "not applicable"
+    assert why in out["submodels"]["reason"] and out["tissue"] == {"status": "done"}
+    ran = [{"name": "nuclei", "skipped": None}, {"name": "other", "skipped": why}]
+    assert stage_statuses(stages, ran)["submodels"] == {"status": "done"}
+    assert stage_statuses(stages, [])["submodels"] == {"status": "done"}

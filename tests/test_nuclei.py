@@ -364,3 +364,114 @@ def test_owners_share_out_overlapping_tiles_and_blocks_cover_them() -> None:
         0, 0, 1, 0, 0, 1, 2, 2]
     for i, b in enumerate(of):
         assert g.boxes()[i].within(blocks.boxes()[b])
+
+
+# -- nucleus-vs-stroma/ink rejection, mpp plausibility (issue 13) ---------------------------
+
+INK_OD = (0.85, 0.2, 0.3)  # teal marking ink: absorbs red, passes green
+
+
+def he_image() -> tuple[np.ndarray, dict[str, list[tuple[float, float]]]]:
+    """uint8 RGB from known H&E optical densities on eosin-stained stroma (H 0.05, E 0.3):
+    dark nuclei (H 0.8), pale bluish stroma wisps (H 0.3: above QuPath's threshold of
+    0.1 over the background, but only 0.25 above their surroundings) and teal ink blobs,
+    discs of radius 6 px at 0.5 um/px, on a 5 x 3 lattice; the centres of each kind."""
+    from wsi_assist.stain import EOSIN
+
+    size, spacing = 5 * 48, 48
+    yy, xx = np.mgrid[0:3 * spacing, 0:size] + 0.5
+    h, e = np.full(xx.shape, 0.05), np.full(xx.shape, 0.3)
+    ink = np.zeros(xx.shape)
+    centres: dict[str, list[tuple[float, float]]] = {"nucleus": [], "stroma": [], "ink": []}
+    for row, kind in enumerate(("nucleus", "stroma", "ink")):
+        for col in range(5):
+            cx, cy = (col + 0.5) * spacing, (row + 0.5) * spacing
+            disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= 36
+            if kind == "nucleus":
+                h[disc] = 0.8
+            elif kind == "stroma":
+                h[disc] = 0.3
+            else:
+                ink[disc] = 0.9
+            centres[kind].append((cx, cy))
+    od = (h[..., None] * _unit(HEMATOXYLIN) + e[..., None] * _unit(EOSIN)
+          + ink[..., None] * _unit(INK_OD))
+    noise = np.random.default_rng(1).normal(0, 1.0, od.shape)
+    return np.clip(np.rint(255 * 10**-od + noise), 0, 255).astype(np.uint8), centres
+
+
+def _found_at(found: nu.Nuclei, centres: list[tuple[float, float]]) -> int:
+    if not len(found):
+        return 0
+    d, _ = cKDTree(found.centroids).query(np.asarray(centres))
+    return int((d < 3).sum())
+
+
+def test_stroma_and_ink_rejected_on_he_nuclei_kept() -> None:
+    rgb, centres = he_image()
+    he = default_vectors("brightfield-he")
+    off = NucleiParams(minNucleusContrast=0, maxStainAngle=0)
+    plain = nu.detect_nuclei(rgb, 0.5, he, off)
+    # without the rejection, QuPath's steps take the wisps and the ink for nuclei
+    assert _found_at(plain, centres["stroma"]) == 5 and _found_at(plain, centres["ink"]) >= 4
+    found = nu.detect_nuclei(rgb, 0.5, he, NucleiParams())
+    assert _found_at(found, centres["nucleus"]) == 5
+    assert _found_at(found, centres["stroma"]) == 0 and _found_at(found, centres["ink"]) == 0
+    assert len(found) == 5
+    # each rule does its own part
+    only_contrast = nu.detect_nuclei(rgb, 0.5, he, NucleiParams(maxStainAngle=0))
+    assert _found_at(only_contrast, centres["stroma"]) == 0
+    only_angle = nu.detect_nuclei(rgb, 0.5, he, NucleiParams(minNucleusContrast=0))
+    assert _found_at(only_angle, centres["ink"]) == 0
+    assert _found_at(only_angle, centres["stroma"]) == 5
+
+
+def test_rejection_leaves_hdab_slides_alone(hdab) -> None:
+    rgb, _, found = hdab
+    again = nu.detect_nuclei(rgb, 0.5, default_vectors("brightfield-hdab"),
+                             NucleiParams(detectionImageBrightfield="Optical density sum",
+                                          minNucleusContrast=5.0, maxStainAngle=0.1))
+    assert len(again) == len(found)
+
+
+def test_density_warning_only_outside_the_plausible_range() -> None:
+    p = NucleiParams()
+    assert nu.density_warning(4000, 1.0, p) is None
+    assert nu.density_warning(30, 1.0, p) is None  # too few nuclei to judge
+    low = nu.density_warning(100, 1.0, p)
+    assert low is not None and "mpp may be wrong" in low and "100 nuclei/mm^2" in low
+    assert nu.density_warning(70_000, 1.0, p) is not None
+    assert nu.density_warning(100, 1.0, NucleiParams(minPlausibleDensity=0)) is None
+
+
+@pytest.mark.real_slides
+def test_real_slide_claimed_at_a_wrong_mpp_warns(shared_slides, tmp_path) -> None:
+    """A real H&E crop written with its true resolution and with one 4x too coarse (as
+    a scanner or converter that gets the units wrong): only the wrong one warns."""
+    import tifffile
+
+    from wsi_assist.settings import TilingParams
+    from wsi_assist.slide import describe, open_slide
+    from wsi_assist.stages import nuclei as builtin
+    from wsi_assist.stream import stream
+    from wsi_assist.tiling import grid as make_grid
+
+    with open_slide(shared_slides / "HE_example.ome.tif") as s:
+        rgb = np.asarray(s.read_region((300, 300), 0, (384, 384), as_array=True))[..., :3]
+    he, params = default_vectors("brightfield-he"), NucleiParams()
+    warned = {}
+    for mpp in (0.5, 2.0):
+        path = tmp_path / f"he_{mpp}.tif"
+        tifffile.imwrite(path, np.ascontiguousarray(rgb), tile=(128, 128), photometric="rgb",
+                         resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        info = describe(path)
+        assert info.mpp == pytest.approx(mpp)
+        g = make_grid(info, shapely.box(0, 0, 384, 384), TilingParams(min_tissue=0.0))
+        blocks, block_of = builtin.analysis_grid(g, params)
+        found = builtin.analyse(stream(path, blocks, batch_size=2), g, blocks, block_of, he,
+                                params, info.level_dimensions[g.level])
+        area_mm2 = 384 * 384 * mpp**2 / 1e6
+        warned[mpp] = (len(found) / area_mm2,
+                       nu.density_warning(len(found), area_mm2, params))
+    assert warned[0.5][1] is None, warned
+    assert warned[2.0][1] is not None and "mpp may be wrong" in warned[2.0][1], warned

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from wsi_assist.settings import NucleiParams
-from wsi_assist.stain import StainVectors, deconvolve, optical_density
+from wsi_assist.stain import StainVectors, cone_angle_deg, deconvolve, optical_density
 
 #: QuPath's colours of its intensity classes.
 CLASS_COLORS: dict[str, tuple[int, int, int]] = {
@@ -244,6 +244,7 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, stains: StainVectors,
     inside = None if valid is None else tuple(int(round(v / scale)) for v in valid)
     labels, measure = segment(det, px, params, dens[..., _hematoxylin_index(stains)], dab,
                               inside)
+    labels = reject_stroma_and_ink(labels, img, dens, stains, params, px)
     ids = np.arange(1, int(labels.max()) + 1)
     if not len(ids):
         return Nuclei.empty(names)
@@ -262,6 +263,12 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, stains: StainVectors,
     if not len(ids):
         return Nuclei.empty(names)
     rings = outlines(labels, ids, params.smoothBoundaries)
+    if params.minSolidity > 0:
+        solid = solidity(rings) >= params.minSolidity
+        ids, centroids = ids[solid], centroids[solid]
+        rings = [r for r, ok in zip(rings, solid, strict=True) if ok]
+        if not len(ids):
+            return Nuclei.empty(names)
     table = np.concatenate([shape_measurements(rings, labels, ids, px),
                             intensity_measurements(channels, labels, ids)], axis=1)
     sizes = np.array([len(r) for r in rings], np.int64)
@@ -269,6 +276,85 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, stains: StainVectors,
     return Nuclei(centroids * scale, vertices * np.float32(scale),
                   np.r_[0, np.cumsum(sizes)].astype(np.int64), table.astype(np.float32),
                   names)
+
+
+def nuclear_stains(stains: StainVectors) -> tuple[int, ...]:
+    """Indices of the stains that mark nuclei: haematoxylin, and DAB on H-DAB slides
+    (a Ki-67 or ER nucleus may hold more DAB than haematoxylin)."""
+    idx = [_hematoxylin_index(stains)]
+    if scored_stain(stains) is not None:
+        idx.append(stains.names.index("DAB"))
+    return tuple(idx)
+
+
+def rejects_stroma_and_ink(stains: StainVectors) -> bool:
+    """Whether :func:`reject_stroma_and_ink` applies: on brightfield slides other than
+    H-DAB. IHC counterstains haematoxylin lightly (so that DAB shows): its nuclei stand
+    out from their surroundings by a few hundredths of OD, which no contrast rule can
+    tell from stroma, and DAB-positive nuclei are not haematoxylin-coloured."""
+    return stains.kind in ("brightfield-he", "brightfield-other")
+
+
+def reject_stroma_and_ink(labels: np.ndarray, img: np.ndarray, dens: np.ndarray,
+                          stains: StainVectors, params: NucleiParams, px: float
+                          ) -> np.ndarray:
+    """``labels`` without the objects that are not nuclei (relabelled 1..n):
+
+    - ``minNucleusContrast``: a nucleus is darker in haematoxylin than what
+      surrounds it; the mean nuclear-stain OD (:func:`nuclear_stains`) inside must exceed
+      that of the ring ``contrastRingMicrons`` wide around it (other nuclei left out) by
+      at least this much. Stroma between collagen fibres, which the Laplacian outlines
+      where it is a little bluer than the fibres, holds about as much as its ring.
+    - ``maxStainAngle``: the nucleus's mean OD vector must lie within this many degrees of
+      some non-negative mix of the slide's two stains: marking ink, pigment and dust have
+      colours no amount of haematoxylin and eosin gives.
+
+    Only on the kinds of :func:`rejects_stroma_and_ink`; elsewhere ``labels`` as given.
+    """
+    n = int(labels.max())
+    if (not n or not rejects_stroma_and_ink(stains)
+            or (params.minNucleusContrast <= 0 and params.maxStainAngle <= 0)):
+        return labels
+    good = np.ones(n, bool)
+    if params.minNucleusContrast > 0:
+        nuclear = dens[..., list(nuclear_stains(stains))].sum(axis=-1)
+        good &= nucleus_contrast(labels, nuclear, params.contrastRingMicrons / px
+                                 ) >= params.minNucleusContrast
+    if params.maxStainAngle > 0:
+        od = optical_density(img, stains.background)
+        mean_od = np.stack([_label_means(od[..., k], labels, n) for k in range(3)], axis=1)
+        m = np.asarray(stains.matrix, np.float64)
+        angle = cone_angle_deg(mean_od, tuple(m[0]), tuple(m[1]))
+        good &= angle <= params.maxStainAngle
+    if good.all():
+        return labels
+    relabel = np.zeros(n + 1, np.int32)
+    relabel[1:][good] = np.arange(1, int(good.sum()) + 1, dtype=np.int32)
+    return relabel[labels]
+
+
+def nucleus_contrast(labels: np.ndarray, image: np.ndarray, ring_px: float) -> np.ndarray:
+    """Per label 1..n: mean of ``image`` inside minus its mean over the ring of pixels
+    within ``ring_px`` of the label that belong to no label (NaN-free: a label without
+    ring pixels gets its inside mean)."""
+    n = int(labels.max())
+    grown = rank_filter(labels, max(ring_px, 1.0), "max")
+    ring = np.where(labels == 0, grown, 0)
+    inside = _label_means(image, labels, n)
+    around = _label_means(image, ring, n)
+    return np.asarray(inside - np.nan_to_num(around, nan=0.0))
+
+
+def solidity(rings: list[np.ndarray]) -> np.ndarray:
+    """Area of each outline over the area of its convex hull (1 for a convex one)."""
+    import shapely
+
+    closed = np.concatenate([np.vstack([r, r[:1]]) for r in rings]).astype(np.float64)
+    which = np.repeat(np.arange(len(rings)), [len(r) + 1 for r in rings])
+    polys = shapely.polygons(shapely.linearrings(closed, indices=which))
+    hull = shapely.area(shapely.convex_hull(polys))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(hull > 0, shapely.area(polys) / hull, 0.0)
 
 
 def detection_image(stains: StainVectors, params: NucleiParams) -> str:
@@ -652,6 +738,26 @@ def score_positivity(nuclei: Nuclei, stains: StainVectors,
                       intensity_counts=counts,
                       positive_percent=100.0 * (n - counts["Negative"]) / n if n else None,
                       h_score=(pct["1+"] + 2 * pct["2+"] + 3 * pct["3+"]) if n else None)
+
+
+#: Fewest nuclei a density must rest on before :func:`density_warning` judges it.
+MIN_NUCLEI_FOR_DENSITY = 50
+
+
+def density_warning(n: int, area_mm2: float, params: NucleiParams) -> str | None:
+    """A warning that the mpp may be wrong when ``n`` nuclei on ``area_mm2`` lie outside
+    ``minPlausibleDensity`` .. ``maxPlausibleDensity`` per mm^2; None inside it, or with
+    fewer than :data:`MIN_NUCLEI_FOR_DENSITY` nuclei or no area. A mpp 4x too small
+    makes the area 16x too small; the upper end (60,000/mm^2) is about a section packed
+    solid with nuclei 4.5 µm across, which no tissue reaches."""
+    if n < MIN_NUCLEI_FOR_DENSITY or not area_mm2 > 0:
+        return None
+    density = n / area_mm2
+    lo, hi = params.minPlausibleDensity, params.maxPlausibleDensity
+    if lo <= density <= hi:
+        return None
+    return (f"the mpp may be wrong: {density:,.0f} nuclei/mm^2 is outside the plausible "
+            f"{lo:,.0f}-{hi:,.0f}; check the slide's mpp (or give --mpp)")
 
 
 def summary(nuclei: Nuclei, positivity: Positivity, area_mm2: float) -> dict[str, Any]:

@@ -351,6 +351,21 @@ class NucleiParams(Section):
     singleThreshold: bool = True
     haloMicrons: Annotated[float, Field(gt=0)] = 20.0
     analysisTileMicrons: Annotated[float, Field(gt=0)] = 512.0
+    #: Nucleus-vs-stroma/ink rejection (ours; QuPath has no such step), on H&E and other
+    #: brightfield slides with a full-strength haematoxylin (not H-DAB, whose counterstain
+    #: is light by design): the mean haematoxylin OD of a nucleus must exceed that of a ring
+    #: ``contrastRingMicrons`` wide around it by ``minNucleusContrast``; its mean OD must
+    #: lie within ``maxStainAngle`` degrees of a non-negative mix of the slide's two stains
+    #: (marking ink, pigment). ``minSolidity`` (area / convex hull area) applies on every
+    #: slide. 0 turns each off.
+    minNucleusContrast: NonNegFloat = 0.3
+    contrastRingMicrons: Annotated[float, Field(gt=0)] = 1.5
+    maxStainAngle: NonNegFloat = 5.0
+    minSolidity: Fraction = 0.0
+    #: mpp plausibility (ours): nuclei per mm^2 of analysed tissue outside this range make
+    #: the manifest and the report warn that the slide's mpp may be wrong (see README).
+    minPlausibleDensity: NonNegFloat = 300.0
+    maxPlausibleDensity: NonNegFloat = 60_000.0
 
     @model_validator(mode="after")
     def _ordered(self) -> NucleiParams:
@@ -368,6 +383,7 @@ class NucleiParams(Section):
         report prints next to the scores)."""
         return {k: v for k, v in self.model_dump().items()
                 if k not in ("stains", "haloMicrons", "analysisTileMicrons")}
+
 
 
 class ReportParams(Section):

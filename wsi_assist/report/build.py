@@ -58,14 +58,15 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
     captions = store.read_captions()
     gallery = _gallery(out_dir, captions, grid, zs, overview.image, overview.downsample,
                        slide_path, params)
+    findings = data.submodel_findings(subs)
     report = {
         "schema": data.SCHEMA, "schema_version": data.SCHEMA_VERSION, "notice": data.NOTICE,
         "slide": data.slide_section(slide, grid, slide_id, info),
         "qc": data.qc(store, grid, params.empty_tile_tissue),
         "stain": data.stain(store),
-        "stages": stages,
+        "stages": data.stage_statuses(stages, findings),
         "composition": data.composition(zs, regions),
-        "submodels": _with_pictures(data.submodel_findings(subs), subs, store, grid,
+        "submodels": _with_pictures(findings, subs, store, grid,
                                     overview.image, overview.downsample, slide_path, params),
         "representative_tiles": gallery,
         "summary": store.read_summary(),

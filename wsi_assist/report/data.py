@@ -37,6 +37,8 @@ def qc(store: SlideStore, grid: TileGrid | None, empty_below: float) -> dict[str
     tissue, and ``warnings`` a reader must see (no tissue found)."""
     tissue = store.read_tissue()
     warnings = tissue_warnings(tissue.geometry) if tissue.area_um2 is not None else []
+    warnings += [str(w) for s in store.read_submodels()
+                 for w in (s.attrs.get("warnings") or [])]
     n = None if grid is None else len(grid)
     empty = None
     if grid is not None and n:
@@ -105,8 +107,9 @@ def submodel_findings(subs: list[SubmodelRecord]) -> list[dict[str, Any]]:
                     "scores": scores, "model_path": s.attrs.get("model_path"),
                     "model_sha256": s.attrs.get("model_sha256"), "skipped": s.skipped,
                     "method": s.attrs.get("method"),
-                    "parameters": dict(s.attrs.get("parameters") or {}),
-                    "stains": s.attrs.get("stains"),
+                    # a skipped analysis ran with no parameters worth printing
+                    "parameters": {} if s.skipped else dict(s.attrs.get("parameters") or {}),
+                    "stains": None if s.skipped else s.attrs.get("stains"),
                     "intensity_counts": s.attrs.get("intensity_counts")})
     return out
 
@@ -123,6 +126,22 @@ def _score(v: dict[str, Any]) -> dict[str, Any]:
         out.update({"rules": list(v["rules"]), "rule": v.get("rule"), "met": v.get("met"),
                     "percent": dict(v.get("percent") or {})})
     return out
+
+
+def stage_statuses(stages: dict[str, dict[str, str]], findings: list[dict[str, Any]]
+                   ) -> dict[str, dict[str, str]]:
+    """``stages`` with ``submodels`` "not applicable", and why, when it ran but every
+    analysis it holds was skipped as unsuited to the slide (the built-in nuclei on a
+    fluorescence slide): "done" would claim findings that do not exist."""
+    sub = stages.get("submodels")
+    skipped = [f for f in findings if f.get("skipped")]
+    if sub is None or sub.get("status") != "done" or not findings \
+            or len(skipped) != len(findings):
+        return stages
+    why = "; ".join(f"{f['name']}: {f['skipped']}" for f in skipped)
+    return {**stages, "submodels": {
+        "status": "not applicable", "reason": why,
+        "how_to_enable": "nothing to enable: these analyses do not apply to this slide"}}
 
 
 def provenance(emb: Embeddings | None, zs: ZeroShot | None, subs: list[SubmodelRecord],

@@ -164,7 +164,12 @@ def run(store: SlideStore, grid: TileGrid, batches: Iterable[TileBatch], blocks:
     pos = nu.score_positivity(found, stains, params)
     area_mm2 = float(grid.tissue_fraction.sum()) * grid.cell_area_mm2
     scores = score_table(found, pos, params, area_mm2)
+    warning = nu.density_warning(len(found), area_mm2, params)
+    if warning is not None:
+        log.warning("%s: %s", store.folder.name, warning)
+    warnings = [] if warning is None else [warning]
     attrs = {**base_attrs(stains, params, pos), "counts": pos.counts, "scores": scores,
+             "warnings": warnings,
              "intensity_counts": pos.intensity_counts or None, "n_tiles_run": len(grid),
              "analysed_area_mm2": area_mm2, "n_blocks": len(blocks),
              "halo_px": halo_px(grid, params), "analysis_mpp": blocks.delivered_mpp}
@@ -176,7 +181,8 @@ def run(store: SlideStore, grid: TileGrid, batches: Iterable[TileBatch], blocks:
         SUB_POLYGONS: {"description": "outline vertices, level-0 x, y; nucleus i is "
                                       "rows polygon_offsets[i]:polygon_offsets[i + 1]"}})
     log.debug("%s: %d nuclei, %s", store.folder.name, len(found), pos.counts)
-    return {"counts": pos.counts, "scores": {k: v["value"] for k, v in scores.items()}}
+    return {"counts": pos.counts, "scores": {k: v["value"] for k, v in scores.items()},
+            "warnings": warnings}
 
 
 def base_attrs(stains: StainVectors, params: NucleiParams, pos: nu.Positivity | None = None

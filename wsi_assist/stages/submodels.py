@@ -77,6 +77,10 @@ def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
         summary.update(_run_onnx(slide, grid, background, onnx, submodels))
     for entry in prompted:  # after the models whose detections prompt them
         summary.update(promptable.run(slide, grid, background, entry, submodels))
+    warnings = [w for r in summary.values() if isinstance(r, dict)
+                for w in r.get("warnings", [])]
+    if warnings:  # what the manifest's warnings column shows
+        summary["warnings"] = warnings
     return summary
 
 
