@@ -186,7 +186,8 @@ def run_stages(slide: SlideContext, config: Config, names: tuple[str, ...]
     them, each is opened (in order), one pass feeds all their consumers, and each
     stores its results at its own place in the order (the stages between them, such
     as ``zeroshot``, run after the pass). A stage's seconds are its own work: opening,
-    its consumers' busy time, storing; the first also counts the pass's waits."""
+    its consumers' busy time, storing; the first also counts what the pass took beyond its
+    busiest consumer (waiting for decoded tiles)."""
     summary: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     todo = [n for n in STAGE_NAMES if n in names]
@@ -226,10 +227,9 @@ def _open_and_pass(slide: SlideContext, config: Config, todo: list[str],
         raise
     for c in consumers:
         seconds[c.stage] = seconds.get(c.stage, 0.0) + c.busy_s
-    if consumers:
+    if consumers:  # what the pass took beyond its busiest consumer: waiting for tiles
         first = consumers[0].stage
-        busy = sum(c.busy_s for c in consumers if c.stage == first)
-        seconds[first] += max(0.0, report.seconds - busy)
+        seconds[first] += max(0.0, report.seconds - max(c.busy_s for c in consumers))
     return plans
 
 
