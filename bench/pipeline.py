@@ -50,8 +50,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_assist import batch, chunks, config  # noqa: E402
-from wsi_assist.stages import REGISTRY, tilepass  # noqa: E402
+from wsi_assist import batch, chunks, config
+from wsi_assist.stages import REGISTRY, tilepass
 
 log = logging.getLogger("bench.pipeline")
 PEERS = {"lazyslide": "LazySlide", "trident": "TRIDENT", "tiatoolbox": "tiatoolbox"}

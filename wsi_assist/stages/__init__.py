@@ -195,14 +195,13 @@ def run_stages(slide: SlideContext, config: Config, names: tuple[str, ...]
     for name in todo:
         stage = REGISTRY[name]
         if stage.open_pass is None:
-            _step(slide, config, name, lambda s, st=stage: st.run(slide, **s), summary,
-                  seconds)
+            _step(slide, config, name, _call(slide, stage.run), summary, seconds)
         else:
             if plans is None:
                 plans = _open_and_pass(slide, config, todo, summary, seconds)
             plan = plans.get(name)
             if plan is not None:
-                _step(slide, config, name, lambda s, p=plan: p.finish(), summary, seconds)
+                _step(slide, config, name, _finish(plan), summary, seconds)
     return summary, seconds
 
 
@@ -214,8 +213,8 @@ def _open_and_pass(slide: SlideContext, config: Config, todo: list[str],
     for name in todo:
         stage = REGISTRY[name]
         if stage.open_pass is not None:
-            plan = _step(slide, config, name,
-                         lambda s, st=stage: st.open_pass(slide, **s), summary, seconds)
+            plan = _step(slide, config, name, _call(slide, stage.open_pass), summary,
+                         seconds)
             if plan is not None:
                 plans[name] = plan
     consumers = [c for p in plans.values() for c in p.consumers]
@@ -231,6 +230,15 @@ def _open_and_pass(slide: SlideContext, config: Config, todo: list[str],
         first = consumers[0].stage
         seconds[first] += max(0.0, report.seconds - max(c.busy_s for c in consumers))
     return plans
+
+
+def _call(slide: SlideContext, func: Callable[..., Any]
+          ) -> Callable[[dict[str, Section]], Any]:
+    return lambda sections: func(slide, **sections)
+
+
+def _finish(plan: tilepass.Planned) -> Callable[[dict[str, Section]], Any]:
+    return lambda sections: plan.finish()
 
 
 def _step(slide: SlideContext, config: Config, name: str,

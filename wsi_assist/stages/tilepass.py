@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_assist.slide import Layout
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.stream import TileBatch, resize_area, resize_tiles
 from wsi_assist.tiling import TileGrid
@@ -164,7 +165,7 @@ class _Rebatch:
     """Tiles in grid order -> the batches of one tile consumer (its rows, its size)."""
 
     def __init__(self, c: Consumer, feed: _Feed, tile_shape: tuple[int, ...],
-                 dtype: np.dtype, layout: str) -> None:
+                 dtype: np.dtype, layout: Layout) -> None:
         n = len(c.grid)
         self.pos = np.full(n, -1, np.int64)  # grid row -> position among the rows
         rows = np.arange(n) if c.rows is None else np.asarray(c.rows, np.int64)
@@ -258,7 +259,7 @@ class _Pass:
         if not all(r.complete() for r in self.rebatch):
             raise ValueError(f"{self.slide.path}: the tile pass delivered too few tiles")
 
-    def _start(self, tile: np.ndarray, layout: str) -> None:
+    def _start(self, tile: np.ndarray, layout: Layout) -> None:
         self.rebatch = [_Rebatch(c, self.feeds[id(c)], tile.shape, tile.dtype, layout)
                         for c in self.tcs]
 
