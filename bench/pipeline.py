@@ -22,7 +22,7 @@ Peers (LazySlide, TRIDENT, tiatoolbox): whether each is importable is printed; t
 pipelines are not driven from here (none is installed on the machine this was written
 on), so no peer figure is reported.
 
-    python bench/pipeline.py SLIDE | --synthetic 40000 [--slide-mpp 0.25] [--rounds 1]
+    python bench/pipeline.py SLIDE | --synthetic 40000 [--slide-mpp 0.5] [--rounds 1]
                              [--device cpu|cuda] [--separate]
 
 Last line: a JSON object (``decodes_per_tile``, ``run_to_tile``, ``ms_per_tile`` per
@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("slide", nargs="?", type=Path)
     ap.add_argument("--synthetic", type=int, metavar="PX", help="write and bench a PX^2 slide")
-    ap.add_argument("--slide-mpp", type=float, default=0.25,
-                    help="level-0 um/px of the synthetic slide")
+    ap.add_argument("--slide-mpp", type=float, default=0.5,
+                    help="level-0 um/px of the synthetic slide (at 0.25 the tissue stage "
+                         "finds no tissue on it)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--separate", action="store_true",
