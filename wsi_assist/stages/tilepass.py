@@ -84,16 +84,13 @@ class Planned:
 
 @dataclass
 class PassReport:
-    """What one pass did: its wall time, the carrier's tiles, decoder-side figures."""
+    """What one pass did: its wall time, what it streamed, the carrier batches, and each
+    consumer's busy seconds."""
 
     seconds: float = 0.0
     carrier: str = ""
     n_batches: int = 0
     busy_s: dict[str, float] = field(default_factory=dict)
-
-
-class ConsumerError(Exception):
-    """Raised in the main thread when a consumer failed; ``__cause__`` is its error."""
 
 
 def run_alone(slide: SlideContext, planned: Planned) -> dict[str, Any]:
@@ -103,8 +100,9 @@ def run_alone(slide: SlideContext, planned: Planned) -> dict[str, Any]:
 
 
 def run_pass(slide: SlideContext, consumers: list[Consumer]) -> PassReport:
-    """Stream the slide once for ``consumers`` (all over the same tile grid). An error
-    of a consumer is raised with ``.stage`` set to the consumer's stage."""
+    """Stream the slide once for ``consumers`` (all over the same tile grid; block
+    consumers of one block grid share its batch size, the first one's). An error of a
+    consumer is raised with ``.stage`` set to the consumer's stage."""
     report = PassReport()
     if not consumers:
         return report
