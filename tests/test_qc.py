@@ -31,3 +31,28 @@ def test_tile_qc_fills_grid_order_and_checks_count() -> None:
     assert qc.as_array().shape == (4, 2)
     with pytest.raises(ValueError, match="delivered 2 of 4"):
         tile_qc(batches[:1], 4)
+
+
+def _scores_by_definition(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scores as defined, pixel by pixel over the half-resolution view."""
+    half = tiles[:, ::2, ::2]
+    background = (half.min(axis=3) > 220).mean(axis=(1, 2)).astype(np.float32)
+    grey = half.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    lap = (4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1]
+           - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:])
+    return background, lap.var(axis=(1, 2)).astype(np.float32)
+
+
+@pytest.mark.parametrize("px", [224, 65])
+def test_vectorised_scores_equal_the_definition(px: int) -> None:
+    rng = np.random.default_rng(px)
+    tiles = rng.integers(180, 256, (6, px, px, 3), dtype=np.uint8)
+    tiles[1, :, :, 2] = 221  # one channel at the threshold's edge
+    tiles[2] = 255
+    tiles[3, ::3] = 0
+    bg, focus = scores(tiles[:, :, :, :])
+    ref_bg, ref_focus = _scores_by_definition(tiles)
+    np.testing.assert_array_equal(bg, ref_bg)
+    np.testing.assert_array_equal(focus, ref_focus)
+    view = tiles[:, 1:, 1:]  # a strided view, as batches of crops may be
+    np.testing.assert_array_equal(scores(view)[0], _scores_by_definition(view)[0])

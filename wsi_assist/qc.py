@@ -62,9 +62,15 @@ class TileQC:
 
 
 def scores(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Background fraction and focus of each of ``tiles`` (N, H, W, 3) uint8."""
-    half = tiles[:, ::2, ::2]
-    background = (half.min(axis=3) > WHITE).mean(axis=(1, 2))
+    """Background fraction and focus of each of ``tiles`` (N, H, W, 3) uint8.
+
+    Vectorised over the batch: the half-resolution view is copied once into a contiguous
+    array, the channel minimum is two element-wise minima (a reduction over a strided
+    3-wide axis is several times slower) and the count of glass pixels one reduction."""
+    half = np.ascontiguousarray(tiles[:, ::2, ::2])
+    low = np.minimum(np.minimum(half[..., 0], half[..., 1]), half[..., 2])
+    glass = np.count_nonzero((low > WHITE).reshape(len(low), -1), axis=1)
+    background = glass / max(1, low.shape[1] * low.shape[2])
     grey = half.astype(np.float32) @ LUMA
     return background.astype(np.float32), laplacian_variance(grey)
 

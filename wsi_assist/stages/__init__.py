@@ -29,7 +29,16 @@ from wsi_assist.files import work_dir
 from wsi_assist.report.build import build_slide_outputs
 from wsi_assist.settings import Config, Section
 from wsi_assist.slide import SlideInfo
-from wsi_assist.stages import caption, embed, report, submodels, tiles, tissue, zeroshot
+from wsi_assist.stages import (
+    caption,
+    embed,
+    report,
+    submodels,
+    tilepass,
+    tiles,
+    tissue,
+    zeroshot,
+)
 from wsi_assist.stages.context import SlideContext, check_device, resolve_device
 from wsi_assist.store import SlideStore
 
@@ -66,6 +75,10 @@ class Stage:
     #: Called with the stage's sections once before any slide: raises a WsiAssistError
     #: naming the file when a configured model is missing or broken.
     check: Callable[..., None] = lambda **sections: None
+    #: For stages that read tiles: called like ``run``, it prepares the stage and
+    #: returns a :class:`tilepass.Planned` (its consumers of the slide's one tile pass,
+    #: and how to store their results); ``run`` is that with a pass of its own.
+    open_pass: Callable[..., tilepass.Planned] | None = None
 
 
 #: Per-slide values a stage may depend on, beyond the file itself and its config.
@@ -81,11 +94,11 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           how_to_enable="add 'tissue' to stages"),
     Stage("tiles", tiles.run, needs=("tissue",), sections=("tiling", "outputs", "channels"),
           slide_inputs=(), done=SlideStore.has_grid,
-          how_to_enable="add 'tiles' to stages (after 'tissue')"),
+          how_to_enable="add 'tiles' to stages (after 'tissue')", open_pass=tiles.open_pass),
     Stage("embed", embed.run, needs=("tiles",), sections=("embed",), slide_inputs=(),
           done=SlideStore.has_embeddings, how_to_enable=embed.HOW_TO_ENABLE,
           configured=embed.configured, rgb_only=True,
-          check=embed.check),
+          check=embed.check, open_pass=embed.open_pass),
     Stage("zeroshot", zeroshot.run, needs=("embed",), sections=("zeroshot", "embed"),
           slide_inputs=(), done=SlideStore.has_zeroshot,
           how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
@@ -97,7 +110,8 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           done=lambda store: bool(store.read_submodels()),
           how_to_enable="list the built-in 'nuclei' or sub-model spec files (ONNX + YAML) "
                         "under submodels.specs",
-          configured=submodels.configured, rgb_only=True, check=submodels.check),
+          configured=submodels.configured, rgb_only=True, check=submodels.check,
+          open_pass=submodels.open_pass),
     Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
           sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,
           how_to_enable=caption.HOW_TO_ENABLE, configured=caption.configured,
@@ -166,32 +180,95 @@ def stages_to_run(done: dict[str, Any] | None, want: dict[str, str],
 def run_stages(slide: SlideContext, config: Config, names: tuple[str, ...]
                ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run ``names`` in pipeline order; returns (summary, seconds) per stage. An
-    exception leaving a stage carries the stage's name as ``.stage``."""
+    exception leaving a stage carries the stage's name as ``.stage``.
+
+    The stages among ``names`` that read tiles share one tile pass: at the first of
+    them, each is opened (in order), one pass feeds all their consumers, and each
+    stores its results at its own place in the order (the stages between them, such
+    as ``zeroshot``, run after the pass). A stage's seconds are its own work: opening,
+    its consumers' busy time, storing; the first also counts what the pass took beyond its
+    busiest consumer (waiting for decoded tiles)."""
     summary: dict[str, Any] = {}
     seconds: dict[str, float] = {}
-    for name in (n for n in STAGE_NAMES if n in names):
+    todo = [n for n in STAGE_NAMES if n in names]
+    plans: dict[str, tilepass.Planned] | None = None
+    for name in todo:
         stage = REGISTRY[name]
-        sections = _sections(stage, config)
-        t0 = time.perf_counter()
-        try:
-            if stage.rgb_only and slide.info.multichannel:
-                raise StageSkipped(not_rgb_reason(name, len(slide.info.channels)))
-            if not stage.configured(slide.store, **sections):
-                raise StageSkipped(stage.how_to_enable)
-            summary[name] = stage.run(slide, **sections)
-        except StageSkipped as e:
-            summary[name] = {"skipped": str(e)}
-            slide.store.mark_skipped(name, str(e))
-            # the batch says it once for all slides (batch.log_not_run)
-            log.debug("%s: %s not run: %s", slide.slide_id, name, e)
-            continue
-        except Exception as e:
-            e.stage = name  # type: ignore[attr-defined]
-            raise
-        seconds[name] = time.perf_counter() - t0
-        log.debug("%s: %s done in %.2f s: %s", slide.slide_id, name, seconds[name],
-                  summary[name])
+        if stage.open_pass is None:
+            _step(slide, config, name, _call(slide, stage.run), summary, seconds)
+        else:
+            if plans is None:
+                plans = _open_and_pass(slide, config, todo, summary, seconds)
+            plan = plans.get(name)
+            if plan is not None:
+                _step(slide, config, name, _finish(plan), summary, seconds)
     return summary, seconds
+
+
+def _open_and_pass(slide: SlideContext, config: Config, todo: list[str],
+                   summary: dict[str, Any], seconds: dict[str, float]
+                   ) -> dict[str, tilepass.Planned]:
+    """Open every tile stage in ``todo`` and run the slide's one pass for them all."""
+    plans: dict[str, tilepass.Planned] = {}
+    for name in todo:
+        stage = REGISTRY[name]
+        if stage.open_pass is not None:
+            plan = _step(slide, config, name, _call(slide, stage.open_pass), summary,
+                         seconds)
+            if plan is not None:
+                plans[name] = plan
+    consumers = [c for p in plans.values() for c in p.consumers]
+    try:
+        report = tilepass.run_pass(slide, consumers)  # a consumer's error names its stage
+    except Exception as e:
+        if not hasattr(e, "stage"):  # the stream's own: the first reader's
+            e.stage = consumers[0].stage  # type: ignore[attr-defined]
+        raise
+    for c in consumers:
+        seconds[c.stage] = seconds.get(c.stage, 0.0) + c.busy_s
+    if consumers:  # what the pass took beyond its busiest consumer: waiting for tiles
+        first = consumers[0].stage
+        seconds[first] += max(0.0, report.seconds - max(c.busy_s for c in consumers))
+    return plans
+
+
+def _call(slide: SlideContext, func: Callable[..., Any]
+          ) -> Callable[[dict[str, Section]], Any]:
+    return lambda sections: func(slide, **sections)
+
+
+def _finish(plan: tilepass.Planned) -> Callable[[dict[str, Section]], Any]:
+    return lambda sections: plan.finish()
+
+
+def _step(slide: SlideContext, config: Config, name: str,
+          call: Callable[[dict[str, Section]], Any], summary: dict[str, Any],
+          seconds: dict[str, float]) -> Any:
+    """One step of stage ``name`` (its run, opening or finishing): checks whether it
+    runs on this slide at all, records a skip, times it; None when skipped."""
+    stage = REGISTRY[name]
+    sections = _sections(stage, config)
+    t0 = time.perf_counter()
+    try:
+        if stage.rgb_only and slide.info.multichannel:
+            raise StageSkipped(not_rgb_reason(name, len(slide.info.channels)))
+        if not stage.configured(slide.store, **sections):
+            raise StageSkipped(stage.how_to_enable)
+        out = call(sections)
+    except StageSkipped as e:
+        summary[name] = {"skipped": str(e)}
+        slide.store.mark_skipped(name, str(e))
+        # the batch says it once for all slides (batch.log_not_run)
+        log.debug("%s: %s not run: %s", slide.slide_id, name, e)
+        return None
+    except Exception as e:
+        e.stage = name  # type: ignore[attr-defined]
+        raise
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    if isinstance(out, dict):
+        summary[name] = out
+        log.debug("%s: %s done in %.2f s: %s", slide.slide_id, name, seconds[name], out)
+    return out
 
 
 def rebuild_report(folder: Path, config: Config, info: dict[str, Any] | None = None,

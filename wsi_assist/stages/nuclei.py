@@ -161,6 +161,13 @@ def run(store: SlideStore, grid: TileGrid, batches: Iterable[TileBatch], blocks:
         level_size: tuple[int, int]) -> dict[str, Any]:
     """Analyse the haloed blocks, score positivity and store everything as ``nuclei``."""
     found = analyse(batches, grid, blocks, block_of, stains, params, level_size)
+    return record(store, grid, found, blocks, stains, params)
+
+
+def record(store: SlideStore, grid: TileGrid, found: nu.Nuclei, blocks: TileGrid,
+           stains: StainVectors, params: NucleiParams) -> dict[str, Any]:
+    """Score the positivity of nuclei ``found`` by :func:`analyse` and store everything
+    as ``nuclei``."""
     pos = nu.score_positivity(found, stains, params)
     area_mm2 = float(grid.tissue_fraction.sum()) * grid.cell_area_mm2
     scores = score_table(found, pos, params, area_mm2)

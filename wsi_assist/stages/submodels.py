@@ -2,13 +2,15 @@
 ``submodels.specs``, see :mod:`wsi_assist.stages.nuclei`) and every configured ONNX
 sub-model over the slide's tiles, read once for all ONNX models; findings stored per
 model (detections de-duplicated across tile borders, slide scores from class counts,
-segmentation polygons in ``findings/``). The built-in reads the tiles again, each with a
-halo around it."""
+segmentation polygons in ``findings/``). The tiles come from the slide's one tile pass
+(:mod:`wsi_assist.stages.tilepass`): the built-in reads them in haloed blocks, the ONNX
+models tile by tile; those that run on some zero-shot classes only read theirs after it."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ from wsi_assist.models.submodels import (
 )
 from wsi_assist.settings import BUILTIN_NUCLEI, LEGACY_NUCLEI, NucleiParams, SubmodelParams
 from wsi_assist.stages import nuclei as builtin
-from wsi_assist.stages import promptable
+from wsi_assist.stages import promptable, tilepass
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.store import SUB_MEASUREMENTS, SlideStore
 from wsi_assist.tiling import TileGrid
@@ -65,67 +67,121 @@ def is_promptable(entry: str) -> bool:
 def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
         ) -> dict[str, Any]:
     """Run the analyses whose input suits the slide; store each one's findings."""
+    return tilepass.run_alone(slide, open_pass(slide, submodels, nuclei))
+
+
+def open_pass(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
+              ) -> tilepass.Planned:
+    """The pass feeds the built-in nuclei (haloed blocks) and the ONNX sub-models that
+    run on every tile; those run on zero-shot classes only, which the pass itself
+    produces, read their tiles after it (in ``finish``)."""
     store = slide.store
     grid = store.read_grid()
     background = store.read_tissue().background
-    summary: dict[str, Any] = {}
+    consumers: list[tilepass.Consumer] = []
+    steps: list[Callable[[], dict[str, Any]]] = []
     if any(is_builtin(s) for s in submodels.specs):
-        summary[builtin.NAME] = _run_builtin(slide, grid, background, nuclei)
+        steps.append(_open_builtin(slide, grid, background, nuclei, consumers))
     prompted = [s for s in submodels.specs if is_promptable(s)]
     onnx = [s for s in submodels.specs if not is_builtin(s) and s not in prompted]
     if onnx:
-        summary.update(_run_onnx(slide, grid, background, onnx, submodels))
-    for entry in prompted:  # after the models whose detections prompt them
-        summary.update(promptable.run(slide, grid, background, entry, submodels))
-    warnings = [w for r in summary.values() if isinstance(r, dict)
-                for w in r.get("warnings", [])]
-    if warnings:  # what the manifest's warnings column shows
-        summary["warnings"] = warnings
-    return summary
+        steps.append(_open_onnx(slide, grid, background, onnx, submodels, consumers))
+
+    def finish() -> dict[str, Any]:
+        summary: dict[str, Any] = {}
+        for step in steps:
+            summary.update(step())
+        for entry in prompted:  # after the models whose detections prompt them
+            summary.update(promptable.run(slide, grid, background, entry, submodels))
+        warnings = [w for r in summary.values() if isinstance(r, dict)
+                    for w in r.get("warnings", [])]
+        if warnings:  # what the manifest's warnings column shows
+            summary["warnings"] = warnings
+        return summary
+
+    return tilepass.Planned(consumers, finish)
 
 
-def _run_builtin(slide: SlideContext, grid: TileGrid, background: str | None,
-                 params: NucleiParams) -> dict[str, Any]:
+def _open_builtin(slide: SlideContext, grid: TileGrid, background: str | None,
+                  params: NucleiParams, consumers: list[tilepass.Consumer]
+                  ) -> Callable[[], dict[str, Any]]:
     store = slide.store
     stains = builtin.slide_stains(store, params.stains)
     if background == "dark" or stains.kind == "fluorescence":
         what = "fluorescence" if stains.kind == "fluorescence" else "dark (fluorescence)"
-        return builtin.skip(store, stains, params, "needs a bright-field slide (nuclei are "
-                            f"found on optical density); this slide's background is {what}")
+        why = ("needs a bright-field slide (nuclei are found on optical density); this "
+               f"slide's background is {what}")
+        return lambda: {builtin.NAME: builtin.skip(store, stains, params, why)}
     blocks, block_of = builtin.analysis_grid(grid, params)
-    return builtin.run(store, grid, slide.stream(blocks, batch_size=builtin.BATCH), blocks,
-                       block_of, stains, params, slide.info.level_dimensions[grid.level])
+    size = slide.info.level_dimensions[grid.level]
+    c = tilepass.Consumer(
+        "submodels", builtin.NAME,
+        lambda b: builtin.analyse(b, grid, blocks, block_of, stains, params, size),
+        grid, builtin.BATCH, blocks=blocks, block_of=block_of)
+    consumers.append(c)
+    return lambda: {builtin.NAME: builtin.record(store, grid, c.result, blocks, stains,
+                                                 params)}
 
 
-def _run_onnx(slide: SlideContext, grid: TileGrid, background: str | None,
-              specs: list[str], submodels: SubmodelParams) -> dict[str, Any]:
+def _open_onnx(slide: SlideContext, grid: TileGrid, background: str | None,
+               specs: list[str], submodels: SubmodelParams,
+               consumers: list[tilepass.Consumer]) -> Callable[[], dict[str, Any]]:
     providers = choose_providers(submodels.providers, slide.device)
     models = [get_submodel(resolve_spec_path(s), providers) for s in specs]
-    store = slide.store
-    zs = store.read_zeroshot()
-    active, summary = [], {}
-    for m in models:
-        want = m.spec.input.background
-        if want != "any" and background is not None and background != want:
-            why = f"needs a {want} background (bright-field); this slide's is {background}"
-            store.write_submodel(m.spec.name, {}, {**_base_attrs(m), "counts": {},
-                                                  "scores": {}, "skipped": why})
-            summary[m.spec.name] = {"skipped": why}
-            log.info("%s: sub-model %s not run: %s", slide.slide_id, m.spec.name, why)
-            continue
-        sel = select_rows(m.spec, len(grid), None if zs is None else zs.classes,
-                          None if zs is None else zs.top)
-        active.append((m, sel))
-    if not active:
+    skipped = {m.spec.name: _skip_reason(m, background) for m in models}
+    now = [(m, np.ones(len(grid), bool)) for m in models
+           if skipped[m.spec.name] is None and m.spec.zeroshot_classes is None]
+    later = [m for m in models
+             if skipped[m.spec.name] is None and m.spec.zeroshot_classes is not None]
+    c = tilepass.Consumer(
+        "submodels", "onnx",
+        lambda b: run_models(b, grid, np.arange(len(grid)), now, submodels.mpp_tolerance),
+        grid, slide.stream_params.batch_size)
+    if now:
+        consumers.append(c)
+
+    def finish() -> dict[str, Any]:
+        summary: dict[str, Any] = {}
+        for m in models:
+            why = skipped[m.spec.name]
+            if why is not None:
+                summary[m.spec.name] = _record_skip(slide, m, why)
+        for (m, sel), acc in zip(now, c.result or [], strict=True):
+            summary[m.spec.name] = _store(slide, grid, m, sel, acc)
+        if later:
+            summary.update(_run_on_classes(slide, grid, later, submodels))
         return summary
-    union = np.logical_or.reduce([sel for _, sel in active])
-    rows = np.flatnonzero(union)
+
+    return finish
+
+
+def _skip_reason(m: Submodel, background: str | None) -> str | None:
+    want = m.spec.input.background
+    if want != "any" and background is not None and background != want:
+        return f"needs a {want} background (bright-field); this slide's is {background}"
+    return None
+
+
+def _record_skip(slide: SlideContext, m: Submodel, why: str) -> dict[str, Any]:
+    slide.store.write_submodel(m.spec.name, {}, {**_base_attrs(m), "counts": {},
+                                                "scores": {}, "skipped": why})
+    log.info("%s: sub-model %s not run: %s", slide.slide_id, m.spec.name, why)
+    return {"skipped": why}
+
+
+def _run_on_classes(slide: SlideContext, grid: TileGrid, models: list[Submodel],
+                    submodels: SubmodelParams) -> dict[str, Any]:
+    """Sub-models that run on some zero-shot classes only: a stream of their own over
+    the union of their tiles, once the zero-shot classes are known."""
+    zs = slide.store.read_zeroshot()
+    active = [(m, select_rows(m.spec, len(grid), None if zs is None else zs.classes,
+                              None if zs is None else zs.top)) for m in models]
+    rows = np.flatnonzero(np.logical_or.reduce([sel for _, sel in active]))
     part = dataclasses.replace(grid, coords=grid.coords[rows],
                                tissue_fraction=grid.tissue_fraction[rows])
     accs = run_models(slide.stream(part), grid, rows, active, submodels.mpp_tolerance)
-    for (m, sel), acc in zip(active, accs, strict=True):
-        summary[m.spec.name] = _store(slide, grid, m, sel, acc)
-    return summary
+    return {m.spec.name: _store(slide, grid, m, sel, acc)
+            for (m, sel), acc in zip(active, accs, strict=True)}
 
 
 def _base_attrs(m: Submodel) -> dict[str, Any]:

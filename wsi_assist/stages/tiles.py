@@ -16,7 +16,9 @@ from wsi_assist.channels import pictures
 from wsi_assist.errors import WsiAssistError
 from wsi_assist.settings import ChannelParams, OutputParams, TilingParams
 from wsi_assist.slide import read_lowres
+from wsi_assist.stages import tilepass
 from wsi_assist.stages.context import SlideContext
+from wsi_assist.tiling import TileGrid
 from wsi_assist.tiling import grid as lay_grid
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,12 @@ log = logging.getLogger(__name__)
 def run(slide: SlideContext, tiling: TilingParams, outputs: OutputParams,
         channels: ChannelParams) -> dict[str, Any]:
     """Lay the grid, draw the thumbnail and score every tile."""
+    return tilepass.run_alone(slide, open_pass(slide, tiling, outputs, channels))
+
+
+def open_pass(slide: SlideContext, tiling: TilingParams, outputs: OutputParams,
+              channels: ChannelParams) -> tilepass.Planned:
+    """Lay the grid and draw the thumbnail; the tile scores come from the pass."""
     store = slide.store
     if not store.has_tissue():
         raise WsiAssistError(f"{slide.path}: no tissue.geojson; run the 'tissue' stage first")
@@ -52,16 +60,23 @@ def run(slide: SlideContext, tiling: TilingParams, outputs: OutputParams,
     drawn.save(slide.out_dir / "thumbnail.png")
     summary: dict[str, Any] = {"n_tiles": len(g), "level": g.level,
                                "delivered_mpp": g.delivered_mpp}
-    if len(g):
-        scores = qc.tile_qc(slide.stream(g), len(g), score)
-        store.write_qc(scores.as_array(), ["background", "focus"], description,
-                       damaged=scores.damaged)
-        summary |= {"tiles_per_s": round(scores.tiles_per_s, 1),
-                    "median_focus": round(float(np.median(scores.focus)), 1),
-                    "median_background": round(float(np.median(scores.background)), 3),
-                    "damaged_tiles": scores.n_damaged}
-        if scores.n_damaged:
-            log.warning("%s: %d of %d tiles hold damaged image data (decoded anyway; "
-                        "see damaged_rows in tile_qc)", slide.path, scores.n_damaged, len(g))
-    return summary
+    if not len(g):
+        return tilepass.Planned([], lambda: summary)
+    qc_c = tilepass.Consumer("tiles", "qc", lambda b: qc.tile_qc(b, len(g), score), g,
+                             slide.stream_params.batch_size)
+    return tilepass.Planned([qc_c], lambda: _finish(slide, g, qc_c.result, description,
+                                                    summary))
 
+
+def _finish(slide: SlideContext, g: TileGrid, scores: qc.TileQC, description: str,
+            summary: dict[str, Any]) -> dict[str, Any]:
+    slide.store.write_qc(scores.as_array(), ["background", "focus"], description,
+                         damaged=scores.damaged)
+    summary |= {"tiles_per_s": round(scores.tiles_per_s, 1),
+                "median_focus": round(float(np.median(scores.focus)), 1),
+                "median_background": round(float(np.median(scores.background)), 3),
+                "damaged_tiles": scores.n_damaged}
+    if scores.n_damaged:
+        log.warning("%s: %d of %d tiles hold damaged image data (decoded anyway; "
+                    "see damaged_rows in tile_qc)", slide.path, scores.n_damaged, len(g))
+    return summary
