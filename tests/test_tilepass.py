@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import _subnets
 import numpy as np
@@ -80,15 +81,18 @@ def test_one_pass_equals_separate_passes(slide: Path, models: dict[str, str], tm
 
 
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Decodes per unit, at full scale or DCT-scaled (each source's own ``decode``)."""
     seen: Counter = Counter()
-    decode = chunks.TiffUnits.decode
+    for cls in (chunks.TiffUnits, chunks.ScaledUnits):
+        monkeypatch.setattr(cls, "decode", _counting(cls.decode, seen))  # type: ignore[misc]
+    return seen
 
-    def counted(self: chunks.TiffUnits, uy: int, ux: int) -> np.ndarray:
+
+def _counting(decode: Any, seen: Counter) -> Any:
+    def counted(self: Any, uy: int, ux: int) -> np.ndarray:
         seen[(id(self), uy, ux)] += 1
         return decode(self, uy, ux)
-
-    monkeypatch.setattr(chunks.TiffUnits, "decode", counted)
-    return seen
+    return counted
 
 
 def test_each_chunk_is_decoded_once_for_all_stages(slide: Path, models: dict[str, str],
