@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import shapely
 
+from wsi_assist.models.submodel_heads import decode_outputs
 from wsi_assist.models.submodel_spec import ScoreSpec, SubmodelSpec
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class Accumulator:
             self.rows.append(rows)
             self._add("probs", activate(first, self.spec.output.activation))
         elif task in ("point-detection", "box-detection"):
+            if self.spec.decode is not None:  # a raw head: its declared decode step
+                outputs = decode_outputs(self.spec, self.spec.decode, outputs)
             self._add_detections(outputs, frame)
         else:
             self._add_masks(next(iter(outputs.values())), frame)

@@ -1,0 +1,107 @@
+"""Declared decode steps: raw detection heads -> the task's standard per-tile outputs.
+
+A spec's ``decode`` section (see :mod:`submodel_spec`) names the head; the runtime turns
+its outputs into ``boxes``/``points``, ``scores`` and ``labels`` (B, P, ...) in tile px,
+padded with score -1, before the accumulator maps them to level 0 and de-duplicates
+them across tiles.
+
+- ``yolov5`` (also YOLOv7): (B, N, 5+nc) rows x, y, w, h, objectness, class scores;
+  score = objectness x best class score.
+- ``yolov8`` (and later): (B, 4+nc, N) x, y, w, h, class scores; score = best class score.
+  Both: candidates at or above the spec's ``score_threshold``, class-aware NMS per tile at
+  its ``iou_threshold`` (torchvision ``batched_nms``), at most ``max_detections`` per tile.
+- ``p2pnet``: ``pred_logits`` (B, N, K+1) and ``pred_points`` (B, N, 2): softmax over the
+  K+1 logits, the background column dropped, score and label = best remaining class;
+  points as given (tile px).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wsi_assist.models.submodel_spec import DecodeSpec, SubmodelSpec
+
+
+def decode_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: dict[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+    """The standard outputs of ``spec``'s task from its head's raw ``outputs``."""
+    raw = [np.asarray(outputs[n]) for n in dec.output_names]
+    o = spec.output
+    if dec.head == "p2pnet":
+        return decode_p2pnet(raw[0], raw[1], dec.background)
+    return decode_yolo(raw[0], dec, len(o.classes), o.score_threshold, o.iou_threshold)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def decode_yolo(raw: np.ndarray, dec: DecodeSpec, n_classes: int, threshold: float,
+                iou: float) -> dict[str, np.ndarray]:
+    """Boxes (x0, y0, x1, y1), scores and labels per tile from a YOLO head."""
+    x = raw.astype(np.float32, copy=False)
+    if dec.head == "yolov8":
+        x = x.transpose(0, 2, 1)
+    first = 5 if dec.head == "yolov5" else 4
+    cls = x[..., first:first + n_classes]
+    if dec.activation == "sigmoid":
+        cls = _sigmoid(cls)
+    labels = cls.argmax(axis=-1)
+    scores = np.take_along_axis(cls, labels[..., None], axis=-1)[..., 0]
+    if dec.head == "yolov5":
+        obj = x[..., 4]
+        scores = scores * (_sigmoid(obj) if dec.activation == "sigmoid" else obj)
+    b, i = np.nonzero(scores >= threshold)
+    xywh = x[b, i, :4]
+    boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2],
+                           axis=1)
+    keep = _class_aware_nms(boxes, scores[b, i], b * n_classes + labels[b, i], iou)
+    return _pad(len(x), b[keep], {"boxes": boxes[keep], "scores": scores[b, i][keep],
+                                  "labels": labels[b, i][keep]}, dec.max_detections)
+
+
+def _class_aware_nms(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                     iou: float) -> np.ndarray:
+    """Kept indices, highest score first; boxes only suppress boxes of their own group
+    (tile and class)."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    import torch
+    from torchvision.ops import batched_nms
+
+    keep = batched_nms(torch.from_numpy(np.ascontiguousarray(boxes)),
+                       torch.from_numpy(np.ascontiguousarray(scores, np.float32)),
+                       torch.from_numpy(groups.astype(np.int64)), iou)
+    return keep.numpy()
+
+
+def _pad(n_tiles: int, tile: np.ndarray, found: dict[str, np.ndarray], limit: int
+         ) -> dict[str, np.ndarray]:
+    """(B, P, ...) arrays from detections listed best first with their ``tile``; at most
+    ``limit`` per tile; empty rows get score -1."""
+    order = np.argsort(tile, kind="stable")  # by tile, best first within each
+    tile = tile[order]
+    starts = np.searchsorted(tile, np.arange(n_tiles))
+    rank = np.arange(len(tile)) - starts[tile]
+    ok = rank < limit
+    order, tile, rank = order[ok], tile[ok], rank[ok]
+    width = int(rank.max()) + 1 if len(rank) else 1
+    out: dict[str, np.ndarray] = {}
+    for key, v in found.items():
+        fill = -1.0 if key == "scores" else 0
+        arr = np.full((n_tiles, width, *v.shape[1:]), fill, v.dtype)
+        arr[tile, rank] = v[order]
+        out[key] = arr
+    return out
+
+
+def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str
+                  ) -> dict[str, np.ndarray]:
+    """Points, scores and labels per tile from P2PNet-style logits and points."""
+    x = logits.astype(np.float32, copy=False)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    probs = probs[..., 1:] if background == "first" else probs[..., :-1]
+    labels = probs.argmax(axis=-1)
+    scores = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]
+    return {"points": np.asarray(points, np.float32), "scores": scores, "labels": labels}
