@@ -416,7 +416,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-IMAGENET = ("0.485,0.456,0.406", "0.229,0.224,0.225")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _floats(text: str) -> list[float]:
@@ -437,8 +437,8 @@ def build_spec(args: argparse.Namespace, task: str, template: dict[str, Any]
     t_out.pop("classes", None)
     tile_px = args.tile_px if args.tile_px is not None else t_in.get("tile_px", 224)
     mpp = args.mpp if args.mpp is not None else t_in.get("mpp", 0.5)
-    mean = _floats(args.mean) if args.mean else t_in.get("mean") or _floats(IMAGENET[0])
-    std = _floats(args.std) if args.std else t_in.get("std") or _floats(IMAGENET[1])
+    mean = _floats(args.mean) if args.mean else t_in.get("mean") or list(IMAGENET_MEAN)
+    std = _floats(args.std) if args.std else t_in.get("std") or list(IMAGENET_STD)
     extra = {k: template[k] for k in ("description", "tiles", "scores", "decode")
              if template.get(k) is not None}
     spec = spec_dict(name, task, classes, tile_px, mpp, mean, std,

@@ -56,6 +56,8 @@ class YoloV5Head(nn.Module):
         self.nc, self.na, self.stride = nc, 3, stride
         self.trunk = _Trunk(stride)
         self.m = nn.Conv2d(8, self.na * (5 + nc), 1)
+        with torch.no_grad():  # objectness prior: a random net still finds something
+            self.m.bias.view(self.na, 5 + nc)[:, 4] += 1.5
         self.register_buffer("anchors", torch.tensor([[10.0, 13], [16, 30], [33, 23]]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -98,6 +100,9 @@ class P2PNet(nn.Module):
         self.trunk = _Trunk(stride)
         self.regression = nn.Conv2d(8, 4 * 2, 3, padding=1)
         self.classification = nn.Conv2d(8, 4 * (n_classes + 1), 3, padding=1)
+        with torch.no_grad():  # confident, mostly foreground: a random net finds cells
+            self.classification.weight.mul_(60.0)
+            self.classification.bias.view(4, n_classes + 1)[:, -1] -= 4.0
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.trunk(x)
@@ -112,6 +117,11 @@ class P2PNet(nn.Module):
 def yolov7_lbc() -> YoloV5Head:
     torch.manual_seed(1)
     return YoloV5Head(nc=5)
+
+
+def yolov7_lbc6() -> YoloV5Head:
+    torch.manual_seed(1)
+    return YoloV5Head(nc=6)
 
 
 def yolov7_blood() -> YoloV5Head:

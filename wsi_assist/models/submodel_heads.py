@@ -19,17 +19,32 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsi_assist.errors import ModelError
 from wsi_assist.models.submodel_spec import DecodeSpec, SubmodelSpec
 
 
 def decode_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: dict[str, np.ndarray]
                    ) -> dict[str, np.ndarray]:
-    """The standard outputs of ``spec``'s task from its head's raw ``outputs``."""
+    """The standard outputs of ``spec``'s task from its head's raw ``outputs``; ModelError
+    when their shapes do not fit the head (axes the model left symbolic are checked
+    here, on the arrays)."""
     raw = [np.asarray(outputs[n]) for n in dec.output_names]
     o = spec.output
+    _check_shapes(spec, dec, raw)
     if dec.head == "p2pnet":
         return decode_p2pnet(raw[0], raw[1], dec.background)
     return decode_yolo(raw[0], dec, len(o.classes), o.score_threshold, o.iou_threshold)
+
+
+def _check_shapes(spec: SubmodelSpec, dec: DecodeSpec, raw: list[np.ndarray]) -> None:
+    n = len(spec.output.classes)
+    want = {"yolov5": [(2, 5 + n)], "yolov8": [(1, 4 + n)],
+            "p2pnet": [(2, n + 1), (2, 2)]}[dec.head]
+    for name, arr, (axis, size) in zip(dec.output_names, raw, want, strict=True):
+        if arr.ndim != 3 or arr.shape[axis] != size:
+            raise ModelError(f"{spec.model_path}: decode head {dec.head} with {n} classes "
+                             f"expects {size} on axis {axis} of {name!r}, the model gave "
+                             f"{list(arr.shape)}")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
