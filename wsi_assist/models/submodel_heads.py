@@ -51,28 +51,47 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def _raw_threshold(threshold: float, sigmoid: bool) -> float:
+    """``threshold`` on probabilities as a threshold on what the graph gives."""
+    if not sigmoid:
+        return threshold
+    if threshold <= 0:
+        return -np.inf
+    return np.inf if threshold >= 1 else float(np.log(threshold / (1 - threshold)))
+
+
 def decode_yolo(raw: np.ndarray, dec: DecodeSpec, n_classes: int, threshold: float,
                 iou: float) -> dict[str, np.ndarray]:
-    """Boxes (x0, y0, x1, y1), scores and labels per tile from a YOLO head."""
+    """Boxes (x0, y0, x1, y1), scores and labels per tile from a YOLO head. Only anchors
+    that can reach ``threshold`` (objectness, or best class score, at or above it) are
+    looked at beyond one comparison."""
     x = raw.astype(np.float32, copy=False)
+    sig = dec.activation == "sigmoid"
+    cut = _raw_threshold(threshold, sig)
     if dec.head == "yolov8":
-        x = x.transpose(0, 2, 1)
-    first = 5 if dec.head == "yolov5" else 4
-    cls = x[..., first:first + n_classes]
-    if dec.activation == "sigmoid":
+        best = x[:, 4:4 + n_classes].max(axis=1)  # (B, N)
+        b, i = np.nonzero(best >= cut)
+        rows = x[b, :, i]  # (M, 4 + nc)
+        cls = rows[:, 4:4 + n_classes]
+        obj = None
+    else:
+        b, i = np.nonzero(x[..., 4] >= cut)  # score = objectness x class score <= objectness
+        rows = x[b, i]  # (M, 5 + nc)
+        cls, obj = rows[:, 5:5 + n_classes], rows[:, 4]
+    if sig:
         cls = _sigmoid(cls)
-    labels = cls.argmax(axis=-1)
-    scores = np.take_along_axis(cls, labels[..., None], axis=-1)[..., 0]
-    if dec.head == "yolov5":
-        obj = x[..., 4]
-        scores = scores * (_sigmoid(obj) if dec.activation == "sigmoid" else obj)
-    b, i = np.nonzero(scores >= threshold)
-    xywh = x[b, i, :4]
-    boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2],
-                           axis=1)
-    keep = _class_aware_nms(boxes, scores[b, i], b * n_classes + labels[b, i], iou)
-    return _pad(len(x), b[keep], {"boxes": boxes[keep], "scores": scores[b, i][keep],
-                                  "labels": labels[b, i][keep]}, dec.max_detections)
+        obj = None if obj is None else _sigmoid(obj)
+    labels = cls.argmax(axis=1)
+    scores = cls[np.arange(len(cls)), labels]
+    if obj is not None:
+        scores = scores * obj
+    ok = scores >= threshold
+    b, rows, scores, labels = b[ok], rows[ok], scores[ok], labels[ok]
+    xy, wh = rows[:, :2], rows[:, 2:4]
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
+    keep = _class_aware_nms(boxes, scores, b * n_classes + labels, iou)
+    return _pad(len(x), b[keep], {"boxes": boxes[keep], "scores": scores[keep],
+                                  "labels": labels[keep]}, dec.max_detections)
 
 
 def _class_aware_nms(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray,
