@@ -97,9 +97,8 @@ def backbone_prefix(sd: dict[str, torch.Tensor], own: Sequence[str]) -> str:
     first = own[0]
     found = sorted({k[: -len(first)] for k in sd if k.endswith(first)}, key=len)
     for prefix in found:
-        if prefix.endswith(".") or not prefix:
-            if all(prefix + k in sd for k in own):
-                return prefix
+        if (prefix.endswith(".") or not prefix) and all(prefix + k in sd for k in own):
+            return prefix
     return found[0] if found else "backbone."
 
 

@@ -83,7 +83,7 @@ class YoloV8Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.trunk(x)
-        b, _, h, w = f.shape
+        h, w = f.shape[2], f.shape[3]
         ltrb = torch.nn.functional.softplus(self.box(f)).flatten(2) * self.stride
         centre = (_grid(h, w).transpose(1, 2) + 0.5) * self.stride  # (1, 2, N)
         xy = centre + (ltrb[:, 2:] - ltrb[:, :2]) / 2

@@ -173,7 +173,7 @@ def decode_from_dict(data: Any) -> DecodeSpec | None:
     if isinstance(data, str):
         data = {"head": data}
     if not isinstance(data, dict):
-        raise ValueError(f"decode must be a mapping or a head name, got {data!r}")
+        raise TypeError(f"decode must be a mapping or a head name, got {data!r}")
     d = dict(data)
     d["outputs"] = tuple(str(o) for o in d.get("outputs", ()))
     if "max_detections" in d:
