@@ -87,9 +87,11 @@ def _trunk() -> Any:  # a torch module (torch is imported lazily)
                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
 
 
-def head_nets(nc: int = 6, prior: float = -3.0) -> dict[str, object]:
+def head_nets(nc: int = 6, prior: float = -3.0, spread: float = 10.0) -> dict[str, Any]:
     """Stride-8 CNNs ending in a raw YOLOv5/v7, YOLOv8 or P2PNet head (layouts as
-    exported by those projects); ``prior``: objectness / class logit bias."""
+    exported by those projects); ``prior``: objectness / class logit bias; ``spread``:
+    gain on the head's random weights, so that logits vary between anchors as a trained
+    head's do."""
     import torch
     from torch import nn
 
@@ -97,7 +99,8 @@ def head_nets(nc: int = 6, prior: float = -3.0) -> dict[str, object]:
         def __init__(self) -> None:
             super().__init__()
             self.trunk, self.m = _trunk(), nn.Conv2d(32, 3 * (5 + nc), 1)
-            with torch.no_grad():
+            with torch.no_grad():  # logits that vary from anchor to anchor
+                self.m.weight.mul_(spread)
                 self.m.bias.view(3, 5 + nc)[:, 4] = prior
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +118,7 @@ def head_nets(nc: int = 6, prior: float = -3.0) -> dict[str, object]:
             super().__init__()
             self.trunk, self.box, self.cls = _trunk(), nn.Conv2d(32, 4, 1), nn.Conv2d(32, nc, 1)
             with torch.no_grad():
+                self.cls.weight.mul_(spread)
                 self.cls.bias.fill_(prior)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +136,8 @@ def head_nets(nc: int = 6, prior: float = -3.0) -> dict[str, object]:
             self.trunk = _trunk()
             self.reg, self.cls = nn.Conv2d(32, 8, 3, padding=1), nn.Conv2d(32, 4 * 3, 3,
                                                                            padding=1)
+            with torch.no_grad():
+                self.cls.weight.mul_(spread)
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
             f = self.trunk(x)
