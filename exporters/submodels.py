@@ -468,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         template = read_yaml(args.spec, "sub-model spec", ModelError) if args.spec else {}
         if not isinstance(template, dict):
             raise ModelError(f"{args.spec}: a sub-model spec must be a mapping")
+        if isinstance(template.get("decode"), str):  # the short form: just the head
+            template["decode"] = {"head": template["decode"]}
         task = _task(args, template)
         spec = build_spec(args, task, template)
         classes = spec["output"]["classes"]

@@ -235,8 +235,21 @@ TOOLS = {  # spec file: (exporter arguments, random network in the released layo
 }
 
 
+#: needs the promptable-segmentation runtime (issue 16 part 3), tested with it
+SAM = "pathasst-sam.yaml"
+
+
 def test_every_pathasst_example_is_covered() -> None:
-    assert sorted(p.name for p in SPECS.glob("pathasst-*.yaml")) == sorted(TOOLS)
+    assert sorted(p.name for p in SPECS.glob("pathasst-*.yaml")) == sorted([*TOOLS, SAM])
+
+
+def test_sam_example_fits_the_promptable_runtime() -> None:
+    from wsi_assist.models import submodel_spec
+
+    if "promptable-segmentation" not in submodel_spec.TASKS:
+        pytest.skip("the promptable-segmentation runtime (issue 16 part 3) is not here")
+    spec = load_spec(SPECS / SAM)
+    assert spec.task == "promptable-segmentation" and spec.output.classes == ("Cell",)
 
 
 @pytest.mark.parametrize("name", sorted(TOOLS))
