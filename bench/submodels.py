@@ -136,8 +136,9 @@ def head_nets(nc: int = 6, prior: float = -3.0, spread: float = 10.0) -> dict[st
             self.trunk = _trunk()
             self.reg, self.cls = nn.Conv2d(32, 8, 3, padding=1), nn.Conv2d(32, 4 * 3, 3,
                                                                            padding=1)
-            with torch.no_grad():
+            with torch.no_grad():  # mostly background, as on tissue: a few % are cells
                 self.cls.weight.mul_(spread)
+                self.cls.bias.view(4, 3)[:, 2] = -prior
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
             f = self.trunk(x)

@@ -9,7 +9,8 @@ them across tiles.
   score = objectness x best class score.
 - ``yolov8`` (and later): (B, 4+nc, N) x, y, w, h, class scores; score = best class score.
   Both: candidates at or above the spec's ``score_threshold``, class-aware NMS per tile at
-  its ``iou_threshold`` (torchvision ``batched_nms``), at most ``max_detections`` per tile.
+  its ``iou_threshold`` (torchvision ``nms`` per tile, classes shifted apart) over its
+  ``PRE_NMS`` x ``max_detections`` best candidates, at most ``max_detections`` kept.
 - ``p2pnet``: ``pred_logits`` (B, N, K+1) and ``pred_points`` (B, N, 2): softmax over the
   K+1 logits, the background column dropped, score and label = best remaining class;
   points as given (tile px).
@@ -89,41 +90,50 @@ def decode_yolo(raw: np.ndarray, dec: DecodeSpec, n_classes: int, threshold: flo
     b, rows, scores, labels = b[ok], rows[ok], scores[ok], labels[ok]
     xy, wh = rows[:, :2], rows[:, 2:4]
     boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
-    keep = _class_aware_nms(boxes, scores, b * n_classes + labels, iou)
-    return _pad(len(x), b[keep], {"boxes": boxes[keep], "scores": scores[keep],
-                                  "labels": labels[keep]}, dec.max_detections)
+    kept = _class_aware_nms(boxes, scores, labels, b, len(x), iou, dec.max_detections)
+    return _pad(kept, {"boxes": boxes, "scores": scores, "labels": labels})
 
 
-def _class_aware_nms(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray,
-                     iou: float) -> np.ndarray:
-    """Kept indices, highest score first; boxes only suppress boxes of their own group
-    (tile and class)."""
+#: candidates per tile and per kept detection looked at by NMS (the best-scored ones)
+PRE_NMS = 10
+
+
+def _class_aware_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                     tile: np.ndarray, n_tiles: int, iou: float, limit: int
+                     ) -> list[np.ndarray]:
+    """Per tile, the indices NMS keeps (best first, at most ``limit``): boxes suppress
+    only boxes of their own class (shifted apart by class), and only the ``PRE_NMS *
+    limit`` best candidates of a tile are considered. ``tile`` is sorted."""
+    bounds = np.searchsorted(tile, np.arange(n_tiles + 1))
+    kept = [np.zeros(0, np.int64)] * n_tiles
     if len(boxes) == 0:
-        return np.zeros(0, np.int64)
+        return kept
     import torch
-    from torchvision.ops import batched_nms
+    from torchvision.ops import nms
 
-    keep = batched_nms(torch.from_numpy(np.ascontiguousarray(boxes)),
-                       torch.from_numpy(np.ascontiguousarray(scores, np.float32)),
-                       torch.from_numpy(groups.astype(np.int64)), iou)
-    return keep.numpy()
+    span = 2.0 * float(np.abs(boxes).max()) + 1.0
+    shifted = torch.from_numpy((boxes + (labels * span)[:, None]).astype(np.float32))
+    s = torch.from_numpy(scores.astype(np.float32, copy=False))
+    for t in np.nonzero(np.diff(bounds))[0].tolist():
+        idx = np.arange(bounds[t], bounds[t + 1])
+        if len(idx) > PRE_NMS * limit:
+            idx = idx[np.argsort(-scores[idx], kind="stable")[:PRE_NMS * limit]]
+        ti = torch.from_numpy(idx)
+        kept[t] = idx[nms(shifted[ti], s[ti], iou).numpy()[:limit]]
+    return kept
 
 
-def _pad(n_tiles: int, tile: np.ndarray, found: dict[str, np.ndarray], limit: int
-         ) -> dict[str, np.ndarray]:
-    """(B, P, ...) arrays from detections listed best first with their ``tile``; at most
-    ``limit`` per tile; empty rows get score -1."""
-    order = np.argsort(tile, kind="stable")  # by tile, best first within each
-    tile = tile[order]
-    starts = np.searchsorted(tile, np.arange(n_tiles))
-    rank = np.arange(len(tile)) - starts[tile]
-    ok = rank < limit
-    order, tile, rank = order[ok], tile[ok], rank[ok]
-    width = int(rank.max()) + 1 if len(rank) else 1
+def _pad(kept: list[np.ndarray], found: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(B, P, ...) arrays of the detections ``kept`` per tile (best first); empty rows
+    get score -1."""
+    width = max([1, *(len(k) for k in kept)])
+    tile = np.concatenate([np.full(len(k), t) for t, k in enumerate(kept)]).astype(np.int64)
+    rank = np.concatenate([np.arange(len(k)) for k in kept]).astype(np.int64)
+    order = np.concatenate(kept).astype(np.int64)
     out: dict[str, np.ndarray] = {}
     for key, v in found.items():
         fill = -1.0 if key == "scores" else 0
-        arr = np.full((n_tiles, width, *v.shape[1:]), fill, v.dtype)
+        arr = np.full((len(kept), width, *v.shape[1:]), fill, v.dtype)
         arr[tile, rank] = v[order]
         out[key] = arr
     return out
