@@ -474,9 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = build_spec(args, task, template)
         classes = spec["output"]["classes"]
         if args.kind == "timm":
-            model: nn.Module = TimmClassifier(args.arch, len(classes))
+            timm_net = TimmClassifier(args.arch, len(classes))
             if args.checkpoint:
-                load_timm_checkpoint(model, args.checkpoint)
+                load_timm_checkpoint(timm_net, args.checkpoint)
+            model: nn.Module = timm_net
         else:
             model = load_factory(args.factory)
             if args.checkpoint:
