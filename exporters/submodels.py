@@ -5,6 +5,14 @@
     python -m exporters.submodels factory --factory mypkg.nets:build --task point-detection \
         --classes positive,negative --checkpoint p2p.pt --name ki67 -o models/
 
+    python -m exporters.submodels factory --factory mypkg.yolo:build \
+        --spec configs/submodels/pathasst-lbc-yolov7.yaml --checkpoint yolo.pt -o models/
+
+A detector ending in its raw head (YOLOv5/v7 ``(B, N, 5+nc)``, YOLOv8+ ``(B, 4+nc, N)``,
+P2PNet's ``{'pred_logits', 'pred_points'}``) is found from what it returns, or named by
+``--head``; its spec gets the matching ``decode`` step. Outputs that fit nothing are
+refused in one line naming what was found and what the task expects.
+
 Every export has a dynamic batch axis, passes ``onnx.checker`` and is compared with the
 PyTorch model on random input: the largest difference is printed and an export beyond
 the tolerance is refused. Checkpoints are read with ``torch.load(weights_only=True)``.
