@@ -219,6 +219,8 @@ def bench_one(sub: sm.Submodel, plain: sm.Submodel, batches: list[np.ndarray], r
             acc.add(rows, sub.run(sub.prepare(b, size)), TileFrame(
                 np.stack([rows * px * 2.0, np.zeros(len(b))], axis=1), 2.0, size))
         res["detections_per_tile"] = sum(len(v) for v in acc.parts.get("scores", [])) / n
+        res.update(decode_cost(sub, sub.run(sub.prepare(batches[0], size)), prepared[0],
+                               plain))
     if sub.fused:  # the same runtime with numpy preprocessing instead, for comparison
         t_np = []
         for _ in range(rounds):
@@ -227,6 +229,25 @@ def bench_one(sub: sm.Submodel, plain: sm.Submodel, batches: list[np.ndarray], r
             t_np.append(time.perf_counter() - t0)
         res["tiles_per_s_runtime_numpy_preprocessing"] = n / min(t_np)
     return res
+
+
+def decode_cost(sub: sm.Submodel, out: dict[str, np.ndarray], x: np.ndarray,
+                plain: sm.Submodel, reps: int = 10) -> dict[str, float]:
+    """ms for one batch: the decode step alone, and ``session.run`` (best of ``reps``)."""
+    from wsi_assist.models.submodel_heads import decode_outputs
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * min(times)
+
+    dec = sub.spec.decode
+    return {"decode_ms_per_batch": best(lambda: decode_outputs(sub.spec, dec, out)),
+            "session_run_ms_per_batch": best(
+                lambda: plain.session.run(None, {plain.input_name: x}))}
 
 
 def bench_nuclei(path: Path, rounds: int) -> dict[str, float]:
@@ -330,7 +351,9 @@ def main() -> None:
                   f"{res['tiles_per_s_bare']:8.1f} tiles/s, overhead "
                   f"{100 * res['overhead']:+.1f}% (target <= 10%)"
                   + (f"; decode {res['decode']}, {res['detections_per_tile']:.1f} "
-                     f"detections/tile" if res["decode"] else "")
+                     f"detections/tile, {res['decode_ms_per_batch']:.1f} ms a batch "
+                     f"(session.run {res['session_run_ms_per_batch']:.1f} ms)"
+                     if res["decode"] else "")
                   + (f"; numpy preprocessing instead of fused: "
                      f"{res['tiles_per_s_runtime_numpy_preprocessing']:.1f} tiles/s"
                      if res["fused_preprocessing"] else ""))
