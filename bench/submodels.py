@@ -14,6 +14,13 @@ session.run -> decode to level 0 -> de-duplicate) against a bare ``session.run``
 the same batches, prepared beforehand (uint8, or normalised float32 for float models),
 on the model file as exported, in the same process. The runtime fuses a float model's
 normalisation into its graph, so it too takes the stream's uint8 tiles.
+Raw detection heads with the runtime's declared decode step (``yolov5``: (B, N, 5+nc)
+with class-aware NMS per tile; ``yolov8``: (B, 4+nc, N), same; ``p2pnet``: softmax over
+(B, N, K+1), points): the same CNN trunk at stride 8 ending in each head, exported on
+the spot; for YOLO twice, "sparse" (an objectness prior of a trained detector on
+tissue: a few % of anchors reach the threshold) and "dense" (every anchor does: the
+worst case for decoding and NMS). The runtime's numbers include decoding, NMS and the
+slide-level de-duplication.
 Overhead target: <= 10%.
 
     python bench/submodels.py [SPEC.yaml ...] [--tiles 512] [--batch 64] [--px 224]
@@ -30,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +80,101 @@ def classifier_spec(out: Path, px: int) -> list[Path]:
     return paths
 
 
+def _trunk() -> Any:  # a torch module (torch is imported lazily)
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 16, 7, stride=4, padding=3), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+
+
+def head_nets(nc: int = 6, prior: float = -3.0, spread: float = 10.0) -> dict[str, Any]:
+    """Stride-8 CNNs ending in a raw YOLOv5/v7, YOLOv8 or P2PNet head (layouts as
+    exported by those projects); ``prior``: objectness / class logit bias; ``spread``:
+    gain on the head's random weights, so that logits vary between anchors as a trained
+    head's do."""
+    import torch
+    from torch import nn
+
+    class V5(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.m = _trunk(), nn.Conv2d(32, 3 * (5 + nc), 1)
+            with torch.no_grad():  # logits that vary from anchor to anchor
+                self.m.weight.mul_(spread)
+                self.m.bias.view(3, 5 + nc)[:, 4] = prior
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = self.m(self.trunk(x))
+            b, _, h, w = f.shape
+            p = f.view(b, 3, 5 + nc, h, w).permute(0, 1, 3, 4, 2).sigmoid()
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            grid = torch.stack([xs, ys], -1).view(1, 1, h, w, 2).float()
+            xy = (p[..., :2] * 2 - 0.5 + grid) * 8
+            wh = (p[..., 2:4] * 2) ** 2 * 12
+            return torch.cat([xy, wh, p[..., 4:]], -1).reshape(b, -1, 5 + nc)
+
+    class V8(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.box, self.cls = _trunk(), nn.Conv2d(32, 4, 1), nn.Conv2d(32, nc, 1)
+            with torch.no_grad():
+                self.cls.weight.mul_(spread)
+                self.cls.bias.fill_(prior)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = self.trunk(x)
+            b, _, h, w = f.shape
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            centre = (torch.stack([xs, ys]).view(1, 2, -1).float() + 0.5) * 8
+            wh = torch.nn.functional.softplus(self.box(f)).flatten(2)[:, :2] * 8
+            return torch.cat([centre.expand(b, -1, -1), wh,
+                              self.cls(f).flatten(2).sigmoid()], 1)
+
+    class P2P(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = _trunk()
+            self.reg, self.cls = nn.Conv2d(32, 8, 3, padding=1), nn.Conv2d(32, 4 * 3, 3,
+                                                                           padding=1)
+            with torch.no_grad():  # mostly background, as on tissue: a few % are cells
+                self.cls.weight.mul_(spread)
+                self.cls.bias.view(4, 3)[:, 2] = -prior
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            f = self.trunk(x)
+            b, _, h, w = f.shape
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            a = torch.stack([xs, ys], -1).view(1, -1, 1, 2).float() * 8 + torch.tensor(
+                [[2.0, 2], [6, 2], [2, 6], [6, 6]])
+            pts = a.reshape(1, -1, 2) + self.reg(f).permute(0, 2, 3, 1).reshape(b, -1, 2)
+            return {"pred_logits": self.cls(f).permute(0, 2, 3, 1).reshape(b, -1, 3),
+                    "pred_points": pts}
+
+    torch.manual_seed(0)
+    return {"yolov5": V5(), "yolov8": V8(), "p2pnet": P2P()}
+
+
+def head_specs(out: Path, px: int) -> list[Path]:
+    """The head nets exported with their decode steps ("sparse" and "dense" YOLO)."""
+    from exporters.submodels import Uint8Input, export_model, spec_dict
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    paths = []
+    for prior, tag in ((-3.0, "sparse"), (3.0, "dense")):
+        for head, net in head_nets(prior=prior).items():
+            if head == "p2pnet" and tag == "dense":
+                continue  # no objectness: softmax over every point either way
+            name = f"{head}-{tag}" if head != "p2pnet" else head
+            task = "point-detection" if head == "p2pnet" else "box-detection"
+            classes = ["pos", "neg"] if head == "p2pnet" else [f"c{i}" for i in range(6)]
+            spec = spec_dict(name, task, classes, px, 0.5, mean, std, uint8=True,
+                             output={"score_threshold": 0.25 if head != "p2pnet" else 0.5})
+            export_model(Uint8Input(net, mean, std).eval(), out, spec, atol=1e-3,
+                         head=head)
+            paths.append(out / f"{name}.yaml")
+    return paths
+
+
 def bench_one(sub: sm.Submodel, plain: sm.Submodel, batches: list[np.ndarray], rounds: int
               ) -> dict[str, float]:
     """``sub`` as the runtime uses it (preprocessing fused into float models) against a bare
@@ -107,7 +210,17 @@ def bench_one(sub: sm.Submodel, plain: sm.Submodel, batches: list[np.ndarray], r
     b, r = min(t_bare), min(t_rt)
     res = {"tiles_per_s_bare": n / b, "tiles_per_s_runtime": n / r,
            "overhead": r / b - 1.0, "providers": sub.session.get_providers()[0],
-           "fused_preprocessing": sub.fused}
+           "fused_preprocessing": sub.fused,
+           "decode": sub.spec.decode.head if sub.spec.decode else None}
+    if sub.spec.decode is not None:  # how many detections the decode step passed on
+        acc = Accumulator(sub.spec, n, 0.25)
+        for i, b in enumerate(batches):
+            rows = np.arange(i * len(b), (i + 1) * len(b))
+            acc.add(rows, sub.run(sub.prepare(b, size)), TileFrame(
+                np.stack([rows * px * 2.0, np.zeros(len(b))], axis=1), 2.0, size))
+        res["detections_per_tile"] = sum(len(v) for v in acc.parts.get("scores", [])) / n
+        res.update(decode_cost(sub, sub.run(sub.prepare(batches[0], size)), prepared[0],
+                               plain))
     if sub.fused:  # the same runtime with numpy preprocessing instead, for comparison
         t_np = []
         for _ in range(rounds):
@@ -116,6 +229,25 @@ def bench_one(sub: sm.Submodel, plain: sm.Submodel, batches: list[np.ndarray], r
             t_np.append(time.perf_counter() - t0)
         res["tiles_per_s_runtime_numpy_preprocessing"] = n / min(t_np)
     return res
+
+
+def decode_cost(sub: sm.Submodel, out: dict[str, np.ndarray], x: np.ndarray,
+                plain: sm.Submodel, reps: int = 10) -> dict[str, float]:
+    """ms for one batch: the decode step alone, and ``session.run`` (best of ``reps``)."""
+    from wsi_assist.models.submodel_heads import decode_outputs
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * min(times)
+
+    dec = sub.spec.decode
+    return {"decode_ms_per_batch": best(lambda: decode_outputs(sub.spec, dec, out)),
+            "session_run_ms_per_batch": best(
+                lambda: plain.session.run(None, {plain.input_name: x}))}
 
 
 def bench_nuclei(path: Path, rounds: int) -> dict[str, float]:
@@ -170,6 +302,22 @@ def bench_nuclei(path: Path, rounds: int) -> dict[str, float]:
             "overhead": min(times["runtime"]) / min(times["plain"]) - 1.0}
 
 
+def run_nuclei(slide: Path, tmp: Path, rounds: int) -> dict[str, float]:
+    """:func:`bench_nuclei` on ``slide`` (a synthetic one when absent), printed."""
+    if not slide.is_file():
+        from wsi_assist.synthetic import write_slide
+
+        slide = write_slide(tmp / "synthetic.svs", default_slide(2048, 2048), mpp=0.5)
+    nuc = bench_nuclei(slide, rounds)
+    print(f"nuclei (built-in) on {nuc['slide']} ({nuc['tiles']} tiles, "
+          f"{nuc['nuclei']} nuclei): runtime {nuc['tiles_per_s_runtime']:.1f} tiles/s "
+          f"in {nuc['blocks']} haloed blocks, plain detect_nuclei loop over the tiles "
+          f"(no halo) {nuc['tiles_per_s_plain_loop']:.1f} tiles/s, overhead "
+          f"{100 * nuc['overhead']:+.1f}%; tile by tile (each with its halo) "
+          f"{nuc['tiles_per_s_tile_by_tile']:.1f} tiles/s")
+    return nuc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("specs", nargs="*", type=Path)
@@ -181,26 +329,18 @@ def main() -> None:
     ap.add_argument("--nuclei-slide", type=Path, default=SHARED / "CMU-1-Small-Region.svs",
                     help="slide for the built-in nucleus analysis (a synthetic one when "
                          "absent)")
+    ap.add_argument("--skip-nuclei", action="store_true",
+                    help="ONNX sub-models only (no built-in nucleus analysis)")
     args = ap.parse_args()
     batches = make_batches(args.tiles, args.batch, args.px)
     providers = sm.choose_providers(None, args.device)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        slide = args.nuclei_slide
-        if not slide.is_file():
-            from wsi_assist.synthetic import write_slide
-
-            slide = write_slide(Path(tmp) / "synthetic.svs", default_slide(2048, 2048),
-                                mpp=0.5)
-        nuc = bench_nuclei(slide, args.rounds)
-        results["nuclei (built-in)"] = nuc
-        print(f"nuclei (built-in) on {nuc['slide']} ({nuc['tiles']} tiles, "
-              f"{nuc['nuclei']} nuclei): runtime {nuc['tiles_per_s_runtime']:.1f} tiles/s "
-              f"in {nuc['blocks']} haloed blocks, plain detect_nuclei loop over the tiles "
-              f"(no halo) {nuc['tiles_per_s_plain_loop']:.1f} tiles/s, overhead "
-              f"{100 * nuc['overhead']:+.1f}%; tile by tile (each with its halo) "
-              f"{nuc['tiles_per_s_tile_by_tile']:.1f} tiles/s")
-        specs = [*classifier_spec(Path(tmp), args.px), *args.specs]
+        if not args.skip_nuclei:
+            results["nuclei (built-in)"] = run_nuclei(args.nuclei_slide, Path(tmp),
+                                                      args.rounds)
+        specs = [*classifier_spec(Path(tmp), args.px), *head_specs(Path(tmp), args.px),
+                 *args.specs]
         for path in specs:
             sub = sm.get_submodel(path, providers)
             plain = sm.Submodel.load(path, providers, fuse=False)
@@ -210,6 +350,10 @@ def main() -> None:
                   f"{res['tiles_per_s_runtime']:8.1f} tiles/s, bare session.run "
                   f"{res['tiles_per_s_bare']:8.1f} tiles/s, overhead "
                   f"{100 * res['overhead']:+.1f}% (target <= 10%)"
+                  + (f"; decode {res['decode']}, {res['detections_per_tile']:.1f} "
+                     f"detections/tile, {res['decode_ms_per_batch']:.1f} ms a batch "
+                     f"(session.run {res['session_run_ms_per_batch']:.1f} ms)"
+                     if res["decode"] else "")
                   + (f"; numpy preprocessing instead of fused: "
                      f"{res['tiles_per_s_runtime_numpy_preprocessing']:.1f} tiles/s"
                      if res["fused_preprocessing"] else ""))

@@ -16,6 +16,7 @@ import shapely
 
 from wsi_assist.models.mask_polygons import merge_polygons, tile_polygons
 from wsi_assist.models.scores import evaluate
+from wsi_assist.models.submodel_heads import decode_outputs
 from wsi_assist.models.submodel_spec import ScoreSpec, SubmodelSpec
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class Accumulator:
             self.rows.append(rows)
             self._add("probs", activate(first, self.spec.output.activation))
         elif task in ("point-detection", "box-detection"):
+            if self.spec.decode is not None:  # a raw head: its declared decode step
+                outputs = decode_outputs(self.spec, self.spec.decode, outputs)
             self._add_detections(outputs, frame)
         else:
             self._add_masks(next(iter(outputs.values())), frame)

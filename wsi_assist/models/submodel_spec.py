@@ -11,6 +11,13 @@ promptable-segmentation (SAM-style): ``encoder`` names an image encoder (one ima
 first output the image embedding) and ``model`` its prompt decoder with SAM's ONNX
 export signature (``DECODER_INPUTS`` -> ``DECODER_OUTPUTS``); ``prompts`` names the
 sub-model whose detections are the point prompts.
+
+A detector whose graph ends in its raw head declares a ``decode`` step instead, run by
+the runtime (:mod:`submodel_decode`): ``yolov5`` (YOLOv5/v7, one output (B,N,5+nc):
+x,y,w,h in tile px, objectness, class scores), ``yolov8`` (YOLOv8 and later, (B,4+nc,N):
+x,y,w,h, class scores), both decoded with class-aware NMS per tile; ``p2pnet``
+(``pred_logits`` (B,N,K+1), ``pred_points`` (B,N,2) x,y tile px: softmax, background
+class dropped).
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ DETECTION_OUTPUTS = {"point-detection": ("points", "scores", "labels"),
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input",
                   "has_mask_input", "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
+HEAD_OUTPUTS = {"yolov5": ("output0",), "yolov8": ("output0",),
+                "p2pnet": ("pred_logits", "pred_points")}
+HEAD_TASKS = {"yolov5": "box-detection", "yolov8": "box-detection",
+              "p2pnet": "point-detection"}
 ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
@@ -260,6 +271,82 @@ class PromptSpec:
 
 
 @dataclass(frozen=True)
+class DecodeSpec:
+    """A declared decode step from a raw detection head to the task's standard outputs.
+
+    ``outputs``: the ONNX output names of the head, in :data:`HEAD_OUTPUTS` order;
+    ``max_detections``: per tile, after NMS; ``activation``: applied to YOLO
+    objectness/class scores (``none``: the graph already gives probabilities, as
+    YOLOv5/v7/v8 exports do); ``background``: where P2PNet's background logit is
+    (``last``, DETR style; ``first``, the original crowd-counting P2PNet)."""
+
+    head: Literal["yolov5", "yolov8", "p2pnet"]
+    outputs: tuple[str, ...] = ()
+    max_detections: int = 300
+    activation: Literal["none", "sigmoid"] = "none"
+    background: Literal["first", "last"] = "last"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_OUTPUTS:
+            raise ValueError(f"decode.head must be one of {tuple(HEAD_OUTPUTS)}, got "
+                             f"{self.head!r}")
+        want = len(HEAD_OUTPUTS[self.head])
+        if self.outputs and len(self.outputs) != want:
+            raise ValueError(f"decode.outputs must name {want} output(s) for {self.head} "
+                             f"{list(HEAD_OUTPUTS[self.head])}, got {list(self.outputs)}")
+        if self.max_detections < 1:
+            raise ValueError(f"decode.max_detections must be >= 1, got {self.max_detections}")
+        if self.activation not in ("none", "sigmoid"):
+            raise ValueError(f"decode.activation must be none or sigmoid, got "
+                             f"{self.activation!r}")
+        if self.background not in ("first", "last"):
+            raise ValueError(f"decode.background must be first or last, got "
+                             f"{self.background!r}")
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The head's ONNX output names (declared, else the defaults)."""
+        return self.outputs or HEAD_OUTPUTS[self.head]
+
+
+def decode_from_dict(data: Any) -> DecodeSpec | None:
+    """The ``decode`` section of a spec (a mapping, or just the head's name)."""
+    if data is None:
+        return None
+    if isinstance(data, str):
+        data = {"head": data}
+    if not isinstance(data, dict):
+        raise TypeError(f"decode must be a mapping or a head name, got {data!r}")
+    d = dict(data)
+    d["outputs"] = tuple(str(o) for o in d.get("outputs", ()))
+    if "max_detections" in d:
+        d["max_detections"] = int(d["max_detections"])
+    return DecodeSpec(**d)
+
+
+def check_head_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: list[Any], where: str
+                       ) -> None:
+    """Refuse a model whose outputs do not fit the spec's declared decode head ``dec``."""
+    names = [o.name for o in outputs]
+    need = dec.output_names
+    if any(n not in names for n in need):
+        raise ModelError(f"{where}: decode head {dec.head} needs outputs {list(need)}, "
+                         f"model has {names}")
+    shapes = [list(outputs[names.index(n)].shape) for n in need]
+    n = len(spec.output.classes)
+    want = {"yolov5": [(-1, 5 + n)], "yolov8": [(1, 4 + n)],
+            "p2pnet": [(-1, n + 1), (-1, 2)]}[dec.head]
+    for name, shape, (axis, size) in zip(need, shapes, want, strict=True):
+        if len(shape) != 3:
+            raise ModelError(f"{where}: decode head {dec.head} expects 3-d output {name!r}, "
+                             f"model's is {shape}")
+        if isinstance(shape[axis], int) and shape[axis] != size:
+            raise ModelError(f"{where}: decode head {dec.head} with {n} classes expects "
+                             f"{size} on axis {axis % 3} of {name!r}, model's shape is "
+                             f"{shape}")
+
+
+@dataclass(frozen=True)
 class SubmodelSpec:
     """A sub-model: ONNX file plus everything needed to run and read it."""
 
@@ -273,6 +360,7 @@ class SubmodelSpec:
     spec_path: Path | None = None
     encoder_path: Path | None = None  # promptable-segmentation: the image encoder
     prompts: PromptSpec | None = None  # promptable-segmentation: where prompts come from
+    decode: DecodeSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.name[0] == "." or not all(
@@ -287,6 +375,9 @@ class SubmodelSpec:
                              "which needs both" if promptable else
                              f"encoder and prompts are only for promptable-segmentation, "
                              f"not {self.task}")
+        if self.decode is not None and HEAD_TASKS[self.decode.head] != self.task:
+            raise ValueError(f"decode head {self.decode.head} gives "
+                             f"{HEAD_TASKS[self.decode.head]}, not {self.task}")
         known = set(self.output.classes)
         for sname, s in self.scores.items():
             bad = [c for c in s.class_names() if c not in known]
@@ -318,7 +409,8 @@ def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = No
                    ) -> SubmodelSpec:
     """Build a spec from a plain dict (as read from YAML)."""
     allowed = {"name", "task", "model", "input", "output", "tiles", "scores", "description",
-               "model_params", "encoder", "prompts"}
+               "model_params", "encoder", "prompts",
+               "decode"}
     unknown = set(data) - allowed
     if unknown:
         raise ValueError(f"unknown key {min(unknown)!r}; valid: {sorted(allowed)}")
@@ -340,7 +432,7 @@ def spec_from_dict(data: dict[str, Any], base: Path, spec_path: Path | None = No
                         model_path=(base / str(data["model"])).resolve(),
                         input=InputSpec(**inp), output=OutputSpec(**out),
                         zeroshot_classes=tuple(zs) if zs else None, scores=scores,
-                        spec_path=spec_path,
+                        spec_path=spec_path, decode=decode_from_dict(data.get("decode")),
                         encoder_path=(base / str(data["encoder"])).resolve()
                         if data.get("encoder") else None,
                         prompts=_prompts(data.get("prompts")))
@@ -417,6 +509,9 @@ def check_decoder(session: Any, where: str) -> None:
 
 
 def _check_outputs(spec: SubmodelSpec, outputs: list[Any], where: str) -> None:
+    if spec.decode is not None:
+        check_head_outputs(spec, spec.decode, outputs, where)
+        return
     names = [o.name for o in outputs]
     n = len(spec.output.classes)
     if spec.task in DETECTION_OUTPUTS:

@@ -1,0 +1,151 @@
+"""Declared decode steps: raw detection heads -> the task's standard per-tile outputs.
+
+A spec's ``decode`` section (see :mod:`submodel_spec`) names the head; the runtime turns
+its outputs into ``boxes``/``points``, ``scores`` and ``labels`` (B, P, ...) in tile px,
+padded with score -1, before the accumulator maps them to level 0 and de-duplicates
+them across tiles.
+
+- ``yolov5`` (also YOLOv7): (B, N, 5+nc) rows x, y, w, h, objectness, class scores;
+  score = objectness x best class score.
+- ``yolov8`` (and later): (B, 4+nc, N) x, y, w, h, class scores; score = best class score.
+  Both: candidates at or above the spec's ``score_threshold``, class-aware NMS per tile at
+  its ``iou_threshold`` (torchvision ``nms`` per tile, classes shifted apart) over its
+  ``PRE_NMS`` x ``max_detections`` best candidates, at most ``max_detections`` kept.
+- ``p2pnet``: ``pred_logits`` (B, N, K+1) and ``pred_points`` (B, N, 2): softmax over the
+  K+1 logits, the background column dropped, score and label = best remaining class;
+  points as given (tile px).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wsi_assist.errors import ModelError
+from wsi_assist.models.submodel_spec import DecodeSpec, SubmodelSpec
+
+
+def decode_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: dict[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+    """The standard outputs of ``spec``'s task from its head's raw ``outputs``; ModelError
+    when their shapes do not fit the head (axes the model left symbolic are checked
+    here, on the arrays)."""
+    raw = [np.asarray(outputs[n]) for n in dec.output_names]
+    o = spec.output
+    _check_shapes(spec, dec, raw)
+    if dec.head == "p2pnet":
+        return decode_p2pnet(raw[0], raw[1], dec.background)
+    return decode_yolo(raw[0], dec, len(o.classes), o.score_threshold, o.iou_threshold)
+
+
+def _check_shapes(spec: SubmodelSpec, dec: DecodeSpec, raw: list[np.ndarray]) -> None:
+    n = len(spec.output.classes)
+    want = {"yolov5": [(2, 5 + n)], "yolov8": [(1, 4 + n)],
+            "p2pnet": [(2, n + 1), (2, 2)]}[dec.head]
+    for name, arr, (axis, size) in zip(dec.output_names, raw, want, strict=True):
+        if arr.ndim != 3 or arr.shape[axis] != size:
+            raise ModelError(f"{spec.model_path}: decode head {dec.head} with {n} classes "
+                             f"expects {size} on axis {axis} of {name!r}, the model gave "
+                             f"{list(arr.shape)}")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _raw_threshold(threshold: float, sigmoid: bool) -> float:
+    """``threshold`` on probabilities as a threshold on what the graph gives."""
+    if not sigmoid:
+        return threshold
+    if threshold <= 0:
+        return -np.inf
+    return np.inf if threshold >= 1 else float(np.log(threshold / (1 - threshold)))
+
+
+def decode_yolo(raw: np.ndarray, dec: DecodeSpec, n_classes: int, threshold: float,
+                iou: float) -> dict[str, np.ndarray]:
+    """Boxes (x0, y0, x1, y1), scores and labels per tile from a YOLO head. Only anchors
+    that can reach ``threshold`` (objectness, or best class score, at or above it) are
+    looked at beyond one comparison."""
+    x = raw.astype(np.float32, copy=False)
+    sig = dec.activation == "sigmoid"
+    cut = _raw_threshold(threshold, sig)
+    if dec.head == "yolov8":
+        best = x[:, 4:4 + n_classes].max(axis=1)  # (B, N)
+        b, i = np.nonzero(best >= cut)
+        rows = x[b, :, i]  # (M, 4 + nc)
+        cls = rows[:, 4:4 + n_classes]
+        obj = None
+    else:
+        b, i = np.nonzero(x[..., 4] >= cut)  # score = objectness x class score <= objectness
+        rows = x[b, i]  # (M, 5 + nc)
+        cls, obj = rows[:, 5:5 + n_classes], rows[:, 4]
+    if sig:
+        cls = _sigmoid(cls)
+        obj = None if obj is None else _sigmoid(obj)
+    labels = cls.argmax(axis=1)
+    scores = cls[np.arange(len(cls)), labels]
+    if obj is not None:
+        scores = scores * obj
+    ok = scores >= threshold
+    b, rows, scores, labels = b[ok], rows[ok], scores[ok], labels[ok]
+    xy, wh = rows[:, :2], rows[:, 2:4]
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
+    kept = _class_aware_nms(boxes, scores, labels, b, len(x), iou, dec.max_detections)
+    return _pad(kept, {"boxes": boxes, "scores": scores, "labels": labels})
+
+
+#: candidates per tile and per kept detection looked at by NMS (the best-scored ones)
+PRE_NMS = 10
+
+
+def _class_aware_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                     tile: np.ndarray, n_tiles: int, iou: float, limit: int
+                     ) -> list[np.ndarray]:
+    """Per tile, the indices NMS keeps (best first, at most ``limit``): boxes suppress
+    only boxes of their own class (shifted apart by class), and only the ``PRE_NMS *
+    limit`` best candidates of a tile are considered. ``tile`` is sorted."""
+    bounds = np.searchsorted(tile, np.arange(n_tiles + 1))
+    kept = [np.zeros(0, np.int64)] * n_tiles
+    if len(boxes) == 0:
+        return kept
+    import torch
+    from torchvision.ops import nms
+
+    span = 2.0 * float(np.abs(boxes).max()) + 1.0
+    shifted = torch.from_numpy((boxes + (labels * span)[:, None]).astype(np.float32))
+    s = torch.from_numpy(scores.astype(np.float32, copy=False))
+    for t in np.nonzero(np.diff(bounds))[0].tolist():
+        idx = np.arange(bounds[t], bounds[t + 1])
+        if len(idx) > PRE_NMS * limit:
+            idx = idx[np.argsort(-scores[idx], kind="stable")[:PRE_NMS * limit]]
+        ti = torch.from_numpy(idx)
+        kept[t] = idx[nms(shifted[ti], s[ti], iou).numpy()[:limit]]
+    return kept
+
+
+def _pad(kept: list[np.ndarray], found: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(B, P, ...) arrays of the detections ``kept`` per tile (best first); empty rows
+    get score -1."""
+    width = max([1, *(len(k) for k in kept)])
+    tile = np.concatenate([np.full(len(k), t) for t, k in enumerate(kept)]).astype(np.int64)
+    rank = np.concatenate([np.arange(len(k)) for k in kept]).astype(np.int64)
+    order = np.concatenate(kept).astype(np.int64)
+    out: dict[str, np.ndarray] = {}
+    for key, v in found.items():
+        fill = -1.0 if key == "scores" else 0
+        arr = np.full((len(kept), width, *v.shape[1:]), fill, v.dtype)
+        arr[tile, rank] = v[order]
+        out[key] = arr
+    return out
+
+
+def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str
+                  ) -> dict[str, np.ndarray]:
+    """Points, scores and labels per tile from P2PNet-style logits and points."""
+    x = logits.astype(np.float32, copy=False)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    probs = probs[..., 1:] if background == "first" else probs[..., :-1]
+    labels = probs.argmax(axis=-1)
+    scores = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]
+    return {"points": np.asarray(points, np.float32), "scores": scores, "labels": labels}
