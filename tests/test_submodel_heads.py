@@ -24,7 +24,8 @@ from exporters import submodels as ex
 from wsi_assist.errors import ModelError
 from wsi_assist.models import submodels as sm
 from wsi_assist.models.submodel_heads import decode_outputs, decode_p2pnet, decode_yolo
-from wsi_assist.models.submodel_spec import DecodeSpec, load_spec
+from wsi_assist.models.submodel_spec import DecodeSpec, ScoreSpec, load_spec
+from wsi_assist.report.labels import score_label
 from wsi_assist.stages import rebuild_report
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -252,6 +253,17 @@ def test_sam_example_fits_the_promptable_runtime() -> None:
     assert spec.task == "promptable-segmentation" and spec.output.classes == ("Cell",)
 
 
+def _first_rule_met(s: ScoreSpec, counts: dict[str, int], den: int) -> str | None:
+    if not den:
+        return None
+    ops = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    for r in s.rules:
+        if all(ops[w.op](100.0 * sum(counts[c] for c in w.classes) / den, w.percent)
+               for w in r.when):
+            return r.category
+    return None
+
+
 @pytest.mark.parametrize("name", sorted(TOOLS))
 def test_pathasst_example_end_to_end(name: str, tmp_path: Path, svs_slide: Path,
                                      capsys) -> None:
@@ -283,9 +295,11 @@ def test_pathasst_example_end_to_end(name: str, tmp_path: Path, svs_slide: Path,
     for sname, s in spec.scores.items():  # each score from the counts, as defined
         got = rec.attrs["scores"][sname]["value"]
         num = sum(counts[c] for c in s.numerator)
+        den = sum(counts[c] for c in s.denominator)
         if s.kind == "ratio":
-            den = sum(counts[c] for c in s.denominator)
             assert got == (pytest.approx(num / den * s.scale) if den else None)
+        elif s.kind == "categorical":  # the first rule whose conditions all hold
+            assert got == _first_rule_met(s, counts, den)
         else:
             assert got is not None and got > 0
     rebuild_report(out, report_config(include_tiles=True))
@@ -293,7 +307,7 @@ def test_pathasst_example_end_to_end(name: str, tmp_path: Path, svs_slide: Path,
     md = (out / "report.md").read_text()
     assert f"### {spec.name} ({spec.task})" in md
     for sname, s in spec.scores.items():
-        assert f"**{sname}**" in md and " ".join(s.definition.split()) in md
+        assert f"**{score_label(sname)}**" in md and " ".join(s.definition.split()) in md
     if spec.task == "tile-classification":
         assert sum(counts.values()) == len(run.store.read_grid())
         return
