@@ -102,7 +102,7 @@ def _sharded(folder: Path, index: str, spec: str, what: str
         absent = listed - _safetensors_keys(folder / shard, spec, what)
         if absent:
             raise ModelError(f"{what} {spec!r}: {shard} lacks {len(absent)} tensors that "
-                             f"{index} puts there (e.g. {sorted(absent)[0]})")
+                             f"{index} puts there (e.g. {min(absent)})")
     return [folder / s for s in shards], len(weight_map)
 
 
