@@ -159,7 +159,7 @@ def heatmap(overview: np.ndarray, downsample: float, tiles: TileGrid,
     v = view(overview, downsample, max_px, bounds, origin)
     faded = Image.blend(v.image.convert("L").convert("RGB"),
                         Image.new("RGB", v.image.size, (255, 255, 255)), 0.35)
-    lattice, origin = prob_grid(tiles, np.asarray(probs, np.float64) / vmax)
+    lattice, corner = prob_grid(tiles, np.asarray(probs, np.float64) / vmax)
     if lattice.size:
         rgba = np.dstack([colormap(lattice), np.where(np.isnan(lattice), 0,
                                                    round(255 * alpha)).astype(np.uint8)])
@@ -167,7 +167,7 @@ def heatmap(overview: np.ndarray, downsample: float, tiles: TileGrid,
         w = max(1, round(lattice.shape[1] * tiles.stride_l0 * v.scale))
         h = max(1, round(lattice.shape[0] * tiles.stride_l0 * v.scale))
         layer = layer.resize((w, h), Image.Resampling.NEAREST)
-        x, y = v.xy(*origin)
+        x, y = v.xy(*corner)
         faded.paste(layer, (round(x), round(y)), layer)
     return _frame(faded, title, tiles.mpp / v.scale,
                   legend=lambda d, x, y, u: _ramp_legend(d, x, y, u, label, vmax))
