@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_assist.errors import StageSkipped
+from wsi_assist.errors import ModelError, StageSkipped
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,13 @@ def encode_queries(model_spec: str, texts: Sequence[str]) -> np.ndarray:
     except ImportError as e:
         raise StageSkipped("text queries need the PathCLIP text encoder "
                            "(wsi_assist.models.pathclip), which is not available") from e
-    spec = pathclip.parse_spec(model_spec)
-    if spec.kind in IMAGE_ONLY:
+    try:
+        spec = pathclip.parse_spec(model_spec)
+    except ModelError:
+        spec = None  # encode_text says what is wrong with it
+    if spec is not None and spec.kind in IMAGE_ONLY:
         raise StageSkipped(pathclip.no_text_tower(spec))
-    return np.asarray(pathclip.encode_text(spec, list(texts)), dtype=np.float32)
+    return np.asarray(pathclip.encode_text(model_spec, list(texts)), dtype=np.float32)
 
 
 def by_query(embeddings: np.ndarray, queries: Sequence[str], query_vecs: np.ndarray,
