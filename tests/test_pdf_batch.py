@@ -305,3 +305,33 @@ def test_ctrl_c_to_the_process_group_keeps_finished_pdfs(
     page = (out / "index.html").read_text(encoding="utf-8")
     assert all(f">{r['slide_id']}<" in page for r in done)
     assert not list(out.rglob(".chromium-*"))
+
+
+@needs_chromium
+@pytest.mark.parametrize("how", ["exit", "killed"])
+def test_the_batch_chromium_ends_with_the_process(tmp_path: Path, how: str) -> None:
+    """A process that ends without closing its browser (a normal exit; SIGKILL) leaves no
+    Chromium running: atexit closes it (and removes its folder); else it exits when its
+    pipe closes."""
+    import os
+    import subprocess
+    import sys
+
+    html = pages(tmp_path / "html", 1)[0]
+    scratch = tmp_path / "scratch"
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from wsi_assist.report import pdf\n"
+        f"b = pdf.batch_browser(Path({str(scratch)!r}))\n"
+        f"b.print_pdf(Path({str(html)!r}), Path({str(tmp_path / 'p.pdf')!r}))\n"
+        "print(b._proc.pid, flush=True)\n"
+        + ("os.kill(os.getpid(), signal.SIGKILL)\n" if how == "killed" else "sys.exit(0)\n"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env, check=False)
+    pgid = int(res.stdout.split()[0])
+    assert (tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    assert group_gone(pgid, wait=20), f"chromium group {pgid} outlived its process"
+    if how == "exit":
+        assert list(scratch.iterdir()) == []
