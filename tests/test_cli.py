@@ -163,7 +163,9 @@ def test_models_lists_every_configured_model_and_whether_it_loads(
     nuclei, cls, bad, cap = lines[-4:]
     assert "built-in" in nuclei and "loads: cls (tile-classification), 3 classes" in cls
     assert f"{broken}: error:" in bad and "\n" not in bad
-    assert f"{vlm}: loads: Llava" in cap
+    assert f"{vlm}: checked (not loaded; --load loads it): llava, 1 weight file(s)" in cap
+    r = runner.invoke(app, ["models", "--config", str(cfg), "--load"])
+    assert f"{vlm}: loads: Llava" in r.stdout.splitlines()[-1]
     assert "embedder        not configured" in r.stdout
     # without the broken spec every configured model loads: exit 0
     cfg.write_text(f"submodels:\n  specs: [{tmp_path / 'cls.yaml'}]\ncaption:\n"
@@ -174,3 +176,57 @@ def test_models_lists_every_configured_model_and_whether_it_loads(
     r = runner.invoke(app, ["models", "--config", str(cfg)])
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines()[-1].startswith("captioner       caption.model: not configured")
+
+
+def test_models_checks_captioners_without_reading_their_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default check of a captioner reads its config, weight-file index and processor,
+    never the weights (a 7B model would take minutes); a missing shard or a cut weight
+    file is an error naming the file; --no-load only looks for the folder."""
+    import transformers
+    from random_vlm import build_causal_lm, build_llava
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.delenv("WSI_ASSIST_PATHCLIP", raising=False)
+    vlm = build_llava(tmp_path / "vlm")
+    lm = build_causal_lm(tmp_path / "lm")
+    # shard the captioner as save_pretrained does for big models: an index and two files
+    weights = load_file(str(vlm / "model.safetensors"))
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(vlm / shard), metadata={"format": "pt"})
+    (vlm / "model.safetensors").unlink()
+    (vlm / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, ks in shards.items() for k in ks}}))
+
+    def no_weights(*_a: object, **_k: object) -> None:
+        raise AssertionError("the cheap check loaded a model's weights")
+
+    for cls in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", no_weights)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"submodels:\n  specs: [nuclei]\ncaption:\n  model: {vlm}\n"
+                   f"  summary_model: {lm}\n")
+    r = runner.invoke(app, ["models", "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    cap, summ = r.stdout.splitlines()[-2:]
+    assert f"{vlm}: checked (not loaded" in cap and "2 weight file(s)" in cap
+    assert f"{len(names)} tensors" in cap and "chat template" in cap
+    assert summ.startswith("summary model") and "llama, 1 weight file(s)" in summ
+    # a cut shard, then a missing one: exit 1, the file named
+    shard2 = vlm / "model-00002-of-00002.safetensors"
+    data = shard2.read_bytes()
+    shard2.write_bytes(data[:len(data) // 2])
+    r = runner.invoke(app, ["models", "--config", str(cfg)])
+    assert r.exit_code == 1 and "model-00002-of-00002.safetensors is not a readable " \
+        "safetensors file" in r.stdout.splitlines()[-2]
+    shard2.unlink()
+    r = runner.invoke(app, ["models", "--config", str(cfg)])
+    assert r.exit_code == 1
+    assert "names weight files that are missing: model-00002-of-00002.safetensors" in \
+        r.stdout.splitlines()[-2]
+    # --no-load: the folder exists, nothing else is looked at
+    r = runner.invoke(app, ["models", "--config", str(cfg), "--no-load"])
+    assert r.exit_code == 0 and "configured (not loaded)" in r.stdout.splitlines()[-2]

@@ -324,6 +324,35 @@ def test_image_only_encoders_refuse_text_in_words(tmp_path: Path) -> None:
         pathclip.encode_text(f"timm:{folder}", ["tumor"])
 
 
+def test_text_queries_with_an_image_only_encoder_are_skipped_with_the_reason(
+        tmp_path: Path) -> None:
+    """caption.queries on timm embeddings: the tissue picks stay, the queries are skipped
+    and the note says why (no text tower), as the zeroshot stage does; no error."""
+    from wsi_assist import represent
+    from wsi_assist.caption import choose
+    from wsi_assist.errors import StageSkipped
+    from wsi_assist.settings import CaptionParams
+    from wsi_assist.store import Embeddings
+    from wsi_assist.tiling import TileGrid
+
+    folder = save_timm_dir(tmp_path / "uni", UNI_ARGS)
+    spec = f"timm:{folder}"
+    with pytest.raises(StageSkipped, match="image-only encoder with no text tower"):
+        represent.encode_queries(spec, ["tumor"])
+    n = 12
+    vecs = ours(spec, tiles(n, 32), raw=False)
+    grid = TileGrid(coords=np.arange(2 * n, dtype=np.int64).reshape(n, 2) * 256,
+                    tissue_fraction=np.linspace(0.2, 1.0, n).astype(np.float32), level=0,
+                    level_downsample=1.0, read_px=256, stride_px=256, tile_px=224,
+                    target_mpp=0.5, mpp=0.5, delivered_mpp=0.5)
+    emb = Embeddings(vectors=vecs, model=spec, model_sha256="0" * 64)
+    params = CaptionParams(queries=("tumor cells",), fallback_k=4)
+    picks, notes = choose(grid, params, emb, None)
+    assert len(picks) == 4 and all(p.reason == "tissue" for p in picks)
+    assert "no text tower" in notes["queries_skipped"]
+    assert spec in notes["queries_skipped"]
+
+
 # --- transformers image encoder (Phikon-v2: Dinov2Model) -----------------------------------
 
 def save_dinov2_dir(folder: Path, seed: int = 0, crop: int = 32, resize: int = 32) -> Path:

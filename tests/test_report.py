@@ -345,3 +345,79 @@ def test_report_text_reads_as_words_and_the_picture_is_the_sharpest(
     coarse = Overview(np.zeros((10, 8, 3), np.uint8), 8.0)
     assert _sharpest(coarse, fine) is fine and _sharpest(fine, coarse) is fine
     assert _sharpest(coarse, None) is coarse
+
+
+def test_report_picture_is_read_from_the_slide_and_reused_without_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report's slide picture is the tissue region read from the slide file at
+    ``report.picture_px`` (the nearest pyramid level, never enlarged), not the coarse
+    thumbnail; `wsi-assist report OUT` without the slide draws on the stored picture."""
+    from wsi_assist.report.images import picture_bounds
+    from wsi_assist.slide import open_slide
+    from wsi_assist.synthetic import default_slide, write_slide
+
+    monkeypatch.delenv("WSI_ASSIST_PATHCLIP", raising=False)
+    src = write_slide(tmp_path / "big.svs", default_slide(4000, 3000, seed=3), kind="svs")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("outputs:\n  thumbnail_px: 512\nreport:\n  pdf: false\n  picture_px: 1200\n"
+                   "  image_px: 600\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(src), "-o", str(out), "--config", str(cfg),
+                                   "--stages", "tissue,tiles,report"])
+    assert res.exit_code == 0, res.output
+    d = out / "big"
+    st = SlideStore(d, mode="r")
+    pic, thumb = st.read_report_picture(), st.read_thumbnail()
+    assert pic is not None and thumb is not None
+    assert max(pic.image.shape[:2]) == 1200 and pic.downsample < thumb.downsample
+    # it covers the tissue and tiles, and shows what the slide shows there
+    b = picture_bounds(st.read_tissue_geometry(), st.read_grid())
+    assert b is not None
+    x0, y0 = pic.origin
+    h, w = pic.image.shape[:2]
+    assert x0 <= b[0] and y0 <= b[1]
+    assert x0 + w * pic.downsample >= b[2] - pic.downsample
+    assert y0 + h * pic.downsample >= b[3] - pic.downsample
+    with open_slide(src) as s:
+        region = s.read_region((int(x0), int(y0)), 0, (round(w * pic.downsample),
+                                                        round(h * pic.downsample)))
+    want = np.asarray(region.convert("RGB").resize((w, h), Image.Resampling.LANCZOS), np.int16)
+    assert np.abs(pic.image.astype(np.int16) - want).mean() < 4
+    # the overlay is drawn at the picture's size, not the thumbnail's
+    drawn = np.asarray(Image.open(d / "overlays" / "classes.png").convert("RGB"))
+    assert max(drawn.shape[:2]) > 1200
+    # rebuilt without the slide: the stored picture, the same overlay
+    src.unlink()
+    rebuild_report(d, config.load(cfg))
+    again = np.asarray(Image.open(d / "overlays" / "classes.png").convert("RGB"))
+    assert again.shape == drawn.shape and np.array_equal(again, drawn)
+
+
+def test_report_picture_uses_the_nearest_pyramid_level(tmp_path: Path) -> None:
+    from wsi_assist import thumbnail
+    from wsi_assist.slide import describe, open_slide
+    from wsi_assist.synthetic import default_slide, write_slide
+
+    src = write_slide(tmp_path / "p.svs", default_slide(4096, 3072, seed=1), kind="svs")
+    info = describe(src, 0.5)
+    assert info.level_downsamples[:2] == (1.0, 4.0)
+    box = thumbnail.picture_box((500.0, 400.0, 3500.0, 2600.0), info.width, info.height)
+    assert box[0] < 500 and box[2] > 3500 and box[2] <= info.width
+    levels: list[int] = []
+
+    class Spy:
+        def __init__(self, s: object) -> None:
+            self.s = s
+
+        def read_region(self, xy: object, level: int, size: object, **kw: object) -> object:
+            levels.append(level)
+            return self.s.read_region(xy, level, size, **kw)  # type: ignore[attr-defined]
+
+    with open_slide(src) as s:
+        img, ds = thumbnail.read_picture(Spy(s), info, box, 300)  # 13x: level 1, then 3:1
+        assert set(levels) == {1} and max(img.shape[:2]) == 300
+        assert ds == pytest.approx((box[2] - box[0]) / img.shape[1], rel=0.01)
+        levels.clear()
+        big, ds0 = thumbnail.read_picture(Spy(s), info, box, 10_000)  # never enlarged
+        assert set(levels) == {0} and ds0 == 1.0
+        assert big.shape[:2] == (box[3] - box[1], box[2] - box[0])

@@ -122,17 +122,20 @@ class View:
 
 
 def view(overview: np.ndarray, downsample: float, max_px: int,
-         bounds: tuple[float, float, float, float] | None = None) -> View:
+         bounds: tuple[float, float, float, float] | None = None,
+         origin: tuple[float, float] = (0.0, 0.0)) -> View:
     """The overview cropped to level-0 ``bounds`` (plus a margin) and scaled to fit
-    ``max_px`` (small ones enlarged up to 8x)."""
+    ``max_px`` (small ones enlarged up to 8x). ``origin``: the level-0 position of the
+    overview's first pixel (a picture of part of the slide)."""
     h, w = overview.shape[:2]
+    ox, oy = origin
     c0, r0, c1, r1 = 0, 0, w, h
     if bounds is not None:
         m = 0.04 * max(bounds[2] - bounds[0], bounds[3] - bounds[1])
-        c0 = max(0, int((bounds[0] - m) / downsample))
-        r0 = max(0, int((bounds[1] - m) / downsample))
-        c1 = min(w, math.ceil((bounds[2] + m) / downsample))
-        r1 = min(h, math.ceil((bounds[3] + m) / downsample))
+        c0 = max(0, int((bounds[0] - m - ox) / downsample))
+        r0 = max(0, int((bounds[1] - m - oy) / downsample))
+        c1 = min(w, math.ceil((bounds[2] + m - ox) / downsample))
+        r1 = min(h, math.ceil((bounds[3] + m - oy) / downsample))
         if c1 <= c0 or r1 <= r0:
             c0, r0, c1, r1 = 0, 0, w, h
     img = Image.fromarray(np.ascontiguousarray(overview[r0:r1, c0:c1, :3]))
@@ -140,21 +143,23 @@ def view(overview: np.ndarray, downsample: float, max_px: int,
     if scale != 1.0:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                          Image.Resampling.LANCZOS)
-    return View(img, c0 * downsample, r0 * downsample, scale / downsample)
+    return View(img, ox + c0 * downsample, oy + r0 * downsample, scale / downsample)
 
 
 def heatmap(overview: np.ndarray, downsample: float, tiles: TileGrid,
             probs: np.ndarray, title: str, *, max_px: int = 768, alpha: float = 0.7,
             bounds: tuple[float, float, float, float] | None = None,
-            label: str = "probability", vmax: float = 1.0) -> Image.Image:
+            label: str = "probability", vmax: float = 1.0,
+            origin: tuple[float, float] = (0.0, 0.0)) -> Image.Image:
     """Tile values in 0..``vmax`` (a class's probabilities, or ``label``) over a faded
-    overview, with legend and scale bar; tiles whose value is NaN are left clear."""
+    overview (its first pixel at level-0 ``origin``), with legend and scale bar; tiles
+    whose value is NaN are left clear."""
     if not vmax > 0:
         raise ValueError(f"vmax must be positive, got {vmax!r}")
-    v = view(overview, downsample, max_px, bounds)
+    v = view(overview, downsample, max_px, bounds, origin)
     faded = Image.blend(v.image.convert("L").convert("RGB"),
                         Image.new("RGB", v.image.size, (255, 255, 255)), 0.35)
-    lattice, origin = prob_grid(tiles, np.asarray(probs, np.float64) / vmax)
+    lattice, corner = prob_grid(tiles, np.asarray(probs, np.float64) / vmax)
     if lattice.size:
         rgba = np.dstack([colormap(lattice), np.where(np.isnan(lattice), 0,
                                                    round(255 * alpha)).astype(np.uint8)])
@@ -162,7 +167,7 @@ def heatmap(overview: np.ndarray, downsample: float, tiles: TileGrid,
         w = max(1, round(lattice.shape[1] * tiles.stride_l0 * v.scale))
         h = max(1, round(lattice.shape[0] * tiles.stride_l0 * v.scale))
         layer = layer.resize((w, h), Image.Resampling.NEAREST)
-        x, y = v.xy(*origin)
+        x, y = v.xy(*corner)
         faded.paste(layer, (round(x), round(y)), layer)
     return _frame(faded, title, tiles.mpp / v.scale,
                   legend=lambda d, x, y, u: _ramp_legend(d, x, y, u, label, vmax))
@@ -187,9 +192,11 @@ def outlines(field: Image.Image, objects: list[tuple[np.ndarray, Color]],
 def class_overlay(overview: np.ndarray, downsample: float, regions: list[ClassRegion],
                   tissue: shapely.Geometry | None, mpp: float, *, max_px: int = 1024,
                   title: str = "Tissue classes",
-                  bounds: tuple[float, float, float, float] | None = None) -> Image.Image:
-    """The overview with class regions filled translucently and outlined, with a legend."""
-    v = view(overview, downsample, max_px, bounds)
+                  bounds: tuple[float, float, float, float] | None = None,
+                  origin: tuple[float, float] = (0.0, 0.0)) -> Image.Image:
+    """The overview (its first pixel at level-0 ``origin``) with class regions filled
+    translucently and outlined, with a legend."""
+    v = view(overview, downsample, max_px, bounds, origin)
     layer = Image.new("RGBA", v.image.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     width = max(2, v.image.width // 300)

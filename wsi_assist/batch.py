@@ -587,7 +587,7 @@ def _run_on_cluster(client: Any, p: BatchPlan, out: Path, config: Config, force:
 
     gpu = wants_gpu and any(
         s in config.stages for s in ("embed", "submodels", "caption"))
-    futures = {client.submit(process_slide, path, p.ids[path], out, config, p.mpp_table,
+    futures = {client.submit(process_on_worker, path, p.ids[path], out, config, p.mpp_table,
                              force, key=f"slide-{p.ids[path]}-{os.getpid()}", pure=False,
                              resources={"GPU": 1} if gpu else None): path
                for path in p.paths}
@@ -604,9 +604,58 @@ def _run_on_cluster(client: Any, p: BatchPlan, out: Path, config: Config, force:
         finished = {r.path for r in results}
         results += [interrupted(path, p.ids[path]) for f, path in futures.items()
                     if str(path) not in finished and f.status != "pending"]
-    for f in futures:
-        f.cancel()  # running slides finish their atomic write or are discarded
+    finally:
+        for f in futures:
+            f.cancel()  # running slides finish their atomic write or are discarded
+        _close_worker_browsers(client)
     return results
+
+
+def process_on_worker(path: Path, slide_id: str, out: Path, config: Config,
+                      mpp_table: dict[str, float] | None = None, force: bool = False,
+                      ) -> SlideResult:
+    """:func:`process_slide` on a Dask worker: its PDF printed by the worker process's
+    one Chromium (started for its first slide, reused by the next), not one per slide."""
+    shared = None
+    if "report" in config.stages and config.report.pdf:
+        shared = browser.for_process(files.work_dir(out), pdf.batch_browser)
+    with browser.using(shared):
+        return process_slide(path, slide_id, out, config, mpp_table, force)
+
+
+def _close_worker_browsers(client: Any) -> None:
+    """Stop the workers' Chromium processes at the end of a batch (their profiles are in
+    OUT); a worker already gone has nothing to stop."""
+    try:
+        starts = client.run(browser.close_process_browsers, on_error="ignore")
+    except (OSError, TimeoutError, RuntimeError) as e:
+        log.debug("workers' chromium not closed: %s", e)
+        return
+    if starts:
+        log.debug("chromium starts on the workers: %s", starts)
+
+
+class IgnoreSigint:
+    """A Dask worker plugin: the worker process ignores SIGINT. A Ctrl-C in the terminal
+    reaches the whole process group, local worker processes included; the run (the first
+    Ctrl-C: finish the running slides, the second: abort) decides, not each worker,
+    which would otherwise die mid-slide. Registered for a local cluster only."""
+
+    name = "wsi-assist-ignore-sigint"
+
+    def setup(self, worker: Any) -> None:
+        import signal
+
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def quiet_local_workers(client: Any) -> None:
+    """Local worker processes (and those the nannies restart) ignore SIGINT."""
+    from distributed import WorkerPlugin
+
+    plugin = type("IgnoreSigintPlugin", (IgnoreSigint, WorkerPlugin), {})()
+    client.register_plugin(plugin, name=IgnoreSigint.name)
 
 
 def interrupted(path: Path, slide_id: str) -> SlideResult:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_assist.errors import StageSkipped
+from wsi_assist.errors import ModelError, StageSkipped
 from wsi_assist.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,21 @@ def retrieve(embeddings: np.ndarray, query_vec: np.ndarray, k: int
 
 
 def encode_queries(model_spec: str, texts: Sequence[str]) -> np.ndarray:
-    """Query texts as PathCLIP text embeddings (N, D), via ``wsi_assist.models.pathclip``."""
+    """Query texts as text embeddings (N, D) of ``model_spec``, via
+    ``wsi_assist.models.pathclip``. StageSkipped, with the reason, when the model is an
+    image-only encoder (``timm:``/``hf:`` specs: no text tower), as the zeroshot stage."""
     try:
         from wsi_assist.models import pathclip
+        from wsi_assist.models.encoders import IMAGE_ONLY
     except ImportError as e:
         raise StageSkipped("text queries need the PathCLIP text encoder "
                            "(wsi_assist.models.pathclip), which is not available") from e
+    try:
+        spec = pathclip.parse_spec(model_spec)
+    except ModelError:
+        spec = None  # encode_text says what is wrong with it
+    if spec is not None and spec.kind in IMAGE_ONLY:
+        raise StageSkipped(pathclip.no_text_tower(spec))
     return np.asarray(pathclip.encode_text(model_spec, list(texts)), dtype=np.float32)
 
 

@@ -395,6 +395,9 @@ class ReportParams(Section):
     heatmap_classes: Tuple[str] | None = None
     max_heatmaps: NonNegInt = 6
     image_px: Annotated[int, Field(ge=128)] = 900
+    #: long side of the slide picture read from the slide file for the report (the
+    #: tissue region, from the nearest pyramid level): sharp on the printed page
+    picture_px: Annotated[int, Field(ge=256, le=8192)] = 1600
     gallery_per_class: NonNegInt = 2
     empty_tile_tissue: Fraction = 0.5
     pdf: bool = True

@@ -10,6 +10,7 @@ the zarr group by string. Per-tile arrays are row-aligned with ``coords``.
 | stains | root attr ``stain`` (kind, names, vectors, background, source, reason) |
 | grid | ``coords``, ``tissue_fraction``; root attrs (level, read_px, ...) |
 | thumbnail, qc | ``thumbnail``; ``tile_qc`` (N, 2: background, focus; attrs: damaged_tiles) |
+| report picture | ``report_picture``: the tissue region read from the slide for the report (attrs downsample, x0, y0) |
 | embeddings | ``embeddings`` (N, D) float16, attrs model, model_sha256, ... |
 | zero-shot | ``zeroshot/{probs,top,uncertain}``, attrs classes, composition, ... |
 | sub-models | ``submodels/<name>/<array>``, attrs task, classes, counts, scores, ... |
@@ -54,6 +55,7 @@ TISSUE_MASK = "tissue_mask"
 #: Root attribute holding the slide's :class:`StainVectors` (``StainVectors.to_json``).
 STAIN = "stain"
 THUMBNAIL = "thumbnail"
+REPORT_PICTURE = "report_picture"
 TILE_QC = "tile_qc"
 #: At most this many damaged tile rows are listed in ``tile_qc`` attrs.
 MAX_DAMAGED_ROWS = 1000
@@ -93,10 +95,12 @@ class SlideRecord:
 
 @dataclass(frozen=True)
 class Overview:
-    """An RGB picture of the slide whose pixels are ``downsample`` level-0 px wide."""
+    """An RGB picture of the slide whose pixels are ``downsample`` level-0 px wide; its
+    top-left pixel is level-0 ``origin`` (the whole slide: (0, 0))."""
 
     image: np.ndarray
     downsample: float
+    origin: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or not self.downsample > 0:
@@ -373,6 +377,23 @@ class SlideStore:
             return None
         arr = _array(self.group, THUMBNAIL)
         return Overview(np.asarray(arr[...]), float(_attrs(arr)["downsample"]))
+
+    def write_report_picture(self, picture: Overview) -> None:
+        """The report's picture of the slide (a region read at the page's resolution)."""
+        self._write(REPORT_PICTURE, picture.image, rows_per_chunk=1024,
+                    downsample=float(picture.downsample), x0=float(picture.origin[0]),
+                    y0=float(picture.origin[1]),
+                    description="RGB picture of the tissue region for the report; pixels "
+                                "are `downsample` level-0 px wide, the first is at (x0, y0)")
+
+    def read_report_picture(self) -> Overview | None:
+        """The stored report picture (the ``report`` stage, with the slide); None before."""
+        if REPORT_PICTURE not in self.group:
+            return None
+        arr = _array(self.group, REPORT_PICTURE)
+        a = _attrs(arr)
+        return Overview(np.asarray(arr[...]), float(a["downsample"]),
+                        (float(a["x0"]), float(a["y0"])))
 
     def write_qc(self, scores: np.ndarray, names: list[str], description: str,
                  damaged: np.ndarray | None = None) -> None:

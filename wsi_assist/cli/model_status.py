@@ -56,9 +56,11 @@ def submodel_statuses(cfg: Config, device: str, load: bool) -> list[ModelStatus]
     return out
 
 
-def captioner_statuses(cfg: Config, device: str, load: bool) -> list[ModelStatus]:
+def captioner_statuses(cfg: Config, device: str, load: bool | None) -> list[ModelStatus]:
     """The captioner (``caption.model``) and the optional summary model: not configured,
-    or whether each loads (``load``; else whether a local folder exists)."""
+    or whether each loads. ``load`` True: loaded fully (slow for 7B models); None (the
+    default): a cheap check (config.json and architecture, the weight files named by the
+    index, the tokenizer/processor) that reads no weights; False: whether the folder exists."""
     c = cfg.caption
     roles = [("captioner", "caption.model", c.model),
              ("summary model", "caption.summary_model", c.summary_model)]
@@ -69,8 +71,22 @@ def captioner_statuses(cfg: Config, device: str, load: bool) -> list[ModelStatus
                 out.append(ModelStatus(role, key, True, "not configured: the caption stage "
                                        "will not run (set caption.model)"))
             continue
-        out.append(_captioner(role, key, spec, device, load))
+        if load is None:
+            out.append(_quick(role, key, spec))
+        else:
+            out.append(_captioner(role, key, spec, device, load))
     return out
+
+
+def _quick(role: str, key: str, spec: str) -> ModelStatus:
+    """The cheap check of one captioner or summary model (no weights read)."""
+    from wsi_assist.models.vlm_check import quick_check
+
+    try:
+        note = quick_check(spec, key, summary=role == "summary model")
+    except WsiAssistError as e:
+        return ModelStatus(role, spec, False, f"error: {e}")
+    return ModelStatus(role, spec, True, note)
 
 
 def _captioner(role: str, key: str, spec: str, device: str, load: bool) -> ModelStatus:

@@ -53,12 +53,16 @@ def models(
     config: opt.ConfigFile = None,
     pathclip: PathclipOpt = None,
     model: ModelOpt = None,
-    load: Annotated[bool, typer.Option("--load/--no-load", help="Try loading the model "
-                                                               "(reads the weights).")] = True,
+    load: Annotated[bool | None, typer.Option(
+        "--load/--no-load", help="--load: load every model fully (reads all weights; slow "
+                                 "for 7B captioners). --no-load: load none. Default: load "
+                                 "the embedder and sub-models, check captioners cheaply "
+                                 "(config, weight-file index, tokenizer).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Show every configured model (embedder, sub-models, captioner), the prompt sets,
-    and whether each loads: one line each, with the reason when it does not.
+    and whether each loads: one line each, with the reason when it does not. Captioners
+    are checked without reading their weights unless --load.
 
     Exit 0 when every configured model loads, 1 when any does not.
     `wsi-assist models` without a subcommand is `models show`.
@@ -88,8 +92,9 @@ def models(
                f"{cfg.zeroshot.threshold}; shipped: {', '.join(shipped_prompt_sets())}")
     with user_errors():
         dev = resolve_device(device)
-    ok = _embedder(params, load, dev)
-    for st in [*submodel_statuses(cfg, dev, load), *captioner_statuses(cfg, dev, load)]:
+    ok = _embedder(params, load is not False, dev)
+    for st in [*submodel_statuses(cfg, dev, load is not False),
+               *captioner_statuses(cfg, dev, load)]:
         typer.secho(st.line(), fg=None if st.ok else typer.colors.RED)
         ok = ok and st.ok
     raise typer.Exit(0 if ok else 1)

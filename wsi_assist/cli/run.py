@@ -7,6 +7,7 @@ import logging
 import shutil
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -209,6 +210,22 @@ def _quiet_dask() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process while the block runs (processes started meanwhile
+    keep ignoring it: the terminal's Ctrl-C reaches the whole process group, and the
+    run, not its local Dask workers, decides what stops); the handler restored after."""
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 class _client:
     """A Dask client for ``--scheduler`` or ``--workers N`` (N > 1), else None."""
 
@@ -238,11 +255,15 @@ class _client:
 
             _quiet_dask()
             dask.config.set({"temporary-directory": str(self.scratch)})
-            self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1,
-                                        processes=True, host="127.0.0.1",
-                                        dashboard_address=None,
-                                        local_directory=str(self.scratch))
+            from wsi_assist.batch import quiet_local_workers
+
+            with _sigint_ignored():  # inherited by the worker processes spawned now
+                self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=1,
+                                            processes=True, host="127.0.0.1",
+                                            dashboard_address=None,
+                                            local_directory=str(self.scratch))
             self.client = Client(self.cluster)
+            quiet_local_workers(self.client)  # and by those a nanny restarts later
             log.info("Dask: local cluster of %d worker processes at %s", self.cfg.workers,
                      self.cluster.scheduler_address)
         return self.client

@@ -40,7 +40,7 @@ def resolve_dtype(device: str, dtype: str = "auto") -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _looks_local(spec: str) -> bool:
+def looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists() \
         or spec.count("/") > 1
 
@@ -89,7 +89,7 @@ def load_pretrained(spec: str, loader: Any, what: str, **kwargs: Any) -> Any:
     Models (auto model classes) load strictly: a recognised architecture, and no missing,
     unexpected or mismatched weights (never a silently half-random model)."""
     path = Path(spec).expanduser()
-    if _looks_local(spec) and not path.is_dir():
+    if looks_local(spec) and not path.is_dir():
         raise ModelError(f"{what} {spec!r}: no such folder (expected a folder saved with "
                          "save_pretrained, or a hub id like 'org/name')")
     target = str(path) if path.is_dir() else spec
@@ -118,22 +118,30 @@ def load_pretrained(spec: str, loader: Any, what: str, **kwargs: Any) -> Any:
     return model
 
 
+def load_processor(spec: str, what: str) -> Any:
+    """The processor of ``spec``, with a chat template and a tokenizer (ModelError if not)."""
+    from transformers import AutoProcessor
+
+    processor = load_pretrained(spec, AutoProcessor, what)
+    if not getattr(processor, "chat_template", None):
+        raise ModelError(f"{what} {spec!r}: the processor has no chat template "
+                         "(chat_template.jinja or processor_config.json)")
+    if getattr(processor, "tokenizer", None) is None:
+        raise ModelError(f"{what} {spec!r}: the processor has no tokenizer")
+    return processor
+
+
 class Captioner:
     """A loaded image-text-to-text model with its processor."""
 
     def __init__(self, spec: str, device: str = "cpu", dtype: str = "auto") -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         self.spec = spec
         self.device = device
         check_architecture(spec, AutoModelForImageTextToText, "caption.model")
-        self.processor = load_pretrained(spec, AutoProcessor, "caption.model")
-        if not getattr(self.processor, "chat_template", None):
-            raise ModelError(f"caption.model {spec!r}: the processor has no chat template "
-                             "(chat_template.jinja or processor_config.json)")
-        tokenizer = getattr(self.processor, "tokenizer", None)
-        if tokenizer is None:
-            raise ModelError(f"caption.model {spec!r}: the processor has no tokenizer")
+        self.processor = load_processor(spec, "caption.model")
+        tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -13,12 +13,21 @@ A page that fails (an error, a timeout, the browser gone) raises :class:`Browser
 and the browser is stopped; the next page starts a fresh one, so one slide never fails
 another. :func:`shared` opens the batch's browser (``batch.run_batch`` does, around its
 local loop); :func:`current` is what ``pdf.write_pdf`` uses, else it runs Chromium once.
+On a Dask worker (``--workers``, ``--scheduler``) each worker process keeps one browser
+for all the slides it reports (:func:`for_process`, made current by :func:`using`),
+closed at the end of the batch (:func:`close_process_browsers`) or when the process ends.
 Chromium's profile, HOME, XDG folders and TMPDIR are a folder inside the batch's scratch
 folder, removed when the batch ends.
+
+Chromium runs in a session of its own (``start_new_session``): a Ctrl-C in the terminal
+sends SIGINT to the whole foreground process group, and the run, not Chromium, decides
+what stops. It still ends with the run: it exits when its pipe closes (the process that
+started it has ended, however), and :meth:`Browser.close` kills its group.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import json
@@ -31,7 +40,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +88,15 @@ class Browser:
                 self.close()
                 raise BrowserError(str(e) or type(e).__name__) from e
 
+    def shutdown(self, wait: float = 10.0) -> None:
+        """:meth:`close`, after the page being printed (up to ``wait`` seconds)."""
+        got = self._lock.acquire(timeout=wait)
+        try:
+            self.close()
+        finally:
+            if got:
+                self._lock.release()
+
     def close(self) -> None:
         """Stop Chromium (if running) and remove its scratch folder."""
         proc, self._proc = self._proc, None
@@ -116,6 +135,7 @@ class Browser:
                                       stderr=_STDERR, env=env, cwd=root,
                                       start_new_session=True)  # its own process group
         self.starts += 1
+        _LIVE.add(self)
         log.debug("chromium started for the batch's PDFs (pid %d)", self._proc.pid)
 
     def _attach(self, deadline: float) -> str:
@@ -201,11 +221,66 @@ class Browser:
 
 
 _CURRENT: Browser | None = None
+#: a browser made current in one thread (a Dask worker's task) by :func:`using`
+_THREAD = threading.local()
+#: this process's browser for Dask tasks, by scratch folder (at most one)
+_PROCESS: dict[Path, Browser] = {}
+_PROCESS_LOCK = threading.Lock()
+#: every browser started in this process: closed at exit (Chromium and its folder)
+_LIVE: weakref.WeakSet[Browser] = weakref.WeakSet()
 
 
 def current() -> Browser | None:
-    """The batch's browser while :func:`shared` is open in this process, else None."""
-    return _CURRENT
+    """The browser :func:`using` gave this thread, else the batch's browser while
+    :func:`shared` is open in this process, else None."""
+    return getattr(_THREAD, "browser", None) or _CURRENT
+
+
+@contextlib.contextmanager
+def using(browser: Browser | None) -> Iterator[Browser | None]:
+    """Make ``browser`` :func:`current` in this thread while the block runs; it stays
+    open afterwards (a worker's browser, reused by its next slide)."""
+    previous = getattr(_THREAD, "browser", None)
+    _THREAD.browser = browser
+    try:
+        yield browser
+    finally:
+        _THREAD.browser = previous
+
+
+def for_process(scratch: Path, make: Callable[[Path], Browser | None]) -> Browser | None:
+    """This process's browser with its temporary folder in ``scratch``, made by ``make``
+    on first use (None: no Chromium). One made for another scratch folder (an earlier
+    batch, another OUT) is closed first: a worker serving several batches keeps at most
+    one Chromium and writes nothing into an OUT it no longer works for."""
+    with _PROCESS_LOCK:
+        b = _PROCESS.get(scratch)
+        if b is not None:
+            return b
+        for old in _PROCESS.values():
+            old.shutdown()
+        _PROCESS.clear()
+        b = make(scratch)
+        if b is not None:
+            _PROCESS[scratch] = b
+        return b
+
+
+def close_process_browsers() -> int:
+    """Close this process's browsers made by :func:`for_process` (the end of a batch on
+    a Dask worker); how many Chromium processes they started in all."""
+    with _PROCESS_LOCK:
+        made = list(_PROCESS.values())
+        _PROCESS.clear()
+    for b in made:
+        b.shutdown()
+    return sum(b.starts for b in made)
+
+
+@atexit.register
+def _close_live() -> None:
+    for b in list(_LIVE):
+        b.close()
 
 
 @contextlib.contextmanager

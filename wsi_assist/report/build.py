@@ -52,9 +52,14 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
     regions = _regions(grid, zs, tissue.geometry, tissue.area_um2, params)
     n_feats = qupath.write_annotations(store, regions, grid, zs, subs,
                                             include_tiles=params.include_tiles)
-    sharp = _sharpest(overview, store.read_thumbnail())
+    picture = store.read_report_picture()
+    sharp = _sharpest(overview, store.read_thumbnail(), picture)
+    # read for the page: drawn at its own size; a stored thumbnail at report.image_px
+    overlay_px = max(params.image_px, max(picture.image.shape[:2])) \
+        if picture is not None and sharp is picture else None
     pics = images.overlay_and_heatmaps(out_dir, sharp.image, sharp.downsample, grid,
-                                       zs, regions, tissue.geometry, slide.mpp, params)
+                                       zs, regions, tissue.geometry, slide.mpp, params,
+                                       origin=sharp.origin, overlay_px=overlay_px)
     captions = store.read_captions()
     gallery = _gallery(out_dir, captions, grid, zs, overview.image, overview.downsample,
                        slide_path, params)
@@ -86,9 +91,14 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
             "heatmaps": len(pics["heatmaps"]), "pdf": pdf_note}
 
 
-def _sharpest(overview: Overview, thumbnail: Overview | None) -> Overview:
-    """The finer of the stored overview (``tissue.overview_mpp``, 8 µm/px by default)
-    and the thumbnail (``outputs.thumbnail_px``): the slide picture of the report."""
+def _sharpest(overview: Overview, thumbnail: Overview | None,
+              picture: Overview | None = None) -> Overview:
+    """The slide picture of the report: the report picture the report stage read from
+    the slide (the tissue region at ``report.picture_px``), else the finer of the stored
+    overview (``tissue.overview_mpp``, 8 µm/px by default) and the thumbnail
+    (``outputs.thumbnail_px``)."""
+    if picture is not None and picture.image.ndim == 3 and picture.image.shape[2] == 3:
+        return picture
     if thumbnail is None or thumbnail.image.ndim != 3 or thumbnail.image.shape[2] != 3:
         return overview
     return thumbnail if thumbnail.downsample < overview.downsample else overview

@@ -40,14 +40,18 @@ def file_name(name: str) -> str:
 def overlay_and_heatmaps(out_dir: Path, overview: np.ndarray, downsample: float,
                          grid: TileGrid | None, zs: ZeroShot | None,
                          regions: list[ClassRegion], tissue: shapely.Geometry,
-                         mpp: float, params: ReportParams) -> dict[str, Any]:
-    """Write ``overlays/classes.png`` and ``overlays/heatmap_<class>.png``; returns their
-    paths relative to ``out_dir``."""
+                         mpp: float, params: ReportParams,
+                         origin: tuple[float, float] = (0.0, 0.0),
+                         overlay_px: int | None = None) -> dict[str, Any]:
+    """Write ``overlays/classes.png`` (``overlay_px`` on its long side, default
+    ``report.image_px``) and ``overlays/heatmap_<class>.png`` on the picture ``overview``
+    (its first pixel at level-0 ``origin``); returns their paths relative to ``out_dir``."""
     folder = out_dir / "overlays"
     folder.mkdir(exist_ok=True)
-    bounds = _bounds(tissue, grid)
+    bounds = picture_bounds(tissue, grid)
     img = aggregate.class_overlay(overview, downsample, regions, tissue, mpp,
-                                  max_px=params.image_px, bounds=bounds,
+                                  max_px=overlay_px or params.image_px, bounds=bounds,
+                                  origin=origin,
                                   title="Tissue classes (zero-shot)" if regions
                                   else "Tissue")
     img.save(folder / "classes.png", optimize=True)
@@ -59,7 +63,7 @@ def overlay_and_heatmaps(out_dir: Path, overview: np.ndarray, downsample: float,
         name = zs.classes[k]
         hm = aggregate.heatmap(overview, downsample, grid, probs,
                                f"{name}: tile probability", max_px=params.image_px // 2 + 64,
-                               bounds=bounds)
+                               bounds=bounds, origin=origin)
         rel = f"overlays/heatmap_{k:02d}_{file_name(name)}.png"
         hm.save(out_dir / rel, optimize=True)
         out["heatmaps"][name] = rel
@@ -80,8 +84,8 @@ def heatmap_classes(zs: ZeroShot, params: ReportParams) -> list[int]:
     return idx[:params.max_heatmaps]
 
 
-def _bounds(tissue: shapely.Geometry, grid: TileGrid | None
-            ) -> tuple[float, float, float, float] | None:
+def picture_bounds(tissue: shapely.Geometry, grid: TileGrid | None
+                   ) -> tuple[float, float, float, float] | None:
     """Level-0 box around tissue and tiles, for cropping pictures to what matters."""
     boxes = [] if tissue.is_empty else [tissue.bounds]
     if grid is not None and len(grid.coords):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -56,8 +58,31 @@ def chromium(args: list[str], html: Path, timeout: float = 120.0,
             (root / sub).mkdir(mode=0o700)
         cmd = [exe, *FLAGS, f"--user-data-dir={root / 'profile'}",
                f"--crash-dumps-dir={root / 'crash'}", *args, html.resolve().as_uri()]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              check=False, env=env, cwd=root)
+        return run_own_session(cmd, timeout, env, root)
+
+
+def run_own_session(cmd: list[str], timeout: float, env: dict[str, str],
+                    cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in a session (process group) of its own, so that the SIGINT of a
+    Ctrl-C in the terminal, which reaches the whole foreground group, does not stop it
+    halfway through a PDF; the run decides when to stop. The group (Chromium and its
+    renderers) is killed on a timeout, an interrupt or any error, and when it is done."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=cwd, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:  # a timeout, KeyboardInterrupt: never leave Chromium behind
+        _kill_group(proc)
+        raise
+    _kill_group(proc)  # renderers that outlive their browser
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 class _NoPdf(Exception):
