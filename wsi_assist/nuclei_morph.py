@@ -1,0 +1,119 @@
+"""Grey-level reconstruction for the built-in nuclei, at pipeline speed.
+
+:func:`reconstruct_by_dilation` gives exactly what ``skimage.morphology.reconstruction``
+(method ``dilation``, 8-connected) gives, with one sort of the pixels instead of two:
+scikit-image ranks the values with a second full ``argsort`` (``rank_order``); here the
+ranks come from the first sort's order (a cumulative count of distinct values). The
+flooding itself is scikit-image's own compiled loop. Where that private loop is not
+importable (another scikit-image), the public function is used: same result, slower.
+
+:func:`h_maxima` is ``skimage.morphology.h_maxima`` for float images on top of it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage as ndi
+
+log = logging.getLogger(__name__)
+
+try:  # scikit-image's compiled flooding loop (private; the public path is the fallback)
+    from skimage.morphology._grayreconstruct import reconstruction_loop as _loop
+except ImportError:  # pragma: no cover - depends on the scikit-image build
+    _loop = None
+
+#: 8-neighbour offsets (dy, dx) of the flooding, the centre left out.
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def reconstruct_by_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Reconstruction by dilation of ``seed`` under ``mask`` (2-D, ``seed <= mask``),
+    8-connected, in the float type scikit-image would use (float32 for float32)."""
+    seed, mask = np.asarray(seed), np.asarray(mask)
+    if seed.shape != mask.shape or seed.ndim != 2:
+        raise ValueError(f"seed and mask must be 2-D of one shape, got {seed.shape} "
+                         f"and {mask.shape}")
+    if _loop is None:  # pragma: no cover
+        from skimage.morphology import reconstruction
+
+        return np.asarray(reconstruction(seed, mask, method="dilation"))
+    if np.any(seed > mask):
+        raise ValueError("the seed must not exceed the mask in a reconstruction by dilation")
+    dtype = np.float32 if mask.dtype == np.float32 and seed.dtype == np.float32 else np.float64
+    h, w = seed.shape
+    images = np.full((2, h + 2, w + 2), np.min(seed), dtype)
+    images[0, 1:-1, 1:-1] = seed
+    images[1, 1:-1, 1:-1] = mask
+    size = images.size
+    itype = np.result_type(np.min_scalar_type(-size), np.int32)
+    strides = np.array([dy * (w + 2) + dx for dy, dx in _NEIGHBOURS], itype)
+    flat = images.reshape(-1)
+    order = ascending_order(flat).astype(itype, copy=False)
+    ranked = flat[order]
+    new = np.empty(size, bool)
+    new[0] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=new[1:])
+    values = ranked[new]  # the distinct values, ascending
+    rank = np.empty(size, np.dtype(itype.char.upper()))
+    rank[order] = np.cumsum(new, dtype=rank.dtype) - 1
+    order = order[::-1]  # dilation floods from the highest value down
+    prev = np.full(size, -1, itype)
+    nxt = np.full(size, -1, itype)
+    prev[order[1:]] = order[:-1]
+    nxt[order[:-1]] = order[1:]
+    image_stride = (h + 2) * (w + 2)
+    _loop(rank, prev, nxt, strides, order[0], image_stride)
+    return values[rank[:image_stride]].reshape(h + 2, w + 2)[1:-1, 1:-1]
+
+
+def ascending_order(values: np.ndarray) -> np.ndarray:
+    """Indices that sort 1-D ``values`` ascending (ties in any order): for float32, a
+    two-pass radix sort of their order-preserving 32-bit keys (numpy's stable sort of
+    16-bit keys is a radix sort), about twice as fast as ``argsort``."""
+    if values.dtype != np.float32:
+        return np.argsort(values)
+    bits = values.view(np.uint32)
+    key = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
+    first = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
+    high = (key >> 16).astype(np.uint16)[first]
+    return first[np.argsort(high, kind="stable")]
+
+
+def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
+    """``skimage.morphology.h_maxima(image, h)`` of a float image (bool): the regional
+    maxima at least ``h`` high, 8-connected."""
+    image = np.asarray(image)
+    if not np.issubdtype(image.dtype, np.floating) or not h > 0:
+        raise ValueError(f"h_maxima needs a float image and h > 0, got {image.dtype}, {h}")
+    resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
+    rec = reconstruct_by_dilation(image - h - resolution, image)
+    return np.asarray((image - rec) >= h)
+
+
+def h_maxima_by_object(image: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """:func:`h_maxima` of a non-negative ``image`` that is 0 outside ``objects`` (bool),
+    with ``h = 0.5``, computed one 8-connected object at a time on its bounding box: the
+    same result as on the whole image (between objects the flooding passes only through
+    zeros, whose level the whole image sets: 0 once any pixel reaches ``h``), at a
+    fraction of the cost when objects cover little of the image."""
+    h = 0.5
+    image = np.asarray(image)
+    out = np.zeros(image.shape, bool)
+    comps, n = ndi.label(objects, structure=np.ones((3, 3), bool))
+    if not n:
+        return out
+    resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
+    shifted = image - h - resolution
+    floor = min(0.0, float(shifted.max()))  # the level of the zeros between objects
+    for i, sl in enumerate(ndi.find_objects(comps), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        own = comps[sl] == i
+        mask = np.where(own, image[sl], 0).astype(image.dtype)
+        seed = np.where(own, shifted[sl], floor).astype(image.dtype)
+        rec = reconstruct_by_dilation(seed, mask)
+        out[sl] |= own & ((mask - rec) >= h)
+    return out
