@@ -94,10 +94,11 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
 
 def h_maxima_by_object(image: np.ndarray, objects: np.ndarray) -> np.ndarray:
     """:func:`h_maxima` of a non-negative ``image`` that is 0 outside ``objects`` (bool),
-    with ``h = 0.5``, computed one 8-connected object at a time on its bounding box: the
-    same result as on the whole image (between objects the flooding passes only through
-    zeros, whose level the whole image sets: 0 once any pixel reaches ``h``), at a
-    fraction of the cost when objects cover little of the image."""
+    with ``h = 0.5``, computed on the bounding boxes of the 8-connected objects alone,
+    packed side by side with a gap of background: the same result as on the whole image
+    (between objects the flooding passes only through zeros, whose level the whole image
+    sets: 0 once any pixel reaches ``h``), at a fraction of the cost when objects cover
+    little of the image."""
     h = 0.5
     image = np.asarray(image)
     out = np.zeros(image.shape, bool)
@@ -107,13 +108,36 @@ def h_maxima_by_object(image: np.ndarray, objects: np.ndarray) -> np.ndarray:
     resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
     shifted = image - h - resolution
     floor = min(0.0, float(shifted.max()))  # the level of the zeros between objects
-    for i, sl in enumerate(ndi.find_objects(comps), start=1):
-        if sl is None:
-            continue
-        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        own = comps[sl] == i
-        mask = np.where(own, image[sl], 0).astype(image.dtype)
-        seed = np.where(own, shifted[sl], floor).astype(image.dtype)
-        rec = reconstruct_by_dilation(seed, mask)
-        out[sl] |= own & ((mask - rec) >= h)
+    boxes = [sl for sl in ndi.find_objects(comps) if sl is not None]
+    places, shape = _shelves([(b[0].stop - b[0].start, b[1].stop - b[1].start)
+                              for b in boxes])
+    seed = np.full(shape, floor, image.dtype)
+    mask = np.zeros(shape, image.dtype)
+    for i, (box, (y, x)) in enumerate(zip(boxes, places, strict=True), start=1):
+        own = comps[box] == i
+        at = (slice(y, y + own.shape[0]), slice(x, x + own.shape[1]))
+        seed[at][own] = shifted[box][own]
+        mask[at][own] = image[box][own]
+    peak = (mask - reconstruct_by_dilation(seed, mask)) >= h
+    for i, (box, (y, x)) in enumerate(zip(boxes, places, strict=True), start=1):
+        own = comps[box] == i
+        out[box] |= own & peak[y:y + own.shape[0], x:x + own.shape[1]]
     return out
+
+
+def _shelves(sizes: list[tuple[int, int]], gap: int = 1
+             ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Top-left corners (y, x) that lay boxes of ``sizes`` (h, w) out in rows, ``gap``
+    pixels apart and from the edges; and the (h, w) of the canvas that holds them."""
+    width = max(max(w for _, w in sizes), int(np.sqrt(sum(h * w for h, w in sizes))) * 2)
+    places: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    y = x = gap
+    row = 0
+    for k in sorted(range(len(sizes)), key=lambda k: -sizes[k][0]):
+        hk, wk = sizes[k]
+        if x + wk + gap > width + 2 * gap:
+            y, x, row = y + row + gap, gap, 0
+        places[k] = (y, x)
+        x += wk + gap
+        row = max(row, hk)
+    return places, (y + row + gap, width + 2 * gap)
