@@ -46,9 +46,11 @@ def test_reconstruction_equals_scikit_image(dtype) -> None:
         nm.reconstruct_by_dilation(img + 1, img)
 
 
-def test_radix_order_sorts_floats_of_any_sign() -> None:
-    v = np.r_[np.random.default_rng(0).normal(size=5000), 0.0, -0.0, 1e-30, -1e-30,
-              np.inf, -np.inf].astype(np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_radix_order_sorts_floats_of_any_sign(dtype) -> None:
+    rng = np.random.default_rng(0)
+    v = np.r_[rng.normal(size=5000), rng.normal(size=50) * 1e-200, rng.integers(0, 9, 300),
+              0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf].astype(dtype)
     assert np.array_equal(v[nm.ascending_order(v)], np.sort(v))
 
 

@@ -69,16 +69,22 @@ def reconstruct_by_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def ascending_order(values: np.ndarray) -> np.ndarray:
-    """Indices that sort 1-D ``values`` ascending (ties in any order): for float32, a
-    two-pass radix sort of their order-preserving 32-bit keys (numpy's stable sort of
-    16-bit keys is a radix sort), about twice as fast as ``argsort``."""
-    if values.dtype != np.float32:
+    """Indices that sort 1-D ``values`` ascending (ties in any order): for float32 and
+    float64, a radix sort of their order-preserving integer keys, 16 bits a pass
+    (numpy's stable sort of 16-bit keys is a radix sort), 2-3x faster than ``argsort``."""
+    if values.dtype == np.float32:
+        utype, sign = np.uint32, np.uint32(1 << 31)
+    elif values.dtype == np.float64:
+        utype, sign = np.uint64, np.uint64(1 << 63)
+    else:
         return np.argsort(values)
-    bits = values.view(np.uint32)
-    key = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
-    first = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
-    high = (key >> 16).astype(np.uint16)[first]
-    return first[np.argsort(high, kind="stable")]
+    bits = values.view(utype)
+    key = np.where(bits & sign, ~bits, bits | sign)
+    order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
+    for shift in range(16, 8 * values.dtype.itemsize, 16):
+        digit = (key >> utype(shift)).astype(np.uint16)[order]
+        order = order[np.argsort(digit, kind="stable")]
+    return order
 
 
 def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
