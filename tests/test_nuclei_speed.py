@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from skimage.morphology import h_maxima, reconstruction
+from skimage.segmentation import watershed
 
 from wsi_assist import nuclei as nu
 from wsi_assist import nuclei_morph as nm
@@ -70,6 +71,19 @@ def test_h_maxima_by_object_equals_the_whole_image() -> None:
     got = nm.h_maxima_by_object(edm, mask)
     want = h_maxima(edm, 0.5).astype(bool) & mask
     assert want.sum() > 40 and np.array_equal(got, want)
+
+
+def test_watershed_lines_equal_scikit_image() -> None:
+    """The per-object split flood: same labels and lines as scikit-image's watershed,
+    plateaus (ties in its queue) included."""
+    yy, xx = np.mgrid[:90, :120]
+    mask = (((yy - 45) ** 2 + (xx - 40) ** 2 <= 900) | ((yy - 45) ** 2 + (xx - 80) ** 2 <= 900))
+    edm = np.round(_edm(mask), 1)  # rounded: many equal values
+    peaks, _ = ndi.label(nm.h_maxima_by_object(edm, mask))
+    assert peaks.max() >= 2
+    got = nm.watershed_lines(-edm, peaks, mask)
+    want = watershed(-edm, peaks, mask=mask, connectivity=1, watershed_line=True)
+    assert np.array_equal(got, want) and (got[mask] == 0).any()
 
 
 @pytest.mark.real_slides

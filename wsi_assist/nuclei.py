@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from wsi_assist.nuclei_morph import h_maxima_by_object, reconstruct_by_dilation
+from wsi_assist.nuclei_morph import h_maxima_by_object, reconstruct_by_dilation, watershed_lines
 from wsi_assist.settings import NucleiParams
 from wsi_assist.stain import StainVectors, cone_angle_deg, deconvolve, optical_density
 
@@ -490,8 +490,6 @@ def split_by_shape(mask: np.ndarray) -> np.ndarray:
     """Touching round objects split along the watershed of their distance transform,
     from its maxima at least half a pixel high (ImageJ's binary watershed). Each object
     is flooded on its own, so it splits the same way whatever else the image holds."""
-    from skimage.segmentation import watershed
-
     if not mask.any():
         return mask
     # the distance map of a pixel grid has false ridges (a diagonal nucleus alternates
@@ -508,8 +506,7 @@ def split_by_shape(mask: np.ndarray) -> np.ndarray:
         assert sl is not None
         obj = objects[sl] == i
         markers, _ = ndi.label(peaks[sl] & obj)
-        split = np.asarray(watershed(-edm[sl], markers, mask=obj, connectivity=1,
-                                     watershed_line=True)) > 0
+        split = watershed_lines(-edm[sl], markers, obj) > 0
         out[sl] &= split | ~obj
     return out
 

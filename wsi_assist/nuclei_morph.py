@@ -147,3 +147,37 @@ def _shelves(sizes: list[tuple[int, int]], gap: int = 1
         x += wk + gap
         row = max(row, hk)
     return places, (y + row + gap, width + 2 * gap)
+
+
+try:  # scikit-image's compiled watershed (private; the public function is the fallback)
+    from skimage.morphology._util import _offsets_to_raveled_neighbors as _neighbours
+    from skimage.morphology._util import _validate_connectivity
+    from skimage.segmentation._watershed_cy import watershed_raveled as _flood
+except ImportError:  # pragma: no cover - depends on the scikit-image build
+    _flood = None
+
+
+def watershed_lines(image: np.ndarray, markers: np.ndarray, mask: np.ndarray
+                    ) -> np.ndarray:
+    """``skimage.segmentation.watershed(image, markers, mask=mask, connectivity=1,
+    watershed_line=True)``, the same flood with the same inputs to scikit-image's compiled
+    loop, without the public function's checks and copies (it is called once per object
+    to split, hundreds of times a block)."""
+    if _flood is None:  # pragma: no cover
+        from skimage.segmentation import watershed
+
+        return np.asarray(watershed(image, markers, mask=mask, connectivity=1,
+                                    watershed_line=True))
+    h, w = image.shape
+    img = np.zeros((h + 2, w + 2), np.float64)
+    img[1:-1, 1:-1] = image
+    inside = np.zeros((h + 2, w + 2), np.int8)
+    inside[1:-1, 1:-1] = mask
+    out = np.zeros((h + 2, w + 2), np.result_type(markers.dtype, np.int8))
+    out[1:-1, 1:-1] = markers * mask
+    connectivity, offset = _validate_connectivity(2, 1, None)
+    nbrs = _neighbours(img.shape, connectivity, center=offset)
+    strides = np.array(img.strides, dtype=np.intp) // img.itemsize
+    _flood(img.ravel(), np.flatnonzero(out), nbrs, inside.ravel(), strides, 0.0,
+           out.ravel(), True)
+    return out[1:-1, 1:-1].copy()
