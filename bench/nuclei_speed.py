@@ -4,10 +4,12 @@ Cuts analysis blocks out of real slides (``../shared/slides``: CMU-1-Small-Regio
 0.5 µm/px, OS-2-vsi-Ki67 at 0.35 µm/px) and times :func:`wsi_assist.nuclei.detect_nuclei`
 on each, interleaved over ``--rounds`` (best of each):
 
-- ``reference``: the analysis built on scikit-image's ``reconstruction`` and whole-image
-  ``h_maxima`` (the code before the fast path), one block after another;
+- ``reference``: the analysis built on scikit-image's ``reconstruction``, whole-image
+  ``h_maxima`` and public ``watershed`` (the code before the fast path), one block after
+  another;
 - ``fast``: the shipped code (one radix sort per reconstruction, h-maxima on the objects'
-  boxes), one block after another;
+  boxes, the split floods straight into scikit-image's compiled loop), one block after
+  another;
 - ``fast, threads``: the shipped code over the blocks in the stage's thread pool
   (``nuclei.workers``, default one per core up to 4).
 
@@ -64,14 +66,17 @@ def blocks() -> list[tuple[np.ndarray, float, StainVectors]]:
 def reference() -> Iterator[None]:
     """The analysis on scikit-image's own reconstruction and h-maxima."""
     from skimage.morphology import h_maxima, reconstruction
+    from skimage.segmentation import watershed
 
-    saved = nu.reconstruct_by_dilation, nu.h_maxima_by_object
+    saved = nu.reconstruct_by_dilation, nu.h_maxima_by_object, nu.watershed_lines
     nu.reconstruct_by_dilation = lambda s, m: reconstruction(s, m, method="dilation")
     nu.h_maxima_by_object = lambda e, m: h_maxima(e, 0.5).astype(bool)
+    nu.watershed_lines = lambda i, k, m: watershed(i, k, mask=m, connectivity=1,
+                                                   watershed_line=True)
     try:
         yield
     finally:
-        nu.reconstruct_by_dilation, nu.h_maxima_by_object = saved
+        nu.reconstruct_by_dilation, nu.h_maxima_by_object, nu.watershed_lines = saved
 
 
 def timed(run: Callable[[], list[nu.Nuclei]]) -> tuple[float, list[nu.Nuclei]]:

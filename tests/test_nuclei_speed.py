@@ -93,7 +93,8 @@ def test_watershed_lines_equal_scikit_image() -> None:
 def test_fast_detection_equals_the_straightforward_one(shared_slides, monkeypatch, name,
                                                        box, mpp, kind) -> None:
     """On real tiles: the same nuclei, outlines and measurements as the analysis built on
-    scikit-image's reconstruction and whole-image h-maxima (tolerance: float rounding)."""
+    scikit-image's reconstruction, whole-image h-maxima and public watershed (tolerance:
+    float rounding)."""
     rgb = _real(shared_slides / name, box)
     stains, params = default_vectors(kind), NucleiParams()
     mask = nu.segment(nu.deconvolve(rgb, stains)[..., 0], mpp, params)[0] > 0
@@ -105,6 +106,8 @@ def test_fast_detection_equals_the_straightforward_one(shared_slides, monkeypatc
                         lambda s, m: reconstruction(s, m, method="dilation"))
     monkeypatch.setattr(nu, "h_maxima_by_object",
                         lambda e, m: h_maxima(e, 0.5).astype(bool))
+    monkeypatch.setattr(nu, "watershed_lines", lambda i, k, m: watershed(
+        i, k, mask=m, connectivity=1, watershed_line=True))
     ref = nu.detect_nuclei(rgb, mpp, stains, params)
     assert len(ref) > 50 and len(fast) == len(ref)
     np.testing.assert_allclose(fast.centroids, ref.centroids, atol=1e-6)
