@@ -72,17 +72,16 @@ def ascending_order(values: np.ndarray) -> np.ndarray:
     """Indices that sort 1-D ``values`` ascending (ties in any order): for float32 and
     float64, a radix sort of their order-preserving integer keys, 16 bits a pass
     (numpy's stable sort of 16-bit keys is a radix sort), 2-3x faster than ``argsort``."""
-    if values.dtype == np.float32:
-        utype, sign = np.uint32, np.uint32(1 << 31)
-    elif values.dtype == np.float64:
-        utype, sign = np.uint64, np.uint64(1 << 63)
-    else:
+    if values.dtype not in (np.float32, np.float64):
         return np.argsort(values)
+    utype = np.dtype(np.uint32 if values.dtype == np.float32 else np.uint64)
+    nbits = 8 * utype.itemsize
     bits = values.view(utype)
+    sign = np.array(1 << (nbits - 1), utype)
     key = np.where(bits & sign, ~bits, bits | sign)
     order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
-    for shift in range(16, 8 * values.dtype.itemsize, 16):
-        digit = (key >> utype(shift)).astype(np.uint16)[order]
+    for shift in range(16, nbits, 16):
+        digit = (key >> np.array(shift, utype)).astype(np.uint16)[order]
         order = order[np.argsort(digit, kind="stable")]
     return order
 
