@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("settings", ("wsi_assist", "settings", "errors")),
     ("I/O", ("files", "geojson", "slide", "chunks", "synthetic", "locks", "progress")),
     ("computation", ("tissue", "tiling", "pieces", "stream", "qc", "thumbnail", "aggregate",
-                     "represent", "stain", "channels", "nuclei", "models")),
+                     "represent", "stain", "channels", "nuclei", "nuclei_morph", "models")),
     ("store", ("store",)),
     ("findings and reports", ("caption", "summary", "report")),
     ("stages", ("stages",)),
@@ -121,7 +121,9 @@ def test_imports_point_one_way() -> None:
 def test_nuclei_is_plain_computation() -> None:
     """Nucleus detection works on arrays alone: no slide, tiles, store or models."""
     assert import_graph()["wsi_assist.nuclei"] <= {"wsi_assist.stain", "wsi_assist.settings",
-                                                   "wsi_assist.errors"}
+                                                   "wsi_assist.errors",
+                                                   "wsi_assist.nuclei_morph"}
+    assert import_graph()["wsi_assist.nuclei_morph"] == set()
 
 
 @pytest.mark.parametrize("leaf", ["wsi_assist.settings", "wsi_assist.errors",

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from wsi_assist.nuclei_morph import h_maxima_by_object, reconstruct_by_dilation, watershed_lines
 from wsi_assist.settings import NucleiParams
 from wsi_assist.stain import StainVectors, cone_angle_deg, deconvolve, optical_density
 
@@ -489,15 +490,12 @@ def split_by_shape(mask: np.ndarray) -> np.ndarray:
     """Touching round objects split along the watershed of their distance transform,
     from its maxima at least half a pixel high (ImageJ's binary watershed). Each object
     is flooded on its own, so it splits the same way whatever else the image holds."""
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
     if not mask.any():
         return mask
     # the distance map of a pixel grid has false ridges (a diagonal nucleus alternates
     # 2, 2.83, 2, ...): a light blur removes them, as ImageJ's "true EDM height" does
     edm = ndi.gaussian_filter(ndi.distance_transform_edt(mask), EDM_SMOOTHING) * mask
-    peaks = h_maxima(edm, 0.5).astype(bool)
+    peaks = h_maxima_by_object(edm, mask)
     objects, n = ndi.label(mask)
     _, first = np.unique(ndi.label(peaks)[0], return_index=True)
     n_peaks = np.bincount(objects.ravel()[first[1:]], minlength=n + 1)
@@ -508,8 +506,7 @@ def split_by_shape(mask: np.ndarray) -> np.ndarray:
         assert sl is not None
         obj = objects[sl] == i
         markers, _ = ndi.label(peaks[sl] & obj)
-        split = np.asarray(watershed(-edm[sl], markers, mask=obj, connectivity=1,
-                                     watershed_line=True)) > 0
+        split = watershed_lines(-edm[sl], markers, obj) > 0
         out[sl] &= split | ~obj
     return out
 
@@ -525,15 +522,13 @@ def estimate_background(img: np.ndarray, radius: float, max_background: float,
     """Background of ``img``: its circular minimum filter, reconstructed by dilation under
     it (or dilated back: a plain opening); and where it is above ``max_background``
     (grown by twice the radius), the mask of pixels whose nuclei are discarded."""
-    from skimage.morphology import reconstruction
-
     seed = rank_filter(img, radius, "min")
     bad = None
     if max_background > 0 and (seed > max_background).any():
         bad = rank_filter((seed > max_background).astype(np.uint8), 2 * radius, "max") > 0
         seed[bad] = img.min()
     if by_reconstruction:
-        return np.asarray(reconstruction(seed, img, method="dilation"), np.float32), bad
+        return np.asarray(reconstruct_by_dilation(seed, img), np.float32), bad
     return rank_filter(seed, radius, "max"), bad
 
 

@@ -366,6 +366,9 @@ class NucleiParams(Section):
     #: the manifest and the report warn that the slide's mpp may be wrong (see README).
     minPlausibleDensity: NonNegFloat = 300.0
     maxPlausibleDensity: NonNegFloat = 60_000.0
+    #: Blocks analysed at once, each in a thread of its own (scipy and scikit-image
+    #: release the GIL in their filters and floods); 0: one per CPU core, at most 4.
+    workers: NonNegInt = 0
 
     @model_validator(mode="after")
     def _ordered(self) -> NucleiParams:
@@ -382,7 +385,7 @@ class NucleiParams(Section):
         """The parameters QuPath's "Positive cell detection" takes, by its names (what a
         report prints next to the scores)."""
         return {k: v for k, v in self.model_dump().items()
-                if k not in ("stains", "haloMicrons", "analysisTileMicrons")}
+                if k not in ("stains", "haloMicrons", "analysisTileMicrons", "workers")}
 
 
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -77,37 +80,75 @@ def analyse(batches: Iterable[TileBatch], grid: TileGrid, blocks: TileGrid,
     :func:`analysis_grid`) streamed as ``batches``: each keeps those whose centroid
     belongs to one of its tiles (:meth:`TileGrid.owners`). ``level_size``: (width, height) of the grid's level;
     beyond it the slide's edge pixels are repeated, as when the whole image is analysed
-    at once, and no nucleus reaches past it."""
+    at once, and no nucleus reaches past it. Blocks are analysed ``params.workers`` at
+    a time (threads), their nuclei kept in stream order."""
     names = nu.measurement_names(stains)
-    ds = grid.level_downsample
-    level_xy = blocks.level_coords().astype(np.float64)
-    step = blocks.read_px / blocks.tile_px  # level px per delivered px
-    corner = grid.level_coords().astype(np.float64) * ds
-    tiles = np.concatenate([corner, corner + grid.read_px * ds], axis=1)  # level-0 boxes
-    halo = halo_px(grid, params)
     order = np.argsort(block_of, kind="stable")
     members = np.split(order, np.searchsorted(block_of[order], np.arange(1, len(blocks))))
-    parts = []
-    for batch in batches:
-        for i, tile in zip(batch.index.tolist(), batch.tiles, strict=True):
-            lo, hi = on_slide(tile.shape[0], level_xy[i], step, level_size)
-            core = (tiles[members[i]] - np.r_[level_xy[i], level_xy[i]] * ds) / (ds * step)
-            # what is worth analysing: the cores and their halo, on the slide or just off it
-            a0 = np.maximum(np.floor(core[:, :2].min(axis=0)).astype(int) - halo,
-                            np.maximum(lo - halo, 0))
-            a1 = np.minimum(np.ceil(core[:, 2:].max(axis=0)).astype(int) + halo,
-                            np.minimum(hi + halo, tile.shape[0]))
-            if (hi <= lo).any() or (a1 <= a0).any():
-                continue
-            part = tile[a0[1]:a1[1], a0[0]:a1[0]]
-            v0, v1 = np.clip(lo - a0, 0, a1 - a0), np.clip(hi - a0, 0, a1 - a0)
-            found = nu.detect_nuclei(edge_extended(part, v0, v1), blocks.delivered_mpp,
-                                     stains, params, core=core - np.r_[a0, a0],
-                                     valid=(v0[0], v0[1], v1[0], v1[1]))
-            o = (level_xy[i] + a0 * step) * ds
-            found = found.transformed((o[0], o[1]), ds * step)
-            parts.append(found.select(np.isin(grid.owners(found.centroids), members[i])))
-    return nu.Nuclei.concat(parts, names)
+    job = _BlockJob(grid, blocks, members, stains, params, level_size)
+    work = ((i, tile) for batch in batches
+            for i, tile in zip(batch.index.tolist(), batch.tiles, strict=True))
+    parts = list(_in_threads(job, work, workers(params)))
+    return nu.Nuclei.concat([p for p in parts if p is not None], names)
+
+
+def workers(params: NucleiParams) -> int:
+    """Threads analysing blocks: ``params.workers``, or for 0 one per core (at most 4)."""
+    return params.workers or min(4, os.cpu_count() or 1)
+
+
+def _in_threads(job: Callable[[int, np.ndarray], nu.Nuclei | None],
+                work: Iterable[tuple[int, np.ndarray]], n: int
+                ) -> Iterator[nu.Nuclei | None]:
+    """``job(i, tile)`` of each item of ``work``, in order, ``n`` at a time; no more
+    than ``2 n`` blocks are held at once."""
+    if n <= 1:
+        yield from (job(i, tile) for i, tile in work)
+        return
+    with ThreadPoolExecutor(n, thread_name_prefix="nuclei") as pool:
+        pending: deque[Future[nu.Nuclei | None]] = deque()
+        for i, tile in work:
+            pending.append(pool.submit(job, i, tile))
+            if len(pending) >= 2 * n:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _BlockJob:
+    """The analysis of one haloed block: nuclei (level-0 px) of its own tiles."""
+
+    def __init__(self, grid: TileGrid, blocks: TileGrid, members: list[np.ndarray],
+                 stains: StainVectors, params: NucleiParams, level_size: tuple[int, int]
+                 ) -> None:
+        self.grid, self.blocks, self.members = grid, blocks, members
+        self.stains, self.params, self.level_size = stains, params, level_size
+        self.ds = grid.level_downsample
+        self.level_xy = blocks.level_coords().astype(np.float64)
+        self.step = blocks.read_px / blocks.tile_px  # level px per delivered px
+        corner = grid.level_coords().astype(np.float64) * self.ds
+        self.tiles = np.concatenate([corner, corner + grid.read_px * self.ds], axis=1)
+        self.halo = halo_px(grid, params)
+
+    def __call__(self, i: int, tile: np.ndarray) -> nu.Nuclei | None:
+        ds, step, halo, xy = self.ds, self.step, self.halo, self.level_xy[i]
+        lo, hi = on_slide(tile.shape[0], xy, step, self.level_size)
+        core = (self.tiles[self.members[i]] - np.r_[xy, xy] * ds) / (ds * step)
+        # what is worth analysing: the cores and their halo, on the slide or just off it
+        a0 = np.maximum(np.floor(core[:, :2].min(axis=0)).astype(int) - halo,
+                        np.maximum(lo - halo, 0))
+        a1 = np.minimum(np.ceil(core[:, 2:].max(axis=0)).astype(int) + halo,
+                        np.minimum(hi + halo, tile.shape[0]))
+        if (hi <= lo).any() or (a1 <= a0).any():
+            return None
+        part = tile[a0[1]:a1[1], a0[0]:a1[0]]
+        v0, v1 = np.clip(lo - a0, 0, a1 - a0), np.clip(hi - a0, 0, a1 - a0)
+        found = nu.detect_nuclei(edge_extended(part, v0, v1), self.blocks.delivered_mpp,
+                                 self.stains, self.params, core=core - np.r_[a0, a0],
+                                 valid=(v0[0], v0[1], v1[0], v1[1]))
+        o = (xy + a0 * step) * ds
+        found = found.transformed((o[0], o[1]), ds * step)
+        return found.select(np.isin(self.grid.owners(found.centroids), self.members[i]))
 
 
 def on_slide(t: int, corner: np.ndarray, step: float, level_size: tuple[int, int]
