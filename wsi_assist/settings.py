@@ -366,6 +366,12 @@ class NucleiParams(Section):
     #: the manifest and the report warn that the slide's mpp may be wrong (see README).
     minPlausibleDensity: NonNegFloat = 300.0
     maxPlausibleDensity: NonNegFloat = 60_000.0
+    #: Fluorescence (ours, see wsi_assist.nuclei_fluorescence): QuPath's ``threshold`` on
+    #: the nuclear channel, an intensity above the local background in the slide's units;
+    #: unset, ``fluorescenceThresholdFraction`` of the nuclear channel's spread (99.5th -
+    #: 1st percentile) over the slide's tissue.
+    fluorescenceThreshold: NonNegFloat | None = None
+    fluorescenceThresholdFraction: Fraction = 0.1
 
     @model_validator(mode="after")
     def _ordered(self) -> NucleiParams:
@@ -382,7 +388,8 @@ class NucleiParams(Section):
         """The parameters QuPath's "Positive cell detection" takes, by its names (what a
         report prints next to the scores)."""
         return {k: v for k, v in self.model_dump().items()
-                if k not in ("stains", "haloMicrons", "analysisTileMicrons")}
+                if k not in ("stains", "haloMicrons", "analysisTileMicrons",
+                             "fluorescenceThreshold", "fluorescenceThresholdFraction")}
 
 
 

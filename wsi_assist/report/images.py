@@ -149,7 +149,7 @@ def _read(slide: Any, p: dict[str, Any], out_px: int) -> Image.Image | None:
     side = max(1, round(size / ds))
     try:
         region = slide.read_region((p["x"], p["y"]), level, (side, side))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:  # TypeError: 16-bit multichannel planes
         log.warning("tile at %s,%s unreadable (%s); cropped from the overview",
                     p["x"], p["y"], e)
         return None
