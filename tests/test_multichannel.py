@@ -306,7 +306,9 @@ def test_run_finds_tissue_from_the_nuclear_channel(slides: dict[str, Path], case
     assert np.median(q["background"][inside]) < 0.8  # nuclei cover a third of it
     assert names[nuc] in str(store.group[qc_key()].attrs["description"])
     report = json.loads((out / case / "report.json").read_text())
-    for name in ("embed", "zeroshot", "submodels", "caption"):
+    # the built-in nuclei do run on fluorescence (tests/test_nuclei_fluorescence.py)
+    assert report["stages"]["submodels"]["status"] == "not run"
+    for name in ("embed", "zeroshot", "caption"):
         assert report["stages"][name] == {
             "status": "not run", "reason": not_rgb_reason(name, len(names)),
             "how_to_enable": not_rgb_reason(name, len(names))}
@@ -369,8 +371,8 @@ def test_channels_section_fingerprints_multichannel_slides_only(
     assert fingerprints("fp", base, rgb) == fingerprints("fp", changed, rgb)
     a, b = fingerprints("fp", base, mc), fingerprints("fp", changed, mc)
     assert [s for s in a if a[s] != b[s]] == list(REGISTRY)  # tissue and all after it
-    assert [s for s, st in REGISTRY.items() if "channels" in st.sections] == ["tissue",
-                                                                             "tiles"]
+    assert [s for s, st in REGISTRY.items() if "channels" in st.sections] == [
+        "tissue", "tiles", "submodels"]
 
 
 def test_pseudo_color_and_scaling() -> None:

@@ -4,7 +4,6 @@ DAPI, a CD8 marker on a known subset) through the stages, and the real DAPI NDPI
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,7 +119,7 @@ def test_report_and_qupath_export(known: dict[str, Any]) -> None:
 
 
 def test_fixed_threshold_and_rgb_channel_choice() -> None:
-    data, centres, _ = known_slide(seed=1)
+    data, _, _ = known_slide(seed=1)
     planes = np.moveaxis(data, 0, -1)[100:400, 100:400]
     tissue = np.ones(planes.shape[:2], bool)
     auto = nf.setup(planes, tissue, NAMES, (0, "by name"), NucleiParams())

@@ -110,7 +110,7 @@ def setup(overview: np.ndarray, tissue: np.ndarray, names: Sequence[str],
     return Setup(tuple(names), int(index), how, float(thr), source)
 
 
-def detect(planes: np.ndarray, mpp: float, fl: Setup, params: NucleiParams = NucleiParams(),
+def detect(planes: np.ndarray, mpp: float, fl: Setup, params: NucleiParams | None = None,
            core: nu.Box | np.ndarray | None = None, valid: nu.Box | None = None
            ) -> nu.Nuclei:
     """Nuclei of ``planes`` (H, W, C), one plane per channel of ``fl.names`` (8/16-bit or
@@ -121,12 +121,13 @@ def detect(planes: np.ndarray, mpp: float, fl: Setup, params: NucleiParams = Nuc
         raise ValueError(f"planes must be (H, W, {len(fl.names)}), got {planes.shape}")
     if not mpp > 0:
         raise ValueError(f"mpp must be > 0, got {mpp!r}")
+    params = NucleiParams() if params is None else params
     names = measurement_names(fl.names)
     img, scale = at_pixel_size(planes, mpp, params.requestedPixelSizeMicrons)
     px = mpp * scale
     p = params.model_copy(update={"threshold": fl.threshold, "maxBackground": 0.0,
                                   "excludeDAB": False})
-    inside = None if valid is None else tuple(int(round(v / scale)) for v in valid)
+    inside = None if valid is None else tuple(round(v / scale) for v in valid)
     labels, _ = nu.segment(img[..., fl.nuclear], px, p, None, None, inside)
     channels = [img[..., k] for k in range(img.shape[2])]
     return measured(labels, channels, names, px, scale, params, core)

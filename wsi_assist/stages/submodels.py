@@ -47,13 +47,13 @@ log = logging.getLogger(__name__)
 
 
 def configured(store: SlideStore, submodels: SubmodelParams, nuclei: NucleiParams,
-               channels: ChannelParams = ChannelParams()) -> bool:
+               channels: ChannelParams | None = None) -> bool:
     """At least one sub-model spec is listed."""
     return bool(submodels.specs)
 
 
 def check(submodels: SubmodelParams, nuclei: NucleiParams,
-          channels: ChannelParams = ChannelParams()) -> None:
+          channels: ChannelParams | None = None) -> None:
     """Every listed spec reads, and its model loads and agrees with it (on the CPU); the
     built-in nucleus analysis needs no file."""
     for entry in submodels.specs:
@@ -74,13 +74,13 @@ def is_promptable(entry: str) -> bool:
 
 
 def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams,
-        channels: ChannelParams = ChannelParams()) -> dict[str, Any]:
+        channels: ChannelParams | None = None) -> dict[str, Any]:
     """Run the analyses whose input suits the slide; store each one's findings."""
     return tilepass.run_alone(slide, open_pass(slide, submodels, nuclei, channels))
 
 
 def open_pass(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams,
-              channels: ChannelParams = ChannelParams()) -> tilepass.Planned:
+              channels: ChannelParams | None = None) -> tilepass.Planned:
     """The pass feeds the built-in nuclei (haloed blocks) and the ONNX sub-models that
     run on every tile; those run on zero-shot classes only, which the pass itself
     produces, read their tiles after it (in ``finish``)."""
@@ -91,7 +91,7 @@ def open_pass(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiPara
     steps: list[Callable[[], dict[str, Any]]] = []
     if any(is_builtin(s) for s in submodels.specs):
         steps.append(_open_builtin(slide, grid, background, nuclei, consumers,
-                                   channels.nuclear))
+                                   "auto" if channels is None else channels.nuclear))
     prompted = [s for s in submodels.specs if is_promptable(s)]
     onnx = [s for s in submodels.specs if not is_builtin(s) and s not in prompted]
     if onnx:
