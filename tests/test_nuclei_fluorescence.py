@@ -134,3 +134,47 @@ def test_fixed_threshold_and_rgb_channel_choice() -> None:
     rgb[..., 2] = 0
     rgb[::3, ::3, 1] = 200  # a green nuclear stain
     assert nf.rgb_nuclear_channel(rgb.reshape(-1, 3))[0] == 1
+
+
+def test_detection_picture_is_read_from_the_planes(known: dict[str, Any]) -> None:
+    """The outlines are drawn on a sharp pseudo-colour field read from the slide's
+    planes (DAPI blue), not on the soft overview."""
+    from PIL import Image
+
+    path = known["out"] / "overlays" / "nuclei_detections.png"
+    img = np.asarray(Image.open(path).convert("RGB")).astype(np.float64)[40:-40, 10:-10]
+    blue = img[..., 2]
+    # sharp: dark background between bright (blue) nuclei; the flat PanCK channel (red)
+    # is a faint haze, not noise stretched to full brightness
+    assert (blue < 60).mean() > 0.3 and (blue > 200).mean() > 0.1
+    assert np.median(img[..., 0][blue < 60]) < 60
+
+
+def test_real_dapi_ndpi(shared_slides: Any, tmp_path: Any) -> None:
+    """The RGB NDPI of DAPI: nuclei on the blue channel, all inside the tissue, at a
+    density and size of real nuclei; no DAB scores, and the report says why; the picture
+    of the detections was looked at (outlines on the nuclei of a sharp field)."""
+    import shapely
+
+    out = tmp_path / "dapi"
+    ctx, _ = run_slide(shared_slides / "test3-DAPI-2-387.ndpi", out,
+                       _cfg(parallelism={"device": "cpu"}),
+                       ("tissue", "tiles", "submodels", "report"))
+    sub = ctx.store.read_submodel("nuclei")
+    a = sub.attrs
+    assert a["fluorescence"]["nuclear_channel"] == "Blue"
+    pts = sub.read(SUB_POINTS)
+    assert len(pts) > 1000
+    geometry = ctx.store.read_tissue().geometry
+    assert shapely.contains_xy(geometry, pts[:, 0], pts[:, 1]).mean() > 0.99
+    s = a["scores"]
+    assert 1000 < s["nucleus_density_per_mm2"]["value"] < 20000
+    assert 12 < s["median_nucleus_area_um2"]["value"] < 60
+    m = sub.read(SUB_MEASUREMENTS)
+    blue = m[:, sub.measurement_names.index("Nucleus: Blue mean")]
+    red = m[:, sub.measurement_names.index("Nucleus: Red mean")]
+    assert np.median(blue) > 5 * max(np.median(red), 1.0)
+    assert s["mean_nucleus_blue"]["value"] == pytest.approx(float(blue.mean()), rel=1e-4)
+    assert "fluorescence" in s["positive_percent"]["not_applicable"]
+    assert (out / "overlays" / "nuclei_detections.png").is_file()
+    assert "not applicable" in (out / "report.md").read_text()
