@@ -91,9 +91,10 @@ def test_counts_and_channel_means_on_known_nuclei(known: dict[str, Any]) -> None
     assert np.median(area) == pytest.approx(np.pi * RADIUS ** 2 * 0.25, rel=0.15)
     # the slide's channel means: mean of the nucleus means
     scores = sub.attrs["scores"]
-    assert scores["mean_nucleus_cd8_opal_520"]["value"] == pytest.approx(float(cd8.mean()),
+    assert scores[nf.channel_mean_key("CD8 (Opal 520)")]["value"] == pytest.approx(float(cd8.mean()),
                                                                           rel=1e-4)
     assert sub.attrs["parameters"]["detectionImage"] == "DAPI"
+    assert "thresholdPositive1" not in sub.attrs["parameters"]
 
 
 def test_no_dab_scores_on_fluorescence(known: dict[str, Any]) -> None:
@@ -109,7 +110,7 @@ def test_report_and_qupath_export(known: dict[str, Any]) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["submodels"]["status"] == "done"
     md = (out / "report.md").read_text()
-    assert "CD8 (Opal 520)" in md and "not applicable" in md
+    assert "Nucleus: CD8 (Opal 520) mean, mean of nuclei" in md and "not applicable" in md
     feats = json.loads((out / "annotations.geojson").read_text())["features"]
     cells = [f for f in feats if f["properties"].get("objectType") in ("detection", "cell")]
     assert cells
@@ -174,7 +175,7 @@ def test_real_dapi_ndpi(shared_slides: Any, tmp_path: Any) -> None:
     blue = m[:, sub.measurement_names.index("Nucleus: Blue mean")]
     red = m[:, sub.measurement_names.index("Nucleus: Red mean")]
     assert np.median(blue) > 5 * max(np.median(red), 1.0)
-    assert s["mean_nucleus_blue"]["value"] == pytest.approx(float(blue.mean()), rel=1e-4)
+    assert s[nf.channel_mean_key("Blue")]["value"] == pytest.approx(float(blue.mean()), rel=1e-4)
     assert "fluorescence" in s["positive_percent"]["not_applicable"]
     assert (out / "overlays" / "nuclei_detections.png").is_file()
     assert "not applicable" in (out / "report.md").read_text()

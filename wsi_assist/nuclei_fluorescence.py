@@ -23,7 +23,6 @@ subtracted). There are no DAB scores on fluorescence.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -196,21 +195,37 @@ def at_pixel_size(planes: np.ndarray, mpp: float, requested: float
 
 def channel_mean_scores(found: nu.Nuclei, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per channel, the mean over nuclei of ``Nucleus: <channel> mean`` (None without
-    nuclei), keyed ``mean_nucleus_<channel>``, as the report's score table shows them."""
+    nuclei), keyed by :func:`channel_mean_key`, as the report's score table shows them."""
     out = {}
     for c in names:
         col = found.column(f"Nucleus: {c} mean").astype(np.float64) if len(found) else None
         value = float(np.nanmean(col)) if col is not None and np.isfinite(col).any() else None
-        out[f"mean_nucleus_{slug(c)}"] = {
+        out[channel_mean_key(c)] = {
             "value": value,
             "definition": f"mean over nuclei of Nucleus: {c} mean (the slide's intensity "
                           "units)"}
     return out
 
 
-def slug(name: str) -> str:
-    """A channel name as a key: lower case, runs of other characters as ``_``."""
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "channel"
+def channel_mean_key(channel: str) -> str:
+    """The score name of a channel's mean of nucleus means (shown as it is)."""
+    return f"Nucleus: {channel} mean, mean of nuclei"
+
+
+#: QuPath parameters that mean nothing on fluorescence (optical density, DAB scoring,
+#: our brightfield stroma and ink rejection).
+BRIGHTFIELD_ONLY = ("detectionImageBrightfield", "excludeDAB", "thresholdCompartment",
+                    "thresholdPositive1", "thresholdPositive2", "thresholdPositive3",
+                    "singleThreshold", "minNucleusContrast", "contrastRingMicrons",
+                    "maxStainAngle", "maxBackground")
+
+
+def parameters(fl: Setup, params: NucleiParams) -> dict[str, Any]:
+    """The parameters a fluorescence detection ran with, by QuPath's names: the
+    detection channel and the threshold used (and where it came from)."""
+    kept = {k: v for k, v in params.qupath().items() if k not in BRIGHTFIELD_ONLY}
+    return {"detectionImage": fl.nuclear_name, **kept, "threshold": fl.threshold,
+            "thresholdFrom": fl.threshold_from}
 
 
 def _spread(pixels: np.ndarray) -> np.ndarray:

@@ -228,9 +228,7 @@ def fluorescence_attrs(fl: nf.Setup, params: NucleiParams) -> dict[str, Any]:
     parameters with the detection channel and threshold used, and the channels."""
     return {"method": f'QuPath-style "Cell detection" on the fluorescence channel '
                       f'{fl.nuclear_name} (wsi_assist.nuclei_fluorescence)',
-            "parameters": {**params.qupath(), "detectionImage": fl.nuclear_name,
-                           "threshold": fl.threshold, "thresholdFrom": fl.threshold_from,
-                           "maxBackground": 0.0},
+            "parameters": nf.parameters(fl, params),
             "fluorescence": {"channels": list(fl.names), "nuclear_channel": fl.nuclear_name,
                              "nuclear_channel_from": fl.how}}
 
