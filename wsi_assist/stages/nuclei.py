@@ -10,6 +10,11 @@ store as sub-model ``nuclei``: centroids (``points``), classes (``labels``), the
 measurement table (``measurements``) and outlines (``polygons`` with
 ``polygon_offsets``), with the DAB scores, the stains and the QuPath parameters as
 attributes.
+
+On fluorescence (a multichannel slide, or an RGB scan with a dark background) nuclei are
+found on the nuclear channel and measured on every channel
+(:mod:`wsi_assist.nuclei_fluorescence`); the DAB scores then say "not applicable", and
+the per-channel means of the nucleus means are scores of their own.
 """
 
 from __future__ import annotations
@@ -266,12 +271,3 @@ def fluorescence_setup(slide: SlideContext, params: NucleiParams,
     log.info("%s: fluorescence nuclei on %r (%s), threshold %.4g (%s)", slide.slide_id,
              fl.nuclear_name, fl.how, fl.threshold, fl.threshold_from)
     return fl
-
-
-def skip(store: SlideStore, stains: StainVectors, params: NucleiParams, why: str
-         ) -> dict[str, Any]:
-    """Record that the analysis did not run on this slide, and why."""
-    store.write_submodel(NAME, {}, {**base_attrs(stains, params), "counts": {}, "scores": {},
-                                    "skipped": why})
-    log.info("%s: built-in nuclei not run: %s", store.folder.name, why)
-    return {"skipped": why}
