@@ -337,6 +337,8 @@ def test_cli_run_records_rgb_only_stages_as_not_run(slides: dict[str, Path],
     folder = out / "ome5-uint16.ome"
     done = json.loads((folder / "done.json").read_text())
     assert done["summary"]["embed"] == {"skipped": not_rgb_reason("embed", 5)}
+    # the built-in nuclei run on the DAPI channel (tests/test_nuclei_fluorescence.py)
+    assert done["summary"]["submodels"]["nuclei"]["counts"]["Nucleus"] > 1000
     assert done["info"]["channels"] == CASES["ome5-uint16"][1]
     html = (folder / "report.html").read_text()
     assert "needs RGB brightfield tiles" in html and "CD20" in html
