@@ -103,6 +103,7 @@ def test_no_dab_scores_on_fluorescence(known: dict[str, Any]) -> None:
         s = sub.attrs["scores"][key]
         assert s["value"] is None and "fluorescence" in s["not_applicable"]
     assert sub.attrs["classified"] is False
+    assert sub.attrs["stains"] is None  # no stain vectors printed for fluorescence
 
 
 def test_report_and_qupath_export(known: dict[str, Any]) -> None:

@@ -235,7 +235,8 @@ def fluorescence_attrs(fl: nf.Setup, params: NucleiParams) -> dict[str, Any]:
                       f'{fl.nuclear_name} (wsi_assist.nuclei_fluorescence)',
             "parameters": nf.parameters(fl, params),
             "fluorescence": {"channels": list(fl.names), "nuclear_channel": fl.nuclear_name,
-                             "nuclear_channel_from": fl.how}}
+                             "nuclear_channel_from": fl.how},
+            "stains": None}  # no stain vectors measure fluorescence
 
 
 def is_fluorescence(slide: SlideContext, background: str | None, stains: StainVectors
