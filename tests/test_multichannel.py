@@ -306,7 +306,9 @@ def test_run_finds_tissue_from_the_nuclear_channel(slides: dict[str, Path], case
     assert np.median(q["background"][inside]) < 0.8  # nuclei cover a third of it
     assert names[nuc] in str(store.group[qc_key()].attrs["description"])
     report = json.loads((out / case / "report.json").read_text())
-    for name in ("embed", "zeroshot", "submodels", "caption"):
+    # the built-in nuclei do run on fluorescence (tests/test_nuclei_fluorescence.py)
+    assert report["stages"]["submodels"]["status"] == "not run"
+    for name in ("embed", "zeroshot", "caption"):
         assert report["stages"][name] == {
             "status": "not run", "reason": not_rgb_reason(name, len(names)),
             "how_to_enable": not_rgb_reason(name, len(names))}
@@ -335,6 +337,8 @@ def test_cli_run_records_rgb_only_stages_as_not_run(slides: dict[str, Path],
     folder = out / "ome5-uint16.ome"
     done = json.loads((folder / "done.json").read_text())
     assert done["summary"]["embed"] == {"skipped": not_rgb_reason("embed", 5)}
+    # the built-in nuclei run on the DAPI channel (tests/test_nuclei_fluorescence.py)
+    assert done["summary"]["submodels"]["nuclei"]["counts"]["Nucleus"] > 1000
     assert done["info"]["channels"] == CASES["ome5-uint16"][1]
     html = (folder / "report.html").read_text()
     assert "needs RGB brightfield tiles" in html and "CD20" in html
@@ -369,8 +373,8 @@ def test_channels_section_fingerprints_multichannel_slides_only(
     assert fingerprints("fp", base, rgb) == fingerprints("fp", changed, rgb)
     a, b = fingerprints("fp", base, mc), fingerprints("fp", changed, mc)
     assert [s for s in a if a[s] != b[s]] == list(REGISTRY)  # tissue and all after it
-    assert [s for s, st in REGISTRY.items() if "channels" in st.sections] == ["tissue",
-                                                                             "tiles"]
+    assert [s for s, st in REGISTRY.items() if "channels" in st.sections] == [
+        "tissue", "tiles", "submodels"]
 
 
 def test_pseudo_color_and_scaling() -> None:

@@ -369,6 +369,12 @@ class NucleiParams(Section):
     #: Blocks analysed at once, each in a thread of its own (scipy and scikit-image
     #: release the GIL in their filters and floods); 0: one per CPU core, at most 4.
     workers: NonNegInt = 0
+    #: Fluorescence (ours, see wsi_assist.nuclei_fluorescence): QuPath's ``threshold`` on
+    #: the nuclear channel, an intensity above the local background in the slide's units;
+    #: unset, ``fluorescenceThresholdFraction`` of the nuclear channel's spread (99.5th -
+    #: 1st percentile) over the slide's tissue.
+    fluorescenceThreshold: NonNegFloat | None = None
+    fluorescenceThresholdFraction: Fraction = 0.1
 
     @model_validator(mode="after")
     def _ordered(self) -> NucleiParams:
@@ -385,7 +391,8 @@ class NucleiParams(Section):
         """The parameters QuPath's "Positive cell detection" takes, by its names (what a
         report prints next to the scores)."""
         return {k: v for k, v in self.model_dump().items()
-                if k not in ("stains", "haloMicrons", "analysisTileMicrons", "workers")}
+                if k not in ("stains", "haloMicrons", "analysisTileMicrons", "workers",
+                             "fluorescenceThreshold", "fluorescenceThresholdFraction")}
 
 
 

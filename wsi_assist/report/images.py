@@ -15,9 +15,11 @@ import numpy as np
 import shapely
 from PIL import Image
 
-from wsi_assist import aggregate
+from wsi_assist import aggregate, channels
 from wsi_assist.aggregate import ClassRegion
+from wsi_assist.errors import WsiAssistError
 from wsi_assist.settings import ReportParams
+from wsi_assist.slide import describe, slide_layout
 from wsi_assist.store import (
     SUB_LABELS,
     SUB_MEASUREMENTS,
@@ -232,9 +234,53 @@ def _field(slide_path: Path | None, x0: float, y0: float, side: float, out_px: i
     if slide is None:
         return None
     try:
-        return _read(slide, {"x": int(x0), "y": int(y0), "size_l0": side}, out_px)
+        p = {"x": int(x0), "y": int(y0), "size_l0": side}
+        if slide_layout(slide) == "channels" and slide_path is not None:
+            return _channel_field(slide, slide_path, p, out_px)
+        return _read(slide, p, out_px)
     finally:
         slide.close()
+
+
+def _channel_field(slide: Any, slide_path: Path, p: dict[str, Any], out_px: int
+                   ) -> Image.Image | None:
+    """A field of a multichannel slide, read from its planes and pseudo-coloured (each
+    channel scaled between its percentiles in the field, tinted, added)."""
+    size = round(p["size_l0"])
+    level = slide.get_best_level_for_downsample(max(1.0, size / out_px))
+    side = max(1, round(size / slide.level_downsamples[level]))
+    try:
+        planes = np.asarray(slide.read_region((p["x"], p["y"]), level, (side, side),
+                                              as_array=True))
+        info = describe(slide_path)
+    except (OSError, ValueError, WsiAssistError) as e:
+        log.warning("field at %s,%s unreadable (%s); cropped from the overview",
+                    p["x"], p["y"], e)
+        return None
+    if planes.ndim == 2:
+        planes = planes[..., None]
+    if planes.shape[2] != len(info.channels):
+        return None
+    colors = channels.display_colors(info.channels, info.channel_colors)
+    rgb = channels.pseudo_color(planes, colors, field_levels(planes))
+    return Image.fromarray(rgb).resize((out_px, out_px), Image.Resampling.LANCZOS)
+
+
+#: A channel's high level in a field is at least this many times its pixel noise above
+#: its low level: a channel with no signal in the field shows as a faint haze, not as
+#: noise stretched to full brightness.
+NOISE_SPAN = 20.0
+
+
+def field_levels(planes: np.ndarray) -> np.ndarray:
+    """(C, 2) display levels of a field (H, W, C): :func:`channels.levels`, the high one
+    raised to :data:`NOISE_SPAN` noise sigmas above the low one (sigma from the median
+    absolute difference of horizontal neighbours, which signal hardly moves)."""
+    lv = channels.levels(planes)
+    diff = np.abs(np.diff(planes.astype(np.float32), axis=1)).reshape(-1, planes.shape[2])
+    sigma = np.median(diff, axis=0) / (0.6745 * np.sqrt(2)) if diff.size else 0.0
+    lv[:, 1] = np.maximum(lv[:, 1], lv[:, 0] + NOISE_SPAN * sigma)
+    return lv
 
 
 def _strongest_threshold(parameters: dict[str, Any]) -> float:

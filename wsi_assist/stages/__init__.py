@@ -104,13 +104,14 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
                         "embeddings and a prompt set (zeroshot.prompts)",
           configured=zeroshot.configured, rgb_only=True),
-    # every sub-model today takes RGB (or BGR) tiles, the built-in nuclei included
+    # ONNX sub-models take RGB (or BGR) tiles: on multichannel slides only the built-in
+    # nuclei run (on the nuclear channel), the others are recorded as not run
     Stage("submodels", submodels.run, needs=("tiles", "zeroshot"),
-          sections=("submodels", "nuclei"), slide_inputs=(),
+          sections=("submodels", "nuclei", "channels"), slide_inputs=(),
           done=lambda store: bool(store.read_submodels()),
           how_to_enable="list the built-in 'nuclei' or sub-model spec files (ONNX + YAML) "
                         "under submodels.specs",
-          configured=submodels.configured, rgb_only=True, check=submodels.check,
+          configured=submodels.configured, check=submodels.check,
           open_pass=submodels.open_pass),
     Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
           sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,

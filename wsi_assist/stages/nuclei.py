@@ -10,6 +10,11 @@ store as sub-model ``nuclei``: centroids (``points``), classes (``labels``), the
 measurement table (``measurements``) and outlines (``polygons`` with
 ``polygon_offsets``), with the DAB scores, the stains and the QuPath parameters as
 attributes.
+
+On fluorescence (a multichannel slide, or an RGB scan with a dark background) nuclei are
+found on the nuclear channel and measured on every channel
+(:mod:`wsi_assist.nuclei_fluorescence`); the DAB scores then say "not applicable", and
+the per-channel means of the nucleus means are scores of their own.
 """
 
 from __future__ import annotations
@@ -23,9 +28,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import shapely
 
 from wsi_assist import nuclei as nu
+from wsi_assist import nuclei_fluorescence as nf
+from wsi_assist.channels import nuclear_channel
 from wsi_assist.settings import BUILTIN_NUCLEI, NucleiParams
+from wsi_assist.slide import RGB_CHANNELS
+from wsi_assist.stages.context import SlideContext
 from wsi_assist.stain import StainVectors, default_vectors
 from wsi_assist.store import (
     SUB_LABELS,
@@ -75,17 +85,21 @@ def analysis_grid(grid: TileGrid, params: NucleiParams) -> tuple[TileGrid, np.nd
 
 def analyse(batches: Iterable[TileBatch], grid: TileGrid, blocks: TileGrid,
             block_of: np.ndarray, stains: StainVectors, params: NucleiParams,
-            level_size: tuple[int, int]) -> nu.Nuclei:
+            level_size: tuple[int, int], fluorescence: nf.Setup | None = None
+            ) -> nu.Nuclei:
     """Nuclei (level-0 px) of the haloed ``blocks`` of ``grid`` (see
     :func:`analysis_grid`) streamed as ``batches``: each keeps those whose centroid
     belongs to one of its tiles (:meth:`TileGrid.owners`). ``level_size``: (width, height) of the grid's level;
     beyond it the slide's edge pixels are repeated, as when the whole image is analysed
-    at once, and no nucleus reaches past it. Blocks are analysed ``params.workers`` at
-    a time (threads), their nuclei kept in stream order."""
-    names = nu.measurement_names(stains)
+    at once, and no nucleus reaches past it. With ``fluorescence``, nuclei are found on
+    its nuclear channel and measured on every channel (:mod:`wsi_assist.nuclei_fluorescence`).
+    Blocks are analysed ``params.workers`` at a time (threads), their nuclei kept in
+    stream order."""
+    names = (nu.measurement_names(stains) if fluorescence is None
+             else nf.measurement_names(fluorescence.names))
     order = np.argsort(block_of, kind="stable")
     members = np.split(order, np.searchsorted(block_of[order], np.arange(1, len(blocks))))
-    job = _BlockJob(grid, blocks, members, stains, params, level_size)
+    job = _BlockJob(grid, blocks, members, stains, params, level_size, fluorescence)
     work = ((i, tile) for batch in batches
             for i, tile in zip(batch.index.tolist(), batch.tiles, strict=True))
     parts = list(_in_threads(job, work, workers(params)))
@@ -119,10 +133,11 @@ class _BlockJob:
     """The analysis of one haloed block: nuclei (level-0 px) of its own tiles."""
 
     def __init__(self, grid: TileGrid, blocks: TileGrid, members: list[np.ndarray],
-                 stains: StainVectors, params: NucleiParams, level_size: tuple[int, int]
-                 ) -> None:
+                 stains: StainVectors, params: NucleiParams, level_size: tuple[int, int],
+                 fluorescence: nf.Setup | None = None) -> None:
         self.grid, self.blocks, self.members = grid, blocks, members
         self.stains, self.params, self.level_size = stains, params, level_size
+        self.fluorescence = fluorescence
         self.ds = grid.level_downsample
         self.level_xy = blocks.level_coords().astype(np.float64)
         self.step = blocks.read_px / blocks.tile_px  # level px per delivered px
@@ -143,9 +158,14 @@ class _BlockJob:
             return None
         part = tile[a0[1]:a1[1], a0[0]:a1[0]]
         v0, v1 = np.clip(lo - a0, 0, a1 - a0), np.clip(hi - a0, 0, a1 - a0)
-        found = nu.detect_nuclei(edge_extended(part, v0, v1), self.blocks.delivered_mpp,
-                                 self.stains, self.params, core=core - np.r_[a0, a0],
-                                 valid=(v0[0], v0[1], v1[0], v1[1]))
+        image, box = edge_extended(part, v0, v1), (v0[0], v0[1], v1[0], v1[1])
+        mpp, core = self.blocks.delivered_mpp, core - np.r_[a0, a0]
+        if self.fluorescence is not None:
+            found = nf.detect(image, mpp, self.fluorescence, self.params, core=core,
+                              valid=box)
+        else:
+            found = nu.detect_nuclei(image, mpp, self.stains, self.params, core=core,
+                                     valid=box)
         o = (xy + a0 * step) * ds
         found = found.transformed((o[0], o[1]), ds * step)
         return found.select(np.isin(self.grid.owners(found.centroids), self.members[i]))
@@ -206,12 +226,16 @@ def run(store: SlideStore, grid: TileGrid, batches: Iterable[TileBatch], blocks:
 
 
 def record(store: SlideStore, grid: TileGrid, found: nu.Nuclei, blocks: TileGrid,
-           stains: StainVectors, params: NucleiParams) -> dict[str, Any]:
+           stains: StainVectors, params: NucleiParams,
+           fluorescence: nf.Setup | None = None) -> dict[str, Any]:
     """Score the positivity of nuclei ``found`` by :func:`analyse` and store everything
-    as ``nuclei``."""
+    as ``nuclei``; on ``fluorescence``, the channel means instead of DAB scores (which
+    say "not applicable")."""
     pos = nu.score_positivity(found, stains, params)
     area_mm2 = float(grid.tissue_fraction.sum()) * grid.cell_area_mm2
     scores = score_table(found, pos, params, area_mm2)
+    if fluorescence is not None:
+        scores.update(nf.channel_mean_scores(found, fluorescence.names))
     warning = nu.density_warning(len(found), area_mm2, params)
     if warning is not None:
         log.warning("%s: %s", store.folder.name, warning)
@@ -220,7 +244,8 @@ def record(store: SlideStore, grid: TileGrid, found: nu.Nuclei, blocks: TileGrid
              "warnings": warnings,
              "intensity_counts": pos.intensity_counts or None, "n_tiles_run": len(grid),
              "analysed_area_mm2": area_mm2, "n_blocks": len(blocks),
-             "halo_px": halo_px(grid, params), "analysis_mpp": blocks.delivered_mpp}
+             "halo_px": halo_px(grid, params), "analysis_mpp": blocks.delivered_mpp,
+             **({} if fluorescence is None else fluorescence_attrs(fluorescence, params))}
     arrays = {SUB_POINTS: found.centroids, SUB_LABELS: pos.labels,
               SUB_MEASUREMENTS: found.measurements, SUB_POLYGONS: found.vertices,
               SUB_POLYGON_OFFSETS: found.offsets}
@@ -247,10 +272,47 @@ def base_attrs(stains: StainVectors, params: NucleiParams, pos: nu.Positivity | 
             "model_path": "built-in", "model_sha256": None}
 
 
-def skip(store: SlideStore, stains: StainVectors, params: NucleiParams, why: str
-         ) -> dict[str, Any]:
-    """Record that the analysis did not run on this slide, and why."""
-    store.write_submodel(NAME, {}, {**base_attrs(stains, params), "counts": {}, "scores": {},
-                                    "skipped": why})
-    log.info("%s: built-in nuclei not run: %s", store.folder.name, why)
-    return {"skipped": why}
+def fluorescence_attrs(fl: nf.Setup, params: NucleiParams) -> dict[str, Any]:
+    """What a fluorescence record says beyond :func:`base_attrs`: the method, QuPath's
+    parameters with the detection channel and threshold used, and the channels."""
+    return {"method": f'QuPath-style "Cell detection" on the fluorescence channel '
+                      f'{fl.nuclear_name} (wsi_assist.nuclei_fluorescence)',
+            "parameters": nf.parameters(fl, params),
+            "fluorescence": {"channels": list(fl.names), "nuclear_channel": fl.nuclear_name,
+                             "nuclear_channel_from": fl.how},
+            "stains": None}  # no stain vectors measure fluorescence
+
+
+def is_fluorescence(slide: SlideContext, background: str | None, stains: StainVectors
+                    ) -> bool:
+    """Whether nuclei are found on a fluorescence channel: a multichannel slide, a dark
+    background, or a slide whose kind is fluorescence."""
+    return slide.info.multichannel or background == "dark" or stains.kind == "fluorescence"
+
+
+def fluorescence_setup(slide: SlideContext, params: NucleiParams,
+                       nuclear: str | int = "auto") -> nf.Setup:
+    """The nuclear channel (``channels.nuclear`` on a multichannel slide; on an RGB scan
+    the one carrying the stain) and the detection threshold, from the slide's raw
+    overview and its stored tissue."""
+    from wsi_assist import slide as slide_mod
+    from wsi_assist import tissue as tissue_mod
+
+    info = slide.info
+    mpp = info.require_mpp()
+    want = tissue_mod.overview_mpp(info.width, info.height, mpp,
+                                   level_downsamples=info.level_downsamples)
+    with slide.open_slide() as s:
+        image, ds = slide_mod.read_lowres(s, info, want)
+    if image.ndim == 2:
+        image = image[..., None]
+    geometry = slide.store.read_tissue().geometry
+    shapely.prepare(geometry)
+    yy, xx = np.mgrid[0:image.shape[0], 0:image.shape[1]]
+    mask = shapely.contains_xy(geometry, (xx + 0.5) * ds, (yy + 0.5) * ds)
+    names = info.channels if info.multichannel else RGB_CHANNELS
+    chosen = nuclear_channel(names, nuclear) if info.multichannel else None
+    fl = nf.setup(image, mask, names, chosen, params)
+    log.info("%s: fluorescence nuclei on %r (%s), threshold %.4g (%s)", slide.slide_id,
+             fl.nuclear_name, fl.how, fl.threshold, fl.threshold_from)
+    return fl

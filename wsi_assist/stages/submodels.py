@@ -27,10 +27,17 @@ from wsi_assist.models.submodels import (
     run_models,
     select_rows,
 )
-from wsi_assist.settings import BUILTIN_NUCLEI, LEGACY_NUCLEI, NucleiParams, SubmodelParams
+from wsi_assist.settings import (
+    BUILTIN_NUCLEI,
+    LEGACY_NUCLEI,
+    ChannelParams,
+    NucleiParams,
+    SubmodelParams,
+)
 from wsi_assist.stages import nuclei as builtin
 from wsi_assist.stages import promptable, tilepass
 from wsi_assist.stages.context import SlideContext
+from wsi_assist.stain import default_vectors
 from wsi_assist.store import SUB_MEASUREMENTS, SlideStore
 from wsi_assist.tiling import TileGrid
 
@@ -39,12 +46,14 @@ PROMPTABLE = "promptable-segmentation"
 log = logging.getLogger(__name__)
 
 
-def configured(store: SlideStore, submodels: SubmodelParams, nuclei: NucleiParams) -> bool:
+def configured(store: SlideStore, submodels: SubmodelParams, nuclei: NucleiParams,
+               channels: ChannelParams | None = None) -> bool:
     """At least one sub-model spec is listed."""
     return bool(submodels.specs)
 
 
-def check(submodels: SubmodelParams, nuclei: NucleiParams) -> None:
+def check(submodels: SubmodelParams, nuclei: NucleiParams,
+          channels: ChannelParams | None = None) -> None:
     """Every listed spec reads, and its model loads and agrees with it (on the CPU); the
     built-in nucleus analysis needs no file."""
     for entry in submodels.specs:
@@ -64,14 +73,14 @@ def is_promptable(entry: str) -> bool:
     return not is_builtin(entry) and load_spec(resolve_spec_path(entry)).task == PROMPTABLE
 
 
-def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
-        ) -> dict[str, Any]:
+def run(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams,
+        channels: ChannelParams | None = None) -> dict[str, Any]:
     """Run the analyses whose input suits the slide; store each one's findings."""
-    return tilepass.run_alone(slide, open_pass(slide, submodels, nuclei))
+    return tilepass.run_alone(slide, open_pass(slide, submodels, nuclei, channels))
 
 
-def open_pass(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams
-              ) -> tilepass.Planned:
+def open_pass(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiParams,
+              channels: ChannelParams | None = None) -> tilepass.Planned:
     """The pass feeds the built-in nuclei (haloed blocks) and the ONNX sub-models that
     run on every tile; those run on zero-shot classes only, which the pass itself
     produces, read their tiles after it (in ``finish``)."""
@@ -81,7 +90,8 @@ def open_pass(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiPara
     consumers: list[tilepass.Consumer] = []
     steps: list[Callable[[], dict[str, Any]]] = []
     if any(is_builtin(s) for s in submodels.specs):
-        steps.append(_open_builtin(slide, grid, background, nuclei, consumers))
+        steps.append(_open_builtin(slide, grid, background, nuclei, consumers,
+                                   "auto" if channels is None else channels.nuclear))
     prompted = [s for s in submodels.specs if is_promptable(s)]
     onnx = [s for s in submodels.specs if not is_builtin(s) and s not in prompted]
     if onnx:
@@ -92,6 +102,9 @@ def open_pass(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiPara
         for step in steps:
             summary.update(step())
         for entry in prompted:  # after the models whose detections prompt them
+            if slide.info.multichannel:  # RGB models: none runs on fluorescence planes
+                summary[entry] = {"skipped": _not_rgb(slide)}
+                continue
             summary.update(promptable.run(slide, grid, background, entry, submodels))
         warnings = [w for r in summary.values() if isinstance(r, dict)
                     for w in r.get("warnings", [])]
@@ -103,24 +116,24 @@ def open_pass(slide: SlideContext, submodels: SubmodelParams, nuclei: NucleiPara
 
 
 def _open_builtin(slide: SlideContext, grid: TileGrid, background: str | None,
-                  params: NucleiParams, consumers: list[tilepass.Consumer]
-                  ) -> Callable[[], dict[str, Any]]:
+                  params: NucleiParams, consumers: list[tilepass.Consumer],
+                  nuclear: str | int = "auto") -> Callable[[], dict[str, Any]]:
     store = slide.store
     stains = builtin.slide_stains(store, params.stains)
-    if background == "dark" or stains.kind == "fluorescence":
-        what = "fluorescence" if stains.kind == "fluorescence" else "dark (fluorescence)"
-        why = ("needs a bright-field slide (nuclei are found on optical density); this "
-               f"slide's background is {what}")
-        return lambda: {builtin.NAME: builtin.skip(store, stains, params, why)}
+    fl = None
+    if builtin.is_fluorescence(slide, background, stains):
+        # nuclei on the nuclear channel; no DAB scores (they say why)
+        stains = stains if stains.kind == "fluorescence" else default_vectors("fluorescence")
+        fl = builtin.fluorescence_setup(slide, params, nuclear)
     blocks, block_of = builtin.analysis_grid(grid, params)
     size = slide.info.level_dimensions[grid.level]
     c = tilepass.Consumer(
         "submodels", builtin.NAME,
-        lambda b: builtin.analyse(b, grid, blocks, block_of, stains, params, size),
+        lambda b: builtin.analyse(b, grid, blocks, block_of, stains, params, size, fl),
         grid, builtin.BATCH, blocks=blocks, block_of=block_of)
     consumers.append(c)
     return lambda: {builtin.NAME: builtin.record(store, grid, c.result, blocks, stains,
-                                                 params)}
+                                                 params, fl)}
 
 
 def _open_onnx(slide: SlideContext, grid: TileGrid, background: str | None,
@@ -128,7 +141,8 @@ def _open_onnx(slide: SlideContext, grid: TileGrid, background: str | None,
                consumers: list[tilepass.Consumer]) -> Callable[[], dict[str, Any]]:
     providers = choose_providers(submodels.providers, slide.device)
     models = [get_submodel(resolve_spec_path(s), providers) for s in specs]
-    skipped = {m.spec.name: _skip_reason(m, background) for m in models}
+    skipped = {m.spec.name: _not_rgb(slide) if slide.info.multichannel
+               else _skip_reason(m, background) for m in models}
     now = [(m, np.ones(len(grid), bool)) for m in models
            if skipped[m.spec.name] is None and m.spec.zeroshot_classes is None]
     later = [m for m in models
@@ -153,6 +167,11 @@ def _open_onnx(slide: SlideContext, grid: TileGrid, background: str | None,
         return summary
 
     return finish
+
+
+def _not_rgb(slide: SlideContext) -> str:
+    return (f"fluorescence / multichannel image ({len(slide.info.channels)} channels); "
+            "this sub-model needs RGB brightfield tiles")
 
 
 def _skip_reason(m: Submodel, background: str | None) -> str | None:
