@@ -401,3 +401,27 @@ def _glass_and_stain(path: Path, found: tissue.Tissue
             h = np.asarray(hole.coords)
             inside[fill(h[:, 1], h[:, 0], od.shape)] = False
     return float(big[pieces].mean()), od > 0.15, inside
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.5])
+def test_large_synthetic_slide_is_tissue_at_40x_and_20x(tmp_path: Path, mpp: float) -> None:
+    """The benchmarks' fast writer draws tissue-sized H&E at any pixel size: at 0.25 um/px
+    (40x) as at 0.5 the tissue stage finds the drawn ellipses (the former mosaic of
+    64 um tile fragments was all dropped as debris at 40x)."""
+    from wsi_assist.synthetic import he_slide, write_large
+
+    spec = he_slide(4096, 3072, mpp)
+    path = write_large(tmp_path / "big.svs", spec, mpp)
+    info, found = detect_file(path)
+    assert info.mpp == mpp and len(info.level_downsamples) == 2
+    assert found.method == "brightfield-od"
+    drawn = drawn_geometry(spec)
+    assert found.geometry.area == pytest.approx(drawn.area, rel=0.03)
+    assert found.geometry.symmetric_difference(drawn).area < 0.05 * drawn.area
+    with open_slide(path) as s:  # the lower level draws what level 0 does, 4 x smaller
+        low = np.asarray(s.read_region((0, 0), 1, (1024, 768)).convert("RGB"), np.float32)
+        top = np.asarray(s.read_region((0, 0), 0, (4096, 3072)).convert("RGB"), np.float32)
+    # 16 um blocks at 0.25 um/px (32 at 0.5): the same colour on both levels
+    low_means = low.reshape(48, 16, 64, 16, 3).mean(axis=(1, 3))
+    top_means = top.reshape(48, 64, 64, 64, 3).mean(axis=(1, 3))
+    assert np.abs(low_means - top_means).mean() < 3.0
