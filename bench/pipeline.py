@@ -73,7 +73,8 @@ class Probe:
 
     @contextmanager
     def installed(self) -> Iterator[Probe]:
-        classes = [chunks.TiffUnits, chunks.ZarrUnits]
+        # DCT-scaled reads (a 0.25 um/px level read at 0.5) decode through ScaledUnits
+        classes = [chunks.TiffUnits, chunks.ZarrUnits, chunks.ScaledUnits]
         saved = [c.decode for c in classes]
         real_pass = tilepass.run_pass
 

@@ -221,7 +221,14 @@ def block_mean(a: np.ndarray, k: int) -> np.ndarray:
     if (hh, ww) != (h, w):
         a = np.pad(a, ((0, hh - h), (0, ww - w)) + ((0, 0),) * (a.ndim - 2), mode="edge")
     blocks = a.reshape(hh // k, k, ww // k, k, *a.shape[2:])
-    return blocks.sum(axis=(1, 3), dtype=np.float32) / np.float32(k * k)
+    # k x k strided adds into one float32 buffer: several times faster than a sum over
+    # the block axes, and exact for 8-bit input (integer sums below 2**24)
+    acc = blocks[:, 0, :, 0].astype(np.float32)
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                acc += blocks[:, i, :, j]
+    return acc / np.float32(k * k)
 
 
 def _upsample(smooth: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
@@ -323,7 +330,7 @@ def glass_like(grey: np.ndarray, grey2: np.ndarray, blurred: np.ndarray, cell_um
     ``grey`` and ``grey2`` are the cells' means of the overview's grey and grey squared,
     so the flatness is the standard deviation of the overview's pixels within
     GLASS_SD_RADIUS_UM of a cell (at least its 3 x 3 neighbourhood)."""
-    r = max(1, int(round(GLASS_SD_RADIUS_UM / cell_um)))
+    r = max(1, round(GLASS_SD_RADIUS_UM / cell_um))
     m1 = ndimage.uniform_filter(grey, 2 * r + 1, mode="nearest")
     m2 = ndimage.uniform_filter(grey2, 2 * r + 1, mode="nearest")
     flat = (m2 - m1 * m1) <= GLASS_MAX_SD**2
@@ -336,7 +343,7 @@ def _dilate(mask: np.ndarray, r: float) -> np.ndarray:
     if r < 0.5 or not mask.any() or mask.all():
         return mask
     if r <= SMALL_DISC:
-        return np.asarray(ndimage.binary_dilation(mask, _disc(r)))
+        return _dilate_rows(mask, r)
     return np.asarray(ndimage.distance_transform_edt(~mask) <= r)
 
 
@@ -344,9 +351,30 @@ def _erode(mask: np.ndarray, r: float) -> np.ndarray:
     """Erosion by a disc of radius ``r`` px; the image edge does not erode."""
     if r < 0.5 or not mask.any() or mask.all():
         return mask
-    if r <= SMALL_DISC:
-        return np.asarray(ndimage.binary_erosion(mask, _disc(r), border_value=1))
+    if r <= SMALL_DISC:  # the disc is symmetric: erosion is the complement's dilation
+        return ~_dilate_rows(~mask, r)
     return np.asarray(ndimage.distance_transform_edt(mask) > r)
+
+
+def _dilate_rows(mask: np.ndarray, r: float) -> np.ndarray:
+    """``ndimage.binary_dilation(mask, _disc(r))`` (outside the image is False), row by
+    row of the disc: each distinct half-width is one running maximum along x, each row
+    of the disc one shifted OR (tested equal; a few times faster at small radii)."""
+    n = int(np.floor(r))
+    m = mask.view(np.uint8)
+    h = mask.shape[0]
+    wide: dict[int, np.ndarray] = {0: m}
+    out = np.zeros(mask.shape, bool)
+    for dy in range(-n, n + 1):
+        hw = max(x for x in range(n + 1) if x * x + dy * dy <= r * r)
+        if hw not in wide:
+            wide[hw] = ndimage.maximum_filter1d(m, 2 * hw + 1, axis=1, mode="constant")
+        src = wide[hw].view(bool)
+        if dy >= 0:
+            out[:h - dy] |= src[dy:]
+        else:
+            out[-dy:] |= src[:h + dy]
+    return out
 
 
 def _disc(r: float) -> np.ndarray:
@@ -373,8 +401,16 @@ def clean_mask(mask: np.ndarray, px_um: float, params: TissueParams) -> np.ndarr
 
 def fill_and_drop(mask: np.ndarray, px_area_um2: float, params: TissueParams) -> np.ndarray:
     """Fill holes under ``min_hole_um2`` and drop islands under ``min_area_um2``."""
-    holes = ndimage.binary_fill_holes(mask) & ~mask
-    mask = mask | _keep_components(holes, lambda n: n * px_area_um2 < params.min_hole_um2)
+    # holes: 4-connected pieces of background not touching the image edge, as
+    # ndimage.binary_fill_holes finds them, from one labelling (not its iterated dilation)
+    labels, n = ndimage.label(~mask)
+    if n:
+        sizes = np.bincount(labels.ravel())
+        small = sizes * px_area_um2 < params.min_hole_um2
+        small[0] = False
+        small[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0],
+                                        labels[:, -1]]))] = False
+        mask = mask | small[labels]
     return _keep_components(mask, lambda n: n * px_area_um2 >= params.min_area_um2)
 
 
