@@ -184,8 +184,12 @@ def detect(overview: np.ndarray, downsample: float, mpp: float,
         mask, threshold, levels = _fluorescence(blurred, params)
         mask = _close(mask, params.dark_close_um / cell_um)
     else:
-        grey2 = block_mean(np.square(_grey(rgb)), k)
-        glass = _open(glass_like(_grey(cells), grey2, blurred, cell_um),
+        grey = _grey(rgb)
+        # k = 1: cells are the overview as float32, so their grey is the overview's
+        cell_grey = grey if k == 1 else _grey(cells)
+        grey2 = block_mean(np.square(grey), k)
+        glass = _open(glass_like(cell_grey, grey2, blurred, cell_um,
+                                 cell_grey if blurred is cells else None),
                       GLASS_MIN_WIDTH_UM / 2 / cell_um)
         levels = {"glass_fraction": float(glass.mean())}
         if levels["glass_fraction"] < GLASS_MIN_FRACTION:
@@ -193,7 +197,9 @@ def detect(overview: np.ndarray, downsample: float, mpp: float,
             mask = ~glass
         else:
             method = "brightfield-od"
-            mask, threshold, more = _brightfield(blurred, glass, params)
+            # unblurred cells of 8-bit pixels: the optical density is a table look-up
+            mask, threshold, more = _brightfield(
+                blurred, glass, params, rgb if k == 1 and blurred is cells else None)
             levels.update(more)
     mask = clean_mask(mask, cell_um, params)
     geometry, smooth = outline(mask, k * downsample, mpp, params,
@@ -262,13 +268,21 @@ def _blur(rgb: np.ndarray, sigma_px: float) -> np.ndarray:
     return ndimage.gaussian_filter(rgb, (sigma_px, sigma_px, 0), mode="nearest", truncate=3.0)
 
 
-def _brightfield(blurred: np.ndarray, glass: np.ndarray, params: TissueParams
+def _brightfield(blurred: np.ndarray, glass: np.ndarray, params: TissueParams,
+                 rgb8: np.ndarray | None = None
                  ) -> tuple[np.ndarray, float, dict[str, float]]:
-    """Optical density above the glass level, thresholded by clipped Otsu."""
+    """Optical density above the glass level, thresholded by clipped Otsu. ``rgb8``: the
+    8-bit pixels ``blurred`` holds as floats, read through a table of the same values."""
     i0 = np.median(blurred[glass], axis=0)
     od = np.zeros(blurred.shape[:2], np.float32)
+    levels = np.arange(256, dtype=np.float32)
     for c in range(3):
-        od += np.log10(np.float32(i0[c]) / np.maximum(blurred[..., c], 1.0)).clip(0.0, None)
+        if rgb8 is not None and rgb8.dtype == np.uint8:
+            od += np.log10(np.float32(i0[c]) / np.maximum(levels, 1.0)).clip(0.0, None)[
+                rgb8[..., c]]
+        else:
+            od += np.log10(np.float32(i0[c]) / np.maximum(blurred[..., c], 1.0)).clip(0.0,
+                                                                                     None)
     ot = _otsu(od)
     t = min(max(ot, params.od_floor), params.od_ceiling)
     levels = {"otsu": ot, "floor": params.od_floor, "ceiling": params.od_ceiling,
@@ -323,18 +337,20 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return (hi - lo) / np.maximum(hi, 1e-6)
 
 
-def glass_like(grey: np.ndarray, grey2: np.ndarray, blurred: np.ndarray, cell_um: float
-               ) -> np.ndarray:
+def glass_like(grey: np.ndarray, grey2: np.ndarray, blurred: np.ndarray, cell_um: float,
+               blurred_grey: np.ndarray | None = None) -> np.ndarray:
     """Cells that look like bare glass by absolute levels: bright, neutral and flat.
 
     ``grey`` and ``grey2`` are the cells' means of the overview's grey and grey squared,
     so the flatness is the standard deviation of the overview's pixels within
-    GLASS_SD_RADIUS_UM of a cell (at least its 3 x 3 neighbourhood)."""
+    GLASS_SD_RADIUS_UM of a cell (at least its 3 x 3 neighbourhood). ``blurred_grey``:
+    the grey of ``blurred`` when already computed."""
     r = max(1, round(GLASS_SD_RADIUS_UM / cell_um))
     m1 = ndimage.uniform_filter(grey, 2 * r + 1, mode="nearest")
     m2 = ndimage.uniform_filter(grey2, 2 * r + 1, mode="nearest")
     flat = (m2 - m1 * m1) <= GLASS_MAX_SD**2
-    return (flat & (_grey(blurred) >= GLASS_MIN_GREY)
+    bgrey = _grey(blurred) if blurred_grey is None else blurred_grey
+    return (flat & (bgrey >= GLASS_MIN_GREY)
             & (saturation(blurred) <= GLASS_MAX_SATURATION))
 
 
