@@ -99,8 +99,9 @@ WORK_STEPS = 8
 #: A pyramid level giving at least this fraction of overview_min_px is read rather
 #: than a finer one.
 LEVEL_SLACK = 0.75
-#: Discs up to this radius (px) are applied directly, larger ones by distance transform.
-SMALL_DISC = 6.0
+#: Discs up to this radius (px) are applied row by row (faster there, same result),
+#: larger ones by distance transform.
+SMALL_DISC = 16.0
 #: Percentile of the fluorescence signal taken as the dark background level.
 DARK_BACKGROUND_PERCENTILE = 2.0
 
