@@ -436,11 +436,15 @@ def test_fast_morphology_equals_scipy() -> None:
     rng = np.random.default_rng(5)
     mask = ndimage.gaussian_filter(rng.random((301, 257)), 3) > 0.5
     mask[0, :40] = True  # tissue on the edge: the edge must not erode
-    for r in (0.6, 1.0, 1.5, 2.0, 2.5, 3.7, 5.0, 6.0, 10.0, 13.7, 16.0):
+    for r in (0.6, 1.0, 1.5, 2.0, 2.5, 3.7, 5.0, 6.0, 10.0, 13.7, 16.0, 24.5, 32.0):
         disc = tissue._disc(r)
         assert np.array_equal(tissue._dilate(mask, r), ndimage.binary_dilation(mask, disc))
         assert np.array_equal(tissue._erode(mask, r),
                               ndimage.binary_erosion(mask, disc, border_value=1))
+    small = rng.random((5, 3)) > 0.6  # discs wider than the image
+    for r in (1.0, 4.4, 16.0):
+        assert np.array_equal(tissue._dilate_rows(small, r),
+                              ndimage.binary_dilation(small, tissue._disc(r)))
     params = TissueParams(min_hole_um2=40.0, min_area_um2=30.0)
     holes = ndimage.binary_fill_holes(mask) & ~mask
     labels, _ = ndimage.label(holes)

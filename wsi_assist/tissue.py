@@ -101,7 +101,7 @@ WORK_STEPS = 8
 LEVEL_SLACK = 0.75
 #: Discs up to this radius (px) are applied row by row (faster there, same result),
 #: larger ones by distance transform.
-SMALL_DISC = 16.0
+SMALL_DISC = 32.0
 #: Percentile of the fluorescence signal taken as the dark background level.
 DARK_BACKGROUND_PERCENTILE = 2.0
 
@@ -375,18 +375,24 @@ def _erode(mask: np.ndarray, r: float) -> np.ndarray:
 
 def _dilate_rows(mask: np.ndarray, r: float) -> np.ndarray:
     """``ndimage.binary_dilation(mask, _disc(r))`` (outside the image is False), row by
-    row of the disc: each distinct half-width is one running maximum along x, each row
-    of the disc one shifted OR (tested equal; a few times faster at small radii)."""
+    row of the disc: the mask widened along x by each half-width (one pair of shifted ORs
+    per px of width), then one shifted OR per row of the disc (tested equal; several
+    times faster than scipy's and the distance transform up to SMALL_DISC)."""
     n = int(np.floor(r))
-    m = mask.view(np.uint8)
-    h = mask.shape[0]
-    wide: dict[int, np.ndarray] = {0: m}
+    h, w = mask.shape
+    half = [max(x for x in range(n + 1) if x * x + dy * dy <= r * r) for dy in range(-n, n + 1)]
+    wide = [mask]
+    for x in range(1, max(half) + 1):
+        cur = wide[-1].copy()
+        if x < w:
+            cur[:, x:] |= mask[:, :-x]
+            cur[:, :-x] |= mask[:, x:]
+        wide.append(cur)
     out = np.zeros(mask.shape, bool)
-    for dy in range(-n, n + 1):
-        hw = max(x for x in range(n + 1) if x * x + dy * dy <= r * r)
-        if hw not in wide:
-            wide[hw] = ndimage.maximum_filter1d(m, 2 * hw + 1, axis=1, mode="constant")
-        src = wide[hw].view(bool)
+    for dy, hw in zip(range(-n, n + 1), half, strict=True):
+        src = wide[hw]
+        if abs(dy) >= h:
+            continue
         if dy >= 0:
             out[:h - dy] |= src[dy:]
         else:
