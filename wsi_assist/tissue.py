@@ -251,9 +251,9 @@ def _upsample(smooth: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
     x1 = np.minimum(x0 + 1, smooth.shape[1] - 1)
     fy = np.clip(ys - y0, 0, 1)[:, None]
     fx = np.clip(xs - x0, 0, 1)[None, :]
-    top = smooth[y0][:, x0] * (1 - fx) + smooth[y0][:, x1] * fx
-    bottom = smooth[y1][:, x0] * (1 - fx) + smooth[y1][:, x1] * fx
-    return np.asarray(top * (1 - fy) + bottom * fy >= 0.5)
+    # along x on the coarse rows first (the same products and sums, k times fewer rows)
+    along_x = smooth[:, x0] * (1 - fx) + smooth[:, x1] * fx
+    return np.asarray(along_x[y0] * (1 - fy) + along_x[y1] * fy >= 0.5)
 
 
 def warnings(geometry: shapely.Geometry) -> list[str]:
