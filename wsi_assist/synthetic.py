@@ -241,10 +241,9 @@ def write_large(path: Path, spec: SyntheticSlide, mpp: float, tile: int = 256,
     levels = [_level_segments(spec, size, tile, path, opts) for size in sizes]
     with tifffile.TiffWriter(path, bigtiff=w0 * h0 > 2**31) as tw:
         for i, ((w, h), (segments, tables)) in enumerate(zip(sizes, levels, strict=True)):
-            extra = {"jpegtables": tables} if tables else {}
             tw.write(iter(segments), shape=(h, w, 3), dtype=np.uint8,
                      description=desc if i == 0 else "Aperio Image Library v12.0.15",
-                     **opts, **extra)
+                     jpegtables=tables or None, **opts)
             if i == 0:
                 thumb_w = 256
                 thumb_h = max(1, round(h0 * thumb_w / w0))

@@ -276,10 +276,10 @@ def _brightfield(blurred: np.ndarray, glass: np.ndarray, params: TissueParams,
     8-bit pixels ``blurred`` holds as floats, read through a table of the same values."""
     i0 = np.median(blurred[glass], axis=0)
     od = np.zeros(blurred.shape[:2], np.float32)
-    levels = np.arange(256, dtype=np.float32)
+    values = np.arange(256, dtype=np.float32)
     for c in range(3):
         if rgb8 is not None and rgb8.dtype == np.uint8:
-            od += np.log10(np.float32(i0[c]) / np.maximum(levels, 1.0)).clip(0.0, None)[
+            od += np.log10(np.float32(i0[c]) / np.maximum(values, 1.0)).clip(0.0, None)[
                 rgb8[..., c]]
         else:
             od += np.log10(np.float32(i0[c]) / np.maximum(blurred[..., c], 1.0)).clip(0.0,
