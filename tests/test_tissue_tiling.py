@@ -455,6 +455,12 @@ def test_fast_morphology_equals_scipy() -> None:
     want = ((sizes >= 30.0) & (np.arange(len(sizes)) > 0))[labels]
     assert np.array_equal(tissue.fill_and_drop(mask, 1.0, params), want)
     rgb = rng.integers(0, 256, (301, 257, 3), dtype=np.uint8)
+    for where in (mask, ~mask, mask & (rng.random(mask.shape) > 0.5)):  # odd and even counts
+        for n in (int(where.sum()), int(where.sum()) - 1):
+            sel = where.copy()
+            sel[np.nonzero(sel)[0][n:], np.nonzero(sel)[1][n:]] = False
+            assert np.array_equal(tissue._median8(rgb, sel),
+                                  np.median(rgb[sel].astype(np.float32), axis=0))
     for k in (2, 3, 8):
         pad = np.pad(rgb, ((0, -301 % k), (0, -257 % k), (0, 0)), mode="edge")
         blocks = pad.reshape(pad.shape[0] // k, k, pad.shape[1] // k, k, 3)

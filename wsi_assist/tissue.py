@@ -189,8 +189,11 @@ def detect(overview: np.ndarray, downsample: float, mpp: float,
         # k = 1: cells are the overview as float32, so their grey is the overview's
         cell_grey = grey if k == 1 else _grey(cells)
         grey2 = block_mean(np.square(grey), k)
-        glass = _open(glass_like(cell_grey, grey2, blurred, cell_um,
-                                 cell_grey if blurred is cells else None),
+        # unblurred cells of 8-bit pixels: the same values read as 8 bits (saturation,
+        # glass level and optical density by counts and table look-ups)
+        rgb8 = rgb if k == 1 and blurred is cells and rgb.dtype == np.uint8 else None
+        glass = _open(glass_like(cell_grey, grey2, blurred if rgb8 is None else rgb8,
+                                 cell_um, cell_grey if blurred is cells else None),
                       GLASS_MIN_WIDTH_UM / 2 / cell_um)
         levels = {"glass_fraction": float(glass.mean())}
         if levels["glass_fraction"] < GLASS_MIN_FRACTION:
@@ -198,9 +201,7 @@ def detect(overview: np.ndarray, downsample: float, mpp: float,
             mask = ~glass
         else:
             method = "brightfield-od"
-            # unblurred cells of 8-bit pixels: the optical density is a table look-up
-            mask, threshold, more = _brightfield(
-                blurred, glass, params, rgb if k == 1 and blurred is cells else None)
+            mask, threshold, more = _brightfield(blurred, glass, params, rgb8)
             levels.update(more)
     mask = clean_mask(mask, cell_um, params)
     geometry, smooth = outline(mask, k * downsample, mpp, params,
@@ -274,7 +275,7 @@ def _brightfield(blurred: np.ndarray, glass: np.ndarray, params: TissueParams,
                  ) -> tuple[np.ndarray, float, dict[str, float]]:
     """Optical density above the glass level, thresholded by clipped Otsu. ``rgb8``: the
     8-bit pixels ``blurred`` holds as floats, read through a table of the same values."""
-    i0 = np.median(blurred[glass], axis=0)
+    i0 = np.median(blurred[glass], axis=0) if rgb8 is None else _median8(rgb8, glass)
     od = np.zeros(blurred.shape[:2], np.float32)
     values = np.arange(256, dtype=np.float32)
     for c in range(3):
@@ -289,6 +290,20 @@ def _brightfield(blurred: np.ndarray, glass: np.ndarray, params: TissueParams,
     levels = {"otsu": ot, "floor": params.od_floor, "ceiling": params.od_ceiling,
               "glass_r": float(i0[0]), "glass_g": float(i0[1]), "glass_b": float(i0[2])}
     return od > t, t, levels
+
+
+def _median8(rgb8: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Per-channel median of the 8-bit pixels ``where`` is True, from their counts (what
+    ``np.median`` gives: the mean of the two middle values when their number is even)."""
+    out = np.zeros(3, np.float32)
+    n = int(where.sum())
+    for c in range(3):
+        v = np.where(where, rgb8[..., c].astype(np.int16), np.int16(256))
+        counts = np.bincount(v.ravel(), minlength=257)
+        cum = np.cumsum(counts[:256])
+        lo, hi = np.searchsorted(cum, [(n - 1) // 2, n // 2], side="right")
+        out[c] = (np.float32(lo) + np.float32(hi)) / np.float32(2)
+    return out
 
 
 def _fluorescence(blurred: np.ndarray, params: TissueParams
