@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("slides", nargs="*", type=Path)
     ap.add_argument("--synthetic", type=int, metavar="PX",
-                    help="also a PX^2 synthetic 40x slide (bench/tiles.py's)")
+                    help="also a PX^2 H&E-like 40x slide (synthetic.write_large)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--baseline", type=Path, help="another tissue.py to compare detect with")
     ap.add_argument("--peer", choices=["tiatoolbox"], help="also time a peer's tissue + grid")
