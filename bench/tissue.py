@@ -2,12 +2,20 @@
 
     python3 bench/tissue.py SLIDE [SLIDE...] [--rounds R] [--baseline OLD/tissue.py]
     python3 bench/tissue.py --synthetic 40000 /work/shared/slides/test3-DAPI-2-387.ndpi
+    python3 bench/tissue.py --synthetic 40000 NDPI --peer tiatoolbox [--peer-python PY]
 
 Steps, as the ``tissue`` and ``tiles`` stages run them: ``open`` (describe the slide),
 ``overview`` (``slide.read_lowres`` at ``tissue.overview_mpp``), ``detect``
 (``tissue.detect``), ``grid`` (``tiling.grid`` at 0.5 um/px, tissue fractions
-included). tiatoolbox is not installed here (it brings its own torch stack); its Otsu
-path is not measured by this script. ``--baseline`` loads another version of ``tissue.py`` (e.g. main's, before
+included). ``--synthetic PX``: a PX^2 H&E-like slide at 0.25 um/px
+(``synthetic.write_large``). ``--peer tiatoolbox`` also times tiatoolbox's Otsu mask +
+patch grid (``bench/peer_tiatoolbox.py``: its default 1.25x mask, and the mask at our
+overview's um/px, ``*_matched``) on each slide, a round of it beside each of ours
+(alternating which runs first): imported here when this interpreter has it, else in a
+process of ``--peer-python`` (a venv with tiatoolbox; its import is not timed).
+``vs_peer`` is the median over rounds of its total over ours (>= 1: ours at least as
+fast); ``vs_peer_matched`` the same with its mask at our overview's resolution.
+``--baseline`` loads another version of ``tissue.py`` (e.g. main's, before
 a change) as a module of its own and times its ``detect`` on the same overview in the
 same process, round by round (alternating which runs first), so ``detect_speedup`` is
 a ratio within one run; the overview is also read as before ``slide.box_mean`` (numpy's
@@ -23,6 +31,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 import time
@@ -94,6 +103,7 @@ def one_round(path: Path, base: ModuleType | None, r: int) -> dict[str, Any]:
     row: dict[str, Any] = {"open": t_open, "overview": t_over, "detect": t_det,
                            "grid": t_grid, "total": t_open + t_over + t_det + t_grid,
                            "tiles": len(g), "overview_px": list(image.shape[:2]),
+                           "overview_mpp": round(ds * mpp, 4),
                            "method": found.method}
     if base is not None:
         old_image, old, b_over, b_det = runs[True]
@@ -106,15 +116,22 @@ def one_round(path: Path, base: ModuleType | None, r: int) -> dict[str, Any]:
     return row
 
 
-def bench(path: Path, rounds: int, base: ModuleType | None) -> dict[str, Any]:
-    rows = [one_round(path, base, r) for r in range(rounds)]
+def bench(path: Path, rounds: int, base: ModuleType | None, peer: Peer | None = None
+          ) -> dict[str, Any]:
+    rows = []
+    for r in range(rounds):  # with a peer: its round beside ours, first on odd rounds
+        q = peer.round(path, rows[-1]["overview_mpp"]) if peer is not None and r % 2 else None
+        row = one_round(path, base, r)
+        if peer is not None:
+            row["peer"] = q if q is not None else peer.round(path, row["overview_mpp"])
+        rows.append(row)
 
     def med(k: str) -> float:
         return float(np.median([r[k] for r in rows]))
 
     out: dict[str, Any] = {"slide": path.name, "tiles": rows[0]["tiles"],
                            "overview_px": rows[0]["overview_px"],
-                           "method": rows[0]["method"]}
+                           "method": rows[0]["method"], "overview_mpp": rows[0]["overview_mpp"]}
     out |= {f"{k}_s": round(med(k), 4) for k in ("open", "overview", "detect", "grid",
                                                   "total")}
     if base is not None:
@@ -129,17 +146,72 @@ def bench(path: Path, rounds: int, base: ModuleType | None) -> dict[str, Any]:
             [r["baseline_detect"] / r["detect"] for r in rows])), 2)
         out["mask_agreement"] = round(rows[0]["mask_agreement"], 5)
         out["area_ratio"] = rows[0]["area_ratio"] and round(rows[0]["area_ratio"], 5)
+    if peer is not None:
+        q = rows[0]["peer"]
+        out["peer"] = {"tiles": q["tiles"], "mask_px": q["mask_px"],
+                       "mask_px_matched": q["mask_px_matched"],
+                       "mask_fraction": round(q["mask_fraction"], 4)}
+        out["peer"] |= {f"{k}_s": round(float(np.median([r["peer"][k] for r in rows])), 4)
+                        for k in ("open", "mask", "grid", "total", "total_matched")}
+        for key, of in (("vs_peer", "total"), ("vs_peer_matched", "total_matched")):
+            out[key] = round(float(np.median([r["peer"][of] / r["total"] for r in rows])), 3)
+        log.info("%s: ours %.3f s, tiatoolbox %.3f s (1.25x mask %s px), %.3f s with its "
+                 "mask at our %.3f um/px: tiatoolbox / ours %.2f, %.2f", out["slide"],
+                 out["total_s"], out["peer"]["total_s"], q["mask_px"],
+                 out["peer"]["total_matched_s"], out["overview_mpp"], out["vs_peer"],
+                 out["vs_peer_matched"])
     log.info("%s", json.dumps(out))
     return out
+
+
+class Peer:
+    """tiatoolbox's rounds (``bench/peer_tiatoolbox.py``), asked one at a time so they
+    interleave with ours: in this interpreter when it has tiatoolbox, else in a
+    ``--serve`` process of ``python``."""
+
+    def __init__(self, python: str | None) -> None:
+        here = Path(__file__).resolve().parent
+        self.local: ModuleType | None = None
+        self.proc: subprocess.Popen[str] | None = None
+        if importlib.util.find_spec("tiatoolbox") is not None:
+            sys.path.insert(0, str(here))
+            import peer_tiatoolbox
+
+            self.local = peer_tiatoolbox
+        elif python is None:
+            raise SystemExit("tiatoolbox is not importable here: give --peer-python PY")
+        else:
+            self.proc = subprocess.Popen([python, str(here / "peer_tiatoolbox.py"), "--serve"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True)
+
+    def round(self, path: Path, mpp: float) -> dict[str, Any]:
+        ratio = TilingParams().min_tissue
+        if self.local is not None:
+            return dict(self.local.one_round(path, ratio, mpp))
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(f"{path} {mpp} {ratio}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"tiatoolbox peer stopped (exit {self.proc.wait()})")
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.stdin:
+            self.proc.stdin.close()
+            self.proc.wait()
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("slides", nargs="*", type=Path)
     ap.add_argument("--synthetic", type=int, metavar="PX",
-                    help="also a PX^2 synthetic 40x slide (bench/tiles.py's)")
+                    help="also a PX^2 H&E-like 40x slide (synthetic.write_large)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--baseline", type=Path, help="another tissue.py to compare detect with")
+    ap.add_argument("--peer", choices=["tiatoolbox"], help="also time a peer's tissue + grid")
+    ap.add_argument("--peer-python", help="interpreter that has the peer installed")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.simplefilter("ignore", UserWarning)
@@ -147,15 +219,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     tmp = None
     slides = list(a.slides)
     if a.synthetic:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from tiles import write_synthetic
+        from wsi_assist.synthetic import he_slide, write_large
 
         tmp = tempfile.TemporaryDirectory(prefix="wsi-bench-")
-        slides.insert(0, write_synthetic(Path(tmp.name) / f"synthetic-{a.synthetic}.svs",
-                                         a.synthetic))
+        slides.insert(0, write_large(Path(tmp.name) / f"synthetic-{a.synthetic}.svs",
+                                     he_slide(a.synthetic, a.synthetic, 0.25), 0.25))
     if not slides:
         ap.error("give SLIDE or --synthetic PX")
-    results = [bench(p, a.rounds, base) for p in slides]
+    peer = Peer(a.peer_python) if a.peer else None
+    try:
+        results = [bench(p, a.rounds, base, peer) for p in slides]
+    finally:
+        if peer is not None:
+            peer.close()
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(results))

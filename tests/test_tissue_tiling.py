@@ -401,3 +401,68 @@ def _glass_and_stain(path: Path, found: tissue.Tissue
             h = np.asarray(hole.coords)
             inside[fill(h[:, 1], h[:, 0], od.shape)] = False
     return float(big[pieces].mean()), od > 0.15, inside
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.5])
+def test_large_synthetic_slide_is_tissue_at_40x_and_20x(tmp_path: Path, mpp: float) -> None:
+    """The benchmarks' fast writer draws tissue-sized H&E at any pixel size: at 0.25 um/px
+    (40x) as at 0.5 the tissue stage finds the drawn ellipses (the former mosaic of
+    64 um tile fragments was all dropped as debris at 40x)."""
+    from wsi_assist.synthetic import he_slide, write_large
+
+    spec = he_slide(4096, 3072, mpp)
+    path = write_large(tmp_path / "big.svs", spec, mpp)
+    info, found = detect_file(path)
+    assert info.mpp == mpp and len(info.level_downsamples) == 2
+    assert found.method == "brightfield-od"
+    drawn = drawn_geometry(spec)
+    assert found.geometry.area == pytest.approx(drawn.area, rel=0.03)
+    assert found.geometry.symmetric_difference(drawn).area < 0.05 * drawn.area
+    with open_slide(path) as s:  # the lower level draws what level 0 does, 4 x smaller
+        low = np.asarray(s.read_region((0, 0), 1, (1024, 768)).convert("RGB"), np.float32)
+        top = np.asarray(s.read_region((0, 0), 0, (4096, 3072)).convert("RGB"), np.float32)
+    # 16 um blocks at 0.25 um/px (32 at 0.5): the same colour on both levels
+    low_means = low.reshape(48, 16, 64, 16, 3).mean(axis=(1, 3))
+    top_means = top.reshape(48, 64, 64, 64, 3).mean(axis=(1, 3))
+    assert np.abs(low_means - top_means).mean() < 3.0
+
+
+def test_fast_morphology_equals_scipy() -> None:
+    """Disc dilation/erosion by rows, hole filling by one labelling and the strided block
+    mean give exactly what scipy's binary morphology, binary_fill_holes and a sum over
+    the block axes give."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    mask = ndimage.gaussian_filter(rng.random((301, 257)), 3) > 0.5
+    mask[0, :40] = True  # tissue on the edge: the edge must not erode
+    for r in (0.6, 1.0, 1.5, 2.0, 2.5, 3.7, 5.0, 6.0, 10.0, 13.7, 16.0, 24.5, 32.0):
+        disc = tissue._disc(r)
+        assert np.array_equal(tissue._dilate(mask, r), ndimage.binary_dilation(mask, disc))
+        assert np.array_equal(tissue._erode(mask, r),
+                              ndimage.binary_erosion(mask, disc, border_value=1))
+    small = rng.random((5, 3)) > 0.6  # discs wider than the image
+    for r in (1.0, 4.4, 16.0):
+        assert np.array_equal(tissue._dilate_rows(small, r),
+                              ndimage.binary_dilation(small, tissue._disc(r)))
+    params = TissueParams(min_hole_um2=40.0, min_area_um2=30.0)
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    labels, _ = ndimage.label(holes)
+    sizes = np.bincount(labels.ravel())
+    filled = mask | ((sizes < 40.0) & (np.arange(len(sizes)) > 0))[labels]
+    labels, _ = ndimage.label(filled)
+    sizes = np.bincount(labels.ravel())
+    want = ((sizes >= 30.0) & (np.arange(len(sizes)) > 0))[labels]
+    assert np.array_equal(tissue.fill_and_drop(mask, 1.0, params), want)
+    rgb = rng.integers(0, 256, (301, 257, 3), dtype=np.uint8)
+    for where in (mask, ~mask, mask & (rng.random(mask.shape) > 0.5)):  # odd and even counts
+        for n in (int(where.sum()), int(where.sum()) - 1):
+            sel = where.copy()
+            sel[np.nonzero(sel)[0][n:], np.nonzero(sel)[1][n:]] = False
+            assert np.array_equal(tissue._median8(rgb, sel),
+                                  np.median(rgb[sel].astype(np.float32), axis=0))
+    for k in (2, 3, 8):
+        pad = np.pad(rgb, ((0, -301 % k), (0, -257 % k), (0, 0)), mode="edge")
+        blocks = pad.reshape(pad.shape[0] // k, k, pad.shape[1] // k, k, 3)
+        assert np.array_equal(tissue.block_mean(rgb, k),
+                              blocks.sum(axis=(1, 3), dtype=np.float32) / np.float32(k * k))

@@ -3,6 +3,15 @@
 Tissue is a set of pink ellipses on white glass, sprinkled with purple nuclei on a jittered
 lattice. Pixels are computed block by block, so a 40,000 px slide is written without
 holding it in memory. Every file is labelled ``wsi-assist synthetic`` in its description.
+
+:func:`he_slide` sizes the nuclei in um (radius NUCLEUS_RADIUS_UM, spacing
+NUCLEUS_SPACING_UM), so the tissue looks alike at any level-0 pixel size; the pixel
+defaults of :class:`SyntheticSlide` (6 and 24 px) are those sizes at 0.5 um/px only.
+:func:`write_large` writes a big slide quickly (a 40,000 px slide in seconds, not the
+minutes of :func:`write_slide`): each level's tiles wholly in tissue repeat a few
+rendered ones, tiles of bare glass one, and only tiles crossing a tissue edge are
+rendered where they lie, so the slide is tissue-sized ellipses at every level, each level
+a true downsample of the same drawing.
 """
 
 from __future__ import annotations
@@ -19,6 +28,11 @@ MARKER = "wsi-assist synthetic"
 PINK = np.array([236, 160, 196], np.float32)
 PURPLE = np.array([92, 52, 138], np.float32)
 WHITE = np.array([244, 244, 246], np.float32)
+#: Nuclei of :func:`he_slide`: radius and lattice spacing in um (6 and 24 px at 0.5 um/px).
+NUCLEUS_RADIUS_UM = 3.0
+NUCLEUS_SPACING_UM = 12.0
+#: Distinct tiles wholly in tissue that :func:`write_large` renders per level.
+INTERIOR_VARIANTS = 8
 
 
 class _TileOpts(TypedDict):
@@ -128,6 +142,15 @@ def default_slide(width: int = 4096, height: int = 3072, seed: int = 0) -> Synth
     return SyntheticSlide(width, height, e, seed=seed)
 
 
+def he_slide(width: int, height: int, mpp: float, seed: int = 0) -> SyntheticSlide:
+    """:func:`default_slide` with nuclei sized in um for a level-0 pixel size ``mpp``."""
+    if mpp <= 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    base = default_slide(width, height, seed)
+    return SyntheticSlide(width, height, base.ellipses, nucleus_radius=NUCLEUS_RADIUS_UM / mpp,
+                          nucleus_spacing=NUCLEUS_SPACING_UM / mpp, seed=seed)
+
+
 def write_slide(path: Path, spec: SyntheticSlide, kind: SlideKind = "svs", mpp: float = 0.5,
                 level_sizes: list[tuple[int, int]] | None = None, tile: int = 256,
                 quality: int = 90) -> Path:
@@ -192,6 +215,88 @@ def _tiles(spec: SyntheticSlide, size: tuple[int, int], tile: int) -> Iterator[n
     for ty in range(0, h, tile):
         for tx in range(0, w, tile):
             yield spec.render(tx * sx, ty * sy, tile, tile, sx, sy)
+
+
+def write_large(path: Path, spec: SyntheticSlide, mpp: float, tile: int = 256,
+                quality: int = 90) -> Path:
+    """Write ``spec`` fast as an Aperio-style JPEG pyramid (levels /4 down to about
+    1,000 px, a thumbnail after level 0) at ``mpp`` um/px.
+
+    Per level, tiles are classed by the drawing's tissue at a 9 x 9 grid of points over
+    each tile: crossing an edge (rendered where they lie), wholly in tissue (one of
+    INTERIOR_VARIANTS rendered ones, by position) or glass (one rendered tile). The
+    JPEG bytes of the distinct tiles are encoded once and repeated."""
+    import tifffile
+
+    path = Path(path)
+    sizes = [(spec.width, spec.height)]
+    while max(sizes[-1]) // 4 >= 1024:
+        sizes.append((sizes[-1][0] // 4, sizes[-1][1] // 4))
+    opts: dict[str, Any] = {"tile": (tile, tile), "compression": "jpeg",
+                            "compressionargs": {"level": quality}, "photometric": "rgb",
+                            "metadata": None}
+    w0, h0 = sizes[0]
+    desc = (f"Aperio Image Library v12.0.15\r\n{w0}x{h0} [0,0 {w0}x{h0}] ({tile}x{tile}) "
+            f"JPEG/RGB Q={quality}|AppMag = {round(10 / mpp)}|MPP = {mpp}|Title = {MARKER}")
+    levels = [_level_segments(spec, size, tile, path, opts) for size in sizes]
+    with tifffile.TiffWriter(path, bigtiff=w0 * h0 > 2**31) as tw:
+        for i, ((w, h), (segments, tables)) in enumerate(zip(sizes, levels, strict=True)):
+            tw.write(iter(segments), shape=(h, w, 3), dtype=np.uint8,
+                     description=desc if i == 0 else "Aperio Image Library v12.0.15",
+                     jpegtables=tables or None, **opts)
+            if i == 0:
+                thumb_w = 256
+                thumb_h = max(1, round(h0 * thumb_w / w0))
+                tw.write(spec.render(0, 0, thumb_w, thumb_h, w0 / thumb_w),
+                         description=f"Aperio Image Library v12.0.15\r\n{thumb_w}x{thumb_h}",
+                         photometric="rgb", metadata=None)
+    return path
+
+
+def _tile_kinds(spec: SyntheticSlide, size: tuple[int, int], tile: int) -> np.ndarray:
+    """Per tile of a level (rows, cols): 0 glass, 1 wholly tissue, 2 crossing an edge."""
+    w, h = size
+    sx, sy = spec.width / w, spec.height / h
+    nx, ny = -(-w // tile), -(-h // tile)
+    f = np.linspace(0.0, 1.0, 9)
+    xs = ((np.arange(nx)[:, None] + f[None, :]) * tile * sx).ravel()
+    ys = ((np.arange(ny)[:, None] + f[None, :]) * tile * sy).ravel()
+    inside = spec.tissue_mask(xs[None, :], ys[:, None]).reshape(ny, 9, nx, 9)
+    frac = inside.mean(axis=(1, 3))
+    return np.where(frac == 0, 0, np.where(frac == 1, 1, 2))
+
+
+def _level_segments(spec: SyntheticSlide, size: tuple[int, int], tile: int, path: Path,
+                    opts: dict[str, Any]) -> tuple[list[bytes], bytes | None]:
+    """JPEG bytes of every tile of one level (row by row) and the JPEG tables."""
+    import tifffile
+
+    w, h = size
+    sx, sy = spec.width / w, spec.height / h
+    kinds = _tile_kinds(spec, size, tile)
+    edge = np.argwhere(kinds == 2)
+    inner = np.argwhere(kinds == 1)
+    pick = inner[np.linspace(0, len(inner) - 1, min(len(inner), INTERIOR_VARIANTS)).astype(int)]
+    glass = np.broadcast_to(WHITE, (tile, tile, 3)).astype(np.uint8)
+    distinct = [glass] + [spec.render(c * tile * sx, r * tile * sy, tile, tile, sx, sy)
+                          for r, c in (*pick, *edge)]
+    sample = path.with_suffix(".sample.tif")
+    tifffile.imwrite(sample, np.concatenate(distinct, axis=0), **opts)
+    with tifffile.TiffFile(sample) as tf:
+        page = tf.pages[0]
+        fh = tf.filehandle
+        encoded = []
+        for off, cnt in zip(page.dataoffsets, page.databytecounts, strict=True):
+            fh.seek(off)
+            encoded.append(fh.read(cnt))
+        tables = page.jpegtables
+    sample.unlink()
+    index = np.zeros(kinds.shape, np.int64)
+    if len(pick):
+        rows, cols = np.nonzero(kinds == 1)
+        index[rows, cols] = 1 + (rows * 7 + cols * 3) % len(pick)
+    index[edge[:, 0], edge[:, 1]] = 1 + len(pick) + np.arange(len(edge))
+    return [encoded[i] for i in index.ravel()], tables
 
 
 def _hash01(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
