@@ -100,7 +100,7 @@ class Accumulator:
                         "dropped", self.spec.name, int(bad.sum()), len(self.spec.output.classes))
             keep &= ~bad
         b, p = np.nonzero(keep)
-        geo = np.asarray(out[key], np.float64)[b, p] * frame.scale
+        geo = np.asarray(out[key])[b, p].astype(np.float64) * frame.scale
         reps = geo.shape[1] // 2
         geo += np.tile(frame.corners[b], (1, reps))
         self._add(key, geo)

@@ -171,10 +171,14 @@ def _pad(kept: np.ndarray, tile: np.ndarray, n_tiles: int, found: dict[str, np.n
 def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str
                   ) -> dict[str, np.ndarray]:
     """Points, scores and labels per tile from P2PNet-style logits and points."""
-    x = logits.astype(np.float32, copy=False)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    probs = e / e.sum(axis=-1, keepdims=True)
-    probs = probs[..., 1:] if background == "first" else probs[..., :-1]
-    labels = probs.argmax(axis=-1)
-    scores = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]
+    x = np.moveaxis(logits.astype(np.float32, copy=False), -1, 0)  # (K+1, B, N)
+    x = np.ascontiguousarray(x)  # per-class planes: elementwise work on contiguous rows
+    e = np.exp(x - x.max(axis=0))
+    total = e[0].copy()
+    for k in range(1, len(e)):  # summed in the order numpy sums a short last axis
+        total += e[k]
+    fg = e[1:] if background == "first" else e[:-1]
+    probs = fg / total
+    labels = probs.argmax(axis=0)
+    scores = np.take_along_axis(probs, labels[None], axis=0)[0]
     return {"points": np.asarray(points, np.float32), "scores": scores, "labels": labels}

@@ -69,32 +69,48 @@ def point_pairs(points: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarr
 def box_pairs(boxes: np.ndarray, iou: float, group: np.ndarray | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of boxes (x0, y0, x1, y1) with IoU > ``iou`` (float32, torchvision's formula),
-    of the same ``group`` when given. Candidates come from a sweep along x: IoU > t needs an
-    x overlap above t x either width, so each box meets only boxes starting within
-    ``x1 - t * w`` of its own start."""
+    of the same ``group`` when given. IoU > t needs an overlap above t x either side along
+    each axis, so box j can meet box i only when it starts before ``x1 - t * w`` of i and
+    within ``y1 - t * h`` of i: boxes are binned by y0 (bins as tall as the longest such
+    reach) and swept along x within their own bin and the next one."""
     n = len(boxes)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     bx = np.asarray(boxes, np.float64)
-    x0, x1 = bx[:, 0], bx[:, 2]
-    w = np.maximum(x1 - x0, 0.0)
     eps = 1e-5 * max(1.0, float(np.abs(bx).max()))  # float32 rounding of the IoU
-    reach = x1 - iou * w * (1 - 1e-3) + eps
-    if group is not None:  # groups laid side by side along x, far apart
-        span = float(reach.max() - x0.min()) + 1.0
-        x0, reach = x0 + group * span, reach + group * span
-    order = np.argsort(x0, kind="stable")
-    stop = np.searchsorted(x0[order], reach[order], side="right")
-    count = np.maximum(stop - np.arange(n) - 1, 0)
-    i = np.repeat(np.arange(n), count)
-    j = i + 1 + np.arange(len(i)) - np.repeat(np.cumsum(count) - count, count)
-    a, b = order[i], order[j]
+    ext = np.maximum(bx[:, 2:] - bx[:, :2], 0.0)
+    reach = np.maximum(ext * (1 - iou * (1 - 1e-3)), 0.0) + eps  # (n, 2) past x0, y0
+    cell = float(reach[:, 1].max())
+    row = np.floor((bx[:, 1] - bx[:, 1].min()) / cell).astype(np.int64)
+    if group is not None:  # groups' rows stacked apart
+        row = row + np.asarray(group, np.int64) * (int(row.max()) + 2)
+    x = bx[:, 0] - bx[:, 0].min()
+    reach_x = float(reach[:, 0].max())
+    span = float(x.max()) + 2 * reach_x + 1.0
+    key = row * span + x
+    order = np.argsort(key, kind="stable")
+    keys = key[order]
+    here = np.arange(n) + 1  # the same row: boxes after i in x order
+    stop_here = np.searchsorted(keys, keys + reach[order, 0], side="right")
+    nxt = keys + span  # the next row: boxes starting up to reach_x before or after i
+    start_next = np.searchsorted(keys, nxt - reach_x, side="left")
+    stop_next = np.searchsorted(keys, nxt + reach[order, 0], side="right")
+    i, j = _expand(np.r_[here, start_next], np.r_[stop_here, stop_next])
+    a, b = order[i % n], order[j]
     if group is not None:
         same = group[a] == group[b]
         a, b = a[same], b[same]
     # float32 IoU against the threshold as a double, as torchvision compares them
     ok = box_iou_pairs(np.asarray(boxes, np.float32), a, b).astype(np.float64) > iou
     return a[ok], b[ok]
+
+
+def _expand(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(k, j) for every j in [starts[k], stops[k])."""
+    count = np.maximum(stops - starts, 0)
+    k = np.repeat(np.arange(len(starts)), count)
+    offset = np.arange(len(k)) - np.repeat(np.cumsum(count) - count, count)
+    return k, starts[k] + offset
 
 
 def box_iou_pairs(boxes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
