@@ -97,9 +97,12 @@ def box_pairs(boxes: np.ndarray, iou: float, group: np.ndarray | None = None
     stop_next = np.searchsorted(keys, nxt + reach[order, 0], side="right")
     i, j = _expand(np.r_[here, start_next], np.r_[stop_here, stop_next])
     a, b = order[i % n], order[j]
+    y0, ry = bx[:, 1], reach[:, 1]
+    dy = y0[b] - y0[a]
+    near = (dy <= ry[a]) & (-dy <= ry[b])  # cheap before the IoU itself
     if group is not None:
-        same = group[a] == group[b]
-        a, b = a[same], b[same]
+        near &= group[a] == group[b]
+    a, b = a[near], b[near]
     # float32 IoU against the threshold as a double, as torchvision compares them
     ok = box_iou_pairs(np.asarray(boxes, np.float32), a, b).astype(np.float64) > iou
     return a[ok], b[ok]
