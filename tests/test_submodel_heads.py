@@ -362,3 +362,19 @@ def test_decode_yolo_pads_tiles_without_detections() -> None:
     assert (out["scores"][[0, 2]] == -1).all()
     assert out["labels"][1].tolist() == [1, 0]
     assert np.allclose(out["scores"][1], [0.9 * 0.8, 0.9 * 0.6])
+
+
+@pytest.mark.parametrize(("classes", "background"), [(1, "last"), (2, "last"), (4, "first")])
+def test_p2pnet_decoding_equals_plain_softmax(classes: int, background: str) -> None:
+    """Plane-by-plane decoding gives the straightforward softmax's labels and scores."""
+    rng = np.random.default_rng(classes)
+    logits = (rng.normal(size=(5, 300, classes + 1)) * 6).astype(np.float32)
+    logits[0, :10] = 1.0  # ties between classes: the first one wins, as with argmax
+    points = rng.uniform(0, 224, (5, 300, 2)).astype(np.float32)
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    probs = probs[..., 1:] if background == "first" else probs[..., :-1]
+    out = decode_p2pnet(logits, points, background)
+    np.testing.assert_array_equal(out["labels"], probs.argmax(axis=-1))
+    np.testing.assert_allclose(out["scores"], probs.max(axis=-1), rtol=1e-6)
+    np.testing.assert_array_equal(out["points"], points)

@@ -178,7 +178,10 @@ def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str
     for k in range(1, len(e)):  # summed in the order numpy sums a short last axis
         total += e[k]
     fg = e[1:] if background == "first" else e[:-1]
-    probs = fg / total
-    labels = probs.argmax(axis=0)
-    scores = np.take_along_axis(probs, labels[None], axis=0)[0]
+    scores, labels = fg[0] / total, np.zeros(total.shape, np.int64)
+    for k in range(1, len(fg)):  # argmax plane by plane (the first best, as argmax)
+        p = fg[k] / total
+        better = p > scores
+        labels[better] = k
+        np.maximum(scores, p, out=scores)
     return {"points": np.asarray(points, np.float32), "scores": scores, "labels": labels}
