@@ -316,3 +316,65 @@ def test_pathasst_example_end_to_end(name: str, tmp_path: Path, svs_slide: Path,
     assert len(det) == sum(counts.values())
     kind = "Point" if spec.task == "point-detection" else "Polygon"
     assert {f["geometry"]["type"] for f in det} == {kind}
+
+
+def _random_candidates(rng: np.random.Generator, n_tiles: int, n: int, n_classes: int,
+                       tied: bool) -> tuple[np.ndarray, ...]:
+    """Candidate boxes of a batch as the YOLO decoding hands them to NMS (sorted by tile),
+    crowded so that many overlap; ``tied``: scores on a coarse grid, so ties are common."""
+    tile = np.sort(rng.integers(0, n_tiles, n))
+    xy = rng.uniform(0, 224, (n, 2))
+    wh = rng.uniform(4, 40, (n, 2))
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1).astype(np.float32)
+    scores = rng.uniform(0.25, 1, n).astype(np.float32)
+    if tied:
+        scores = np.round(scores * 8) / 8
+    return boxes, scores, rng.integers(0, n_classes, n), tile
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_class_aware_nms_equals_tile_by_tile_torchvision(seed: int) -> None:
+    """One pass over the whole batch keeps exactly what torchvision nms keeps tile by tile
+    (classes shifted apart), in the same order, including score ties, the PRE_NMS cut and
+    the per-tile cap."""
+    from wsi_assist.models.submodel_heads import _class_aware_nms, reference_nms
+
+    rng = np.random.default_rng(seed)
+    n_tiles, limit = int(rng.integers(1, 9)), int(rng.integers(2, 40))
+    boxes, scores, labels, tile = _random_candidates(
+        rng, n_tiles, int(rng.integers(0, 3000)), int(rng.integers(1, 7)), seed % 2 == 1)
+    for iou in (0.3, 0.5, 0.7):
+        kept, kt = _class_aware_nms(boxes, scores, labels, tile, n_tiles, iou, limit)
+        want = reference_nms(boxes, scores, labels, tile, n_tiles, iou, limit)
+        for t in range(n_tiles):
+            assert kept[kt == t].tolist() == want[t].tolist()
+        assert (np.diff(kt) >= 0).all()
+
+
+def test_decode_yolo_pads_tiles_without_detections() -> None:
+    dec = DecodeSpec(head="yolov5", max_detections=5)
+    raw = np.zeros((3, 4, 7), np.float32)
+    raw[1, 0] = _yolo_row((0, 0, 10, 10), 0.9, [0.1, 0.8])
+    raw[1, 1] = _yolo_row((1, 0, 11, 10), 0.9, [0.1, 0.7])  # same class: suppressed
+    raw[1, 2] = _yolo_row((1, 0, 11, 10), 0.9, [0.6, 0.1])  # other class: kept
+    out = decode_yolo(raw, dec, 2, 0.25, 0.5)
+    assert out["scores"].shape == (3, 2)
+    assert (out["scores"][[0, 2]] == -1).all()
+    assert out["labels"][1].tolist() == [1, 0]
+    assert np.allclose(out["scores"][1], [0.9 * 0.8, 0.9 * 0.6])
+
+
+@pytest.mark.parametrize(("classes", "background"), [(1, "last"), (2, "last"), (4, "first")])
+def test_p2pnet_decoding_equals_plain_softmax(classes: int, background: str) -> None:
+    """Plane-by-plane decoding gives the straightforward softmax's labels and scores."""
+    rng = np.random.default_rng(classes)
+    logits = (rng.normal(size=(5, 300, classes + 1)) * 6).astype(np.float32)
+    logits[0, :10] = 1.0  # ties between classes: the first one wins, as with argmax
+    points = rng.uniform(0, 224, (5, 300, 2)).astype(np.float32)
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    probs = probs[..., 1:] if background == "first" else probs[..., :-1]
+    out = decode_p2pnet(logits, points, background)
+    np.testing.assert_array_equal(out["labels"], probs.argmax(axis=-1))
+    np.testing.assert_allclose(out["scores"], probs.max(axis=-1), rtol=1e-6)
+    np.testing.assert_array_equal(out["points"], points)

@@ -369,3 +369,62 @@ def test_slide_without_tiles_gives_empty_findings(blank_slide, models, tmp_path)
     assert run.sub("points").attrs["scores"]["dab_positive_percent"]["value"] is None
     assert run.sub("cls").arrays["probs"].shape == (0, 3)
     assert _detections(run, "points") == []
+
+
+def _greedy_points(points: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
+    """The straightforward greedy radius NMS: best first, drop what a kept point covers."""
+    kept: list[int] = []
+    for i in np.argsort(-scores, kind="stable").tolist():
+        if not kept or (np.hypot(*(points[kept] - points[i]).T) > radius).all():
+            kept.append(i)
+    return np.sort(np.array(kept, np.int64))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_radius_nms_equals_the_straightforward_loop(seed: int) -> None:
+    from wsi_assist.models.submodel_decode import radius_nms
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 1500))
+    points = rng.uniform(0, 400, (n, 2))
+    scores = rng.uniform(0, 1, n).astype(np.float32)
+    if seed % 2:
+        scores = np.round(scores * 4) / 4  # many ties: broken by index
+    for radius in (3.0, 8.0, 20.0):
+        assert radius_nms(points, scores, radius).tolist() == \
+            _greedy_points(points, scores, radius).tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_box_nms_equals_torchvision_over_all_boxes(seed: int) -> None:
+    import torch
+    from torchvision.ops import nms
+
+    from wsi_assist.models.submodel_decode import box_nms
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 3000))
+    xy = rng.uniform(0, 1, (n, 2)) * [1e4, 500] + [4e4, 0]  # level-0 px, crowded
+    wh = rng.uniform(2, 60, (n, 2))
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
+    scores = rng.uniform(0, 1, n).astype(np.float32)
+    if seed % 2:
+        scores = np.round(scores * 4) / 4
+    for iou in (0.1, 0.5, 0.8):
+        want = nms(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(scores), iou)
+        assert box_nms(boxes, scores, iou).tolist() == np.sort(want.numpy()).tolist()
+        assert n < 100 or iou > 0.1 or len(want) < 0.9 * n  # crowded enough
+
+
+def test_greedy_keep_resolves_long_chains() -> None:
+    """A chain of points each within the radius of the next, scores falling along it,
+    longer than the vectorised rounds: every other point is kept, as by the loop."""
+    from wsi_assist.models.submodel_decode import radius_nms
+    from wsi_assist.models.submodel_nms import MAX_ROUNDS
+
+    n = 4 * MAX_ROUNDS + 3
+    points = np.stack([np.arange(n) * 1.0, np.zeros(n)], axis=1)
+    scores = np.linspace(1, 0, n).astype(np.float32)
+    assert radius_nms(points, scores, 1.5).tolist() == list(range(0, n, 2))
+    assert radius_nms(points, scores, 1.5).tolist() == \
+        _greedy_points(points, scores, 1.5).tolist()

@@ -17,6 +17,7 @@ import shapely
 from wsi_assist.models.mask_polygons import merge_polygons, tile_polygons
 from wsi_assist.models.scores import evaluate
 from wsi_assist.models.submodel_heads import decode_outputs
+from wsi_assist.models.submodel_nms import box_pairs, greedy_keep, point_pairs
 from wsi_assist.models.submodel_spec import ScoreSpec, SubmodelSpec
 
 log = logging.getLogger(__name__)
@@ -44,40 +45,19 @@ def activate(x: np.ndarray, activation: str) -> np.ndarray:
 
 def radius_nms(points: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
     """Indices kept by greedy NMS: a point is dropped when a kept, higher-scored one lies
-    within ``radius``. Only points with a neighbour that close are visited in Python."""
+    within ``radius`` (pairs from a k-d tree, see :mod:`submodel_nms`)."""
     n = len(points)
     if n == 0 or radius <= 0:
         return np.arange(n)
-    from scipy.spatial import cKDTree
-
-    pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")
-    if len(pairs) == 0:
-        return np.arange(n)
-    order = np.argsort(-scores, kind="stable")
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n)
-    hi = np.where(rank[pairs[:, 0]] < rank[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
-    lo = np.where(hi == pairs[:, 0], pairs[:, 1], pairs[:, 0])
-    neighbours: dict[int, list[int]] = {}
-    for a, b in zip(hi.tolist(), lo.tolist(), strict=True):
-        neighbours.setdefault(a, []).append(b)
-    suppressed = np.zeros(n, bool)
-    for i in order[np.isin(order, hi)].tolist():  # in score order
-        if not suppressed[i]:
-            suppressed[neighbours[i]] = True
-    return np.nonzero(~suppressed)[0]
+    a, b = point_pairs(points, radius)
+    return np.nonzero(greedy_keep(scores, a, b))[0]
 
 
 def box_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Indices kept by class-agnostic IoU NMS (torchvision)."""
-    if len(boxes) == 0:
-        return np.arange(0)
-    import torch
-    from torchvision.ops import nms
-
-    keep = nms(torch.from_numpy(boxes.astype(np.float32)),
-               torch.from_numpy(scores.astype(np.float32)), iou)
-    return np.sort(keep.numpy())
+    """Indices kept by class-agnostic IoU NMS (torchvision ``nms``'s decisions; only
+    overlapping boxes are compared, see :mod:`submodel_nms`)."""
+    a, b = box_pairs(boxes, iou)
+    return np.nonzero(greedy_keep(np.asarray(scores, np.float32), a, b))[0]
 
 
 @dataclass
@@ -120,7 +100,7 @@ class Accumulator:
                         "dropped", self.spec.name, int(bad.sum()), len(self.spec.output.classes))
             keep &= ~bad
         b, p = np.nonzero(keep)
-        geo = np.asarray(out[key], np.float64)[b, p] * frame.scale
+        geo = np.asarray(out[key])[b, p].astype(np.float64) * frame.scale
         reps = geo.shape[1] // 2
         geo += np.tile(frame.corners[b], (1, reps))
         self._add(key, geo)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from wsi_assist.errors import ModelError
+from wsi_assist.models.submodel_nms import box_pairs, greedy_keep
 from wsi_assist.models.submodel_spec import DecodeSpec, SubmodelSpec
 
 
@@ -90,8 +91,8 @@ def decode_yolo(raw: np.ndarray, dec: DecodeSpec, n_classes: int, threshold: flo
     b, rows, scores, labels = b[ok], rows[ok], scores[ok], labels[ok]
     xy, wh = rows[:, :2], rows[:, 2:4]
     boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
-    kept = _class_aware_nms(boxes, scores, labels, b, len(x), iou, dec.max_detections)
-    return _pad(kept, {"boxes": boxes, "scores": scores, "labels": labels})
+    kept, tile = _class_aware_nms(boxes, scores, labels, b, len(x), iou, dec.max_detections)
+    return _pad(kept, tile, len(x), {"boxes": boxes, "scores": scores, "labels": labels})
 
 
 #: candidates per tile and per kept detection looked at by NMS (the best-scored ones)
@@ -100,17 +101,46 @@ PRE_NMS = 10
 
 def _class_aware_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                      tile: np.ndarray, n_tiles: int, iou: float, limit: int
-                     ) -> list[np.ndarray]:
-    """Per tile, the indices NMS keeps (best first, at most ``limit``): boxes suppress
-    only boxes of their own class (shifted apart by class), and only the ``PRE_NMS *
-    limit`` best candidates of a tile are considered. ``tile`` is sorted."""
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices NMS keeps and their tiles, by tile and best first within one (at most
+    ``limit`` a tile), for the whole batch at once: boxes suppress only boxes of their own
+    tile and class, and only the ``PRE_NMS * limit`` best candidates of a tile are
+    considered. ``tile`` is sorted. The decisions equal torchvision ``nms`` run per tile
+    on the boxes shifted apart by class (float32), as :func:`reference_nms` does."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    by_score = np.lexsort((-scores, tile))  # by tile, best first, ties by index
+    cand = by_score[_rank_in_group(tile[by_score]) < PRE_NMS * limit]
+    span = 2.0 * float(np.abs(boxes).max()) + 1.0
+    shifted = (boxes[cand] + (labels[cand] * span)[:, None]).astype(np.float32)
+    group = tile[cand].astype(np.int64) * (int(labels.max()) + 1) + labels[cand]
+    a, b = box_pairs(shifted, iou, group)
+    kept = cand[greedy_keep(scores[cand].astype(np.float32), a, b)]
+    kept = kept[np.lexsort((-scores[kept], tile[kept]))]
+    kept = kept[_rank_in_group(tile[kept]) < limit]
+    return kept, tile[kept]
+
+
+def _rank_in_group(sorted_ids: np.ndarray) -> np.ndarray:
+    """0, 1, 2 ... within each run of equal values of ``sorted_ids``."""
+    n = len(sorted_ids)
+    start = np.r_[True, sorted_ids[1:] != sorted_ids[:-1]] if n else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
+    return np.arange(n) - first
+
+
+def reference_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                  tile: np.ndarray, n_tiles: int, iou: float, limit: int
+                  ) -> list[np.ndarray]:
+    """The straightforward form of :func:`_class_aware_nms` (torchvision ``nms`` tile by
+    tile), per tile the kept indices best first; for tests and benchmarks."""
+    import torch
+    from torchvision.ops import nms
+
     bounds = np.searchsorted(tile, np.arange(n_tiles + 1))
     kept = [np.zeros(0, np.int64)] * n_tiles
     if len(boxes) == 0:
         return kept
-    import torch
-    from torchvision.ops import nms
-
     span = 2.0 * float(np.abs(boxes).max()) + 1.0
     shifted = torch.from_numpy((boxes + (labels * span)[:, None]).astype(np.float32))
     s = torch.from_numpy(scores.astype(np.float32, copy=False))
@@ -123,18 +153,17 @@ def _class_aware_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     return kept
 
 
-def _pad(kept: list[np.ndarray], found: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """(B, P, ...) arrays of the detections ``kept`` per tile (best first); empty rows
-    get score -1."""
-    width = max([1, *(len(k) for k in kept)])
-    tile = np.concatenate([np.full(len(k), t) for t, k in enumerate(kept)]).astype(np.int64)
-    rank = np.concatenate([np.arange(len(k)) for k in kept]).astype(np.int64)
-    order = np.concatenate(kept).astype(np.int64)
+def _pad(kept: np.ndarray, tile: np.ndarray, n_tiles: int, found: dict[str, np.ndarray]
+         ) -> dict[str, np.ndarray]:
+    """(B, P, ...) arrays of the detections ``kept`` (in ``tile``, sorted by tile and best
+    first within one); empty rows get score -1."""
+    rank = _rank_in_group(tile)
+    width = max(1, int(rank.max()) + 1 if len(rank) else 1)
     out: dict[str, np.ndarray] = {}
     for key, v in found.items():
         fill = -1.0 if key == "scores" else 0
-        arr = np.full((len(kept), width, *v.shape[1:]), fill, v.dtype)
-        arr[tile, rank] = v[order]
+        arr = np.full((n_tiles, width, *v.shape[1:]), fill, v.dtype)
+        arr[tile, rank] = v[kept]
         out[key] = arr
     return out
 
@@ -142,10 +171,17 @@ def _pad(kept: list[np.ndarray], found: dict[str, np.ndarray]) -> dict[str, np.n
 def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str
                   ) -> dict[str, np.ndarray]:
     """Points, scores and labels per tile from P2PNet-style logits and points."""
-    x = logits.astype(np.float32, copy=False)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    probs = e / e.sum(axis=-1, keepdims=True)
-    probs = probs[..., 1:] if background == "first" else probs[..., :-1]
-    labels = probs.argmax(axis=-1)
-    scores = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]
+    x = np.moveaxis(logits.astype(np.float32, copy=False), -1, 0)  # (K+1, B, N)
+    x = np.ascontiguousarray(x)  # per-class planes: elementwise work on contiguous rows
+    e = np.exp(x - x.max(axis=0))
+    total = e[0].copy()
+    for k in range(1, len(e)):  # summed in the order numpy sums a short last axis
+        total += e[k]
+    fg = e[1:] if background == "first" else e[:-1]
+    scores, labels = fg[0] / total, np.zeros(total.shape, np.int64)
+    for k in range(1, len(fg)):  # argmax plane by plane (the first best, as argmax)
+        p = fg[k] / total
+        better = p > scores
+        labels[better] = k
+        np.maximum(scores, p, out=scores)
     return {"points": np.asarray(points, np.float32), "scores": scores, "labels": labels}
