@@ -243,8 +243,8 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, stains: StainVectors,
         det = dens[..., _hematoxylin_index(stains)].copy()
     dab = dens[..., stains.names.index("DAB")] if "DAB" in stains.names else None
     inside = None if valid is None else tuple(int(round(v / scale)) for v in valid)
-    labels, measure = segment(det, px, params, dens[..., _hematoxylin_index(stains)], dab,
-                              inside)
+    labels, _ = segment(det, px, params, dens[..., _hematoxylin_index(stains)], dab,
+                        inside)
     labels = reject_stroma_and_ink(labels, img, dens, stains, params, px)
     ids = np.arange(1, int(labels.max()) + 1)
     if not len(ids):
@@ -417,7 +417,6 @@ def segment(det: np.ndarray, px: float, params: NucleiParams,
     positive = log > 0
     candidates = _candidates(log, positive)
     n = int(candidates.max())
-    ids = np.arange(1, n + 1)
     ok = np.zeros(n + 1, bool)
     if n:
         ok[1:] = _label_means(measure, candidates, n) > params.threshold
