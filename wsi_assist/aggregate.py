@@ -176,15 +176,18 @@ def heatmap(overview: np.ndarray, downsample: float, tiles: TileGrid,
 def outlines(field: Image.Image, objects: list[tuple[np.ndarray, Color]],
              entries: list[tuple[str, Color]], um_per_px: float, title: str) -> Image.Image:
     """Object outlines (vertices in ``field`` pixels) drawn in their colours on ``field``,
+    each over a thin white halo so that a dark class colour stays visible on dark nuclei,
     with a legend of ``entries`` and a scale bar."""
     img = field.convert("RGB")
     draw = ImageDraw.Draw(img)
     width = max(1, img.width // 320)
-    for xy, color in objects:
-        if len(xy) >= 3:
-            pts = [(float(x), float(y)) for x, y in xy]
-            draw.line([*pts, pts[0]], fill=(int(color[0]), int(color[1]), int(color[2])),
-                      width=width)
+    rings = [([(float(x), float(y)) for x, y in xy], color) for xy, color in objects
+             if len(xy) >= 3]
+    for pts, _ in rings:  # halos first, so no halo covers another object's outline
+        draw.line([*pts, pts[0]], fill=(255, 255, 255), width=width + 2)
+    for pts, color in rings:
+        draw.line([*pts, pts[0]], fill=(int(color[0]), int(color[1]), int(color[2])),
+                  width=width)
     return _frame(img, title, um_per_px,
                   legend=lambda d, x, y, u: _class_legend(d, x, y, u, entries))
 
