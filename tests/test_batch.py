@@ -288,7 +288,13 @@ def test_not_run_and_dask_lines_are_said_once_per_batch(small_slides: list[Path]
 @pytest.mark.slow
 def test_ctrl_c_twice_still_writes_manifest_and_index(small_slides: list[Path],
                                                       tmp_path: Path) -> None:
-    src, out = small_slides[0].parent, tmp_path / "out"
+    # a small slide, then larger ones that take seconds each: the second Ctrl-C lands
+    # while one of them is being processed, however fast the machine
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(small_slides[0], src / "s0.svs")
+    for i in (1, 2):
+        write_slide(src / f"s{i}.svs", default_slide(4096, 3072, seed=i), kind="svs")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("report:\n  pdf: false\n")
     p = subprocess.Popen(_cli("run", str(src), "-o", str(out), "--config", str(cfg)),
