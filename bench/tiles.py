@@ -66,25 +66,16 @@ def write_synthetic(path: Path, size: int, tile: int = 256, mpp: float = 0.25) -
     JPEG-encoded once and their bytes repeated (levels /4 reuse them too)."""
     import tifffile
 
-    from wsi_assist.synthetic import default_slide
+    from wsi_assist.synthetic import default_slide, encoded_tiles
 
     spec = default_slide(4 * tile, 4 * tile)
     tiles = [spec.render(x * tile, y * tile, tile, tile, 1.0, 1.0)
              for y in range(4) for x in range(4)]
-    sample = path.with_suffix(".sample.tif")
     opts = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": 90},
             "photometric": "rgb", "metadata": None}
-    tifffile.imwrite(sample, np.concatenate([np.concatenate(tiles[r * 4:r * 4 + 4], 1)
-                                             for r in range(4)]), **opts)
-    with tifffile.TiffFile(sample) as tf:
-        page = tf.pages[0]
-        fh = tf.filehandle
-        encoded = []
-        for off, cnt in zip(page.dataoffsets, page.databytecounts, strict=True):
-            fh.seek(off)
-            encoded.append(fh.read(cnt))
-        tables = page.jpegtables
-    sample.unlink()
+    encoded, tables = encoded_tiles(
+        path.with_suffix(".sample.tif"),
+        np.concatenate([np.concatenate(tiles[r * 4:r * 4 + 4], 1) for r in range(4)]), opts)
 
     def segments(w: int, h: int):  # type: ignore[no-untyped-def]
         n = -(-w // tile) * -(-h // tile)

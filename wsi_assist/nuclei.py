@@ -246,20 +246,23 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, stains: StainVectors,
     labels, _ = segment(det, px, params, dens[..., _hematoxylin_index(stains)], dab,
                         inside)
     labels = reject_stroma_and_ink(labels, img, dens, stains, params, px)
+    return measured_nuclei(labels, channels, names, px, scale, params, core)
+
+
+def measured_nuclei(labels: np.ndarray, channels: list[np.ndarray], names: tuple[str, ...],
+                    px: float, scale: float, params: NucleiParams,
+                    core: Box | np.ndarray | None) -> Nuclei:
+    """:class:`Nuclei` of ``labels`` (analysed pixels ``px`` µm, image px per analysed
+    px ``scale``): those whose centroid is in ``core`` (none touching the
+    border) when given, outlined, solid enough, measured on ``channels``."""
     ids = np.arange(1, int(labels.max()) + 1)
     if not len(ids):
         return Nuclei.empty(names)
     cy, cx = (np.asarray(c) + 0.5 for c in
               zip(*ndi.center_of_mass(np.ones_like(labels), labels, ids)))
     centroids = np.stack([cx, cy], axis=1)
-    keep = np.ones(len(ids), bool)
-    if core is not None:
-        boxes = np.asarray(core, np.float64).reshape(-1, 4)[:, None, :] / scale
-        cx, cy = centroids[None, :, 0], centroids[None, :, 1]
-        keep = np.asarray(((cx >= boxes[..., 0]) & (cx < boxes[..., 2])
-                           & (cy >= boxes[..., 1]) & (cy < boxes[..., 3])).any(axis=0))
-        edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-        keep[edge[edge > 0] - 1] = False
+    keep = np.ones(len(ids), bool) if core is None else _in_core(labels, centroids, core,
+                                                                 scale)
     ids, centroids = ids[keep], centroids[keep]
     if not len(ids):
         return Nuclei.empty(names)
@@ -273,10 +276,21 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, stains: StainVectors,
     table = np.concatenate([shape_measurements(rings, labels, ids, px),
                             intensity_measurements(channels, labels, ids)], axis=1)
     sizes = np.array([len(r) for r in rings], np.int64)
-    vertices = np.concatenate(rings).astype(np.float32)
-    return Nuclei(centroids * scale, vertices * np.float32(scale),
+    return Nuclei(centroids * scale,
+                  np.concatenate(rings).astype(np.float32) * np.float32(scale),
                   np.r_[0, np.cumsum(sizes)].astype(np.int64), table.astype(np.float32),
                   names)
+
+
+def _in_core(labels: np.ndarray, centroids: np.ndarray, core: Box | np.ndarray,
+             scale: float) -> np.ndarray:
+    boxes = np.asarray(core, np.float64).reshape(-1, 4)[:, None, :] / scale
+    cx, cy = centroids[None, :, 0], centroids[None, :, 1]
+    keep = np.asarray(((cx >= boxes[..., 0]) & (cx < boxes[..., 2])
+                       & (cy >= boxes[..., 1]) & (cy < boxes[..., 3])).any(axis=0))
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    keep[edge[edge > 0] - 1] = False
+    return keep
 
 
 def nuclear_stains(stains: StainVectors) -> tuple[int, ...]:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from wsi_assist import nuclei as nu
 from wsi_assist.settings import NucleiParams
@@ -129,51 +128,7 @@ def detect(planes: np.ndarray, mpp: float, fl: Setup, params: NucleiParams | Non
     inside = None if valid is None else tuple(round(v / scale) for v in valid)
     labels, _ = nu.segment(img[..., fl.nuclear], px, p, None, None, inside)
     channels = [img[..., k] for k in range(img.shape[2])]
-    return measured(labels, channels, names, px, scale, params, core)
-
-
-def measured(labels: np.ndarray, channels: list[np.ndarray], names: tuple[str, ...],
-             px: float, scale: float, params: NucleiParams,
-             core: nu.Box | np.ndarray | None) -> nu.Nuclei:
-    """:class:`~wsi_assist.nuclei.Nuclei` of ``labels`` (analysed pixels ``px`` µm, image
-    px per analysed px ``scale``): those whose centroid is in ``core`` (none touching the
-    border) when given, outlined, solid enough, measured on ``channels``."""
-    ids = np.arange(1, int(labels.max()) + 1)
-    if not len(ids):
-        return nu.Nuclei.empty(names)
-    cy, cx = (np.asarray(c) + 0.5 for c in
-              zip(*ndi.center_of_mass(np.ones_like(labels), labels, ids)))
-    centroids = np.stack([cx, cy], axis=1)
-    keep = np.ones(len(ids), bool) if core is None else _in_core(labels, centroids, core,
-                                                                 scale)
-    ids, centroids = ids[keep], centroids[keep]
-    if not len(ids):
-        return nu.Nuclei.empty(names)
-    rings = nu.outlines(labels, ids, params.smoothBoundaries)
-    if params.minSolidity > 0:
-        solid = nu.solidity(rings) >= params.minSolidity
-        ids, centroids = ids[solid], centroids[solid]
-        rings = [r for r, ok in zip(rings, solid, strict=True) if ok]
-        if not len(ids):
-            return nu.Nuclei.empty(names)
-    table = np.concatenate([nu.shape_measurements(rings, labels, ids, px),
-                            nu.intensity_measurements(channels, labels, ids)], axis=1)
-    sizes = np.array([len(r) for r in rings], np.int64)
-    return nu.Nuclei(centroids * scale,
-                     np.concatenate(rings).astype(np.float32) * np.float32(scale),
-                     np.r_[0, np.cumsum(sizes)].astype(np.int64), table.astype(np.float32),
-                     names)
-
-
-def _in_core(labels: np.ndarray, centroids: np.ndarray, core: nu.Box | np.ndarray,
-             scale: float) -> np.ndarray:
-    boxes = np.asarray(core, np.float64).reshape(-1, 4)[:, None, :] / scale
-    cx, cy = centroids[None, :, 0], centroids[None, :, 1]
-    keep = np.asarray(((cx >= boxes[..., 0]) & (cx < boxes[..., 2])
-                       & (cy >= boxes[..., 1]) & (cy < boxes[..., 3])).any(axis=0))
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    keep[edge[edge > 0] - 1] = False
-    return keep
+    return nu.measured_nuclei(labels, channels, names, px, scale, params, core)
 
 
 def at_pixel_size(planes: np.ndarray, mpp: float, requested: float

@@ -16,7 +16,7 @@ a true downsample of the same drawing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -269,8 +269,6 @@ def _tile_kinds(spec: SyntheticSlide, size: tuple[int, int], tile: int) -> np.nd
 def _level_segments(spec: SyntheticSlide, size: tuple[int, int], tile: int, path: Path,
                     opts: dict[str, Any]) -> tuple[list[bytes], bytes | None]:
     """JPEG bytes of every tile of one level (row by row) and the JPEG tables."""
-    import tifffile
-
     w, h = size
     sx, sy = spec.width / w, spec.height / h
     kinds = _tile_kinds(spec, size, tile)
@@ -280,17 +278,8 @@ def _level_segments(spec: SyntheticSlide, size: tuple[int, int], tile: int, path
     glass = np.broadcast_to(WHITE, (tile, tile, 3)).astype(np.uint8)
     distinct = [glass] + [spec.render(c * tile * sx, r * tile * sy, tile, tile, sx, sy)
                           for r, c in (*pick, *edge)]
-    sample = path.with_suffix(".sample.tif")
-    tifffile.imwrite(sample, np.concatenate(distinct, axis=0), **opts)
-    with tifffile.TiffFile(sample) as tf:
-        page = tf.pages[0]
-        fh = tf.filehandle
-        encoded = []
-        for off, cnt in zip(page.dataoffsets, page.databytecounts, strict=True):
-            fh.seek(off)
-            encoded.append(fh.read(cnt))
-        tables = page.jpegtables
-    sample.unlink()
+    encoded, tables = encoded_tiles(path.with_suffix(".sample.tif"),
+                                    np.concatenate(distinct, axis=0), opts)
     index = np.zeros(kinds.shape, np.int64)
     if len(pick):
         rows, cols = np.nonzero(kinds == 1)
@@ -309,3 +298,23 @@ def _hash01(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
         h *= np.uint64(0x94D049BB133111EB)
         h ^= h >> np.uint64(29)
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def encoded_tiles(sample: Path, image: np.ndarray, opts: Mapping[str, Any]
+                  ) -> tuple[list[bytes], bytes | None]:
+    """The compressed tiles (in file order) and JPEG tables of ``image`` written with
+    tifffile ``opts`` to the scratch file ``sample``, which is removed again."""
+    import tifffile
+
+    tifffile.imwrite(sample, image, **opts)
+    try:
+        with tifffile.TiffFile(sample) as tf:
+            page = tf.pages[0]
+            fh = tf.filehandle
+            encoded = []
+            for off, cnt in zip(page.dataoffsets, page.databytecounts, strict=True):
+                fh.seek(off)
+                encoded.append(fh.read(cnt))
+            return encoded, page.jpegtables
+    finally:
+        sample.unlink()
