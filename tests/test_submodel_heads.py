@@ -378,3 +378,24 @@ def test_p2pnet_decoding_equals_plain_softmax(classes: int, background: str) -> 
     np.testing.assert_array_equal(out["labels"], probs.argmax(axis=-1))
     np.testing.assert_allclose(out["scores"], probs.max(axis=-1), rtol=1e-6)
     np.testing.assert_array_equal(out["points"], points)
+
+
+@pytest.mark.parametrize(("classes", "background", "threshold"),
+                         [(1, "last", 0.5), (2, "first", 0.3), (4, "last", 0.9)])
+def test_p2pnet_threshold_keeps_exactly_the_points_above_it(classes: int, background: str,
+                                                            threshold: float) -> None:
+    """With a threshold, decoding passes on exactly the points the full softmax scores at
+    or above it, in anchor order, with the same labels, scores and points."""
+    rng = np.random.default_rng(7 + classes)
+    logits = (rng.normal(size=(6, 400, classes + 1)) * 3).astype(np.float32)
+    points = rng.uniform(0, 224, (6, 400, 2)).astype(np.float32)
+    full = decode_p2pnet(logits, points, background)
+    cut = decode_p2pnet(logits, points, background, threshold)
+    for t in range(len(logits)):
+        want = full["scores"][t] >= threshold
+        got = cut["scores"][t] >= 0
+        assert got.sum() == want.sum() > 0
+        assert (cut["scores"][t][~got] == -1).all()
+        np.testing.assert_array_equal(cut["labels"][t][got], full["labels"][t][want])
+        np.testing.assert_allclose(cut["scores"][t][got], full["scores"][t][want], rtol=1e-6)
+        np.testing.assert_array_equal(cut["points"][t][got], full["points"][t][want])

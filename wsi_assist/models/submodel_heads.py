@@ -13,7 +13,8 @@ them across tiles.
   ``PRE_NMS`` x ``max_detections`` best candidates, at most ``max_detections`` kept.
 - ``p2pnet``: ``pred_logits`` (B, N, K+1) and ``pred_points`` (B, N, 2): softmax over the
   K+1 logits, the background column dropped, score and label = best remaining class;
-  points as given (tile px).
+  points as given (tile px); only points at or above the spec's ``score_threshold`` are
+  passed on (the softmax runs only where a class's logit beats the background's enough).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def decode_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: dict[str, np.nd
     o = spec.output
     _check_shapes(spec, dec, raw)
     if dec.head == "p2pnet":
-        return decode_p2pnet(raw[0], raw[1], dec.background)
+        return decode_p2pnet(raw[0], raw[1], dec.background, o.score_threshold)
     return decode_yolo(raw[0], dec, len(o.classes), o.score_threshold, o.iou_threshold)
 
 
@@ -168,9 +169,14 @@ def _pad(kept: np.ndarray, tile: np.ndarray, n_tiles: int, found: dict[str, np.n
     return out
 
 
-def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str
-                  ) -> dict[str, np.ndarray]:
-    """Points, scores and labels per tile from P2PNet-style logits and points."""
+def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str,
+                  threshold: float | None = None) -> dict[str, np.ndarray]:
+    """Points, scores and labels per tile from P2PNet-style logits and points; with a
+    ``threshold``, only the points scoring at or above it, padded (score -1) as
+    :func:`decode_yolo`'s."""
+    if threshold is not None and threshold > 0:
+        return _p2pnet_above(logits.astype(np.float32, copy=False),
+                             np.asarray(points, np.float32), background, threshold)
     x = np.moveaxis(logits.astype(np.float32, copy=False), -1, 0)  # (K+1, B, N)
     x = np.ascontiguousarray(x)  # per-class planes: elementwise work on contiguous rows
     e = np.exp(x - x.max(axis=0))
@@ -185,3 +191,28 @@ def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str
         labels[better] = k
         np.maximum(scores, p, out=scores)
     return {"points": np.asarray(points, np.float32), "scores": scores, "labels": labels}
+
+
+def _p2pnet_above(logits: np.ndarray, points: np.ndarray, background: str,
+                  threshold: float) -> dict[str, np.ndarray]:
+    """:func:`decode_p2pnet` for the points that can reach ``threshold``: a class's
+    softmax probability is at most e_k / (e_k + e_bg), so it reaches t only when its logit
+    beats the background's by logit(t); the softmax runs on those points alone."""
+    bg = 0 if background == "first" else logits.shape[-1] - 1
+    fg = slice(1, None) if background == "first" else slice(0, -1)
+    cut = np.inf if threshold >= 1 else float(np.log(threshold / (1 - threshold)))
+    fg_idx = range(logits.shape[-1])[fg]
+    margin = logits[..., fg_idx[0]].copy()  # column by column: numpy reduces a short
+    for k in fg_idx[1:]:  # last axis slowly
+        np.maximum(margin, logits[..., k], out=margin)
+    margin -= logits[..., bg]
+    b, i = np.nonzero(margin >= cut - 1e-4)  # slack for float rounding: decided below
+    x = logits[b, i]  # (M, K+1)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    probs = e[:, fg] / e.sum(axis=1, keepdims=True)
+    labels = probs.argmax(axis=1)
+    scores = probs[np.arange(len(probs)), labels]
+    ok = scores >= threshold
+    found = {"points": points[b[ok], i[ok]], "scores": scores[ok],
+             "labels": labels[ok].astype(np.int64)}
+    return _pad(np.arange(int(ok.sum())), b[ok], len(logits), found)
