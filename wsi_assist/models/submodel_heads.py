@@ -170,49 +170,27 @@ def _pad(kept: np.ndarray, tile: np.ndarray, n_tiles: int, found: dict[str, np.n
 
 
 def decode_p2pnet(logits: np.ndarray, points: np.ndarray, background: str,
-                  threshold: float | None = None) -> dict[str, np.ndarray]:
-    """Points, scores and labels per tile from P2PNet-style logits and points; with a
-    ``threshold``, only the points scoring at or above it, padded (score -1) as
-    :func:`decode_yolo`'s."""
-    if threshold is not None and threshold > 0:
-        return _p2pnet_above(logits.astype(np.float32, copy=False),
-                             np.asarray(points, np.float32), background, threshold)
-    x = np.moveaxis(logits.astype(np.float32, copy=False), -1, 0)  # (K+1, B, N)
-    x = np.ascontiguousarray(x)  # per-class planes: elementwise work on contiguous rows
-    e = np.exp(x - x.max(axis=0))
-    total = e[0].copy()
-    for k in range(1, len(e)):  # summed in the order numpy sums a short last axis
-        total += e[k]
-    fg = e[1:] if background == "first" else e[:-1]
-    scores, labels = fg[0] / total, np.zeros(total.shape, np.int64)
-    for k in range(1, len(fg)):  # argmax plane by plane (the first best, as argmax)
-        p = fg[k] / total
-        better = p > scores
-        labels[better] = k
-        np.maximum(scores, p, out=scores)
-    return {"points": np.asarray(points, np.float32), "scores": scores, "labels": labels}
-
-
-def _p2pnet_above(logits: np.ndarray, points: np.ndarray, background: str,
-                  threshold: float) -> dict[str, np.ndarray]:
-    """:func:`decode_p2pnet` for the points that can reach ``threshold``: a class's
-    softmax probability is at most e_k / (e_k + e_bg), so it reaches t only when its logit
-    beats the background's by logit(t); the softmax runs on those points alone."""
-    bg = 0 if background == "first" else logits.shape[-1] - 1
-    fg = slice(1, None) if background == "first" else slice(0, -1)
-    cut = np.inf if threshold >= 1 else float(np.log(threshold / (1 - threshold)))
-    fg_idx = range(logits.shape[-1])[fg]
-    margin = logits[..., fg_idx[0]].copy()  # column by column: numpy reduces a short
-    for k in fg_idx[1:]:  # last axis slowly
+                  threshold: float = 0.0) -> dict[str, np.ndarray]:
+    """Points, scores and labels per tile from P2PNet-style logits and points, only the
+    points scoring at or above ``threshold`` (all of them at 0), padded (score -1) as
+    :func:`decode_yolo`'s. A class's softmax probability is at most e_k / (e_k + e_bg), so
+    it reaches t only when its logit beats the background's by logit(t): the softmax runs
+    on those points alone."""
+    logits = logits.astype(np.float32, copy=False)
+    k1 = logits.shape[-1]
+    bg, fg = (0, range(1, k1)) if background == "first" else (k1 - 1, range(k1 - 1))
+    margin = logits[..., fg[0]].copy()  # column by column: numpy reduces a short last
+    for k in fg[1:]:  # axis slowly
         np.maximum(margin, logits[..., k], out=margin)
     margin -= logits[..., bg]
+    cut = _raw_threshold(threshold, sigmoid=True)  # logit(t)
     b, i = np.nonzero(margin >= cut - 1e-4)  # slack for float rounding: decided below
     x = logits[b, i]  # (M, K+1)
     e = np.exp(x - x.max(axis=1, keepdims=True))
-    probs = e[:, fg] / e.sum(axis=1, keepdims=True)
+    probs = e[:, fg.start:fg.stop] / e.sum(axis=1, keepdims=True)
     labels = probs.argmax(axis=1)
     scores = probs[np.arange(len(probs)), labels]
     ok = scores >= threshold
-    found = {"points": points[b[ok], i[ok]], "scores": scores[ok],
+    found = {"points": np.asarray(points, np.float32)[b[ok], i[ok]], "scores": scores[ok],
              "labels": labels[ok].astype(np.int64)}
     return _pad(np.arange(int(ok.sum())), b[ok], len(logits), found)
