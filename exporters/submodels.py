@@ -181,7 +181,7 @@ def head_fits(out: Any, head: str, n: int) -> bool:
     t = _first_tensor(out)
     if t is None or t.ndim != 3:
         return False
-    return t.shape[-1] == 5 + n if head == "yolov5" else t.shape[1] == 4 + n
+    return t.shape[1] == 4 + n if head == "yolov8" else t.shape[-1] == 5 + n
 
 
 def standard_fits(out: Any, task: str, n: int, names: Sequence[str]) -> bool:
@@ -211,6 +211,12 @@ def find_head(out: Any, task: str, n: int, names: Sequence[str], head: str | Non
     if standard_fits(out, task, n, names):
         return None
     fit = [h for h, t in HEAD_TASKS.items() if t == task and head_fits(out, h, n)]
+    if fit == ["yolov5", "yolov7"]:  # one layout; they score only a one-class model apart
+        if n == 1:
+            raise ModelError(f"model outputs {found} fit both yolov5 and yolov7 heads, "
+                             f"which score one class differently (objectness x class "
+                             f"score, or objectness alone); say which with --head")
+        fit = ["yolov5"]
     if len(fit) == 1:
         return fit[0]
     if len(fit) > 1:
@@ -366,7 +372,8 @@ def _select_head(model: nn.Module, example: torch.Tensor, spec: dict[str, Any],
 def export_model(model: nn.Module, out_dir: Path, spec: dict[str, Any], atol: float,
                  batch: int = 2, seed: int = 0, head: str | None = None) -> float:
     """Export ``model`` with spec ``spec`` into ``out_dir``; returns the parity difference.
-    ``head``: the raw detection head it ends in (``yolov5``, ``yolov8``, ``p2pnet``);
+    ``head``: the raw detection head it ends in (``yolov5``, ``yolov7``, ``yolov8``,
+    ``p2pnet``);
     found from its outputs when not given (or declared in ``spec['decode']``)."""
     inp = spec["input"]
     g = torch.Generator().manual_seed(seed)
@@ -417,9 +424,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--task", choices=list(TASKS),
                    help="the task (implied by --head or --spec when not given)")
     f.add_argument("--head", choices=list(HEAD_OUTPUTS),
-                   help="the raw detection head the network ends in: yolov5 (also v7; "
-                        "(B,N,5+nc)), yolov8 ((B,4+nc,N)) or p2pnet (dict pred_logits, "
-                        "pred_points); found from its outputs when not given")
+                   help="the raw detection head the network ends in: yolov5 or yolov7 "
+                        "((B,N,5+nc); a one-class yolov7 is scored by objectness alone), "
+                        "yolov8 ((B,4+nc,N)) or p2pnet (dict pred_logits, pred_points); "
+                        "found from its outputs when not given")
     return p
 
 

@@ -124,6 +124,11 @@ def yolov7_lbc6() -> YoloV5Head:
     return YoloV5Head(nc=6)
 
 
+def yolov7_one() -> YoloV5Head:
+    torch.manual_seed(4)
+    return YoloV5Head(nc=1)
+
+
 def yolov7_blood() -> YoloV5Head:
     torch.manual_seed(2)
     return YoloV5Head(nc=3)

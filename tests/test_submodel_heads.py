@@ -64,6 +64,43 @@ def test_yolov5_decoding_is_class_aware_and_capped() -> None:
     assert capped["scores"][0].max() == pytest.approx(0.81)  # the best ones stay
 
 
+def test_one_class_yolov7_is_scored_by_objectness() -> None:
+    raw = np.array([[_yolo_row((10, 10, 50, 50), 0.6, [0.3]),
+                     _yolo_row((100, 10, 150, 50), 0.2, [0.9])]], np.float32)
+    v5 = decode_yolo(raw, DecodeSpec(head="yolov5"), 1, 0.25, 0.5)
+    assert (v5["scores"] < 0.25).all()  # 0.18 and 0.18: objectness x class score
+    v7 = decode_yolo(raw, DecodeSpec(head="yolov7"), 1, 0.25, 0.5)
+    keep = v7["scores"][0] >= 0.25
+    assert v7["scores"][0][keep].tolist() == [pytest.approx(0.6)]
+    np.testing.assert_allclose(v7["boxes"][0][keep][0], [10, 10, 50, 50])
+    many = np.array([[_yolo_row((10, 10, 50, 50), 0.6, [0.3, 0.9])]], np.float32)
+    for head in ("yolov5", "yolov7"):  # more classes: the two score alike
+        got = decode_yolo(many, DecodeSpec(head=head), 2, 0.25, 0.5)
+        assert got["scores"][0, 0] == pytest.approx(0.54) and got["labels"][0, 0] == 1
+
+
+def test_one_class_yolo_head_needs_to_be_named(tmp_path: Path, capsys) -> None:
+    args = ["factory", "--factory", "_pathasst:yolov7_one", "--task", "box-detection",
+            "--classes", "cell", "--name", "one", "-o", str(tmp_path), "--tile-px", "96"]
+    assert ex.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fit both yolov5 and yolov7 heads" in err
+    assert "say which with --head" in err and not list(tmp_path.glob("*.yaml"))
+    assert ex.main([*args, "--head", "yolov7"]) == 0, capsys.readouterr().err
+    sess = ort.InferenceSession(str(tmp_path / "one.onnx"))
+    assert [o.name for o in sess.get_outputs()] == ["output"]  # YOLOv7 export.py's name
+    sub = sm.Submodel.load(tmp_path / "one.yaml", CPU)
+    assert sub.spec.decode is not None and sub.spec.decode.head == "yolov7"
+    tiles = np.random.default_rng(2).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    raw = sub.run(sub.prepare(tiles, 96))
+    dec = decode_outputs(sub.spec, sub.spec.decode, raw)
+    ok = dec["scores"] >= sub.spec.output.score_threshold
+    assert ok.any()
+    objectness = raw["output"][..., 4]  # every kept score is some anchor's objectness
+    for t in range(len(tiles)):
+        assert np.isin(dec["scores"][t][ok[t]], objectness[t]).all()
+
+
 def test_yolov8_layout_and_sigmoid() -> None:
     rows = np.array([_yolo_row((0, 0, 20, 20), 0, [2.0, -3.0])[:4] + [2.0, -3.0],
                      _yolo_row((40, 40, 60, 60), 0, [0, 0])[:4] + [-3.0, -2.0]], np.float32)
@@ -225,6 +262,7 @@ def _factory_ckpt(net: torch.nn.Module, path: Path) -> None:
 
 
 TOOLS = {  # spec file: (exporter arguments, random network in the released layout)
+    "pathasst-pathology-selector.yaml": (["timm", "--arch", "test_convnext"], None),
     "pathasst-lbc-cytology.yaml": (["timm", "--arch", "test_convnext"], None),
     "pathasst-lbc-yolov7.yaml": (["factory", "--factory", "_pathasst:yolov7_lbc6"],
                                  "yolov7_lbc6"),
@@ -335,17 +373,19 @@ def _random_candidates(rng: np.random.Generator, n_tiles: int, n: int, n_classes
 @pytest.mark.parametrize("seed", range(6))
 def test_batched_class_aware_nms_equals_tile_by_tile_torchvision(seed: int) -> None:
     """One pass over the whole batch keeps exactly what torchvision nms keeps tile by tile
-    (classes shifted apart), in the same order, including score ties, the PRE_NMS cut and
-    the per-tile cap."""
-    from wsi_assist.models.submodel_heads import _class_aware_nms, reference_nms
+    (classes shifted apart), in the same order, including score ties, the cut to each
+    tile's best candidates and the per-tile cap."""
+    from wsi_assist.models.submodel_heads import MAX_NMS, _class_aware_nms, reference_nms
 
     rng = np.random.default_rng(seed)
     n_tiles, limit = int(rng.integers(1, 9)), int(rng.integers(2, 40))
+    max_nms = int(rng.integers(20, 400)) if seed < 4 else MAX_NMS
     boxes, scores, labels, tile = _random_candidates(
         rng, n_tiles, int(rng.integers(0, 3000)), int(rng.integers(1, 7)), seed % 2 == 1)
     for iou in (0.3, 0.5, 0.7):
-        kept, kt = _class_aware_nms(boxes, scores, labels, tile, n_tiles, iou, limit)
-        want = reference_nms(boxes, scores, labels, tile, n_tiles, iou, limit)
+        kept, kt = _class_aware_nms(boxes, scores, labels, tile, n_tiles, iou, limit,
+                                    max_nms)
+        want = reference_nms(boxes, scores, labels, tile, n_tiles, iou, limit, max_nms)
         for t in range(n_tiles):
             assert kept[kt == t].tolist() == want[t].tolist()
         assert (np.diff(kt) >= 0).all()

@@ -5,12 +5,15 @@ its outputs into ``boxes``/``points``, ``scores`` and ``labels`` (B, P, ...) in 
 padded with score -1, before the accumulator maps them to level 0 and de-duplicates
 them across tiles.
 
-- ``yolov5`` (also YOLOv7): (B, N, 5+nc) rows x, y, w, h, objectness, class scores;
-  score = objectness x best class score.
+- ``yolov5`` and ``yolov7``: (B, N, 5+nc) rows x, y, w, h, objectness, class scores;
+  score = objectness x best class score, except for a one-class ``yolov7``, scored by
+  objectness alone (as YOLOv7's ``non_max_suppression`` does: its class score is not
+  trained when there is one class).
 - ``yolov8`` (and later): (B, 4+nc, N) x, y, w, h, class scores; score = best class score.
   Both: candidates at or above the spec's ``score_threshold``, class-aware NMS per tile at
   its ``iou_threshold`` (torchvision ``nms`` per tile, classes shifted apart) over its
-  ``PRE_NMS`` x ``max_detections`` best candidates, at most ``max_detections`` kept.
+  ``MAX_NMS`` best candidates, at most ``max_detections`` kept (YOLOv5/v7's and
+  ultralytics' ``non_max_suppression`` defaults: 30,000 and 300).
 - ``p2pnet``: ``pred_logits`` (B, N, K+1) and ``pred_points`` (B, N, 2): softmax over the
   K+1 logits, the background column dropped, score and label = best remaining class;
   points as given (tile px); only points at or above the spec's ``score_threshold`` are
@@ -23,7 +26,7 @@ import numpy as np
 
 from wsi_assist.errors import ModelError
 from wsi_assist.models.submodel_nms import box_pairs, greedy_keep
-from wsi_assist.models.submodel_spec import DecodeSpec, SubmodelSpec
+from wsi_assist.models.submodel_spec import DecodeSpec, SubmodelSpec, head_axes
 
 
 def decode_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: dict[str, np.ndarray]
@@ -41,9 +44,8 @@ def decode_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: dict[str, np.nd
 
 def _check_shapes(spec: SubmodelSpec, dec: DecodeSpec, raw: list[np.ndarray]) -> None:
     n = len(spec.output.classes)
-    want = {"yolov5": [(2, 5 + n)], "yolov8": [(1, 4 + n)],
-            "p2pnet": [(2, n + 1), (2, 2)]}[dec.head]
-    for name, arr, (axis, size) in zip(dec.output_names, raw, want, strict=True):
+    for name, arr, (axis, size) in zip(dec.output_names, raw, head_axes(dec.head, n),
+                                       strict=True):
         if arr.ndim != 3 or arr.shape[axis] != size:
             raise ModelError(f"{spec.model_path}: decode head {dec.head} with {n} classes "
                              f"expects {size} on axis {axis} of {name!r}, the model gave "
@@ -81,6 +83,8 @@ def decode_yolo(raw: np.ndarray, dec: DecodeSpec, n_classes: int, threshold: flo
         b, i = np.nonzero(x[..., 4] >= cut)  # score = objectness x class score <= objectness
         rows = x[b, i]  # (M, 5 + nc)
         cls, obj = rows[:, 5:5 + n_classes], rows[:, 4]
+        if dec.head == "yolov7" and n_classes == 1:
+            cls, obj = obj[:, None], None
     if sig:
         cls = _sigmoid(cls)
         obj = None if obj is None else _sigmoid(obj)
@@ -96,22 +100,22 @@ def decode_yolo(raw: np.ndarray, dec: DecodeSpec, n_classes: int, threshold: flo
     return _pad(kept, tile, len(x), {"boxes": boxes, "scores": scores, "labels": labels})
 
 
-#: candidates per tile and per kept detection looked at by NMS (the best-scored ones)
-PRE_NMS = 10
+#: candidates per tile looked at by NMS (the best-scored ones), YOLOv5/v7's ``max_nms``
+MAX_NMS = 30_000
 
 
 def _class_aware_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                     tile: np.ndarray, n_tiles: int, iou: float, limit: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     tile: np.ndarray, n_tiles: int, iou: float, limit: int,
+                     max_nms: int = MAX_NMS) -> tuple[np.ndarray, np.ndarray]:
     """Indices NMS keeps and their tiles, by tile and best first within one (at most
     ``limit`` a tile), for the whole batch at once: boxes suppress only boxes of their own
-    tile and class, and only the ``PRE_NMS * limit`` best candidates of a tile are
+    tile and class, and only the ``max_nms`` best candidates of a tile are
     considered. ``tile`` is sorted. The decisions equal torchvision ``nms`` run per tile
     on the boxes shifted apart by class (float32), as :func:`reference_nms` does."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     by_score = np.lexsort((-scores, tile))  # by tile, best first, ties by index
-    cand = by_score[_rank_in_group(tile[by_score]) < PRE_NMS * limit]
+    cand = by_score[_rank_in_group(tile[by_score]) < max_nms]
     span = 2.0 * float(np.abs(boxes).max()) + 1.0
     shifted = (boxes[cand] + (labels[cand] * span)[:, None]).astype(np.float32)
     group = tile[cand].astype(np.int64) * (int(labels.max()) + 1) + labels[cand]
@@ -131,8 +135,8 @@ def _rank_in_group(sorted_ids: np.ndarray) -> np.ndarray:
 
 
 def reference_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                  tile: np.ndarray, n_tiles: int, iou: float, limit: int
-                  ) -> list[np.ndarray]:
+                  tile: np.ndarray, n_tiles: int, iou: float, limit: int,
+                  max_nms: int = MAX_NMS) -> list[np.ndarray]:
     """The straightforward form of :func:`_class_aware_nms` (torchvision ``nms`` tile by
     tile), per tile the kept indices best first; for tests and benchmarks."""
     import torch
@@ -147,8 +151,8 @@ def reference_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     s = torch.from_numpy(scores.astype(np.float32, copy=False))
     for t in np.nonzero(np.diff(bounds))[0].tolist():
         idx = np.arange(bounds[t], bounds[t + 1])
-        if len(idx) > PRE_NMS * limit:
-            idx = idx[np.argsort(-scores[idx], kind="stable")[:PRE_NMS * limit]]
+        if len(idx) > max_nms:
+            idx = idx[np.argsort(-scores[idx], kind="stable")[:max_nms]]
         ti = torch.from_numpy(idx)
         kept[t] = idx[nms(shifted[ti], s[ti], iou).numpy()[:limit]]
     return kept

@@ -13,8 +13,9 @@ export signature (``DECODER_INPUTS`` -> ``DECODER_OUTPUTS``); ``prompts`` names 
 sub-model whose detections are the point prompts.
 
 A detector whose graph ends in its raw head declares a ``decode`` step instead, run by
-the runtime (:mod:`submodel_decode`): ``yolov5`` (YOLOv5/v7, one output (B,N,5+nc):
-x,y,w,h in tile px, objectness, class scores), ``yolov8`` (YOLOv8 and later, (B,4+nc,N):
+the runtime (:mod:`submodel_decode`): ``yolov5`` and ``yolov7`` (one output (B,N,5+nc):
+x,y,w,h in tile px, objectness, class scores; they differ only in scoring a one-class
+model), ``yolov8`` (YOLOv8 and later, (B,4+nc,N):
 x,y,w,h, class scores), both decoded with class-aware NMS per tile; ``p2pnet``
 (``pred_logits`` (B,N,K+1), ``pred_points`` (B,N,2) x,y tile px: softmax, background
 class dropped).
@@ -41,10 +42,11 @@ DETECTION_OUTPUTS = {"point-detection": ("points", "scores", "labels"),
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input",
                   "has_mask_input", "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
-HEAD_OUTPUTS = {"yolov5": ("output0",), "yolov8": ("output0",),
+#: default ONNX output names per head, as each project's exporter names them
+HEAD_OUTPUTS = {"yolov5": ("output0",), "yolov7": ("output",), "yolov8": ("output0",),
                 "p2pnet": ("pred_logits", "pred_points")}
-HEAD_TASKS = {"yolov5": "box-detection", "yolov8": "box-detection",
-              "p2pnet": "point-detection"}
+HEAD_TASKS = {"yolov5": "box-detection", "yolov7": "box-detection",
+              "yolov8": "box-detection", "p2pnet": "point-detection"}
 ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
@@ -280,7 +282,7 @@ class DecodeSpec:
     YOLOv5/v7/v8 exports do); ``background``: where P2PNet's background logit is
     (``last``, DETR style; ``first``, the original crowd-counting P2PNet)."""
 
-    head: Literal["yolov5", "yolov8", "p2pnet"]
+    head: Literal["yolov5", "yolov7", "yolov8", "p2pnet"]
     outputs: tuple[str, ...] = ()
     max_detections: int = 300
     activation: Literal["none", "sigmoid"] = "none"
@@ -324,6 +326,13 @@ def decode_from_dict(data: Any) -> DecodeSpec | None:
     return DecodeSpec(**d)
 
 
+def head_axes(head: str, n_classes: int) -> list[tuple[int, int]]:
+    """(axis, size) that each of ``head``'s 3-d outputs must have, for ``n_classes``."""
+    n = n_classes
+    return {"yolov5": [(2, 5 + n)], "yolov7": [(2, 5 + n)], "yolov8": [(1, 4 + n)],
+            "p2pnet": [(2, n + 1), (2, 2)]}[head]
+
+
 def check_head_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: list[Any], where: str
                        ) -> None:
     """Refuse a model whose outputs do not fit the spec's declared decode head ``dec``."""
@@ -334,15 +343,13 @@ def check_head_outputs(spec: SubmodelSpec, dec: DecodeSpec, outputs: list[Any], 
                          f"model has {names}")
     shapes = [list(outputs[names.index(n)].shape) for n in need]
     n = len(spec.output.classes)
-    want = {"yolov5": [(-1, 5 + n)], "yolov8": [(1, 4 + n)],
-            "p2pnet": [(-1, n + 1), (-1, 2)]}[dec.head]
-    for name, shape, (axis, size) in zip(need, shapes, want, strict=True):
+    for name, shape, (axis, size) in zip(need, shapes, head_axes(dec.head, n), strict=True):
         if len(shape) != 3:
             raise ModelError(f"{where}: decode head {dec.head} expects 3-d output {name!r}, "
                              f"model's is {shape}")
         if isinstance(shape[axis], int) and shape[axis] != size:
             raise ModelError(f"{where}: decode head {dec.head} with {n} classes expects "
-                             f"{size} on axis {axis % 3} of {name!r}, model's shape is "
+                             f"{size} on axis {axis} of {name!r}, model's shape is "
                              f"{shape}")
 
 
