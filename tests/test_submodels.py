@@ -416,6 +416,33 @@ def test_box_nms_equals_torchvision_over_all_boxes(seed: int) -> None:
         assert n < 100 or iou > 0.1 or len(want) < 0.9 * n  # crowded enough
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_box_pairs_are_every_pair_over_the_iou_across_sizes_and_shapes(seed: int) -> None:
+    """Widths and heights drawn apart over three decades (tiny, huge, elongated boxes, as
+    an untrained YOLO head gives) and specks down to 1e-4 px, in groups: exactly the pairs the brute-force float32
+    IoU puts over the threshold, at thresholds down to 0."""
+    from wsi_assist.models.submodel_nms import box_iou_pairs, box_pairs
+
+    rng = np.random.default_rng(seed)
+    n = 1500
+    xy = rng.uniform(0, 640, (n, 2))
+    wh = np.exp(rng.uniform(0, np.log(1000), (n, 2)))
+    wh[:40] = np.exp(rng.uniform(np.log(1e-4), 0, (40, 2)))  # specks, some coinciding
+    xy[:20], wh[:20] = xy[20:40], wh[20:40] * rng.uniform(0.9, 1.0, (20, 2))
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1).astype(np.float32)
+    group = rng.integers(0, 3, n) if seed else None
+    a, b = np.triu_indices(n, 1)
+    iou_all = box_iou_pairs(boxes, a, b).astype(np.float64)
+    same = np.ones(len(a), bool) if group is None else group[a] == group[b]
+    for t in (0.0, 0.05, 0.45, 0.8):
+        want = {(int(i), int(j)) for i, j in zip(a[same & (iou_all > t)],
+                                                 b[same & (iou_all > t)], strict=True)}
+        pa, pb = box_pairs(boxes, t, group)
+        got = {(min(i, j), max(i, j)) for i, j in zip(pa.tolist(), pb.tolist(), strict=True)}
+        assert got == want and len(pa) == len(want)  # each pair once
+        assert t > 0.5 or len(want) > 30
+
+
 def test_greedy_keep_resolves_long_chains() -> None:
     """A chain of points each within the radius of the next, scores falling along it,
     longer than the vectorised rounds: every other point is kept, as by the loop."""

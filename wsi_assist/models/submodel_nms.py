@@ -2,8 +2,8 @@
 
 Greedy NMS (best score first, ties by index; a detection is dropped when a kept,
 better-ranked one suppresses it) depends only on the pairs that can suppress each other,
-so :func:`box_pairs` / :func:`point_pairs` find those pairs in O(n log n + pairs) (a sweep
-along x, a k-d tree) and :func:`greedy_keep` resolves the greedy order over them in a few
+so :func:`box_pairs` / :func:`point_pairs` find those pairs among near neighbours (size
+classes and a sweep along x; a k-d tree) and :func:`greedy_keep` resolves the greedy order over them in a few
 vectorised rounds. The decisions equal torchvision's ``nms`` (IoU computed in float32 by
 the same formula, suppression when IoU > threshold) and the straightforward loop for
 points (distance <= radius); torchvision's own loop looks at every later box for each
@@ -16,6 +16,8 @@ import numpy as np
 
 #: vectorised rounds of :func:`greedy_keep` before the rest is resolved one by one
 MAX_ROUNDS = 64
+#: size classes per axis in :func:`box_pairs` (boxes smaller still share the smallest)
+SIZE_CLASSES = 12
 
 
 def greedy_keep(scores: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,42 +73,112 @@ def box_pairs(boxes: np.ndarray, iou: float, group: np.ndarray | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of boxes (x0, y0, x1, y1) with IoU > ``iou`` (float32, torchvision's formula),
     of the same ``group`` when given. IoU > t needs an overlap above t x either side along
-    each axis, so box j can meet box i only when it starts before ``x1 - t * w`` of i and
-    within ``y1 - t * h`` of i: boxes are binned by y0 (bins as tall as the longest such
-    reach) and swept along x within their own bin and the next one."""
+    each axis, so the widths of two such boxes differ by less than a factor 1/t, and so
+    do their heights: boxes are put in size classes of that ratio along each axis, and
+    each class is searched (:class:`_Sweep`) with its neighbours on one side only, so
+    that large or elongated boxes do not widen the search of every other one; when that
+    looks at more candidates than one sweep over all (sizes alike), the one sweep runs."""
     n = len(boxes)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     bx = np.asarray(boxes, np.float64)
-    eps = 1e-5 * max(1.0, float(np.abs(bx).max()))  # float32 rounding of the IoU
-    ext = np.maximum(bx[:, 2:] - bx[:, :2], 0.0)
-    reach = np.maximum(ext * (1 - iou * (1 - 1e-3)), 0.0) + eps  # (n, 2) past x0, y0
-    cell = float(reach[:, 1].max())
-    row = np.floor((bx[:, 1] - bx[:, 1].min()) / cell).astype(np.int64)
-    if group is not None:  # groups' rows stacked apart
-        row = row + np.asarray(group, np.int64) * (int(row.max()) + 2)
-    x = bx[:, 0] - bx[:, 0].min()
-    reach_x = float(reach[:, 0].max())
-    span = float(x.max()) + 2 * reach_x + 1.0
-    key = row * span + x
-    order = np.argsort(key, kind="stable")
-    keys = key[order]
-    here = np.arange(n) + 1  # the same row: boxes after i in x order
-    stop_here = np.searchsorted(keys, keys + reach[order, 0], side="right")
-    nxt = keys + span  # the next row: boxes starting up to reach_x before or after i
-    start_next = np.searchsorted(keys, nxt - reach_x, side="left")
-    stop_next = np.searchsorted(keys, nxt + reach[order, 0], side="right")
-    i, j = _expand(np.r_[here, start_next], np.r_[stop_here, stop_next])
-    a, b = order[i % n], order[j]
-    y0, ry = bx[:, 1], reach[:, 1]
-    dy = y0[b] - y0[a]
-    near = (dy <= ry[a]) & (-dy <= ry[b])  # cheap before the IoU itself
-    if group is not None:
-        near &= group[a] == group[b]
-    a, b = a[near], b[near]
-    # float32 IoU against the threshold as a double, as torchvision compares them
+    whole = _Sweep(bx, iou, group)
+    ratio = iou * (1 - 1e-3)  # slack for the float32 IoU
+    if ratio > 0:
+        parts = _by_size_class(bx, iou, group, ratio)
+        if sum(p.count for _, _, p in parts) < whole.count:  # fewer candidates apart
+            found = []
+            for idx, one_of, part in parts:
+                a, b = part.pairs()
+                a, b = idx[a], idx[b]
+                keep = one_of[a] | one_of[b]  # pairs with one box of the class
+                found.append((a[keep], b[keep]))
+            a, b = (np.concatenate(v) for v in zip(*found, strict=True))
+            return _over(boxes, iou, a, b)
+    return _over(boxes, iou, *whole.pairs())
+
+
+def _over(boxes: np.ndarray, iou: float, a: np.ndarray, b: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs whose float32 IoU is over ``iou`` (compared as a double, as
+    torchvision does)."""
     ok = box_iou_pairs(np.asarray(boxes, np.float32), a, b).astype(np.float64) > iou
     return a[ok], b[ok]
+
+
+def _by_size_class(bx: np.ndarray, iou: float, group: np.ndarray | None, ratio: float
+                   ) -> list[tuple[np.ndarray, np.ndarray, _Sweep]]:
+    """Per size class (width and height classes of ``ratio``): the indices of its boxes
+    and of those in the classes after it (one wider, one taller or shorter, or as wide and
+    one taller: 4 of the 8 neighbours), a mask of the class's own boxes, and the sweep
+    over them."""
+    ext = np.maximum(bx[:, 2:] - bx[:, :2], 1e-30)
+    k = np.floor(np.log(ext) / -np.log(ratio)).astype(np.int64)
+    k = np.maximum(k, k.max(axis=0) - SIZE_CLASSES + 1)  # the tiniest share one
+    k -= k.min(axis=0)
+    step = int(k[:, 1].max()) + 3
+    cls = k[:, 0] * step + k[:, 1] + 1  # (width class, height class) as one id
+    order = np.argsort(cls, kind="stable")
+    sorted_cls = cls[order]
+    parts = []
+    for c in np.unique(cls).tolist():
+        lo, hi, lo2, hi2 = np.searchsorted(
+            sorted_cls, [c, c + 2, c + step - 1, c + step + 2]).tolist()
+        idx = order[np.r_[lo:hi, lo2:hi2]]  # c, c + 1; the next width class's 3
+        parts.append((idx, cls == c, _Sweep(bx[idx], iou, None if group is None
+                                            else group[idx])))
+    return parts
+
+
+class _Sweep:
+    """Candidate pairs (a superset of those with IoU > ``iou``) of float64 boxes ``bx``:
+    box j can meet box i only when it starts before ``x1 - t * w`` of i and within
+    ``y1 - t * h`` of i, so boxes are binned by y0 (bins as tall as the longest such
+    reach) and swept along x within their own bin and the next one. ``count``: how many
+    candidates :meth:`pairs` will look at, known before it does."""
+
+    def __init__(self, bx: np.ndarray, iou: float, group: np.ndarray | None) -> None:
+        n = len(bx)
+        self.bx, self.group = bx, group
+        eps = 1e-5 * max(1.0, float(np.abs(bx).max())) if n else 0.0  # float32 rounding
+        ext = np.maximum(bx[:, 2:] - bx[:, :2], 0.0)
+        self.reach = np.maximum(ext * (1 - iou * (1 - 1e-3)), 0.0) + eps  # past x0, y0
+        if n < 2:
+            self.order = np.zeros(0, np.int64)
+            self.starts = self.stops = self.order
+            self.count = 0
+            return
+        cell = float(self.reach[:, 1].max())
+        row = np.floor((bx[:, 1] - bx[:, 1].min()) / cell).astype(np.int64)
+        if group is not None:  # groups' rows stacked apart
+            row = row + np.asarray(group, np.int64) * (int(row.max()) + 2)
+        x = bx[:, 0] - bx[:, 0].min()
+        reach_x = float(self.reach[:, 0].max())
+        span = float(x.max()) + 2 * reach_x + 1.0
+        key = row * span + x
+        self.order = order = np.argsort(key, kind="stable")
+        keys = key[order]
+        own = self.reach[order, 0]
+        here = np.arange(n) + 1  # the same row: boxes after i in x order
+        stop_here = np.searchsorted(keys, keys + own, side="right")
+        nxt = keys + span  # the next row: boxes starting up to reach_x before or after i
+        start_next = np.searchsorted(keys, nxt - reach_x, side="left")
+        stop_next = np.searchsorted(keys, nxt + own, side="right")
+        self.starts, self.stops = np.r_[here, start_next], np.r_[stop_here, stop_next]
+        self.count = int(np.maximum(self.stops - self.starts, 0).sum())
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.order)
+        if n < 2:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        i, j = _expand(self.starts, self.stops)
+        a, b = self.order[i % n], self.order[j]
+        y0, ry = self.bx[:, 1], self.reach[:, 1]
+        dy = y0[b] - y0[a]
+        near = (dy <= ry[a]) & (-dy <= ry[b])  # cheap before the IoU itself
+        if self.group is not None:
+            near &= self.group[a] == self.group[b]
+        return a[near], b[near]
 
 
 def _expand(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
