@@ -18,6 +18,8 @@ import numpy as np
 MAX_ROUNDS = 64
 #: size classes per axis in :func:`box_pairs` (boxes smaller still share the smallest)
 SIZE_CLASSES = 12
+#: largest / median side beyond which :func:`box_pairs` considers size classes
+SIZE_SPREAD = 4.0
 
 
 def greedy_keep(scores: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,15 +78,18 @@ def box_pairs(boxes: np.ndarray, iou: float, group: np.ndarray | None = None
     each axis, so the widths of two such boxes differ by less than a factor 1/t, and so
     do their heights: boxes are put in size classes of that ratio along each axis, and
     each class is searched (:class:`_Sweep`) with its neighbours on one side only, so
-    that large or elongated boxes do not widen the search of every other one; when that
-    looks at more candidates than one sweep over all (sizes alike), the one sweep runs."""
+    that large or elongated boxes do not widen the search of every other one. Boxes of
+    like sizes (largest side within ``SIZE_SPREAD`` x the median), or classes that would
+    look at more candidates than one sweep over all, get the one sweep."""
     n = len(boxes)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     bx = np.asarray(boxes, np.float64)
     whole = _Sweep(bx, iou, group)
     ratio = iou * (1 - 1e-3)  # slack for the float32 IoU
-    if ratio > 0:
+    ext = np.maximum(bx[:, 2:] - bx[:, :2], 0.0)
+    spread = float((ext.max(axis=0) / np.maximum(np.median(ext, axis=0), 1e-30)).max())
+    if ratio > 0 and spread > SIZE_SPREAD:  # the largest widen every box's search
         parts = _by_size_class(bx, iou, group, ratio)
         if sum(p.count for _, _, p in parts) < whole.count:  # fewer candidates apart
             found = []
