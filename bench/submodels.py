@@ -7,10 +7,10 @@ calling ``detect_nuclei`` on each 224 px tile alone (read beforehand; no halo, s
 nuclei at tile borders come in halves), in the same run; and the stage's path tile by
 tile (each tile with its own halo), for comparison.
 
-For each ONNX sub-model (a small CNN classifier exported on the
-spot twice, taking float32 NCHW normalised by the runtime and taking uint8 tiles with the
-normalisation in the graph; and any spec YAML given as arguments): tiles/s through the runtime (prepare ->
-session.run -> decode to level 0 -> de-duplicate) against a bare ``session.run`` loop over
+For each ONNX sub-model (a small CNN classifier exported on the spot twice, taking
+float32 NCHW normalised by the runtime and taking uint8 tiles with the normalisation in
+the graph; and any spec YAML given as arguments): tiles/s through the runtime (prepare
+-> session.run -> decode to level 0 -> de-duplicate) against a bare ``session.run`` loop over
 the same batches, prepared beforehand (uint8, or normalised float32 for float models),
 on the model file as exported, in the same process. The runtime fuses a float model's
 normalisation into its graph, so it too takes the stream's uint8 tiles.

@@ -419,8 +419,8 @@ def test_box_nms_equals_torchvision_over_all_boxes(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_box_pairs_are_every_pair_over_the_iou_across_sizes_and_shapes(seed: int) -> None:
     """Widths and heights drawn apart over three decades (tiny, huge, elongated boxes, as
-    an untrained YOLO head gives) and specks down to 1e-4 px, in groups: exactly the pairs the brute-force float32
-    IoU puts over the threshold, at thresholds down to 0."""
+    an untrained YOLO head gives) and specks down to 1e-4 px, in groups: exactly the
+    pairs the brute-force float32 IoU puts over the threshold, at thresholds down to 0."""
     from wsi_assist.models.submodel_nms import box_iou_pairs, box_pairs
 
     rng = np.random.default_rng(seed)

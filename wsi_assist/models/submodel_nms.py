@@ -3,11 +3,12 @@
 Greedy NMS (best score first, ties by index; a detection is dropped when a kept,
 better-ranked one suppresses it) depends only on the pairs that can suppress each other,
 so :func:`box_pairs` / :func:`point_pairs` find those pairs among near neighbours (size
-classes and a sweep along x; a k-d tree) and :func:`greedy_keep` resolves the greedy order over them in a few
-vectorised rounds. The decisions equal torchvision's ``nms`` (IoU computed in float32 by
-the same formula, suppression when IoU > threshold) and the straightforward loop for
-points (distance <= radius); torchvision's own loop looks at every later box for each
-kept one, O(n x kept), which over a whole slide's detections costs seconds.
+classes and a sweep along x; a k-d tree) and :func:`greedy_keep` resolves the greedy
+order over them in a few vectorised rounds. The decisions equal torchvision's ``nms``
+(IoU computed in float32 by the same formula, suppression when IoU > threshold) and the
+straightforward loop for points (distance <= radius); torchvision's own loop looks at
+every later box for each kept one, O(n x kept), which over a whole slide's detections
+costs seconds.
 """
 
 from __future__ import annotations
