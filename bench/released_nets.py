@@ -184,26 +184,26 @@ class P2PNetVgg(nn.Module):
         return {"pred_logits": logits, "pred_points": points}
 
 
+def _seeded(net: type[nn.Module], **kwargs: float) -> nn.Module:
+    torch.manual_seed(0)  # the same random weights run to run
+    return net(**kwargs)
+
+
 def yolov7_sparse() -> nn.Module:
-    torch.manual_seed(0)
-    return YoloRows(prior=-5.0)
+    return _seeded(YoloRows, prior=-5.0)
 
 
 def yolov7_dense() -> nn.Module:
-    torch.manual_seed(0)
-    return YoloRows(prior=3.0)
+    return _seeded(YoloRows, prior=3.0)
 
 
 def yolov8_sparse() -> nn.Module:
-    torch.manual_seed(0)
-    return YoloColumns(prior=-6.0)
+    return _seeded(YoloColumns, prior=-6.0)
 
 
 def yolov8_dense() -> nn.Module:
-    torch.manual_seed(0)
-    return YoloColumns(prior=3.0)
+    return _seeded(YoloColumns, prior=3.0)
 
 
 def p2pnet_her2() -> nn.Module:
-    torch.manual_seed(0)
-    return P2PNetVgg(k=4)
+    return _seeded(P2PNetVgg, k=4)

@@ -42,6 +42,7 @@ from wsi_assist.models.submodel_spec import (
     HEAD_TASKS,
     TASKS,
     affine,
+    head_axes,
 )
 
 log = logging.getLogger(__name__)
@@ -174,14 +175,15 @@ def head_fits(out: Any, head: str, n: int) -> bool:
     if head == "p2pnet":
         if not isinstance(out, dict):
             return False
-        lg, pt = out.get("pred_logits"), out.get("pred_points")
-        return (isinstance(lg, torch.Tensor) and isinstance(pt, torch.Tensor)
-                and lg.ndim == 3 and pt.ndim == 3 and lg.shape[-1] == n + 1
-                and pt.shape[-1] == 2 and lg.shape[1] == pt.shape[1])
-    t = _first_tensor(out)
-    if t is None or t.ndim != 3:
+        ts = [out.get("pred_logits"), out.get("pred_points")]
+    else:
+        ts = [_first_tensor(out)]
+    if not all(isinstance(t, torch.Tensor) and t.ndim == 3 for t in ts):
         return False
-    return t.shape[1] == 4 + n if head == "yolov8" else t.shape[-1] == 5 + n
+    if head == "p2pnet" and ts[0].shape[1] != ts[1].shape[1]:  # one point per logit row
+        return False
+    return all(t.shape[axis] == size
+               for t, (axis, size) in zip(ts, head_axes(head, n), strict=True))
 
 
 def standard_fits(out: Any, task: str, n: int, names: Sequence[str]) -> bool:

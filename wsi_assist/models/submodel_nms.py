@@ -91,7 +91,7 @@ def box_pairs(boxes: np.ndarray, iou: float, group: np.ndarray | None = None
     ext = np.maximum(bx[:, 2:] - bx[:, :2], 0.0)
     spread = float((ext.max(axis=0) / np.maximum(np.median(ext, axis=0), 1e-30)).max())
     if ratio > 0 and spread > SIZE_SPREAD:  # the largest widen every box's search
-        parts = _by_size_class(bx, iou, group, ratio)
+        parts = _by_size_class(bx, ext, iou, group, ratio)
         if sum(p.count for _, _, p in parts) < whole.count:  # fewer candidates apart
             found = []
             for idx, one_of, part in parts:
@@ -112,14 +112,13 @@ def _over(boxes: np.ndarray, iou: float, a: np.ndarray, b: np.ndarray
     return a[ok], b[ok]
 
 
-def _by_size_class(bx: np.ndarray, iou: float, group: np.ndarray | None, ratio: float
-                   ) -> list[tuple[np.ndarray, np.ndarray, _Sweep]]:
+def _by_size_class(bx: np.ndarray, ext: np.ndarray, iou: float, group: np.ndarray | None,
+                   ratio: float) -> list[tuple[np.ndarray, np.ndarray, _Sweep]]:
     """Per size class (width and height classes of ``ratio``): the indices of its boxes
     and of those in the classes after it (one wider, one taller or shorter, or as wide and
     one taller: 4 of the 8 neighbours), a mask of the class's own boxes, and the sweep
-    over them."""
-    ext = np.maximum(bx[:, 2:] - bx[:, :2], 1e-30)
-    k = np.floor(np.log(ext) / -np.log(ratio)).astype(np.int64)
+    over them. ``ext``: the boxes' widths and heights."""
+    k = np.floor(np.log(np.maximum(ext, 1e-30)) / -np.log(ratio)).astype(np.int64)
     k = np.maximum(k, k.max(axis=0) - SIZE_CLASSES + 1)  # the tiniest share one
     k -= k.min(axis=0)
     step = int(k[:, 1].max()) + 3
