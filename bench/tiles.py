@@ -108,8 +108,8 @@ def full_grid(path: Path, mpp: float | None, tile: int) -> TileGrid:
 def chunk_decoder(src: Any) -> tuple[Any, tuple[int, int]]:
     """(decode(data, i, out), unit shape) of the stream's decoder for ``src``: a
     ``TiffUnits`` or the ``ScaledUnits`` of :func:`stream.reduced_source`."""
-    if hasattr(src, "factor"):  # straight into an RGBX buffer, as the stream does
-        return (lambda d, i, out: src.decode_chunk(d, out)), (*src.unit_shape, 4)
+    if hasattr(src, "factor"):  # one chunk straight into packed RGB, as the stream does
+        return (lambda d, i, out: src.decode_chunk(d, out)), (*src.chunk_shape, 3)
     return src.decode_chunk, (*src.unit_shape, 3)
 
 

@@ -422,6 +422,17 @@ def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(tmp_path: Path) -> 
     t, h = tiles[0], len(tiles[0]) // 2
     assert jpeg_damaged(t[:h]) and jpeg_damaged(t[:-2] + b"\0\0")
     assert jpeg_damaged(t[:h] + b"\xff\xc4" + t[h + 2:])  # a marker inside the scan
+    # the header memo answers as a fresh parse does, warm or cold, header damaged or not
+    from wsi_assist import chunks
+
+    variants = [*tiles, t[:h], t[:-2] + b"\0\0", t[:h] + b"\xff\xc4" + t[h + 2:],
+                t[:2] + b"\0" + t[3:], t[:40], t[:-2]]
+    cold = []
+    for v in variants:
+        chunks._SCAN_STARTS.clear()
+        cold.append(jpeg_damaged(v))
+    assert [jpeg_damaged(v) for v in variants] == cold
+    assert cold[:len(tiles)] == [False] * len(tiles) and all(cold[len(tiles):])
 
 
 def test_what_a_user_meets_is_a_usage_error_before_any_slide(slides: list[Path],

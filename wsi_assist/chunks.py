@@ -44,7 +44,8 @@ from wsi_assist.slide import Layout, slide_layout
 log = logging.getLogger(__name__)
 
 Engine = Literal["auto", "tifffile", "zarr"]
-#: Strip levels are decoded this many rows at a time (at least one strip).
+#: Strip levels are decoded this many rows at a time (at least one strip), as are the
+#: chunks of one column at a reduced scale (:class:`ScaledUnits`).
 UNIT_ROWS = 256
 
 
@@ -252,17 +253,25 @@ class TiffUnits:
 
 #: Reduced scales libjpeg decodes at in the DCT domain (1/2, 1/4, 1/8).
 SCALES = (2, 4, 8)
+#: An Adobe APP14 segment with transform 0: the three components are R, G, B. Aperio
+#: writes RGB JPEG without a JFIF or Adobe marker, which libjpeg would read as YCbCr
+#: (tifffile tells imagecodecs the colour space instead; TurboJPEG takes no such argument).
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 
 class ScaledUnits:
     """The units of a JPEG-tiled level decoded at 1 / ``factor`` scale in the DCT domain
-    (libjpeg-turbo scaled IDCT, through Pillow's decoder, which releases the GIL): the
-    coefficients of each 8 x 8 block give a ``8 / factor`` px block directly, about 2x
-    faster than decoding in full and area-averaging. Not exactly an area average: on
-    H&E tiles the mean absolute difference from area (box) resizing is about 0.1 grey
-    levels, single pixels differ by up to about 20 at sharp edges (tested in
-    tests/test_stream.py). Coordinates, shapes and unit indices are those of the level
-    divided by ``factor`` (rows and columns of a last partial pixel are dropped).
+    (libjpeg-turbo's scaled IDCT through simplejpeg's TurboJPEG binding, which releases
+    the GIL, straight into a packed RGB buffer): the coefficients of each 8 x 8 block
+    give a ``8 / factor`` px block directly. Not exactly an area average: on H&E tiles
+    the mean absolute difference from area (box) resizing is about 0.1 grey levels,
+    single pixels differ by up to about 20 at sharp edges (tested in
+    tests/test_stream.py). Coordinates and shapes are those of the level divided by
+    ``factor`` (rows and columns of a last partial pixel are dropped); a unit stacks
+    the chunks of one column until it is ``UNIT_ROWS`` rows tall at that scale (fewer,
+    larger pieces to copy into tiles). A chunk libjpeg decodes only with warnings
+    (damaged, cut short) is decoded in full as :class:`TiffUnits` does, then
+    area-reduced, so that both paths read it alike.
 
     ``decode`` returns a view of a buffer owned by the calling thread, as
     :class:`TiffUnits` does.
@@ -273,81 +282,72 @@ class ScaledUnits:
     dtype = np.dtype(np.uint8)
 
     def __init__(self, src: TiffUnits, factor: int) -> None:
-        from PIL import Image
+        import simplejpeg
 
         self._src, self.factor = src, factor
-        self._image = Image
+        self._jpeg_decode = simplejpeg.decode_jpeg
         self._where = src._where
         h, w = src.level_shape
         self.level_shape = (h // factor, w // factor)
-        self.unit_shape = (src.unit_shape[0] // factor, src.unit_shape[1] // factor)
-        self._chunk = (src._chunk_rows // factor, src.unit_shape[1] // factor)
-        # Aperio writes RGB JPEG without a JFIF or Adobe marker: tell libjpeg, as
-        # tifffile tells imagecodecs (colorspace 2 is JCS_RGB)
-        self._jpegmode = "RGB" if src._jpeg == (2, 2) else ""
-        tables = src._tables
-        self._prefix = tables[:-2] if tables else b""  # tables without their EOI
-        self.damaged_units = src.damaged_units  # the same units, the same set
+        #: (rows, columns) of one decoded chunk
+        self.chunk_shape = (src._chunk_rows // factor, src.unit_shape[1] // factor)
+        self._chunks_per_unit = max(1, UNIT_ROWS // self.chunk_shape[0])
+        self.unit_shape = (self.chunk_shape[0] * self._chunks_per_unit, self.chunk_shape[1])
+        adobe = ADOBE_RGB if src._jpeg == (2, 2) else b""
+        tables = src._tables[2:-2] if src._tables else b""  # without their SOI and EOI
+        #: what goes before a chunk's bytes after its SOI (nothing: the chunk as it is)
+        self._prefix = b"\xff\xd8" + adobe + tables if adobe or tables else b""
+        #: units (in this source's unit grid) holding a damaged chunk; see TiffUnits
+        self.damaged_units: set[tuple[int, int]] = set()
         self._local = threading.local()
 
     def close(self) -> None:
         """Nothing to close: the full-scale source owns the file."""
 
     def decode(self, uy: int, ux: int) -> np.ndarray:
-        src, ch = self._src, self._chunk[0]
+        src, ch = self._src, self.chunk_shape[0]
         y0, y1, x0, x1 = unit_bounds(self, uy, ux)
         buf = getattr(self._local, "buf", None)
-        if buf is None:  # RGBX: the layout Pillow decodes into, so no copy out of it
-            buf = self._local.buf = np.empty((*self.unit_shape, 4), np.uint8)
-            self._local.images = [self._mapped(buf[k * ch:(k + 1) * ch])
-                                  for k in range(src._rows_per_unit)]
-        cy0 = uy * src._rows_per_unit
+        if buf is None:
+            buf = self._local.buf = np.empty((*self.unit_shape, 3), np.uint8)
+        cy0 = uy * self._chunks_per_unit
         try:
-            for k, cy in enumerate(range(cy0, min(src._nrows, cy0 + src._rows_per_unit))):
+            for k, cy in enumerate(range(cy0, min(src._nrows, cy0 + self._chunks_per_unit))):
                 data = src.read_chunk(cy * src._ncols + ux)
                 if data is not None and src._check_jpeg and jpeg_damaged(data):
                     self.damaged_units.add((uy, ux))
-                self._decode_into(data, buf[k * ch:(k + 1) * ch], self._local.images[k])
+                self.decode_chunk(data, buf[k * ch:(k + 1) * ch])
         except Exception as e:  # codec errors have no common base class
             raise SlideError(f"{self._where}: cannot decode chunk row {cy0}, column {ux} "
                              f"at 1/{self.factor} scale: {e}") from e
-        return buf[: y1 - y0, : x1 - x0, :3]
+        return buf[: y1 - y0, : x1 - x0]
 
     def decode_chunk(self, data: bytes | None, out: np.ndarray) -> None:
         """Decode one chunk's compressed bytes at reduced scale straight into ``out``, a
-        C-contiguous (rows, width, 4) uint8 array at that scale (RGB and one unused
-        byte per pixel, Pillow's own layout)."""
-        key = (out.ctypes.data, out.shape)  # the same buffer again: its mapped image
-        if getattr(self._local, "key", None) != key:
-            self._local.key, self._local.image = key, self._mapped(out)
-        self._decode_into(data, out, self._local.image)
-
-    def _mapped(self, out: np.ndarray) -> Any:
-        """A Pillow RGBX core image whose pixels are the memory of ``out``."""
-        h, w = out.shape[:2]
-        return self._image.frombuffer("RGBX", (w, h), out, "raw", "RGBX", 0, 1).im
-
-    def _decode_into(self, data: bytes | None, out: np.ndarray, image: Any) -> None:
+        C-contiguous ``chunk_shape + (3,)`` uint8 array."""
         if data is None:  # missing chunk: zeros, as tifffile
             out[:] = 0
             return
-        dec = self._image._getdecoder("RGBX", "jpeg", ("RGB", self._jpegmode),
-                                      (self.factor, 0))
-        dec.setimage(image, (0, 0, *image.size))
-        n, err = dec.decode(self._prefix + data[2:] if self._prefix else data)
-        dec.cleanup()
-        if err < 0:
-            raise ValueError(f"JPEG decoder error {err}")
-        if n >= 0:  # the decoder wants more data: cut short; decode it as the full path
-            out[..., :3] = self._full_then_reduce(data)
+        h, w = self.chunk_shape
+        try:
+            got = self._jpeg_decode(self._prefix + data[2:] if self._prefix else data,
+                                    "RGB", min_height=h, min_width=w, buffer=out)
+        except ValueError:  # libjpeg warned (strict): read it as the full path does
+            out[:] = self._full_then_reduce(data)
+            return
+        if got.shape[:2] != (h, w):
+            raise ValueError(f"JPEG chunk of {got.shape[1]} x {got.shape[0]} px at 1/"
+                             f"{self.factor} scale, expected {w} x {h}")
 
     def _full_then_reduce(self, data: bytes) -> np.ndarray:
         """A chunk libjpeg decodes only with warnings (damaged, cut short): decoded in
         full as :class:`TiffUnits` does, then area-reduced."""
+        from PIL import Image
+
         src = self._src
         full = np.empty((src._chunk_rows, src.unit_shape[1], 3), np.uint8)
         src.decode_chunk(data, 0, full)
-        return np.asarray(self._image.fromarray(full).reduce(self.factor))
+        return np.asarray(Image.fromarray(full).reduce(self.factor))
 
 
 #: This many zero bytes in a row inside JPEG scan data are a hole (unwritten or zeroed
@@ -373,8 +373,17 @@ def jpeg_damaged(data: bytes) -> bool:
         _MARKER_IN_SCAN.search(data, start, end) is not None
 
 
+#: The headers last parsed (up to their scan data) -> where their scan data starts: the
+#: chunks of one level almost always share one header, and a header parses the same
+#: whatever follows it. A few entries (slides streamed side by side).
+_SCAN_STARTS: dict[bytes, int] = {}
+
+
 def _scan_start(data: bytes) -> int | None:
     """Offset of the entropy-coded data after the first start-of-scan header, or None."""
+    for header, start in list(_SCAN_STARTS.items()):
+        if data.startswith(header):
+            return start
     pos, n = 2, len(data)
     if data[:2] != b"\xff\xd8":
         return None
@@ -387,7 +396,12 @@ def _scan_start(data: bytes) -> int | None:
             continue
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
         if marker == 0xDA:
-            return pos + 2 + length if pos + 2 + length <= n else None
+            if pos + 2 + length > n:
+                return None
+            if len(_SCAN_STARTS) >= 8:
+                _SCAN_STARTS.clear()
+            _SCAN_STARTS[data[:pos + 2 + length]] = pos + 2 + length
+            return pos + 2 + length
         pos += 2 + length
     return None
 

@@ -109,8 +109,9 @@ def scatter(unit: np.ndarray, rows: list[list[int]], buffers: Mapping[int, np.nd
             batch_size: int) -> None:
     """Copy a decoded unit's pieces ``rows`` into their tiles: tile ``j`` is row
     ``j % batch_size`` of ``buffers[j // batch_size]``. A unit whose pixels are
-    padded (RGB in RGBX memory, as :class:`chunks.ScaledUnits` decodes) is copied one
-    channel at a time: numpy copies a 3-byte inner axis pixel by pixel, 3-4x slower."""
+    padded (the first channels of wider pixels, e.g. RGB of RGBA read through zarr) is
+    copied one channel at a time: numpy copies a 3-byte inner axis pixel by pixel, 3-4x
+    slower."""
     if unit.ndim == 3 and unit.strides[1] != unit.shape[2] * unit.itemsize:
         for j, sy0, sy1, sx0, sx1, dy0, dx0 in rows:
             b, s = divmod(j, batch_size)

@@ -16,7 +16,8 @@ SIMD ``reduce`` (an exact box average), other ratios by its box filter. When
 ``read_px`` is 2, 4 or 8 times ``tile_px`` on a JPEG-tiled level (40x scans read at 20x),
 units are instead decoded at that reduced scale in the DCT domain and scattered straight
 into ``tile_px`` tiles (:func:`reduced_source`, :class:`chunks.ScaledUnits`): about
-twice the rate of a full decode, within a stated tolerance of the area average.
+2.3x the rate of a full decode and area reduce, within a stated tolerance of the area
+average.
 
 Opened slides are kept per process (``chunks.SOURCES``, checked against the file's size
 and mtime), so the stages that stream one slide in turn open it once. Slides, not
