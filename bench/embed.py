@@ -62,11 +62,12 @@ def images_per_s(lm: LoadedModel, batch: int, precision: str, seconds: float) ->
 
 def slide_grid(path: Path):  # type: ignore[no-untyped-def]
     from wsi_assist import slide, tiling, tissue
+    from wsi_assist.lowres import read_lowres
     from wsi_assist.settings import TilingParams, TissueParams
 
     info = slide.describe(path)
     with slide.open_slide(path) as s:
-        overview, ds = slide.read_lowres(s, info, 8.0)
+        overview, ds = read_lowres(s, info, 8.0)
     found = tissue.detect(overview, ds, info.require_mpp(), TissueParams())
     return tiling.grid(info, found.geometry, TilingParams())
 

@@ -5,7 +5,8 @@ time) twice, interleaved over ``--rounds`` (best of each): ``tile`` (stages tiss
 tiles) and the default run (every stage of the default config; those without a model,
 such as embed without PathCLIP weights, are "not run" as in a user's run). Prints per
 stage ms per tile of the default run, decodes per tile (compressed chunks decoded
-divided by the distinct chunks the run needed: 1.0 when each is decoded once), the
+divided by the distinct chunks the run needed: 1.0 when each is decoded once; the
+overview and thumbnail reads of ``lowres``, other levels read once, not counted), the
 default run's wall divided by ``tile``'s (target <= 1.5 on the 40k synthetic slide),
 and the built-in nuclei's rate inside the pass against the stage's own path alone
 (``bench/submodels.py``'s runtime: ``nuclei.analyse`` over a stream of the haloed
@@ -57,7 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_assist import batch, chunks, config
+from wsi_assist import batch, chunks, config, lowres
 from wsi_assist.stages import REGISTRY, tilepass
 
 log = logging.getLogger("bench.pipeline")
@@ -76,13 +77,19 @@ class Probe:
         # DCT-scaled reads (a 0.25 um/px level read at 0.5) decode through ScaledUnits
         classes = [chunks.TiffUnits, chunks.ZarrUnits, chunks.ScaledUnits]
         saved = [c.decode for c in classes]
-        real_pass = tilepass.run_pass
+        real_pass, real_open = tilepass.run_pass, lowres.open_units
+        overview_sources: list[Any] = []  # not the tile stream's; kept: ids not reused
 
         def counting(real):  # type: ignore[no-untyped-def]
             def decode(src: Any, uy: int, ux: int) -> np.ndarray:
-                self.decodes[(id(src), uy, ux)] += 1
+                if not any(src is o for o in overview_sources):
+                    self.decodes[(id(src), uy, ux)] += 1
                 return real(src, uy, ux)
             return decode
+
+        def open_units(*args: Any) -> Any:
+            overview_sources.append(real_open(*args))
+            return overview_sources[-1]
 
         def spy(slide: Any, consumers: list[tilepass.Consumer]) -> tilepass.PassReport:
             report = real_pass(slide, consumers)
@@ -92,12 +99,14 @@ class Probe:
         for c, real in zip(classes, saved, strict=True):
             c.decode = counting(real)  # type: ignore[method-assign]
         tilepass.run_pass = spy  # type: ignore[assignment]
+        lowres.open_units = open_units
         try:
             yield self
         finally:
             for c, real in zip(classes, saved, strict=True):
                 c.decode = real  # type: ignore[method-assign]
             tilepass.run_pass = real_pass  # type: ignore[assignment]
+            lowres.open_units = real_open
 
     def decodes_per_chunk(self) -> float:
         return sum(self.decodes.values()) / max(1, len(self.decodes))

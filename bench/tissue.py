@@ -5,7 +5,7 @@
     python3 bench/tissue.py --synthetic 40000 NDPI --peer tiatoolbox [--peer-python PY]
 
 Steps, as the ``tissue`` and ``tiles`` stages run them: ``open`` (describe the slide),
-``overview`` (``slide.read_lowres`` at ``tissue.overview_mpp``), ``detect``
+``overview`` (``lowres.read_lowres`` at ``tissue.overview_mpp``), ``detect``
 (``tissue.detect``), ``grid`` (``tiling.grid`` at 0.5 um/px, tissue fractions
 included). ``--synthetic PX``: a PX^2 H&E-like slide at 0.25 um/px
 (``synthetic.write_large``). ``--peer tiatoolbox`` also times tiatoolbox's Otsu mask +
@@ -18,8 +18,9 @@ fast); ``vs_peer_matched`` the same with its mask at our overview's resolution.
 ``--baseline`` loads another version of ``tissue.py`` (e.g. main's, before
 a change) as a module of its own and times its ``detect`` on the same overview in the
 same process, round by round (alternating which runs first), so ``detect_speedup`` is
-a ratio within one run; the overview is also read as before ``slide.box_mean`` (numpy's
-mean over the strided block axes), checked equal, and timed (``baseline_overview_s``);
+a ratio within one run; the overview is also read as before ``lowres`` (tiffslide's
+``read_region``, numpy's mean over the strided block axes), checked equal, and timed
+(``baseline_overview_s``);
 ``total_speedup`` is the baseline's total over ours, round by round. The
 masks of both are compared (``mask_agreement``: fraction of equal overview cells).
 Medians over rounds. The last line is a JSON object.
@@ -44,10 +45,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_assist import slide as slide_mod
 from wsi_assist import tiling, tissue
+from wsi_assist.lowres import level_and_factor, read_lowres
 from wsi_assist.settings import TilingParams, TissueParams
-from wsi_assist.slide import describe, open_slide, read_lowres
+from wsi_assist.slide import describe, open_slide
 
 log = logging.getLogger("bench.tissue")
 
@@ -65,18 +66,22 @@ def load_baseline(path: Path) -> ModuleType:
 
 def read_overview(path: Path, info: Any, want: float, as_before: bool
                   ) -> tuple[np.ndarray, float, float]:
-    """(overview, downsample, seconds); ``as_before``: block means by numpy's mean over
-    the strided block axes, as before ``slide.box_mean``."""
-    real = slide_mod.box_mean
-    if as_before:
-        slide_mod.box_mean = lambda blocks: blocks.mean(axis=(1, 3))
-    try:
-        t = time.perf_counter()
-        with open_slide(path) as s:
+    """(overview, downsample, seconds); ``as_before``: read as before issue 17's
+    ``lowres``: the level through tiffslide's ``read_region``, block means by numpy's
+    mean over the strided block axes, rounded."""
+    t = time.perf_counter()
+    with open_slide(path) as s:
+        if not as_before:
             image, ds = read_lowres(s, info, want)
-        return image, ds, time.perf_counter() - t
-    finally:
-        slide_mod.box_mean = real
+            return image, ds, time.perf_counter() - t
+        level, f = level_and_factor(info, max(want / info.require_mpp(), 1.0))
+        w, h = info.level_dimensions[level]
+        ow, oh = max(w // f, 1), max(h // f, 1)
+        nc = len(info.channels) if info.multichannel else 3
+        arr = s.read_region((0, 0), level, (ow * f, oh * f), as_array=True)[..., :nc]
+        mean = arr.reshape(oh, f, ow, f, nc).mean(axis=(1, 3))
+        image = mean.round().astype(arr.dtype)
+    return image, float(info.level_downsamples[level] * f), time.perf_counter() - t
 
 
 def one_round(path: Path, base: ModuleType | None, r: int) -> dict[str, Any]:
@@ -108,7 +113,7 @@ def one_round(path: Path, base: ModuleType | None, r: int) -> dict[str, Any]:
     if base is not None:
         old_image, old, b_over, b_det = runs[True]
         if not np.array_equal(old_image, image):
-            raise SystemExit(f"{path}: the overview differs from numpy's mean")
+            raise SystemExit(f"{path}: the overview differs from read_region and numpy's mean")
         row |= {"baseline_overview": b_over, "baseline_detect": b_det,
                 "baseline_total": t_open + b_over + b_det + t_grid,
                 "mask_agreement": float((old.mask == found.mask).mean()),

@@ -16,7 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "wsi_assist"
 #: Layers, lowest first: a module may import its own layer and those below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("settings", ("wsi_assist", "settings", "errors")),
-    ("I/O", ("files", "geojson", "slide", "chunks", "synthetic", "locks", "progress")),
+    ("I/O", ("files", "geojson", "slide", "chunks", "lowres", "synthetic", "locks",
+             "progress")),
     ("computation", ("tissue", "tiling", "pieces", "stream", "qc", "thumbnail", "aggregate",
                      "represent", "stain", "channels", "nuclei", "nuclei_morph",
                      "nuclei_fluorescence", "models")),

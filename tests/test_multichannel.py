@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from wsi_assist import channels, config, qc
 from wsi_assist.chunks import TiffUnits, ZarrUnits, open_units
 from wsi_assist.cli import app
+from wsi_assist.lowres import level_and_factor, read_lowres
 from wsi_assist.settings import TilingParams
 from wsi_assist.slide import describe, open_slide
 from wsi_assist.stages import REGISTRY, fingerprints, not_rgb_reason
@@ -221,6 +222,24 @@ def test_stream_equals_direct_reads(slides: dict[str, Path], case: str) -> None:
     with open_slide(path) as s:
         assert isinstance(open_units(s, 0, path, "auto"), TiffUnits)
         assert isinstance(open_units(s, 0, path, "zarr"), ZarrUnits)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_overview_is_the_rounded_block_mean_of_each_plane(slides: dict[str, Path],
+                                                         case: str) -> None:
+    path = slides[case]
+    _, names, dtype, _ = CASES[case]
+    info = describe(path)
+    level, f = level_and_factor(info, 6.0)
+    assert f > 1  # a level block-averaged
+    with open_slide(path) as s:
+        overview, ds = read_lowres(s, info, 6 * MPP)
+    assert ds == pytest.approx(info.level_downsamples[level] * f) and overview.dtype == dtype
+    px = tifffile.imread(path, series=0, level=level)
+    px = (px.transpose(1, 2, 0) if px.ndim == 3 else px[..., None])  # (H, W, C)
+    h, w = px.shape[0] // f, px.shape[1] // f
+    want = px[:h * f, :w * f].reshape(h, f, w, f, len(names)).mean(axis=(1, 3))
+    np.testing.assert_array_equal(overview, want.round().astype(dtype))
 
 
 @pytest.mark.parametrize("case", ["ome5-uint16", "qptiff5-uint8"])

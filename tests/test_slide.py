@@ -138,3 +138,50 @@ def test_bad_shared_slides(shared_slides: Path, name: str, reason: str) -> None:
     with pytest.raises(SlideError, match=reason) as e:
         describe(shared_slides / "bad" / name)
     assert name in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 16, 17])
+def test_reduced_reads_are_the_rounded_means_of_the_level(shared_slides: Path, factor: int,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """``lowres.read_reduced`` (units decoded in threads, integer block means rounded
+    half to even) gives numpy's rounded mean of tiffslide's pixels, from a corner off
+    the chunk grid, in strips that cut through units (a 600 kB strip budget)."""
+    from wsi_assist import lowres
+    from wsi_assist.slide import open_slide
+
+    monkeypatch.setattr(lowres, "STRIP_BYTES", 600_000)
+    for name in ("CMU-1-Small-Region.svs", "HE_example.ome.tif", "test3-DAPI-2-387.ndpi"):
+        path = shared_slides / name
+        info = describe(path)
+        with open_slide(path) as s:
+            for level in range(info.level_count):
+                w, h = info.level_dimensions[level]
+                x0, y0 = 13, 7
+                ow, oh = (w - x0) // factor, (h - y0) // factor
+                if min(ow, oh) < 1:
+                    continue
+                got = lowres.read_reduced(s, info, level, (x0, y0), (ow, oh), factor,
+                                          threads=2)
+                px = np.asarray(s.zarr_group[str(level)][y0:y0 + oh * factor,
+                                                         x0:x0 + ow * factor])[..., :3]
+                want = px.reshape(oh, factor, ow, factor, 3).mean(axis=(1, 3)).round()
+                np.testing.assert_array_equal(got, want.astype(np.uint8), err_msg=name)
+
+
+def test_a_level_that_cannot_be_decoded_names_the_file_and_level(shared_slides: Path,
+                                                                 tmp_path: Path) -> None:
+    from wsi_assist.lowres import read_lowres
+    from wsi_assist.slide import open_slide
+
+    path = tmp_path / "cut.svs"
+    data = (shared_slides / "CMU-1-Small-Region.svs").read_bytes()
+    with tifffile.TiffFile(shared_slides / "CMU-1-Small-Region.svs") as tf:
+        page = tf.pages[0]
+        o, n = int(page.dataoffsets[40]), int(page.databytecounts[40])
+    path.write_bytes(data[:o] + b"\x00" * n + data[o + n:])  # one tile zeroed: not a JPEG
+    info = describe(path, check_pixels=False)
+    with open_slide(path) as s, pytest.raises(SlideError,
+                                              match=r"cut\.svs level 0: cannot decode chunk "
+                                                    r"row 4, column 0: Not a JPEG"):
+        read_lowres(s, info, info.require_mpp() * 2)

@@ -223,7 +223,8 @@ def test_stains_round_trip_through_the_store(tmp_path: Path) -> None:
 
 def _overview_and_tissue(path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
     from wsi_assist import tissue
-    from wsi_assist.slide import describe, open_slide, read_lowres
+    from wsi_assist.lowres import read_lowres
+    from wsi_assist.slide import describe, open_slide
 
     info = describe(path)
     with open_slide(path) as s:

@@ -17,7 +17,7 @@ from stage_helper import run_stage, slide_context
 from tinyclip import TINY_ARCH, register_tiny, save_tiny
 
 from exporters.submodels import export_model, spec_dict
-from wsi_assist import chunks, config
+from wsi_assist import chunks, config, lowres
 from wsi_assist.stages import REGISTRY, run_stages, tilepass
 from wsi_assist.stream import stream
 from wsi_assist.synthetic import default_slide, write_slide
@@ -81,16 +81,27 @@ def test_one_pass_equals_separate_passes(slide: Path, models: dict[str, str], tm
 
 
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Decodes per unit, at full scale or DCT-scaled (each source's own ``decode``)."""
+    """Decodes per unit of the tile stream, at full scale or DCT-scaled (each source's
+    own ``decode``); the overview and thumbnail reads (``lowres``) are not counted."""
     seen: Counter = Counter()
+    lowres_sources: list[Any] = []  # kept alive: their ids are not reused
+    real_open = lowres.open_units
+
+    def open_units(*args: Any) -> Any:
+        lowres_sources.append(real_open(*args))
+        return lowres_sources[-1]
+
+    monkeypatch.setattr(lowres, "open_units", open_units)
     for cls in (chunks.TiffUnits, chunks.ScaledUnits):
-        monkeypatch.setattr(cls, "decode", _counting(cls.decode, seen))  # type: ignore[misc]
+        monkeypatch.setattr(cls, "decode",  # type: ignore[misc]
+                            _counting(cls.decode, seen, lowres_sources))
     return seen
 
 
-def _counting(decode: Any, seen: Counter) -> Any:
+def _counting(decode: Any, seen: Counter, skip: list[Any]) -> Any:
     def counted(self: Any, uy: int, ux: int) -> np.ndarray:
-        seen[(id(self), uy, ux)] += 1
+        if not any(self is src for src in skip):
+            seen[(id(self), uy, ux)] += 1
         return decode(self, uy, ux)
     return counted
 

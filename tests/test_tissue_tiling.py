@@ -12,7 +12,8 @@ from shapely import affinity
 
 from wsi_assist import tiling, tissue
 from wsi_assist.settings import TilingParams, TissueParams
-from wsi_assist.slide import SlideInfo, describe, open_slide, read_lowres
+from wsi_assist.lowres import read_lowres
+from wsi_assist.slide import SlideInfo, describe, open_slide
 from wsi_assist.synthetic import Ellipse, SyntheticSlide, write_slide
 
 

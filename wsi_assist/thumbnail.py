@@ -4,14 +4,14 @@ report's picture of the tissue region, read from the slide at the page's resolut
 from __future__ import annotations
 
 import math
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
 from PIL import Image, ImageDraw
 
-from wsi_assist.slide import SlideInfo, box_mean
+from wsi_assist.lowres import level_and_factor, read_reduced
+from wsi_assist.slide import SlideInfo
 
 if TYPE_CHECKING:
     from wsi_assist.tiling import TileGrid
@@ -64,28 +64,16 @@ def read_picture(slide: Any, info: SlideInfo, box: tuple[int, int, int, int],
                  long_px: int) -> tuple[np.ndarray, float]:
     """The level-0 ``box`` of an RGB slide as a picture about ``long_px`` on its long side
     (never enlarged), and its downsample: read from the coarsest pyramid level at least
-    as fine, block-averaged by an integer factor in strips (a single-level gigapixel
-    slide never sits in memory whole), then resized to size with Lanczos."""
+    as fine, block-averaged by an integer factor (:func:`lowres.read_reduced`), then
+    resized to size with Lanczos."""
     x0, y0, x1, y1 = box
-    want = max(1.0, max(x1 - x0, y1 - y0) / long_px)
-    level = max((i for i, d in enumerate(info.level_downsamples) if d <= want * 1.001),
-                default=0)
+    level, factor = level_and_factor(info, max(1.0, max(x1 - x0, y1 - y0) / long_px))
     ds = info.level_downsamples[level]
-    factor = max(1, int(want / ds))
     lw, lh = info.level_dimensions[level]
     cx0, cy0 = int(x0 / ds), int(y0 / ds)
     w = max(1, min(lw - cx0, math.ceil((x1 - x0) / ds)) // factor)
     h = max(1, min(lh - cy0, math.ceil((y1 - y0) / ds)) // factor)
-    out = np.empty((h, w, 3), np.uint8)
-    strip = max(factor, (min(4096, 128_000_000 // (w * factor * 4)) // factor) * factor)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for r in range(0, h * factor, strip):
-            rows = min(strip, h * factor - r)
-            arr = np.asarray(slide.read_region((int(x0), int(y0 + r * ds)), level,
-                                               (w * factor, rows), as_array=True))[..., :3]
-            block = box_mean(arr.reshape(rows // factor, factor, w, factor, 3))
-            out[r // factor:(r + rows) // factor] = block.round().astype(np.uint8)
+    out = read_reduced(slide, info, level, (cx0, cy0), (w, h), factor)
     scale = min(1.0, long_px / max(w, h))
     if scale < 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))

@@ -295,7 +295,7 @@ def fluorescence_setup(slide: SlideContext, params: NucleiParams,
     """The nuclear channel (``channels.nuclear`` on a multichannel slide; on an RGB scan
     the one carrying the stain) and the detection threshold, from the slide's raw
     overview and its stored tissue."""
-    from wsi_assist import slide as slide_mod
+    from wsi_assist.lowres import read_lowres
     from wsi_assist import tissue as tissue_mod
 
     info = slide.info
@@ -303,7 +303,7 @@ def fluorescence_setup(slide: SlideContext, params: NucleiParams,
     want = tissue_mod.overview_mpp(info.width, info.height, mpp,
                                    level_downsamples=info.level_downsamples)
     with slide.open_slide() as s:
-        image, ds = slide_mod.read_lowres(s, info, want)
+        image, ds = read_lowres(s, info, want)
     if image.ndim == 2:
         image = image[..., None]
     geometry = slide.store.read_tissue().geometry

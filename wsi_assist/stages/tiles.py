@@ -14,8 +14,8 @@ import numpy as np
 from wsi_assist import qc, thumbnail
 from wsi_assist.channels import pictures
 from wsi_assist.errors import WsiAssistError
+from wsi_assist.lowres import read_lowres
 from wsi_assist.settings import ChannelParams, OutputParams, TilingParams
-from wsi_assist.slide import read_lowres
 from wsi_assist.stages import tilepass
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.tiling import TileGrid

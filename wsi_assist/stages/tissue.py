@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from wsi_assist import slide as slide_mod
 from wsi_assist import stain as stain_mod
 from wsi_assist import tissue as tissue_mod
 from wsi_assist.channels import pictures
+from wsi_assist.lowres import read_lowres
 from wsi_assist.settings import ChannelParams, StainParams, TissueParams
 from wsi_assist.stages.context import SlideContext
 from wsi_assist.store import Overview
@@ -28,7 +28,7 @@ def run(slide: SlideContext, tissue: TissueParams, stain: StainParams,
     want = tissue_mod.overview_mpp(slide.info.width, slide.info.height, mpp, tissue,
                                    slide.info.level_downsamples)
     with slide.open_slide() as s:
-        image, ds = slide_mod.read_lowres(s, slide.info, want)
+        image, ds = read_lowres(s, slide.info, want)
     detect_on, extra = image, {}
     if slide.info.multichannel:
         info = slide.info
