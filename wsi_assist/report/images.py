@@ -56,7 +56,7 @@ def overlay_and_heatmaps(out_dir: Path, overview: np.ndarray, downsample: float,
                                   origin=origin,
                                   title="Tissue classes (zero-shot)" if regions
                                   else "Tissue")
-    img.save(folder / "classes.png", optimize=True)
+    img.save(folder / "classes.png")
     out: dict[str, Any] = {"overlay": "overlays/classes.png", "heatmaps": {}}
     if zs is None or grid is None or not len(grid.coords):
         return out
@@ -67,7 +67,7 @@ def overlay_and_heatmaps(out_dir: Path, overview: np.ndarray, downsample: float,
                                f"{name}: tile probability", max_px=params.image_px // 2 + 64,
                                bounds=bounds, origin=origin)
         rel = f"overlays/heatmap_{k:02d}_{file_name(name)}.png"
-        hm.save(out_dir / rel, optimize=True)
+        hm.save(out_dir / rel)
         out["heatmaps"][name] = rel
     return out
 
@@ -211,7 +211,7 @@ def nuclei_pictures(out_dir: Path, sub: SubmodelRecord, grid: TileGrid,
     img = aggregate.outlines(field, outlines, entries, grid.mpp / scale,
                              f"{sub.name}: {len(inside)} objects in a {FIELD_UM:g} um field")
     rel = {"detections": f"overlays/{file_name(sub.name)}_detections.png"}
-    img.save(out_dir / rel["detections"], optimize=True)
+    img.save(out_dir / rel["detections"])
     names = sub.measurement_names
     if sub.attrs.get("classified") and DAB_MEAN in names:
         dab = sub.read(SUB_MEASUREMENTS)[:, names.index(DAB_MEAN)].astype(np.float64)
@@ -224,7 +224,7 @@ def nuclei_pictures(out_dir: Path, sub: SubmodelRecord, grid: TileGrid,
                                f"{sub.name}: mean nuclear DAB OD per tile",
                                max_px=max_px, label="DAB OD", vmax=top)
         rel["dab_heatmap"] = f"overlays/{file_name(sub.name)}_dab.png"
-        hm.save(out_dir / rel["dab_heatmap"], optimize=True)
+        hm.save(out_dir / rel["dab_heatmap"])
     return rel
 
 
