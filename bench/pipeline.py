@@ -12,7 +12,9 @@ and the built-in nuclei's rate inside the pass against the stage's own path alon
 (``bench/submodels.py``'s runtime: ``nuclei.analyse`` over a stream of the haloed
 blocks) on the same tiles, in the same run (target >= 0.9). ``--separate`` adds the
 default run with every tile stage reading the slide in a pass of its own (the layout
-before the shared pass) as a baseline.
+before the shared pass) as a baseline. Each run is a batch of one: its Chromium for the
+report PDF is opened around it as ``batch.run_batch`` opens it (started in the
+background when the slide starts, closed after), and its wall time includes both.
 
 ``--device cuda`` (needs a GPU; CI skips it) also configures ``embed`` with random
 weights in PathCLIP's released layout (open_clip ViT-B-16, quick GELU, a plain
@@ -58,7 +60,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_assist import batch, chunks, config, lowres
+from wsi_assist import batch, chunks, config, files, lowres
+from wsi_assist.report import browser, pdf
 from wsi_assist.stages import REGISTRY, tilepass
 
 log = logging.getLogger("bench.pipeline")
@@ -138,7 +141,10 @@ def one_run(slide: Path, out: Path, cfg: config.Config) -> dict[str, Any]:
     probe = Probe()
     with probe.installed():
         t0 = time.perf_counter()
-        r = batch.process_slide(slide, slide.stem, out, cfg, force=True)
+        # the batch's one Chromium for PDFs, as ``run_batch`` opens it (a batch of one)
+        with browser.shared(pdf.batch_browser(files.work_dir(out))
+                            if "report" in cfg.stages and cfg.report.pdf else None):
+            r = batch.process_slide(slide, slide.stem, out, cfg, force=True)
         wall = time.perf_counter() - t0
     if r.status != "done":
         raise SystemExit(f"{slide}: the run failed in {r.stage}: {r.error}")

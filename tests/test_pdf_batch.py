@@ -71,6 +71,34 @@ def test_broken_batch_browser_falls_back_to_one_chromium_per_page(tmp_path: Path
 
 
 @needs_chromium
+def test_warm_starts_chromium_before_the_first_page(tmp_path: Path) -> None:
+    b = pdf.batch_browser(tmp_path / "scratch")
+    assert b is not None
+    html = pages(tmp_path / "html", 1)[0]
+    with browser.shared(b):
+        started = b.warm()
+        assert started is not None and b.warm() is None  # one warm-up at a time
+        started.join(60)
+        assert b.starts == 1 and b.warm() is None  # running, attached before any page
+        assert pdf.write_pdf(html, html.with_suffix(".pdf")) == "written"
+    assert b.starts == 1 and html.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+@needs_chromium
+def test_a_failed_warm_up_leaves_the_page_to_fall_back(tmp_path: Path) -> None:
+    broken = browser.Browser(str(tmp_path / "no-such-chromium"), pdf.FLAGS,
+                             tmp_path / "scratch", pdf.CHROMIUM_DIRS)
+    good = pages(tmp_path / "html", 1)[0]
+    with browser.shared(broken):
+        started = broken.warm()
+        assert started is not None
+        started.join(60)
+        assert pdf.write_pdf(good, tmp_path / "out.pdf", tmp_path / "scratch") == "written"
+    assert (tmp_path / "out.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+@needs_chromium
 def test_batch_starts_one_chromium_for_all_slides(svs_slide: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from wsi_assist import batch, config

@@ -207,6 +207,8 @@ def process_slide(path: Path, slide_id: str, out: Path, config: Config,
         if not todo:
             return _skipped(result, done)
         log.info("start %s (%s): %s", slide_id, path, ", ".join(todo))
+        if "report" in todo and config.report.pdf:
+            browser.warm_current()  # Chromium starts while the other stages run
         _run_in_work_folder(path, slide_id, out, config, info, todo, done, want, fp, result)
         result.seen = _digest(read_done(final))
     except Exception as e:  # one bad slide must not stop the batch

@@ -47,6 +47,8 @@ def report(
             scratch = files.work_dir(folders[0].parent)
             stack.callback(_remove_empty, scratch)
             stack.enter_context(browser.shared(report_pdf.batch_browser(scratch)))
+            if pdf is not False:
+                browser.warm_current()  # starts while the first slide's outputs are built
         try:
             for d in folders:
                 cfg = configs.get(d.parent)

@@ -13,6 +13,8 @@ A page that fails (an error, a timeout, the browser gone) raises :class:`Browser
 and the browser is stopped; the next page starts a fresh one, so one slide never fails
 another. :func:`shared` opens the batch's browser (``batch.run_batch`` does, around its
 local loop); :func:`current` is what ``pdf.write_pdf`` uses, else it runs Chromium once.
+A slide that will write a PDF starts it ahead (:func:`warm_current`: Chromium starts in
+the background while the slide's first stages run).
 On a Dask worker (``--workers``, ``--scheduler``) each worker process keeps one browser
 for all the slides it reports (:func:`for_process`, made current by :func:`using`),
 closed at the end of the batch (:func:`close_process_browsers`) or when the process ends.
@@ -75,6 +77,7 @@ class Browser:
         self._session: str | None = None
         self._next_id = 0
         self._lock = threading.Lock()
+        self._warming = False
         self.starts = 0  # how many Chromium processes were started (the bench and tests)
 
     def print_pdf(self, html: Path, out: Path, timeout: float = PAGE_TIMEOUT) -> None:
@@ -87,6 +90,30 @@ class Browser:
             except (OSError, ValueError, KeyError, BrowserError) as e:
                 self.close()
                 raise BrowserError(str(e) or type(e).__name__) from e
+
+    def warm(self) -> threading.Thread | None:
+        """Start Chromium and attach to its page in a background thread (returned; None
+        when it runs or is starting already), so that the first PDF does not wait
+        1.3-1.6 s for it while the slide's other stages could run. A failure here is
+        left to :meth:`print_pdf`, which starts a fresh one."""
+        if self._warming or (self._proc is not None and self._proc.poll() is None):
+            return None
+        self._warming = True
+        thread = threading.Thread(target=self._warm, name="chromium-warm", daemon=True)
+        thread.start()
+        return thread
+
+    def _warm(self) -> None:
+        with self._lock:
+            try:
+                self._start()
+                if self._session is None:
+                    self._session = self._attach(time.monotonic() + PAGE_TIMEOUT)
+            except (OSError, ValueError, KeyError, BrowserError) as e:
+                log.debug("chromium did not start ahead of the first PDF (%s)", e)
+                self.close()
+            finally:
+                self._warming = False
 
     def shutdown(self, wait: float = 10.0) -> None:
         """:meth:`close`, after the page being printed (up to ``wait`` seconds)."""
@@ -236,6 +263,14 @@ def current() -> Browser | None:
     return getattr(_THREAD, "browser", None) or _CURRENT
 
 
+def warm_current() -> None:
+    """Start the :func:`current` browser ahead of its first page (:meth:`Browser.warm`),
+    if there is one: a slide whose stages end with a PDF is starting."""
+    b = current()
+    if b is not None:
+        b.warm()
+
+
 @contextlib.contextmanager
 def using(browser: Browser | None) -> Iterator[Browser | None]:
     """Make ``browser`` :func:`current` in this thread while the block runs; it stays
@@ -294,4 +329,4 @@ def shared(browser: Browser | None) -> Iterator[Browser | None]:
     finally:
         _CURRENT = previous
         if browser is not None:
-            browser.close()
+            browser.shutdown()  # after a warm-up or page in progress
