@@ -85,6 +85,16 @@ def test_warm_starts_chromium_before_the_first_page(tmp_path: Path) -> None:
     assert list((tmp_path / "scratch").iterdir()) == []
 
 
+def test_no_warm_up_after_the_batch_shut_its_browser_down(tmp_path: Path) -> None:
+    # a slide still running on a Dask worker after Ctrl-C ended the batch
+    b = browser.Browser(str(tmp_path / "no-such-chromium"), pdf.FLAGS,
+                        tmp_path / "scratch", pdf.CHROMIUM_DIRS)
+    b.shutdown()
+    with browser.using(b):
+        browser.warm_current()
+    assert b.warm() is None and b.starts == 0 and not (tmp_path / "scratch").exists()
+
+
 @needs_chromium
 def test_a_failed_warm_up_leaves_the_page_to_fall_back(tmp_path: Path) -> None:
     broken = browser.Browser(str(tmp_path / "no-such-chromium"), pdf.FLAGS,

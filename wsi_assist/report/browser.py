@@ -77,7 +77,7 @@ class Browser:
         self._session: str | None = None
         self._next_id = 0
         self._lock = threading.Lock()
-        self._warming = False
+        self._warming = self._retired = False
         self.starts = 0  # how many Chromium processes were started (the bench and tests)
 
     def print_pdf(self, html: Path, out: Path, timeout: float = PAGE_TIMEOUT) -> None:
@@ -93,10 +93,12 @@ class Browser:
 
     def warm(self) -> threading.Thread | None:
         """Start Chromium and attach to its page in a background thread (returned; None
-        when it runs or is starting already), so that the first PDF does not wait
-        1.3-1.6 s for it while the slide's other stages could run. A failure here is
-        left to :meth:`print_pdf`, which starts a fresh one."""
-        if self._warming or (self._proc is not None and self._proc.poll() is None):
+        when it runs or is starting already, or after :meth:`shutdown`: the batch has
+        ended, and a slide still finishing on a worker must not start one), so that the
+        first PDF does not wait 1.3-1.6 s for it while the slide's other stages could
+        run. A failure here is left to :meth:`print_pdf`, which starts a fresh one."""
+        if self._retired or self._warming or (self._proc is not None
+                                               and self._proc.poll() is None):
             return None
         self._warming = True
         thread = threading.Thread(target=self._warm, name="chromium-warm", daemon=True)
@@ -106,6 +108,8 @@ class Browser:
     def _warm(self) -> None:
         with self._lock:
             try:
+                if self._retired:  # shut down before this thread got the lock
+                    return
                 self._start()
                 if self._session is None:
                     self._session = self._attach(time.monotonic() + PAGE_TIMEOUT)
@@ -117,6 +121,7 @@ class Browser:
 
     def shutdown(self, wait: float = 10.0) -> None:
         """:meth:`close`, after the page being printed (up to ``wait`` seconds)."""
+        self._retired = True  # a slide still running on a worker starts no warm-up
         got = self._lock.acquire(timeout=wait)
         try:
             self.close()
