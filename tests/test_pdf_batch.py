@@ -26,6 +26,26 @@ def pages(folder: Path, n: int) -> list[Path]:
     return out
 
 
+def batch_browser(tmp_path: Path) -> browser.Browser:
+    """The batch's browser, its scratch folder ``tmp_path / "scratch"``."""
+    b = pdf.batch_browser(tmp_path / "scratch")
+    assert b is not None
+    return b
+
+
+def warm_up(b: browser.Browser) -> None:
+    """Start ``b`` in the background and wait until it is up (or has failed)."""
+    started = b.warm()
+    assert started is not None
+    started.join(60)
+
+
+def broken_browser(tmp_path: Path) -> browser.Browser:
+    """A batch browser whose executable does not exist."""
+    return browser.Browser(str(tmp_path / "no-such-chromium"), pdf.FLAGS,
+                           tmp_path / "scratch", pdf.CHROMIUM_DIRS)
+
+
 @needs_chromium
 def test_one_browser_prints_every_page_and_cleans_up(tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
@@ -48,8 +68,7 @@ def test_one_browser_prints_every_page_and_cleans_up(tmp_path: Path) -> None:
 
 @needs_chromium
 def test_a_failing_page_restarts_the_browser_for_the_next(tmp_path: Path) -> None:
-    b = pdf.batch_browser(tmp_path / "scratch")
-    assert b is not None
+    b = batch_browser(tmp_path)
     good = pages(tmp_path / "html", 1)[0]
     with browser.shared(b):
         with pytest.raises(browser.BrowserError, match="ERR_FILE_NOT_FOUND"):
@@ -62,8 +81,7 @@ def test_a_failing_page_restarts_the_browser_for_the_next(tmp_path: Path) -> Non
 def test_broken_batch_browser_falls_back_to_one_chromium_per_page(tmp_path: Path) -> None:
     exe = pdf.find_browser()
     assert exe is not None
-    broken = browser.Browser(str(tmp_path / "no-such-chromium"), pdf.FLAGS,
-                             tmp_path / "scratch", pdf.CHROMIUM_DIRS)
+    broken = broken_browser(tmp_path)
     good = pages(tmp_path / "html", 1)[0]
     with browser.shared(broken):
         assert pdf.write_pdf(good, tmp_path / "out.pdf", tmp_path / "scratch") == "written"
@@ -72,13 +90,10 @@ def test_broken_batch_browser_falls_back_to_one_chromium_per_page(tmp_path: Path
 
 @needs_chromium
 def test_warm_starts_chromium_before_the_first_page(tmp_path: Path) -> None:
-    b = pdf.batch_browser(tmp_path / "scratch")
-    assert b is not None
+    b = batch_browser(tmp_path)
     html = pages(tmp_path / "html", 1)[0]
     with browser.shared(b):
-        started = b.warm()
-        assert started is not None and b.warm() is None  # one warm-up at a time
-        started.join(60)
+        warm_up(b)
         assert b.starts == 1 and b.warm() is None  # running, attached before any page
         assert pdf.write_pdf(html, html.with_suffix(".pdf")) == "written"
     assert b.starts == 1 and html.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
@@ -87,8 +102,7 @@ def test_warm_starts_chromium_before_the_first_page(tmp_path: Path) -> None:
 
 def test_no_warm_up_after_the_batch_shut_its_browser_down(tmp_path: Path) -> None:
     # a slide still running on a Dask worker after Ctrl-C ended the batch
-    b = browser.Browser(str(tmp_path / "no-such-chromium"), pdf.FLAGS,
-                        tmp_path / "scratch", pdf.CHROMIUM_DIRS)
+    b = broken_browser(tmp_path)
     b.shutdown()
     with browser.using(b):
         browser.warm_current()
@@ -97,13 +111,10 @@ def test_no_warm_up_after_the_batch_shut_its_browser_down(tmp_path: Path) -> Non
 
 @needs_chromium
 def test_a_failed_warm_up_leaves_the_page_to_fall_back(tmp_path: Path) -> None:
-    broken = browser.Browser(str(tmp_path / "no-such-chromium"), pdf.FLAGS,
-                             tmp_path / "scratch", pdf.CHROMIUM_DIRS)
+    broken = broken_browser(tmp_path)
     good = pages(tmp_path / "html", 1)[0]
     with browser.shared(broken):
-        started = broken.warm()
-        assert started is not None
-        started.join(60)
+        warm_up(broken)
         assert pdf.write_pdf(good, tmp_path / "out.pdf", tmp_path / "scratch") == "written"
     assert (tmp_path / "out.pdf").read_bytes()[:5] == b"%PDF-"
 
@@ -219,8 +230,7 @@ def test_chromium_runs_in_a_session_of_its_own_and_is_gone_after(
                                f"{os.environ['PATH']}")
     html = pages(tmp_path / "html", 2)
     assert pdf.write_pdf(html[0], tmp_path / "one.pdf") == "written"  # Chromium once
-    b = pdf.batch_browser(tmp_path / "scratch")
-    assert b is not None
+    b = batch_browser(tmp_path)
     with browser.shared(b):
         assert pdf.write_pdf(html[1], tmp_path / "two.pdf") == "written"
     got = starts(log)
