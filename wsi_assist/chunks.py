@@ -330,8 +330,8 @@ class ScaledUnits:
             return
         h, w = self.chunk_shape
         try:
-            got = self._jpeg_decode(self._prefix + data[2:] if self._prefix else data,
-                                    "RGB", min_height=h, min_width=w, buffer=out)
+            jpeg = b"".join((self._prefix, memoryview(data)[2:])) if self._prefix else data
+            got = self._jpeg_decode(jpeg, "RGB", min_height=h, min_width=w, buffer=out)
         except ValueError:  # libjpeg warned (strict): read it as the full path does
             out[:] = self._full_then_reduce(data)
             return

@@ -8,7 +8,6 @@ a single-level gigapixel slide never sits in memory whole.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -98,8 +97,8 @@ def read_box(src: UnitSource, box: tuple[int, int, int, int],
         a, b, c, d = max(ty0, y0), min(ty1, y1), max(tx0, x0), min(tx1, x1)
         out[a - y0:b - y0, c - x0:d - x0] = src.decode(*unit)[a - ty0:b - ty0, c - tx0:d - tx0]
 
-    units = [(uy, ux) for uy in range(y0 // uh, math.ceil(y1 / uh))
-             for ux in range(x0 // uw, math.ceil(x1 / uw))]
+    units = [(uy, ux) for uy in range(y0 // uh, -(-y1 // uh))
+             for ux in range(x0 // uw, -(-x1 // uw))]
     list(pool.map(paste, units))  # raises the first unit's error
     return out
 
