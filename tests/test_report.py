@@ -3,7 +3,9 @@ Chromium), PDF, the `report` command, and the batch index."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import re
 import shutil
@@ -130,8 +132,8 @@ def test_report_command_errors_in_one_line(tmp_path: Path) -> None:
 
 @needs_chromium
 def test_html_renders_in_chromium_with_every_image(slide_dir: Path, tmp_path: Path) -> None:
-    html = (slide_dir / "report.html").read_text(encoding="utf-8")
-    probe = html.replace("<head>", "<head>" + PROBE, 1)
+    html_text = (slide_dir / "report.html").read_text(encoding="utf-8")
+    probe = html_text.replace("<head>", "<head>" + PROBE, 1)
     page = tmp_path / "probe.html"
     page.write_text(probe, encoding="utf-8")
     res = pdf.chromium(["--dump-dom", "--virtual-time-budget=10000"], page)
@@ -145,8 +147,39 @@ def test_html_renders_in_chromium_with_every_image(slide_dir: Path, tmp_path: Pa
     assert img.shape[:2] == (2600, 1100) and img.std() > 20  # not blank
     banner = img[5:30, 300:800].reshape(-1, 3).mean(axis=0)
     assert banner[0] > 150 and banner[1] < 60  # the red SYNTHETIC SLIDE banner
-    head = (slide_dir / "report.pdf").read_bytes()[:5]
-    assert head == b"%PDF-" and (slide_dir / "report.pdf").stat().st_size > 20_000
+    data = (slide_dir / "report.pdf").read_bytes()
+    assert data[:5] == b"%PDF-" and len(data) > 20_000
+    # the overlay (over PRINT_JPEG_MIN_BYTES as PNG) is in the PDF as JPEG data, not in
+    # report.html, and the page printed for it is gone
+    assert (slide_dir / "overlays" / "classes.png").stat().st_size > html.PRINT_JPEG_MIN_BYTES
+    assert b"/DCTDecode" in data and "data:image/jpeg" not in html_text
+    assert not [p.name for p in slide_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_pdf_page_puts_large_pictures_in_as_jpeg(slide_dir: Path, tmp_path: Path) -> None:
+    r = json.loads((slide_dir / "report.json").read_text(encoding="utf-8"))
+    d = tmp_path / "slide"
+    shutil.copytree(slide_dir, d)
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (700, 600, 3), np.uint8)  # noise: a PNG of about 1.2 MB
+    Image.fromarray(big).save(d / r["images"]["overlay"])
+    assert (d / r["images"]["overlay"]).stat().st_size > html.PRINT_JPEG_MIN_BYTES
+
+    def pictures(page: str) -> list[tuple[str, np.ndarray]]:
+        found = re.findall(r'src="data:image/(png|jpeg);base64,([^"]+)"', page)
+        return [(kind, np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), np.int16))
+                for kind, b64 in found]
+
+    shown, printed = pictures(html.render(r, d)), pictures(html.render(r, d, for_print=True))
+    assert len(shown) == len(printed) >= 5 and {k for k, _ in shown} == {"png"}
+    # the overlay alone is large enough; the small pictures stay PNG, pixel for pixel
+    assert [k for k, _ in printed].count("jpeg") == 1
+    for (ks, a), (kp, b) in zip(shown, printed, strict=True):
+        assert a.shape[:2] == b.shape[:2]
+        if kp == "png":
+            assert np.array_equal(a, b)
+        else:  # quality 90 without chroma subsampling, even on noise
+            assert np.array_equal(a, big) and np.abs(a - b).mean() < 12
 
 
 PROBE = """<script>

@@ -85,10 +85,21 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
     files.write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False))
     files.write_text(out_dir / "report.md", markdown.render(report))
     files.write_text(out_dir / "report.html", html.render(report, out_dir))
-    pdf_note = pdf.write_pdf(out_dir / "report.html", out_dir / "report.pdf", scratch) \
-        if params.pdf else "disabled (report.pdf: false)"
+    pdf_note = _write_pdf(report, out_dir, scratch) if params.pdf \
+        else "disabled (report.pdf: false)"
     return {"annotations": n_feats, "regions": sum(not r.geometry.is_empty for r in regions),
             "heatmaps": len(pics["heatmaps"]), "pdf": pdf_note}
+
+
+def _write_pdf(report: dict[str, Any], out_dir: Path, scratch: Path | None) -> str:
+    """report.pdf, printed from the page as report.html shows it with its large
+    pictures as JPEG (:func:`html.render` ``for_print``), a hidden file removed after."""
+    page = files.temp_name(out_dir / "report-print.html")
+    try:
+        page.write_text(html.render(report, out_dir, for_print=True), encoding="utf-8")
+        return pdf.write_pdf(page, out_dir / "report.pdf", scratch)
+    finally:
+        page.unlink(missing_ok=True)
 
 
 def _sharpest(overview: Overview, thumbnail: Overview | None,

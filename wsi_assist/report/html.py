@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import logging
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from PIL import Image
 
 from wsi_assist.report.labels import (
     finding_label,
@@ -35,12 +37,36 @@ def environment() -> Environment:
     return env
 
 
-def data_uri(path: Path) -> str | None:
-    """A PNG/JPEG file as a base64 data URI, or None when it does not exist."""
+#: PNG pictures over this many bytes go into the page printed to PDF as JPEG: Chromium
+#: embeds JPEG data as it is but compresses PNG pixels anew (a 3.5 MB slide overlay took
+#: 0.6 s of a page's 0.65 s, as JPEG 0.2 s, and the PDF was 4x larger). report.html
+#: keeps the lossless PNG.
+PRINT_JPEG_MIN_BYTES = 256_000
+#: JPEG quality of those pictures; without chroma subsampling, so thin coloured outlines
+#: keep their colour.
+PRINT_JPEG_QUALITY = 90
+
+
+def data_uri(path: Path, for_print: bool = False) -> str | None:
+    """A PNG/JPEG file as a base64 data URI, or None when it does not exist;
+    ``for_print``: a PNG over PRINT_JPEG_MIN_BYTES as JPEG, when that is smaller."""
     if not path.is_file():
         return None
     mime = "image/jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "image/png"
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    data = path.read_bytes()
+    if for_print and mime == "image/png" and len(data) > PRINT_JPEG_MIN_BYTES:
+        jpeg = _as_jpeg(data)
+        if len(jpeg) < len(data):
+            mime, data = "image/jpeg", jpeg
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _as_jpeg(png: bytes) -> bytes:
+    with Image.open(io.BytesIO(png)) as im:
+        rgb = im.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=PRINT_JPEG_QUALITY, subsampling=0)
+    return buf.getvalue()
 
 
 #: Captions of a sub-model's pictures (``report.json`` submodels[].pictures).
@@ -48,21 +74,26 @@ PICTURE_TITLES = {"detections": "Detections on a sharp field (outlines coloured 
                   "dab_heatmap": "Mean nuclear DAB OD per tile"}
 
 
-def render(r: dict[str, Any], out_dir: Path) -> str:
-    """The HTML page of report dict ``r``; pictures are read from ``out_dir``."""
+def render(r: dict[str, Any], out_dir: Path, for_print: bool = False) -> str:
+    """The HTML page of report dict ``r``; pictures are read from ``out_dir``.
+    ``for_print``: the page printed to report.pdf (large PNG pictures as JPEG)."""
     images = r["images"]
+
+    def _uri(rel: str | None) -> str | None:
+        return picture_uri(out_dir, rel, for_print)
+
     classes = _by_share(r["composition"])
     top = max((x["fraction"] or 0 for x in classes), default=0) or 1
     return environment().get_template("report.html.j2").render(
         r=r, keys=key_points(r),
-        overview=_uri(out_dir, images.get("overlay") or images.get("thumbnail")),
+        overview=_uri(images.get("overlay") or images.get("thumbnail")),
         classes=[(x, f"{100 * (x['fraction'] or 0) / top:.1f}") for x in classes],
-        heatmaps=[(k, _uri(out_dir, v)) for k, v in images.get("heatmaps", {}).items()],
+        heatmaps=[(k, _uri(v)) for k, v in images.get("heatmaps", {}).items()],
         submodels=[(m, dict(zip(m["classes"], m["colors"], strict=False)),
-                    [(PICTURE_TITLES.get(k, k), _uri(out_dir, v))
+                    [(PICTURE_TITLES.get(k, k), _uri(v))
                      for k, v in (m.get("pictures") or {}).items()])
                    for m in r["submodels"]],
-        tiles=[(t, _uri(out_dir, t.get("tile_png"))) for t in r["representative_tiles"]],
+        tiles=[(t, _uri(t.get("tile_png"))) for t in r["representative_tiles"]],
         summary=_summary(r), not_run=not_run_notes(r["stages"]))
 
 
@@ -92,10 +123,12 @@ def _by_share(c: dict[str, Any] | None) -> list[dict[str, Any]]:
     return sorted(c["classes"] if c else [], key=lambda x: -(x["fraction"] or 0))
 
 
-def _uri(out_dir: Path, rel: str | None) -> str | None:
+def picture_uri(out_dir: Path, rel: str | None, for_print: bool = False) -> str | None:
+    """The data URI of picture ``rel`` of ``out_dir`` (see :func:`data_uri`); None, and
+    a warning, when it is missing."""
     if not rel:
         return None
-    uri = data_uri(out_dir / rel)
+    uri = data_uri(out_dir / rel, for_print)
     if uri is None:
         log.warning("%s: image %s missing; left out of report.html", out_dir, rel)
     return uri
