@@ -300,8 +300,14 @@ def test_ctrl_c_twice_still_writes_manifest_and_index(small_slides: list[Path],
     p = subprocess.Popen(_cli("run", str(src), "-o", str(out), "--config", str(cfg)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while not list(out.glob("s*/done.json")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the first slide is done: the second has just started
+
+    def second_started() -> bool:  # the first slide is done and the second has started
+        log = out / "run.log"
+        return bool(list(out.glob("s*/done.json"))) and log.is_file() and \
+            "start s1 " in log.read_text(encoding="utf-8", errors="replace")
+
+    while not second_started() and time.monotonic() < deadline:
+        time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)  # abort the slide being processed
