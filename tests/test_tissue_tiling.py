@@ -11,8 +11,8 @@ import shapely
 from shapely import affinity
 
 from wsi_assist import tiling, tissue
-from wsi_assist.settings import TilingParams, TissueParams
 from wsi_assist.lowres import read_lowres
+from wsi_assist.settings import TilingParams, TissueParams
 from wsi_assist.slide import SlideInfo, describe, open_slide
 from wsi_assist.synthetic import Ellipse, SyntheticSlide, write_slide
 
@@ -42,7 +42,7 @@ def test_detected_area_matches_drawn(request: pytest.FixtureRequest, fixture: st
         # overview_min_px 200 keeps a 2 um/px overview, read from odd_slide's 2.4x level
         params = TissueParams(overview_mpp=2.0, overview_min_px=200, min_area_um2=2000.0,
                               smoothing_um=4.0)
-    info, found = detect_file(path, params)
+    _, found = detect_file(path, params)
     assert found.background == "bright"
     assert len(found.polygons) == 3
     assert found.geometry.area == pytest.approx(syn_spec.tissue_area, rel=0.05)
@@ -265,7 +265,7 @@ def test_small_core_is_detected_at_full_resolution(tmp_path: Path) -> None:
     core = SyntheticSlide(1400, 1400, ellipses=(Ellipse(700, 700, 600, 600),))
     path = write_slide(tmp_path / "core.svs", core, kind="svs", mpp=0.5)
     assert tissue.overview_mpp(1400, 1400, 0.5) == 0.7  # read_lowres: floor(1.4) = level 0
-    info, found = detect_file(path)
+    _, found = detect_file(path)
     assert found.downsample == 1.0 and found.mask.shape == (1400, 1400)
     truth = shapely.Point(700, 700).buffer(600, 256)
     assert len(found.polygons) == 1

@@ -164,7 +164,7 @@ def open_slide(path: str | Path) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             slide = tiffslide.TiffSlide(path)
-            slide.properties
+            _ = slide.properties  # parses the metadata: a bad file fails here
     except Exception as e:  # tifffile raises many types for malformed files
         raise SlideError(f"{path}: not a readable TIFF-based slide "
                          f"({in_words(e, 'damaged or inconsistent TIFF structure')})") from e

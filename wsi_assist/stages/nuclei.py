@@ -295,8 +295,8 @@ def fluorescence_setup(slide: SlideContext, params: NucleiParams,
     """The nuclear channel (``channels.nuclear`` on a multichannel slide; on an RGB scan
     the one carrying the stain) and the detection threshold, from the slide's raw
     overview and its stored tissue."""
-    from wsi_assist.lowres import read_lowres
     from wsi_assist import tissue as tissue_mod
+    from wsi_assist.lowres import read_lowres
 
     info = slide.info
     mpp = info.require_mpp()
