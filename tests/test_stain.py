@@ -49,6 +49,20 @@ def test_od_of_white_is_zero_and_of_black_is_bounded() -> None:
     np.testing.assert_allclose(od[1], np.log10(255), rtol=1e-5)
 
 
+@pytest.mark.parametrize("background", [(255, 255, 255), (241.0, 238.5, 243.25)])
+def test_od_table_of_8_bit_pixels_equals_computing_each(background) -> None:
+    v = np.arange(256, dtype=np.uint8)
+    # every value in every channel, in a large image (numpy's vector loops and tails)
+    rgb = np.tile(np.stack([v, v[::-1], np.roll(v, 77)], axis=-1), (97, 1)).reshape(
+        97, 256, 3)
+    table = optical_density(rgb, background)
+    each = optical_density(rgb.astype(np.float32), background)
+    assert table.dtype == each.dtype == np.float32 and table.shape == (97, 256, 3)
+    assert np.array_equal(table, each)
+    assert np.array_equal(optical_density(rgb[..., ::-1], background),
+                          optical_density(rgb[..., ::-1].astype(np.float32), background))
+
+
 def test_vectors_must_be_independent() -> None:
     v = default_vectors("brightfield-he")
     with pytest.raises(ValueError, match="independent"):
