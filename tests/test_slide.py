@@ -185,3 +185,27 @@ def test_a_level_that_cannot_be_decoded_names_the_file_and_level(shared_slides: 
                                               match=r"cut\.svs level 0: cannot decode chunk "
                                                     r"row 4, column 0: Not a JPEG"):
         read_lowres(s, info, info.require_mpp() * 2)
+
+
+@pytest.mark.parametrize("f", [1, 2, 3, 4, 16, 17])
+def test_block_means_round_every_sum_half_to_even(f: int) -> None:
+    from wsi_assist.lowres import box_mean
+
+    # one block for every sum 0 .. 255 f^2: that many 255s, the remainder, then zeros,
+    # in a shuffled order per block; as many blocks per row as make up a level row
+    n = f * f
+    sums = np.arange(255 * n + 1)
+    full, rest = sums // 255, sums % 255
+    k = np.arange(n)
+    px = np.where(k < full[:, None], 255, np.where(k == full[:, None], rest[:, None], 0))
+    px = np.random.default_rng(f).permuted(px, axis=1).astype(np.uint8)
+    w = 7
+    rows = -(-len(sums) // w)
+    px = np.concatenate([px, np.zeros((rows * w - len(sums), n), np.uint8)])
+    blocks = px.reshape(rows, w, f, f).transpose(0, 2, 1, 3)[..., None]  # (H, f, W, f, 1)
+    want = np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+    got = box_mean(np.ascontiguousarray(blocks))
+    assert got.dtype == np.uint8 and got.shape == (rows, w, 1)
+    assert np.array_equal(got, want)
+    assert np.array_equal(np.repeat(got, 3, axis=2),
+                          box_mean(np.ascontiguousarray(np.repeat(blocks, 3, axis=4))))

@@ -105,18 +105,40 @@ def read_box(src: UnitSource, box: tuple[int, int, int, int],
 
 def box_mean(blocks: np.ndarray) -> np.ndarray:
     """Mean of ``blocks`` (H, f, W, f, C) over its f x f blocks. 8-bit blocks: summed as
-    integers one block offset at a time (contiguous rows: 5-9x faster than numpy's mean
-    over the two strided axes) and rounded half to even in integers, as
-    ``np.round`` rounds the float mean (the same values; twice as fast); others float64."""
+    integers, then rounded half to even as ``np.round`` rounds the float mean (the same
+    values, 3-6x faster than integer rounding after a sum one block offset at a time,
+    itself 5-9x faster than numpy's mean over the two strided axes); others float64."""
     f = blocks.shape[1]
     if blocks.dtype != np.uint8 or blocks.shape[3] != f:
         return np.asarray(blocks.mean(axis=(1, 3)))
-    acc = np.zeros((blocks.shape[0], blocks.shape[2], blocks.shape[4]),
-                   np.uint16 if f <= 16 else np.uint32)  # 255 * 16^2 fits 16 bits
-    for i in range(f):
-        for j in range(f):
-            acc += blocks[:, i, :, j]
+    if f == 1:
+        return blocks[:, 0, :, 0].copy()
+    out = np.empty((blocks.shape[0], blocks.shape[2], blocks.shape[4]), np.uint8)
+    step = max(1, BOX_ROWS // f)
+    for r in range(0, blocks.shape[0], step):
+        out[r:r + step] = _rounded_block_mean(blocks[r:r + step])
+    return out
+
+
+#: Level rows summed at a time by :func:`box_mean` (its buffers stay in the CPU's caches).
+BOX_ROWS = 128
+
+
+def _rounded_block_mean(blocks: np.ndarray) -> np.ndarray:
+    f = blocks.shape[1]
     n = f * f
-    q, r = np.divmod(acc, n)
-    q += (2 * r > n) | ((2 * r == n) & (q % 2 == 1))
-    return q.astype(np.uint8)
+    # the f rows of each block added as whole rows (contiguous, one cast each), then the
+    # f columns; 255 * 16^2 fits 16 bits
+    rows = blocks[:, 0].astype(np.uint16 if f <= 16 else np.uint32)
+    for i in range(1, f):
+        np.add(rows, blocks[:, i], out=rows)
+    acc = rows[:, :, 0].copy()
+    for j in range(1, f):
+        np.add(acc, rows[:, :, j], out=acc)
+    # the float32 quotient of sums below 2**24 by n < 2**16 is exact at a tie and
+    # otherwise off by at most 2**-17, less than the 1 / (2 n) from v to the nearest
+    # half: np.rint rounds it as np.round rounds the exact mean
+    x = acc.astype(np.float32 if n < 2**16 else np.float64)
+    np.divide(x, n, out=x)
+    np.rint(x, out=x)
+    return x.astype(np.uint8)
