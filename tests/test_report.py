@@ -154,6 +154,7 @@ def test_html_renders_in_chromium_with_every_image(slide_dir: Path, tmp_path: Pa
     assert (slide_dir / "overlays" / "classes.png").stat().st_size > html.PRINT_JPEG_MIN_BYTES
     assert b"/DCTDecode" in data and "data:image/jpeg" not in html_text
     assert not [p.name for p in slide_dir.iterdir() if p.name.startswith(".")]
+    assert not list((slide_dir.parent / ".work").glob("**/*.html"))
 
 
 def test_pdf_page_puts_large_pictures_in_as_jpeg(slide_dir: Path, tmp_path: Path) -> None:

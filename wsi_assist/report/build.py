@@ -93,8 +93,11 @@ def build_slide_outputs(store: SlideStore, params: ReportParams, *,
 
 def _write_pdf(report: dict[str, Any], out_dir: Path, scratch: Path | None) -> str:
     """report.pdf, printed from the page as report.html shows it with its large
-    pictures as JPEG (:func:`html.render` ``for_print``), a hidden file removed after."""
-    page = files.temp_name(out_dir / "report-print.html")
+    pictures as JPEG (:func:`html.render` ``for_print``): a hidden file in ``scratch``
+    (else the slide folder), removed after."""
+    folder = scratch if scratch is not None else out_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    page = files.temp_name(folder / "report-print.html")
     try:
         page.write_text(html.render(report, out_dir, for_print=True), encoding="utf-8")
         return pdf.write_pdf(page, out_dir / "report.pdf", scratch)
