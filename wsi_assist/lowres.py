@@ -106,7 +106,7 @@ def read_box(src: UnitSource, box: tuple[int, int, int, int],
 def box_mean(blocks: np.ndarray) -> np.ndarray:
     """Mean of ``blocks`` (H, f, W, f, C) over its f x f blocks. 8-bit blocks: summed as
     integers, then rounded half to even as ``np.round`` rounds the float mean (the same
-    values, 3-6x faster than integer rounding after a sum one block offset at a time,
+    values, 2-5x faster than integer rounding after a sum one block offset at a time,
     itself 5-9x faster than numpy's mean over the two strided axes); others float64."""
     f = blocks.shape[1]
     if blocks.dtype != np.uint8 or blocks.shape[3] != f:
