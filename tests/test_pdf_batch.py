@@ -78,12 +78,16 @@ def test_a_failing_page_restarts_the_browser_for_the_next(tmp_path: Path) -> Non
 
 
 @needs_chromium
-def test_broken_batch_browser_falls_back_to_one_chromium_per_page(tmp_path: Path) -> None:
-    exe = pdf.find_browser()
-    assert exe is not None
+@pytest.mark.parametrize("warmed", [False, True], ids=["page", "failed-warm-up"])
+def test_broken_batch_browser_falls_back_to_one_chromium_per_page(tmp_path: Path,
+                                                                   warmed: bool) -> None:
+    # a batch browser that cannot start, at the first page or at a warm-up before it
+    assert pdf.find_browser() is not None
     broken = broken_browser(tmp_path)
     good = pages(tmp_path / "html", 1)[0]
     with browser.shared(broken):
+        if warmed:
+            warm_up(broken)
         assert pdf.write_pdf(good, tmp_path / "out.pdf", tmp_path / "scratch") == "written"
     assert (tmp_path / "out.pdf").read_bytes()[:5] == b"%PDF-"
 
@@ -107,16 +111,6 @@ def test_no_warm_up_after_the_batch_shut_its_browser_down(tmp_path: Path) -> Non
     with browser.using(b):
         browser.warm_current()
     assert b.warm() is None and b.starts == 0 and not (tmp_path / "scratch").exists()
-
-
-@needs_chromium
-def test_a_failed_warm_up_leaves_the_page_to_fall_back(tmp_path: Path) -> None:
-    broken = broken_browser(tmp_path)
-    good = pages(tmp_path / "html", 1)[0]
-    with browser.shared(broken):
-        warm_up(broken)
-        assert pdf.write_pdf(good, tmp_path / "out.pdf", tmp_path / "scratch") == "written"
-    assert (tmp_path / "out.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 @needs_chromium

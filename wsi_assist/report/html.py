@@ -80,7 +80,7 @@ def render(r: dict[str, Any], out_dir: Path, for_print: bool = False) -> str:
     images = r["images"]
 
     def _uri(rel: str | None) -> str | None:
-        return picture_uri(out_dir, rel, for_print)
+        return _picture_uri(out_dir, rel, for_print)
 
     classes = _by_share(r["composition"])
     top = max((x["fraction"] or 0 for x in classes), default=0) or 1
@@ -123,7 +123,7 @@ def _by_share(c: dict[str, Any] | None) -> list[dict[str, Any]]:
     return sorted(c["classes"] if c else [], key=lambda x: -(x["fraction"] or 0))
 
 
-def picture_uri(out_dir: Path, rel: str | None, for_print: bool = False) -> str | None:
+def _picture_uri(out_dir: Path, rel: str | None, for_print: bool = False) -> str | None:
     """The data URI of picture ``rel`` of ``out_dir`` (see :func:`data_uri`); None, and
     a warning, when it is missing."""
     if not rel:
