@@ -16,12 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import shapely
 from typer.testing import CliRunner
 
 from wsi_assist import batch, config, files, locks
 from wsi_assist.cli import app
+from wsi_assist.settings import TilingParams
+from wsi_assist.slide import describe
 from wsi_assist.synthetic import default_slide, write_slide
+from wsi_assist.tiling import TileGrid
 
 runner = CliRunner()
 TILE = ["--stages", "tissue,tiles"]
@@ -363,7 +368,8 @@ def test_failure_reasons_are_words_naming_the_file(shared_slides: Path, tmp_path
 
 def _damage_tiles(path: Path, chunks: list[int]) -> list[tuple[int, int]]:
     """Damage level-0 JPEG tiles in place, decodably: the first loses its end-of-image
-    marker, the others get a hole of zeros. Returns their (row, column) in tiles."""
+    marker, the third gets a stray APP1 marker inside its scan data, the others a hole of
+    zeros. Returns their (row, column) in tiles."""
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
@@ -375,10 +381,48 @@ def _damage_tiles(path: Path, chunks: list[int]) -> list[tuple[int, int]]:
             if k == 0:
                 f.seek(offsets[i] + counts[i] - 2)
                 f.write(b"\0\0")
+            elif k == 2:
+                f.seek(offsets[i] + counts[i] // 2)
+                f.write(b"\xff\xe1")  # an APP1 marker: decodes, with a warning
             else:
                 f.seek(offsets[i] + counts[i] // 2)
                 f.write(bytes(64))
     return [divmod(i, per_row) for i in chunks]
+
+
+def _overlapping(grid: TileGrid, chunks: list[tuple[int, int]], px: int) -> np.ndarray:
+    """Which grid tiles overlap any of the level-0 ``chunks`` (row, column) of ``px``."""
+    xy, r = grid.level_coords(), grid.read_px
+    return np.array([any(x < (c + 1) * px and x + r > c * px and y < (rw + 1) * px
+                         and y + r > rw * px for rw, c in chunks) for x, y in xy])
+
+
+@pytest.mark.parametrize(("target_mpp", "scale"), [(0.25, 1), (0.5, 2), (1.0, 4)])
+def test_damaged_chunks_flag_the_same_tiles_decoded_in_full_or_scaled(
+        tmp_path: Path, target_mpp: float, scale: int) -> None:
+    """In full (the byte search of jpeg_damaged) or at reduced scale in the DCT domain
+    (libjpeg's strict warnings plus jpeg_damaged_silently), the same tiles are flagged:
+    those holding a chunk cut off its end marker, holed, or with a stray marker."""
+    from wsi_assist.chunks import SOURCES
+    from wsi_assist.stream import reduced_source, stream
+    from wsi_assist.tiling import grid
+
+    path = write_slide(tmp_path / "s.svs", default_slide(1024, 768, seed=4), kind="svs",
+                       mpp=0.25)
+    clean = tmp_path / "clean.svs"
+    shutil.copy(path, clean)
+    bad = _damage_tiles(path, [5, 6, 9])
+    info = describe(path)
+    g = grid(info, shapely.box(0, 0, info.width, info.height),
+             TilingParams(target_mpp=target_mpp, tile_px=64, min_tissue=0.0))
+    assert 0 < _overlapping(g, bad, 256).sum() < len(g)
+    for slide, chunks in ((clean, []), (path, bad)):
+        with SOURCES.lease(str(slide), g.level, "tifffile") as src:
+            reduced, _, px = reduced_source(src, g)
+            assert g.read_px // px == scale and (reduced is src) == (scale == 1)
+        flags = np.concatenate([b.damaged if b.damaged is not None else
+                                np.zeros(len(b), bool) for b in stream(slide, g)])
+        assert flags.tolist() == _overlapping(g, chunks, 256).tolist(), slide
 
 
 def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(tmp_path: Path) -> None:
@@ -397,11 +441,7 @@ def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(tmp_path: Path) -> 
     assert r.exit_code == 0, r.output
     assert json.loads((out / "clean" / "done.json").read_text())[
         "summary"]["tiles"]["damaged_tiles"] == 0
-    grid = SlideStore(out / "hurt", "r").read_grid()
-    xy = grid.level_coords()
-    expected = sum(any(x < (c + 1) * 256 and x + grid.read_px > c * 256 and
-                       y < (rw + 1) * 256 and y + grid.read_px > rw * 256 for rw, c in bad)
-                   for x, y in xy)
+    expected = int(_overlapping(SlideStore(out / "hurt", "r").read_grid(), bad, 256).sum())
     assert expected > 0
     done = json.loads((out / "hurt" / "done.json").read_text())
     assert done["summary"]["tiles"]["damaged_tiles"] == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -429,9 +430,9 @@ def test_large_synthetic_slide_is_tissue_at_40x_and_20x(tmp_path: Path, mpp: flo
 
 
 def test_fast_morphology_equals_scipy() -> None:
-    """Disc dilation/erosion by rows, hole filling by one labelling and the strided block
-    mean give exactly what scipy's binary morphology, binary_fill_holes and a sum over
-    the block axes give."""
+    """Disc dilation/erosion by rows, hole filling by one labelling, the strided block
+    mean and the upsampled mask give exactly what scipy's binary morphology,
+    binary_fill_holes, a sum over the block axes and plain bilinear interpolation give."""
     from scipy import ndimage
 
     rng = np.random.default_rng(5)
@@ -467,3 +468,21 @@ def test_fast_morphology_equals_scipy() -> None:
         blocks = pad.reshape(pad.shape[0] // k, k, pad.shape[1] // k, k, 3)
         assert np.array_equal(tissue.block_mean(rgb, k),
                               blocks.sum(axis=(1, 3), dtype=np.float32) / np.float32(k * k))
+    # the mask upsampled from the coarse field is linear interpolation thresholded at
+    # 0.5, pixel for pixel, though it interpolates only where the level passes (an
+    # outline), or everywhere (noise)
+    for k, noise in itertools.product((2, 3, 5, 16), (False, True)):
+        coarse = ndimage.gaussian_filter(rng.random((-(-301 // k), -(-257 // k))), 2.0 / k)
+        field = ndimage.gaussian_filter((coarse > np.median(coarse)).astype(np.float32), 1.5)
+        if noise:
+            field = rng.random(field.shape).astype(np.float32)
+        field[:4, :4] = 0.5  # exactly on the level
+        ys, xs = ((np.arange(n, dtype=np.float64) + 0.5) / k - 0.5 for n in (301, 257))
+        y0, x0 = (np.clip(np.floor(v).astype(int), 0, m - 1)
+                  for v, m in ((ys, field.shape[0]), (xs, field.shape[1])))
+        y1, x1 = np.minimum(y0 + 1, field.shape[0] - 1), np.minimum(x0 + 1, field.shape[1] - 1)
+        fy, fx = np.clip(ys - y0, 0, 1)[:, None], np.clip(xs - x0, 0, 1)[None, :]
+        along = field[:, x0] * (1 - fx) + field[:, x1] * fx
+        want = along[y0] * (1 - fy) + along[y1] * fy >= 0.5
+        assert 0.2 < want.mean() < 0.8
+        assert np.array_equal(tissue._upsample(field, k, (301, 257)), want)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from wsi_assist.chunks import SCALES, SOURCES, Engine, UnitSource
+from wsi_assist.chunks import SCALES, SOURCES, DamagedRows, Engine, UnitSource
 from wsi_assist.pieces import Pieces, plan_pieces, scatter
 from wsi_assist.slide import Layout, slide_layout
 from wsi_assist.tiling import TileGrid
@@ -167,8 +167,8 @@ class _Scatter:
         self.made, self.next_unit = -1, 0
         self.errors: list[BaseException] = []
         self.stopped = False
-        # units found damaged by the source (a set it fills while decoding) -> tiles
-        self.damaged_units: set[tuple[int, int]] = getattr(src, "damaged_units", set())
+        # rows of damaged chunks, which the source records while decoding -> tiles
+        self.damaged_rows: DamagedRows = getattr(src, "damaged_rows", DamagedRows())
         self.damaged = np.zeros(n, bool)
 
     def run(self, n_threads: int) -> Iterator[TileBatch]:
@@ -231,8 +231,11 @@ class _Scatter:
                     uy, ux = self.units[k]
                     rows = rows_of[self.start[k]:self.start[k + 1]].tolist()
                     scatter(self.src.decode(uy, ux), rows, self.filling, bs)
-                    if self.damaged_units and (uy, ux) in self.damaged_units:
-                        self.damaged[[r[0] for r in rows]] = True
+                    if self.damaged_rows:
+                        hit = self.damaged_rows.hit
+                        for r in rows:  # r: tile, then its rows in the unit
+                            if hit(uy, ux, r[1], r[2]):
+                                self.damaged[r[0]] = True
                     fed.extend(self.feeds[k])
                 with self.batch_made:
                     for b in fed:
