@@ -425,7 +425,8 @@ def test_damaged_chunks_flag_the_same_tiles_decoded_in_full_or_scaled(
         assert flags.tolist() == _overlapping(g, chunks, 256).tolist(), slide
 
 
-def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(tmp_path: Path) -> None:
+def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wsi_assist.chunks import jpeg_damaged
     from wsi_assist.store import SlideStore
 
@@ -450,6 +451,21 @@ def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(tmp_path: Path) -> 
     assert report["qc"]["damaged_tiles"] == expected
     assert "Damaged tiles" in (out / "hurt" / "report.html").read_text()
     assert f"| Damaged tiles | {expected} " in (out / "hurt" / "report.md").read_text()
+    # with the built-in nuclei the tiles are cut out of haloed blocks: still the same
+    # tiles, not every tile of a damaged block
+    from wsi_assist.stages import tilepass
+
+    cut = []
+    crops = tilepass._Crops.add
+    monkeypatch.setattr(tilepass._Crops, "add", lambda self, batch: (
+        cut.append(batch.damaged is not None), (yield from crops(self, batch)))[1])
+    both = tmp_path / "both"
+    r = runner.invoke(app, ["run", str(hurt), "-o", str(both), "--config", str(cfg),
+                            "--stages", "tissue,tiles,submodels"])
+    assert r.exit_code == 0, r.output
+    store = SlideStore(both / "hurt", "r")
+    assert any(cut) and expected < len(store.read_grid())  # damaged blocks, not all bad
+    assert store.read_damaged_tiles() == expected
     # what is flagged is what libjpeg warns about; undamaged tiles are never flagged
     import tifffile
 

@@ -270,6 +270,14 @@ class DamagedRows:
         """Whether rows ``y0:y1`` of unit (``uy``, ``ux``) touch a damaged chunk."""
         return any(a < y1 and y0 < b for a, b in self._spans.get((uy, ux), ()))
 
+    def boxes(self, unit_shape: tuple[int, int], scale: int = 1) -> np.ndarray:
+        """(M, 4) int64 boxes (x0, y0, x1, y1) of the damaged chunks in level pixels, for
+        units of ``unit_shape`` decoded at 1 / ``scale``."""
+        (uh, uw), spans = unit_shape, list(self._spans.items())
+        out = [((ux * uw), uy * uh + a, (ux + 1) * uw, uy * uh + b)
+               for (uy, ux), rows in spans for a, b in rows]
+        return np.array(out, np.int64).reshape(-1, 4) * scale
+
 
 #: Reduced scales libjpeg decodes at in the DCT domain (1/2, 1/4, 1/8).
 SCALES = (2, 4, 8)

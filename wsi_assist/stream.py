@@ -63,12 +63,14 @@ class TileBatch:
     """Rows ``index`` of the grid and their tiles: (N, tile_px, tile_px, 3) uint8 for
     ``layout`` rgb; (N, tile_px, tile_px, C) of the slide's dtype for ``channels``.
     ``damaged`` (N,) bool, when any is: the tile holds pixels of a compressed chunk
-    whose data is damaged but decodable (see :func:`chunks.jpeg_damaged`)."""
+    whose data is damaged but decodable (see :func:`chunks.jpeg_damaged`);
+    ``damaged_boxes`` then (M, 4): those chunks, (x0, y0, x1, y1) level pixels."""
 
     index: np.ndarray
     tiles: np.ndarray
     layout: Layout = "rgb"
     damaged: np.ndarray | None = None
+    damaged_boxes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.layout == "rgb":
@@ -137,6 +139,7 @@ class _Scatter:
                  prefetch: int, read_px: int) -> None:
         self.src, self.grid, self.p, self.bs = src, grid, pieces, batch_size
         self.read_px, self.resized = read_px, read_px != grid.tile_px
+        self.scale: int = getattr(src, "factor", 1)  # level px per source px (DCT-scaled)
         self.layout, self.dtype = src.layout, src.dtype
         self.fill = 255 if src.layout == "rgb" else 0  # white glass; dark for fluorescence
         n, nu = len(grid), len(pieces)
@@ -190,7 +193,9 @@ class _Scatter:
                 first, last = b * self.bs, min((b + 1) * self.bs, n)
                 bad = self.damaged[first:last]
                 yield TileBatch(index=np.arange(first, last), tiles=tiles, layout=self.layout,
-                                damaged=bad.copy() if bad.any() else None)
+                                damaged=bad.copy() if bad.any() else None,
+                                damaged_boxes=self.damaged_rows.boxes(
+                                    self.src.unit_shape, self.scale) if bad.any() else None)
                 del tiles
         finally:
             with self.batch_made:

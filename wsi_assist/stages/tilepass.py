@@ -316,7 +316,8 @@ class _Crops:
     def __init__(self, grid: TileGrid, blocks: TileGrid, block_of: np.ndarray,
                  k: int | None) -> None:
         self.grid, self.k = grid, k
-        off = grid.level_coords() - blocks.level_coords()[block_of]
+        self.xy = grid.level_coords()
+        off = self.xy - blocks.level_coords()[block_of]
         self.off = (off // k if k is not None else off).tolist()
         self.px = grid.tile_px if k is not None else grid.read_px
         order = np.argsort(block_of, kind="stable")
@@ -332,13 +333,14 @@ class _Crops:
         (rows, tiles, damaged or None)."""
         p = self.px
         for i, (b, block) in enumerate(zip(batch.index.tolist(), batch.tiles, strict=True)):
+            hurt = batch.damaged is not None and bool(batch.damaged[i])
             for j in self.members[b]:
                 x, y = self.off[j]
                 tile = block[y:y + p, x:x + p]
                 self.pending[j] = resize_area(np.ascontiguousarray(tile), self.grid.tile_px
                                               ) if self.k is None and self.grid.resized \
                     else tile.copy()
-                self.bad[j] = batch.damaged is not None and bool(batch.damaged[i])
+                self.bad[j] = hurt and self._overlaps_damage(j, batch.damaged_boxes)
         start = self.next
         while self.next in self.pending:
             self.next += 1
@@ -347,3 +349,12 @@ class _Crops:
             tiles = [self.pending.pop(j) for j in range(start, self.next)]
             bad = np.array([self.bad.pop(j) for j in range(start, self.next)])
             yield rows, tiles, bad if bad.any() else None
+
+    def _overlaps_damage(self, j: int, boxes: np.ndarray | None) -> bool:
+        """Whether tile ``j`` of a damaged block holds pixels of one of its damaged chunks
+        ``boxes`` (every tile of the block when the stream names none)."""
+        if boxes is None:
+            return True
+        (x, y), r = self.xy[j], self.grid.read_px
+        return bool(((boxes[:, 0] < x + r) & (boxes[:, 2] > x) &
+                     (boxes[:, 1] < y + r) & (boxes[:, 3] > y)).any())
