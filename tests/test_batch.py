@@ -275,14 +275,35 @@ def test_not_run_and_dask_lines_are_said_once_per_batch(small_slides: list[Path]
         assert len(said) == 1 and "on all slides" in said[0], said
     assert not [line for line in lines if line.startswith("INFO distributed")], lines
     assert sum("Dask: local cluster of 2 worker" in line for line in lines) == 1
-    # auto without a GPU: one warning line for the whole run, workers included
-    from wsi_assist.stages.context import resolve_device
-
-    if resolve_device("auto") == "cpu":
-        assert sum("--device auto" in line for line in lines) == 1, lines
+    # no stage of this run puts a model on the device: auto is not even resolved (no
+    # torch import), in this process or the workers, and no fallback line is said
+    assert not [line for line in lines if "--device auto" in line], lines
     assert not [line for line in lines if "EP Error" in line or "libcublas" in line]
     done = json.loads((out / "s0" / "done.json").read_text())
-    assert done["device"] == resolve_device("auto")
+    assert done["device"] == "cpu"
+
+
+def test_auto_device_is_resolved_only_when_a_stage_puts_a_model_on_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from wsi_assist import stages
+
+    asked: list[str] = []
+    monkeypatch.setattr(stages, "resolve_device",  # a machine with a GPU
+                        lambda spec: asked.append(spec) or ("cuda" if spec == "auto" else spec))
+    weights = tmp_path / "pathclip-base.pt"
+    onnx = {"submodels": {"specs": [str(tmp_path / "cells.yaml")]}}
+    for sections, want in (({}, "cpu"), ({"embed": {"pathclip": str(weights)}}, "cuda"),
+                           ({"caption": {"model": str(tmp_path / "llava")}}, "cuda"),
+                           (onnx, "cuda"), ({"submodels": {"specs": ["nuclei"]}}, "cpu")):
+        cfg = config.override(config.load(), parallelism={"device": "auto"}, **sections)
+        asked.clear()
+        assert stages.run_device(cfg) == want, sections
+        assert asked == (["auto"] if want == "cuda" else [])
+        # the stage that would use it is not among those to run: nothing to resolve
+        tile_only = config.from_dict({**cfg.to_dict(), "stages": "tissue,tiles"})
+        assert stages.run_device(tile_only) == "cpu"
+    explicit = config.override(config.load(), parallelism={"device": "cuda:1"})
+    assert stages.run_device(explicit) == "cuda:1"  # a device asked for is kept
 
 
 @pytest.mark.slow

@@ -248,7 +248,7 @@ def _run_in_work_folder(path: Path, slide_id: str, out: Path, config: Config,
         store = SlideStore(work, mode="a" if partial else "w")
         store.write_slide(path, info.mpp, info.mpp_source, info.synthetic, fp, __version__,
                           layout=info.layout, channels=info.channels)
-        device = stages.resolve_device(config.parallelism.device)
+        device = stages.run_device(config)
         slide = stages.SlideContext(
             path=path, slide_id=slide_id, info=info, store=store, device=device,
             stream_params=config.stream, out_root=out, config_hash=config.section_hash(),
@@ -530,7 +530,7 @@ def run_batch(inputs: list[Path], out: Path, config: Config, *, force: bool = Fa
     wants_gpu = config.parallelism.device.startswith("cuda")
     if local:  # ``auto`` resolved (and its fallback said) once here, not in every worker
         config = config_mod.override(config, parallelism={
-            "device": stages.resolve_device(config.parallelism.device)})
+            "device": stages.run_device(config)})
     if progress is not None:
         progress.start(len(p.paths))
     results: list[SlideResult] = []

@@ -44,7 +44,7 @@ from wsi_assist.store import SlideStore
 
 __all__ = ["REGISTRY", "STAGE_NAMES", "SlideContext", "Stage", "check_models",
            "check_stage_names", "fingerprints", "not_rgb_reason", "rebuild_report",
-           "resolve_device", "run_stages", "stage_table", "stages_to_run"]
+           "resolve_device", "run_device", "run_stages", "stage_table", "stages_to_run"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class Stage:
     #: Whether the stage can run with these sections (a model configured, ...); when
     #: not, it is recorded as "not run" with ``how_to_enable``, not as a failure.
     configured: Callable[..., bool] = lambda store, **sections: True
+    #: Whether, with these sections, the stage runs a model on the run's device (when
+    #: no stage to run does, ``auto`` is not resolved and torch is not imported).
+    on_device: Callable[..., bool] = lambda **sections: False
     #: Whether the stage needs RGB brightfield tiles (not run on multichannel slides).
     rgb_only: bool = False
     #: Called with the stage's sections once before any slide: raises a WsiAssistError
@@ -97,13 +100,13 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           how_to_enable="add 'tiles' to stages (after 'tissue')", open_pass=tiles.open_pass),
     Stage("embed", embed.run, needs=("tiles",), sections=("embed",), slide_inputs=(),
           done=SlideStore.has_embeddings, how_to_enable=embed.HOW_TO_ENABLE,
-          configured=embed.configured, rgb_only=True,
+          configured=embed.configured, on_device=embed.on_device, rgb_only=True,
           check=embed.check, open_pass=embed.open_pass),
     Stage("zeroshot", zeroshot.run, needs=("embed",), sections=("zeroshot", "embed"),
           slide_inputs=(), done=SlideStore.has_zeroshot,
           how_to_enable=f"{embed.HOW_TO_ENABLE}; zero-shot classes come from the tile "
                         "embeddings and a prompt set (zeroshot.prompts)",
-          configured=zeroshot.configured, rgb_only=True),
+          configured=zeroshot.configured, on_device=zeroshot.on_device, rgb_only=True),
     # ONNX sub-models take RGB (or BGR) tiles: on multichannel slides only the built-in
     # nuclei run (on the nuclear channel), the others are recorded as not run
     Stage("submodels", submodels.run, needs=("tiles", "zeroshot"),
@@ -111,12 +114,12 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           done=lambda store: bool(store.read_submodels()),
           how_to_enable="list the built-in 'nuclei' or sub-model spec files (ONNX + YAML) "
                         "under submodels.specs",
-          configured=submodels.configured, check=submodels.check,
-          open_pass=submodels.open_pass),
+          configured=submodels.configured, on_device=submodels.on_device,
+          check=submodels.check, open_pass=submodels.open_pass),
     Stage("caption", caption.run, needs=("embed", "zeroshot", "submodels"),
           sections=("caption",), slide_inputs=(), done=SlideStore.has_captions,
           how_to_enable=caption.HOW_TO_ENABLE, configured=caption.configured,
-          rgb_only=True),
+          on_device=caption.on_device, rgb_only=True),
     Stage("report", report.run, needs=("tiles", "embed", "zeroshot", "submodels", "caption"),
           sections=("report",), slide_inputs=(), done=report.done,
           how_to_enable="add 'report' to stages"),
@@ -151,6 +154,17 @@ def check_models(config: Config, local: bool = True) -> None:
         stage.check(**_sections(stage, config))
     if local:
         check_device(config.parallelism.device)
+
+
+def run_device(config: Config) -> str:
+    """The device of the run's models: ``parallelism.device``, ``auto`` resolved
+    (:func:`resolve_device`) when a stage to run puts a model on it; an ``auto`` run
+    whose stages run no model is ``cpu`` (torch not imported, no fallback said)."""
+    spec = config.parallelism.device
+    if spec != "auto" or any(REGISTRY[n].on_device(**_sections(REGISTRY[n], config))
+                             for n in config.stages):
+        return resolve_device(spec)
+    return "cpu"
 
 
 def fingerprints(slide_fp: str, config: Config, info: SlideInfo) -> dict[str, str]:

@@ -23,6 +23,11 @@ def configured(store: SlideStore, caption: CaptionParams) -> bool:
     return caption.model is not None
 
 
+def on_device(caption: CaptionParams) -> bool:
+    """The captioner runs on the device when one is configured."""
+    return caption.model is not None
+
+
 def run(slide: SlideContext, caption: CaptionParams) -> dict[str, Any]:
     """Caption representative tiles (from the cache where possible), draft a summary."""
     model = caption.model

@@ -23,6 +23,11 @@ HOW_TO_ENABLE = ("no PathCLIP weights configured: set embed.pathclip (or pass --
 
 def configured(store: SlideStore, embed: EmbedParams) -> bool:
     """An embedding model is configured (PathCLIP weights, or another spec)."""
+    return on_device(embed)
+
+
+def on_device(embed: EmbedParams) -> bool:
+    """The stage runs a model on the device: one is configured."""
     return configured_spec(embed) is not None
 
 

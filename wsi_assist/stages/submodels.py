@@ -52,6 +52,12 @@ def configured(store: SlideStore, submodels: SubmodelParams, nuclei: NucleiParam
     return bool(submodels.specs)
 
 
+def on_device(submodels: SubmodelParams, nuclei: NucleiParams,
+              channels: ChannelParams | None = None) -> bool:
+    """ONNX sub-models run with the device's providers; the built-in nuclei on the CPU."""
+    return any(not is_builtin(entry) for entry in submodels.specs)
+
+
 def check(submodels: SubmodelParams, nuclei: NucleiParams,
           channels: ChannelParams | None = None) -> None:
     """Every listed spec reads, and its model loads and agrees with it (on the CPU); the

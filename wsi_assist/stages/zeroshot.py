@@ -21,6 +21,11 @@ def configured(store: SlideStore, zeroshot: ZeroShotParams, embed: EmbedParams) 
     return store.has_embeddings() or configured_spec(embed) is not None
 
 
+def on_device(zeroshot: ZeroShotParams, embed: EmbedParams) -> bool:
+    """The text encoder of the configured embedding model runs on the device."""
+    return configured_spec(embed) is not None
+
+
 def run(slide: SlideContext, zeroshot: ZeroShotParams, embed: EmbedParams) -> dict[str, Any]:
     """Classify the stored embeddings with the text embeddings of the prompt set."""
     emb = slide.store.read_embeddings()
