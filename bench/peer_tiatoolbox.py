@@ -3,6 +3,7 @@
 ``--peer-python``, in another one where tiatoolbox is installed).
 
     python3 bench/peer_tiatoolbox.py SLIDE [--rounds R] [--min-mask-ratio F] [--mask-mpp M]
+                                     [--read]
     python3 bench/peer_tiatoolbox.py --serve   (one round per stdin line "SLIDE MPP RATIO")
 
 Steps, as tiatoolbox's documentation runs them: ``open`` (``WSIReader.open``),
@@ -10,7 +11,9 @@ Steps, as tiatoolbox's documentation runs them: ``open`` (``WSIReader.open``),
 (``SlidingWindowPatchExtractor`` at 0.5 um/px, 224 px patches, stride 224, that mask,
 ``min_mask_ratio`` as our ``tiling.min_tissue``). With ``--mask-mpp`` the same again with
 the mask at that um/px (``*_matched``: our overview's resolution, for a like-for-like
-figure). Medians over rounds; the last line is a JSON list, one object per slide.
+figure). ``--read`` also reads every patch of the grid (``read``: iterating the
+extractor, as a model's data loop would; run by ``bench/pipeline.py``). Medians over
+rounds; the last line is a JSON list, one object per slide.
 Imports only tiatoolbox (and numpy)."""
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from typing import Any
 import numpy as np
 
 
-def one_round(path: Path, min_ratio: float, mask_mpp: float | None) -> dict[str, Any]:
-    row = timed(path, min_ratio, None)
+def one_round(path: Path, min_ratio: float, mask_mpp: float | None, read: bool = False
+              ) -> dict[str, Any]:
+    row = timed(path, min_ratio, None, read)
     if mask_mpp:
-        row |= {f"{k}_matched": v for k, v in timed(path, min_ratio, mask_mpp).items()}
+        row |= {f"{k}_matched": v for k, v in timed(path, min_ratio, mask_mpp, read).items()}
     return row
 
 
-def timed(path: Path, min_ratio: float, mask_mpp: float | None) -> dict[str, Any]:
+def timed(path: Path, min_ratio: float, mask_mpp: float | None, read: bool = False
+          ) -> dict[str, Any]:
     from tiatoolbox.tools.patchextraction import SlidingWindowPatchExtractor
     from tiatoolbox.wsicore.wsireader import WSIReader
 
@@ -48,10 +53,14 @@ def timed(path: Path, min_ratio: float, mask_mpp: float | None) -> dict[str, Any
                                      resolution=0.5, units="mpp", stride=(224, 224),
                                      min_mask_ratio=min_ratio)
     t3 = time.perf_counter()
-    img = mask.img
-    return {"open": t1 - t0, "mask": t2 - t1, "grid": t3 - t2, "total": t3 - t0,
-            "tiles": len(ex), "mask_px": list(img.shape[:2]),
-            "mask_fraction": float(np.asarray(img, bool).mean())}
+    row = {"open": t1 - t0, "mask": t2 - t1, "grid": t3 - t2, "total": t3 - t0,
+           "tiles": len(ex), "mask_px": list(mask.img.shape[:2]),
+           "mask_fraction": float(np.asarray(mask.img, bool).mean())}
+    if read:
+        n = sum(1 for patch in ex if patch.shape[:2] == (224, 224))
+        t4 = time.perf_counter()
+        row |= {"read": t4 - t3, "total": t4 - t0, "read_tiles": n}
+    return row
 
 
 def serve() -> None:
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-mask-ratio", type=float, default=0.25)
     ap.add_argument("--mask-mpp", type=float, help="also the mask at this um/px")
+    ap.add_argument("--read", action="store_true", help="also read every patch")
     a = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
@@ -79,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return []
     out = []
     for p in a.slides:
-        rows = [one_round(p, a.min_mask_ratio, a.mask_mpp) for _ in range(a.rounds)]
+        rows = [one_round(p, a.min_mask_ratio, a.mask_mpp, a.read) for _ in range(a.rounds)]
         res: dict[str, Any] = {"slide": p.name}
         for k, v in rows[0].items():
             if not isinstance(v, float) or k.startswith("mask_fraction"):

@@ -21,12 +21,15 @@ weights in PathCLIP's released layout (open_clip ViT-B-16, quick GELU, a plain
 state_dict), bf16, and reports the encoder's images/s alone (tiles already in memory)
 and the fraction of it the full pass sustains (the embed consumer's tiles/s inside it).
 
-Peers (LazySlide, TRIDENT, tiatoolbox): whether each is importable is printed; their
-pipelines are not driven from here (none is installed on the machine this was written
-on), so no peer figure is reported.
+Peers: tiatoolbox, where it is importable here or in ``--peer-python`` (a venv of its
+own), runs its ``tile`` on the same slide (``bench/peer_tiatoolbox.py --read``: open,
+its Otsu mask, ``SlidingWindowPatchExtractor`` at 0.5 um/px, 224 px, and every patch
+read), reported as ms per tile beside ours. LazySlide and TRIDENT: whether each is
+importable is printed; their pipelines are not driven from here.
 
     python bench/pipeline.py SLIDE | --synthetic 40000 [--slide-mpp 0.25] [--rounds 1]
                              [--device cpu|cuda] [--separate] [--no-nuclei | --stages a,b]
+                             [--peer-python VENV/bin/python]
 
 ``--synthetic PX`` writes a PX^2 H&E-like slide (``synthetic.write_large``: tissue-sized
 ellipses, nuclei sized in um, every level a true downsample) at ``--slide-mpp`` um/px
@@ -46,6 +49,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsi_assist import batch, chunks, config, files, lowres
 from wsi_assist.report import browser, pdf
+from wsi_assist.settings import TilingParams
 from wsi_assist.stages import REGISTRY, tilepass
 
 log = logging.getLogger("bench.pipeline")
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--separate", action="store_true",
                     help="also the default run with a pass per tile stage (baseline)")
+    ap.add_argument("--peer-python", help="a Python with tiatoolbox, for its figure")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("wsi_assist", "distributed"):
@@ -329,12 +335,38 @@ def _report(a: argparse.Namespace, tile: dict[str, Any], run: dict[str, Any],
     out |= _nuclei_ratio(a, run)
     if pathclip is not None:
         out |= _gpu(a, run, pathclip)
+    out |= _tiatoolbox(a, out["tile_ms_per_tile"])
     for mod, name in PEERS.items():
+        if f"peer_{mod}" in out:
+            continue
         have = importlib.util.find_spec(mod) is not None
         out[f"peer_{mod}"] = "installed, not driven" if have else "not installed"
         print(f"peer {name}: {out[f'peer_{mod}']}; no figure")
     print(json.dumps(out))
     return out
+
+
+def _tiatoolbox(a: argparse.Namespace, ours_ms: float) -> dict[str, Any]:
+    """tiatoolbox's ``tile`` on the same slide, in its own process (its imports untimed)."""
+    python = sys.executable if importlib.util.find_spec("tiatoolbox") else a.peer_python
+    if python is None:
+        return {}
+    script = Path(__file__).resolve().parent / "peer_tiatoolbox.py"
+    p = subprocess.run([python, str(script), str(a.slide), "--rounds", "1", "--read",
+                        "--min-mask-ratio", str(TilingParams().min_tissue)],
+                       capture_output=True, text=True, check=False)
+    if p.returncode != 0 or not p.stdout.strip():
+        print(f"peer tiatoolbox: failed ({p.stderr.strip().splitlines()[-1:]})")
+        return {"peer_tiatoolbox": "failed"}
+    r = json.loads(p.stdout.strip().splitlines()[-1])[0]
+    ms = 1000 * r["total_s"] / max(r["read_tiles"], 1)
+    fig = {"tiles": r["read_tiles"], "tile_ms_per_tile": round(ms, 3),
+           "read_ms_per_tile": round(1000 * r["read_s"] / max(r["read_tiles"], 1), 3),
+           "vs_ours": round(ms / ours_ms, 2)}
+    print(f"peer tiatoolbox: {fig['tiles']} tiles (its Otsu mask, patch grid and every "
+          f"patch read): {ms:.2f} ms per tile against our tile's {ours_ms:.2f} "
+          f"(tiatoolbox / ours {fig['vs_ours']:.2f})")
+    return {"peer_tiatoolbox": fig}
 
 
 def _nuclei_ratio(a: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
