@@ -22,6 +22,7 @@ import shapely
 from typer.testing import CliRunner
 
 from wsi_assist import batch, config, files, locks
+from wsi_assist.chunks import ZERO_RUN
 from wsi_assist.cli import app
 from wsi_assist.settings import TilingParams
 from wsi_assist.slide import describe
@@ -423,6 +424,46 @@ def test_damaged_chunks_flag_the_same_tiles_decoded_in_full_or_scaled(
         flags = np.concatenate([b.damaged if b.damaged is not None else
                                 np.zeros(len(b), bool) for b in stream(slide, g)])
         assert flags.tolist() == _overlapping(g, chunks, 256).tolist(), slide
+
+
+@pytest.mark.parametrize("target_mpp", [0.25, 0.5])
+def test_blank_tiles_under_optimised_huffman_tables_are_not_damaged(
+        tmp_path: Path, target_mpp: float) -> None:
+    """Glass tiles JPEG-encoded with Huffman tables optimised for them are long runs of
+    zero bytes (uniform blocks are zero bits), which is valid data: not flagged damaged,
+    in full or at reduced scale, while a hole in a tissue tile of the same slide is."""
+    import tifffile
+
+    from wsi_assist.stream import stream
+    from wsi_assist.tiling import grid
+
+    rgb = default_slide(1024, 768, seed=4).render(0, 0, 1024, 768, 1.0, 1.0)
+    rgb[:, :512] = 243  # glass: the left two columns of 256 px tiles
+    path = tmp_path / "optimised.svs"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(rgb, tile=(256, 256), compression="jpeg", photometric="rgb",
+                 compressionargs={"level": 90, "optimize": True},
+                 description="Aperio Image Library v12.0.15\r\n1024x768 (256x256) JPEG/RGB "
+                             "Q=90|AppMag = 40|MPP = 0.25")
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        glass = [path.read_bytes()[o:o + n] for o, n in zip(
+            page.dataoffsets[:2], page.databytecounts[:2], strict=True)]
+        offset, count = page.dataoffsets[2], page.databytecounts[2]
+    assert all(ZERO_RUN in t for t in glass)  # what a hole looks like, and valid
+    info = describe(path)
+    g = grid(info, shapely.box(0, 0, info.width, info.height),
+             TilingParams(target_mpp=target_mpp, tile_px=64, min_tissue=0.0))
+
+    def flags() -> list[bool]:
+        return np.concatenate([b.damaged if b.damaged is not None else
+                               np.zeros(len(b), bool) for b in stream(path, g)]).tolist()
+
+    assert not any(flags())
+    with path.open("r+b") as f:  # a hole in the tissue tile at row 0, column 2
+        f.seek(offset + count // 2)
+        f.write(bytes(64))
+    assert flags() == _overlapping(g, [(0, 2)], 256).tolist()
 
 
 def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(

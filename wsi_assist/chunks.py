@@ -240,7 +240,8 @@ class TiffUnits:
                 rows = buf[k * ch:k * ch + self.chunk_rows(i)]
                 if rgb:
                     data = self.read_chunk(i)
-                    if self._check_jpeg and data is not None and jpeg_damaged(data):
+                    if self._check_jpeg and data is not None and \
+                            jpeg_damaged(data, self._tables):
                         self.damaged_rows.add(uy, ux, k * ch, k * ch + len(rows))
                     self.decode_chunk(data, i, rows)
                 else:
@@ -347,7 +348,7 @@ class ScaledUnits:
                 data = src.read_chunk(cy * src._ncols + ux)
                 warned = self.decode_chunk(data, buf[k * ch:(k + 1) * ch])
                 if data is not None and src._check_jpeg and (
-                        warned or jpeg_damaged_silently(data)):
+                        warned or jpeg_damaged_silently(data, src._tables)):
                     self.damaged_rows.add(uy, ux, k * ch, (k + 1) * ch)
         except Exception as e:  # codec errors have no common base class
             raise SlideError(f"{self._where}: cannot decode chunk row {cy0}, column {ux} "
@@ -385,76 +386,123 @@ class ScaledUnits:
 
 
 #: This many zero bytes in a row inside JPEG scan data are a hole (unwritten or zeroed
-#: blocks): an encoder never emits 128 zero bits in a row.
+#: blocks), unless the Huffman tables code uniform blocks as zero bits (see
+#: :func:`_zeros_are_blank`): 128 zero bits in a row are otherwise blocks of 63
+#: coefficients of -1 or the like, which no image has.
 ZERO_RUN = bytes(16)
 #: 0xFF in scan data is followed by 0x00 (stuffing), a restart marker or a fill byte.
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
+#: The first symbol of each Huffman table (class, id) a header or JPEG tables define.
+Firsts = dict[tuple[int, int], int]
 
-def jpeg_damaged(data: bytes) -> bool:
+
+def jpeg_damaged(data: bytes, tables: bytes | None = None) -> bool:
     """Whether one JPEG tile or strip is damaged in ways libjpeg decodes through with
     only a warning ("Corrupt JPEG data: premature end of data segment", ...): no scan
     header, no end-of-image marker (cut short, or padded with zeros), a stray marker
-    inside the scan data, or a hole of zero bytes in it. A few byte searches, no
-    decoding: bit errors that keep this structure intact are not seen."""
-    start = _scan_start(data)
-    if start is None:
+    inside the scan data, or a hole of zero bytes in it. ``tables``: the page's JPEG
+    tables (TIFF JPEGTables), where the chunks' Huffman tables may be. A few byte
+    searches, no decoding: bit errors that keep this structure intact are not seen."""
+    head = _scan_header(data)
+    if head is None:
         return True
+    start, firsts = head
     end = data.rfind(b"\xff\xd9")
-    return end < start or _holed(data, start, end) or \
+    return end < start or _holed(data, start, end, _zeros_are_blank(firsts, tables)) or \
         _MARKER_IN_SCAN.search(data, start, end) is not None
 
 
-def jpeg_damaged_silently(data: bytes) -> bool:
+def jpeg_damaged_silently(data: bytes, tables: bytes | None = None) -> bool:
     """The part of :func:`jpeg_damaged` that libjpeg decodes through without even a
     warning: a hole of zero bytes in the scan data, or bytes after the end-of-image
     marker. For chunks libjpeg decoded strictly (no warning), whose markers and end
     it has checked itself, more thoroughly than the byte search (a restart marker out
     of place or a broken Huffman code warns too)."""
-    start = _scan_start(data)
-    if start is None:
+    head = _scan_header(data)
+    if head is None:
         return True
+    start, firsts = head
     end = data.rfind(b"\xff\xd9")
-    return end < start or _holed(data, start, end)
+    return end < start or _holed(data, start, end, _zeros_are_blank(firsts, tables))
 
 
-def _holed(data: bytes, start: int, end: int) -> bool:
-    """Whether the scan data ``data[start:end]`` holds a hole of zero bytes, or bytes
-    other than zero padding follow the end-of-image marker at ``end``."""
-    return bool(data[end + 2:].strip(b"\x00")) or data.find(ZERO_RUN, start, end) >= 0
+def _holed(data: bytes, start: int, end: int, zeros_are_blank: bool) -> bool:
+    """Whether the scan data ``data[start:end]`` holds a hole of zero bytes (not looked
+    for where zero bits are blank blocks), or bytes other than zero padding follow the
+    end-of-image marker at ``end``."""
+    return bool(data[end + 2:].strip(b"\x00")) or (
+        not zeros_are_blank and data.find(ZERO_RUN, start, end) >= 0)
 
 
-#: The headers last parsed (up to their scan data) -> where their scan data starts: the
-#: chunks of one level almost always share one header, and a header parses the same
-#: whatever follows it. A few entries (slides streamed side by side).
-_SCAN_STARTS: dict[bytes, int] = {}
+def _zeros_are_blank(firsts: Firsts, tables: bytes | None) -> bool:
+    """Whether zero bits are uniform blocks in this chunk's scan: every DC table's
+    shortest code (all zero bits) is "no change" and every AC table's is end-of-block,
+    as in Huffman tables optimised for a tile of blank glass or padding. There a run of
+    zero bytes is valid data (and a hole in it changes nothing)."""
+    merged = {**_table_firsts(tables), **firsts} if tables else firsts
+    return {c for c, _ in merged} == {0, 1} and not any(merged.values())
 
 
-def _scan_start(data: bytes) -> int | None:
-    """Offset of the entropy-coded data after the first start-of-scan header, or None."""
-    for header, start in list(_SCAN_STARTS.items()):
+#: The headers last parsed (up to their scan data) -> where their scan data starts and
+#: the first symbols of the Huffman tables they define: the chunks of one level almost
+#: always share one header, and a header parses the same whatever follows it. A few
+#: entries (slides streamed side by side); likewise for pages' JPEG tables.
+_SCAN_STARTS: dict[bytes, tuple[int, Firsts]] = {}
+_TABLE_FIRSTS: dict[bytes, Firsts] = {}
+
+
+def _scan_header(data: bytes) -> tuple[int, Firsts] | None:
+    """(offset of the entropy-coded data after the first start-of-scan header, first
+    symbols of the Huffman tables defined before it), or None: no such header."""
+    for header, found in list(_SCAN_STARTS.items()):
         if data.startswith(header):
-            return start
+            return found
+    start, firsts = _walk(data)
+    if start is None:
+        return None
+    if len(_SCAN_STARTS) >= 8:
+        _SCAN_STARTS.clear()
+    _SCAN_STARTS[data[:start]] = (start, firsts)
+    return start, firsts
+
+
+def _table_firsts(tables: bytes) -> Firsts:
+    found = _TABLE_FIRSTS.get(tables)
+    if found is None:
+        if len(_TABLE_FIRSTS) >= 8:
+            _TABLE_FIRSTS.clear()
+        found = _TABLE_FIRSTS[tables] = _walk(tables)[1]
+    return found
+
+
+def _walk(data: bytes) -> tuple[int | None, Firsts]:
+    """Walk the marker segments from SOI: (where the scan data of the first SOS starts,
+    or None when there is none or the segments are broken; the first symbol of each
+    Huffman table defined on the way)."""
+    firsts: Firsts = {}
     pos, n = 2, len(data)
     if data[:2] != b"\xff\xd8":
-        return None
+        return None, firsts
     while pos + 4 <= n:
         if data[pos] != 0xFF:
-            return None
+            return None, firsts
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
         if marker == 0xDA:
-            if pos + 2 + length > n:
-                return None
-            if len(_SCAN_STARTS) >= 8:
-                _SCAN_STARTS.clear()
-            _SCAN_STARTS[data[:pos + 2 + length]] = pos + 2 + length
-            return pos + 2 + length
+            return (pos + 2 + length if pos + 2 + length <= n else None), firsts
+        if marker == 0xC4:  # DHT: (class << 4 | id, 16 counts, symbols) repeated
+            at, stop = pos + 4, min(n, pos + 2 + length)
+            while at + 17 <= stop:
+                count = sum(data[at + 1:at + 17])
+                if count and at + 17 < stop:
+                    firsts[(data[at] >> 4, data[at] & 15)] = data[at + 17]
+                at += 17 + count
         pos += 2 + length
-    return None
+    return None, firsts
 
 
 def jpeg_colorspaces(page: Any) -> tuple[int | None, int] | None:
