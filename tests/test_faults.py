@@ -369,8 +369,9 @@ def test_failure_reasons_are_words_naming_the_file(shared_slides: Path, tmp_path
 
 def _damage_tiles(path: Path, chunks: list[int]) -> list[tuple[int, int]]:
     """Damage level-0 JPEG tiles in place, decodably: the first loses its end-of-image
-    marker, the third gets a stray APP1 marker inside its scan data, the others a hole of
-    zeros. Returns their (row, column) in tiles."""
+    marker, the third gets a stray APP1 marker inside its scan data, the fourth a
+    restart marker (no restart interval is defined), the others a hole of zeros.
+    Returns their (row, column) in tiles."""
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
@@ -382,9 +383,9 @@ def _damage_tiles(path: Path, chunks: list[int]) -> list[tuple[int, int]]:
             if k == 0:
                 f.seek(offsets[i] + counts[i] - 2)
                 f.write(b"\0\0")
-            elif k == 2:
+            elif k in (2, 3):  # an APP1 or RST3 marker: decodes, with a warning
                 f.seek(offsets[i] + counts[i] // 2)
-                f.write(b"\xff\xe1")  # an APP1 marker: decodes, with a warning
+                f.write(b"\xff\xe1" if k == 2 else b"\xff\xd3")
             else:
                 f.seek(offsets[i] + counts[i] // 2)
                 f.write(bytes(64))
@@ -412,7 +413,7 @@ def test_damaged_chunks_flag_the_same_tiles_decoded_in_full_or_scaled(
                        mpp=0.25)
     clean = tmp_path / "clean.svs"
     shutil.copy(path, clean)
-    bad = _damage_tiles(path, [5, 6, 9])
+    bad = _damage_tiles(path, [5, 6, 9, 11])
     info = describe(path)
     g = grid(info, shapely.box(0, 0, info.width, info.height),
              TilingParams(target_mpp=target_mpp, tile_px=64, min_tissue=0.0))
@@ -519,6 +520,15 @@ def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(
     t, h = tiles[0], len(tiles[0]) // 2
     assert jpeg_damaged(t[:h]) and jpeg_damaged(t[:-2] + b"\0\0")
     assert jpeg_damaged(t[:h] + b"\xff\xc4" + t[h + 2:])  # a marker inside the scan
+    assert jpeg_damaged(t[:h] + b"\xff\xd3" + t[h + 2:])  # a restart, with no interval
+    import io
+
+    from PIL import Image
+
+    restarted = io.BytesIO()  # restart markers where a restart interval is defined
+    Image.open(io.BytesIO(t)).save(restarted, "JPEG", quality=90, restart_marker_rows=1)
+    assert b"\xff\xdd" in restarted.getvalue() and b"\xff\xd0" in restarted.getvalue()
+    assert not jpeg_damaged(restarted.getvalue())
     # the header memo answers as a fresh parse does, warm or cold, header damaged or not
     from wsi_assist import chunks
 

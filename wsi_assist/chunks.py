@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
@@ -387,30 +387,51 @@ class ScaledUnits:
 
 #: This many zero bytes in a row inside JPEG scan data are a hole (unwritten or zeroed
 #: blocks), unless the Huffman tables code uniform blocks as zero bits (see
-#: :func:`_zeros_are_blank`): 128 zero bits in a row are otherwise blocks of 63
+#: :meth:`Coding.zeros_are_blank`): 128 zero bits in a row are otherwise blocks of 63
 #: coefficients of -1 or the like, which no image has.
 ZERO_RUN = bytes(16)
-#: 0xFF in scan data is followed by 0x00 (stuffing), a restart marker or a fill byte.
+#: 0xFF in scan data is followed by 0x00 (stuffing), a fill byte or, where a restart
+#: interval is defined, a restart marker.
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_MARKER_IN_SCAN_NO_RESTARTS = re.compile(rb"\xff[^\x00\xff]")
 
-#: The first symbol of each Huffman table (class, id) a header or JPEG tables define.
-Firsts = dict[tuple[int, int], int]
+
+class Coding(NamedTuple):
+    """What a JPEG header, or a page's JPEG tables, says of the scan's coding."""
+
+    #: the first symbol of each Huffman table (class, id): its all-zero-bits code
+    firsts: dict[tuple[int, int], int]
+    #: a restart interval is defined (DRI): restart markers belong in the scan
+    restarts: bool
+
+    def over(self, tables: Coding) -> Coding:
+        """This header's coding, completed by the page's JPEG ``tables``."""
+        return Coding({**tables.firsts, **self.firsts}, self.restarts or tables.restarts)
+
+    def zeros_are_blank(self) -> bool:
+        """Whether zero bits are uniform blocks: every DC table's shortest code is "no
+        change" and every AC table's is end-of-block, as in tables optimised for a tile
+        of blank glass or padding. There a run of zero bytes is valid data (and a hole
+        in it changes nothing)."""
+        return {c for c, _ in self.firsts} == {0, 1} and not any(self.firsts.values())
 
 
 def jpeg_damaged(data: bytes, tables: bytes | None = None) -> bool:
     """Whether one JPEG tile or strip is damaged in ways libjpeg decodes through with
     only a warning ("Corrupt JPEG data: premature end of data segment", ...): no scan
     header, no end-of-image marker (cut short, or padded with zeros), a stray marker
-    inside the scan data, or a hole of zero bytes in it. ``tables``: the page's JPEG
-    tables (TIFF JPEGTables), where the chunks' Huffman tables may be. A few byte
-    searches, no decoding: bit errors that keep this structure intact are not seen."""
-    head = _scan_header(data)
+    inside the scan data (a restart marker too, where no restart interval is defined),
+    or a hole of zero bytes in it. ``tables``: the page's JPEG tables (TIFF JPEGTables),
+    where the chunks' Huffman tables may be. A few byte searches, no decoding: bit
+    errors that keep this structure intact are not seen."""
+    head = _scan_header(data, tables)
     if head is None:
         return True
-    start, firsts = head
+    start, restarts, blank = head
     end = data.rfind(b"\xff\xd9")
-    return end < start or _holed(data, start, end, _zeros_are_blank(firsts, tables)) or \
-        _MARKER_IN_SCAN.search(data, start, end) is not None
+    stray = _MARKER_IN_SCAN if restarts else _MARKER_IN_SCAN_NO_RESTARTS
+    return end < start or _holed(data, start, end, blank) or \
+        stray.search(data, start, end) is not None
 
 
 def jpeg_damaged_silently(data: bytes, tables: bytes | None = None) -> bool:
@@ -418,13 +439,13 @@ def jpeg_damaged_silently(data: bytes, tables: bytes | None = None) -> bool:
     warning: a hole of zero bytes in the scan data, or bytes after the end-of-image
     marker. For chunks libjpeg decoded strictly (no warning), whose markers and end
     it has checked itself, more thoroughly than the byte search (a restart marker out
-    of place or a broken Huffman code warns too)."""
-    head = _scan_header(data)
+    of sequence or a broken Huffman code warns too)."""
+    head = _scan_header(data, tables)
     if head is None:
         return True
-    start, firsts = head
+    start, _, blank = head
     end = data.rfind(b"\xff\xd9")
-    return end < start or _holed(data, start, end, _zeros_are_blank(firsts, tables))
+    return end < start or _holed(data, start, end, blank)
 
 
 def _holed(data: bytes, start: int, end: int, zeros_are_blank: bool) -> bool:
@@ -435,65 +456,55 @@ def _holed(data: bytes, start: int, end: int, zeros_are_blank: bool) -> bool:
         not zeros_are_blank and data.find(ZERO_RUN, start, end) >= 0)
 
 
-def _zeros_are_blank(firsts: Firsts, tables: bytes | None) -> bool:
-    """Whether zero bits are uniform blocks in this chunk's scan: every DC table's
-    shortest code (all zero bits) is "no change" and every AC table's is end-of-block,
-    as in Huffman tables optimised for a tile of blank glass or padding. There a run of
-    zero bytes is valid data (and a hole in it changes nothing)."""
-    merged = {**_table_firsts(tables), **firsts} if tables else firsts
-    return {c for c, _ in merged} == {0, 1} and not any(merged.values())
+#: (header up to its scan data, the page's JPEG tables) last parsed -> see
+#: :func:`_scan_header`: the chunks of one level almost always share one header, and a
+#: header parses the same whatever follows it. A few entries (slides streamed side by
+#: side).
+_SCAN_STARTS: dict[tuple[bytes, bytes | None], tuple[int, bool, bool]] = {}
 
 
-#: The headers last parsed (up to their scan data) -> where their scan data starts and
-#: the first symbols of the Huffman tables they define: the chunks of one level almost
-#: always share one header, and a header parses the same whatever follows it. A few
-#: entries (slides streamed side by side); likewise for pages' JPEG tables.
-_SCAN_STARTS: dict[bytes, tuple[int, Firsts]] = {}
-_TABLE_FIRSTS: dict[bytes, Firsts] = {}
-
-
-def _scan_header(data: bytes) -> tuple[int, Firsts] | None:
-    """(offset of the entropy-coded data after the first start-of-scan header, first
-    symbols of the Huffman tables defined before it), or None: no such header."""
-    for header, found in list(_SCAN_STARTS.items()):
-        if data.startswith(header):
+def _scan_header(data: bytes, tables: bytes | None = None
+                 ) -> tuple[int, bool, bool] | None:
+    """(offset of the entropy-coded data after the first start-of-scan header, whether
+    a restart interval is defined, whether zero bits are blank blocks), with the page's
+    JPEG ``tables``; None when there is no such header."""
+    for (header, tabs), found in list(_SCAN_STARTS.items()):
+        if (tabs is tables or tabs == tables) and data.startswith(header):
             return found
-    start, firsts = _walk(data)
+    start, coding = _walk(data)
     if start is None:
         return None
+    if tables:
+        coding = coding.over(_walk(tables)[1])
     if len(_SCAN_STARTS) >= 8:
         _SCAN_STARTS.clear()
-    _SCAN_STARTS[data[:start]] = (start, firsts)
-    return start, firsts
-
-
-def _table_firsts(tables: bytes) -> Firsts:
-    found = _TABLE_FIRSTS.get(tables)
-    if found is None:
-        if len(_TABLE_FIRSTS) >= 8:
-            _TABLE_FIRSTS.clear()
-        found = _TABLE_FIRSTS[tables] = _walk(tables)[1]
+    found = _SCAN_STARTS[(data[:start], tables)] = (start, coding.restarts,
+                                                     coding.zeros_are_blank())
     return found
 
 
-def _walk(data: bytes) -> tuple[int | None, Firsts]:
+def _walk(data: bytes) -> tuple[int | None, Coding]:
     """Walk the marker segments from SOI: (where the scan data of the first SOS starts,
-    or None when there is none or the segments are broken; the first symbol of each
-    Huffman table defined on the way)."""
-    firsts: Firsts = {}
+    or None when there is none or the segments are broken; the coding they define on
+    the way: each Huffman table's first symbol, a restart interval)."""
+    firsts: dict[tuple[int, int], int] = {}
+    restarts = False
     pos, n = 2, len(data)
     if data[:2] != b"\xff\xd8":
-        return None, firsts
+        return None, Coding(firsts, restarts)
     while pos + 4 <= n:
         if data[pos] != 0xFF:
-            return None, firsts
+            return None, Coding(firsts, restarts)
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
         if marker == 0xDA:
-            return (pos + 2 + length if pos + 2 + length <= n else None), firsts
+            return (pos + 2 + length if pos + 2 + length <= n else None), \
+                Coding(firsts, restarts)
+        if marker == 0xDD:  # DRI: the restart interval, in MCUs (0: none)
+            restarts = data[pos + 4:pos + 6] != b"\x00\x00"
         if marker == 0xC4:  # DHT: (class << 4 | id, 16 counts, symbols) repeated
             at, stop = pos + 4, min(n, pos + 2 + length)
             while at + 17 <= stop:
@@ -502,7 +513,7 @@ def _walk(data: bytes) -> tuple[int | None, Firsts]:
                     firsts[(data[at] >> 4, data[at] & 15)] = data[at + 17]
                 at += 17 + count
         pos += 2 + length
-    return None, firsts
+    return None, Coding(firsts, restarts)
 
 
 def jpeg_colorspaces(page: Any) -> tuple[int | None, int] | None:
