@@ -399,6 +399,14 @@ def _overlapping(grid: TileGrid, chunks: list[tuple[int, int]], px: int) -> np.n
                          and y + r > rw * px for rw, c in chunks) for x, y in xy])
 
 
+def _damaged_flags(path: Path, grid: TileGrid) -> list[bool]:
+    """The stream's damaged flag of every tile of ``grid``, in grid order."""
+    from wsi_assist.stream import stream
+
+    return np.concatenate([b.damaged if b.damaged is not None else np.zeros(len(b), bool)
+                           for b in stream(path, grid)]).tolist()
+
+
 @pytest.mark.parametrize(("target_mpp", "scale"), [(0.25, 1), (0.5, 2), (1.0, 4)])
 def test_damaged_chunks_flag_the_same_tiles_decoded_in_full_or_scaled(
         tmp_path: Path, target_mpp: float, scale: int) -> None:
@@ -406,7 +414,7 @@ def test_damaged_chunks_flag_the_same_tiles_decoded_in_full_or_scaled(
     (libjpeg's strict warnings plus jpeg_damaged_silently), the same tiles are flagged:
     those holding a chunk cut off its end marker, holed, or with a stray marker."""
     from wsi_assist.chunks import SOURCES
-    from wsi_assist.stream import reduced_source, stream
+    from wsi_assist.stream import reduced_source
     from wsi_assist.tiling import grid
 
     path = write_slide(tmp_path / "s.svs", default_slide(1024, 768, seed=4), kind="svs",
@@ -422,9 +430,7 @@ def test_damaged_chunks_flag_the_same_tiles_decoded_in_full_or_scaled(
         with SOURCES.lease(str(slide), g.level, "tifffile") as src:
             reduced, _, px = reduced_source(src, g)
             assert g.read_px // px == scale and (reduced is src) == (scale == 1)
-        flags = np.concatenate([b.damaged if b.damaged is not None else
-                                np.zeros(len(b), bool) for b in stream(slide, g)])
-        assert flags.tolist() == _overlapping(g, chunks, 256).tolist(), slide
+        assert _damaged_flags(slide, g) == _overlapping(g, chunks, 256).tolist(), slide
 
 
 @pytest.mark.parametrize("target_mpp", [0.25, 0.5])
@@ -435,7 +441,6 @@ def test_blank_tiles_under_optimised_huffman_tables_are_not_damaged(
     in full or at reduced scale, while a hole in a tissue tile of the same slide is."""
     import tifffile
 
-    from wsi_assist.stream import stream
     from wsi_assist.tiling import grid
 
     rgb = default_slide(1024, 768, seed=4).render(0, 0, 1024, 768, 1.0, 1.0)
@@ -455,16 +460,11 @@ def test_blank_tiles_under_optimised_huffman_tables_are_not_damaged(
     info = describe(path)
     g = grid(info, shapely.box(0, 0, info.width, info.height),
              TilingParams(target_mpp=target_mpp, tile_px=64, min_tissue=0.0))
-
-    def flags() -> list[bool]:
-        return np.concatenate([b.damaged if b.damaged is not None else
-                               np.zeros(len(b), bool) for b in stream(path, g)]).tolist()
-
-    assert not any(flags())
+    assert not any(_damaged_flags(path, g))
     with path.open("r+b") as f:  # a hole in the tissue tile at row 0, column 2
         f.seek(offset + count // 2)
         f.write(bytes(64))
-    assert flags() == _overlapping(g, [(0, 2)], 256).tolist()
+    assert _damaged_flags(path, g) == _overlapping(g, [(0, 2)], 256).tolist()
 
 
 def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(
