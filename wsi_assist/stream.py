@@ -192,10 +192,11 @@ class _Scatter:
                     tiles = self.done.pop(b)
                 first, last = b * self.bs, min((b + 1) * self.bs, n)
                 bad = self.damaged[first:last]
+                hurt = bool(bad.any())
                 yield TileBatch(index=np.arange(first, last), tiles=tiles, layout=self.layout,
-                                damaged=bad.copy() if bad.any() else None,
+                                damaged=bad.copy() if hurt else None,
                                 damaged_boxes=self.damaged_rows.boxes(
-                                    self.src.unit_shape, self.scale) if bad.any() else None)
+                                    self.src.unit_shape, self.scale) if hurt else None)
                 del tiles
         finally:
             with self.batch_made:

@@ -20,7 +20,7 @@ HOW_TO_ENABLE = ("no captioner configured; set caption.model to a folder saved w
 
 def configured(store: SlideStore, caption: CaptionParams) -> bool:
     """A captioning model is configured."""
-    return caption.model is not None
+    return on_device(caption)
 
 
 def on_device(caption: CaptionParams) -> bool:

@@ -18,7 +18,7 @@ from wsi_assist.store import SlideStore, ZeroShot
 
 def configured(store: SlideStore, zeroshot: ZeroShotParams, embed: EmbedParams) -> bool:
     """Embeddings are stored, or a model that makes them is configured."""
-    return store.has_embeddings() or configured_spec(embed) is not None
+    return store.has_embeddings() or on_device(zeroshot, embed)
 
 
 def on_device(zeroshot: ZeroShotParams, embed: EmbedParams) -> bool:
