@@ -35,6 +35,8 @@ from wsi_assist.stream import TileBatch
 log = logging.getLogger(__name__)
 
 ONNX_META = "wsi_assist."
+#: Tiles of the batch a CUDA encoder runs once before its first real one.
+WARM_UP_TILES = 8
 
 
 class Encoder(Protocol):
@@ -51,7 +53,9 @@ class Encoder(Protocol):
 
 
 class TorchEncoder:
-    """A loaded model's image tower on its device."""
+    """A loaded model's image tower on its device. On CUDA one small batch is run
+    first, so that the first batch of a pass does not pay for the context, the
+    libraries' handles and the kernels being loaded (up to a second)."""
 
     normalised = False
 
@@ -59,6 +63,9 @@ class TorchEncoder:
         self.lm, self.precision = lm, precision
         self.sha256, self.embed_dim = lm.sha256, lm.embed_dim
         self.cuda = lm.device.startswith("cuda")
+        if self.cuda:
+            self.fetch(self.submit(np.zeros((WARM_UP_TILES, lm.image_size, lm.image_size,
+                                             3), np.uint8)))
 
     def submit(self, tiles: np.ndarray) -> Any:
         import torch
