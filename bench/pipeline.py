@@ -20,8 +20,9 @@ background when the slide starts, closed after), and its wall time includes both
 weights in PathCLIP's released layout (open_clip ViT-B-16, quick GELU, a plain
 state_dict), bf16, and reports the encoder's images/s alone (tiles already in memory)
 and the fraction of it the full pass sustains (the embed consumer's tiles/s inside it).
-``--embed`` does the same on any device (on the CPU: a check of this path, slowly;
-``--encoder-images`` sets how many images the encoder's own rate is timed over).
+Both in batches of ``--embed-batch`` (256). ``--embed`` does the same on any device (on
+the CPU: a check of this path, slowly; ``--encoder-images`` sets how many images the
+encoder's own rate is timed over).
 
 Peers: tiatoolbox, where it is importable here or in ``--peer-python`` (a venv of its
 own), runs its ``tile`` on the same slide (``bench/peer_tiatoolbox.py --read``: open,
@@ -31,6 +32,7 @@ importable is printed; their pipelines are not driven from here.
 
     python bench/pipeline.py SLIDE | --synthetic 40000 [--slide-mpp 0.25] [--rounds 1]
                              [--device cpu|cuda] [--embed] [--encoder-images N]
+                             [--embed-batch B]
                              [--separate] [--no-nuclei | --stages a,b]
                              [--peer-python VENV/bin/python]
 
@@ -135,13 +137,15 @@ def separate_passes() -> Iterator[None]:
         REGISTRY.update(saved)
 
 
-def make_config(stages: list[str] | None, device: str, pathclip: Path | None) -> config.Config:
+def make_config(stages: list[str] | None, device: str, pathclip: Path | None,
+                embed_batch: int = 256) -> config.Config:
     d = config.load().to_dict()
     if stages is not None:
         d["stages"] = stages
     d["parallelism"]["device"] = device
     if pathclip is not None:
-        d["embed"].update({"pathclip": str(pathclip), "precision": "bf16"})
+        d["embed"].update({"pathclip": str(pathclip), "precision": "bf16",
+                           "batch_size": embed_batch})
     return config.from_dict(d)
 
 
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "with a device other than cpu)")
     ap.add_argument("--encoder-images", type=int, default=2048,
                     help="images the encoder's own rate is timed over (default 2048)")
+    ap.add_argument("--embed-batch", type=int, default=256,
+                    help="the encoder's batch, alone and in the pass (default 256)")
     ap.add_argument("--separate", action="store_true",
                     help="also the default run with a pass per tile stage (baseline)")
     ap.add_argument("--peer-python", help="a Python with tiatoolbox, for its figure")
@@ -284,7 +290,7 @@ def _bench(a: argparse.Namespace, ap: argparse.ArgumentParser, tmp: Path) -> dic
     pathclip = random_pathclip(tmp / "pathclip-base.pt") \
         if a.embed or a.device != "cpu" else None
     cfg_tile = make_config(["tissue", "tiles"], a.device, None)
-    cfg_run = make_config(run_stages(a), a.device, pathclip)
+    cfg_run = make_config(run_stages(a), a.device, pathclip, a.embed_batch)
     a.run_stages = list(cfg_run.stages)
     print("default run stages: " + ", ".join(a.run_stages))
     tile, run, sep = None, None, None
@@ -397,8 +403,8 @@ def _gpu(a: argparse.Namespace, run: dict[str, Any], pathclip: Path) -> dict[str
     from wsi_assist.models.embed import used_precision
     from wsi_assist.settings import EmbedParams
 
-    rate = encoder_rate(pathclip, a.device, a.encoder_images,
-                        min(256, max(1, a.encoder_images)))
+    bs = max(1, min(a.embed_batch, a.encoder_images))
+    rate = encoder_rate(pathclip, a.device, max(a.encoder_images, bs), bs)
     precision = used_precision(EmbedParams(precision="bf16"), a.device)
     done = batch.read_done(run["out"]) or {}
     # the embed consumer's own rate inside the pass: its tiles over the time from its
@@ -408,13 +414,15 @@ def _gpu(a: argparse.Namespace, run: dict[str, Any], pathclip: Path) -> dict[str
     busiest = max((c for _, cs in run["passes"] for c in cs), key=lambda c: c.busy_s,
                   default=None)
     bound = busiest.name if busiest is not None else None
-    print(f"PathCLIP {precision} on {a.device}: {rate:.0f} images/s alone; the full pass "
+    print(f"PathCLIP {precision} on {a.device}, batches of {bs}: {rate:.0f} images/s "
+          f"alone; the full pass "
           f"{sustained:.0f} tiles/s: {100 * sustained / rate:.0f}% (target >= 80%); "
           f"busiest consumer of the pass: {bound}")
     if bound != "embed":
         print(f"  the pass was paced by {bound}, not the encoder (the built-in nuclei run "
               "on the CPU: measure the encoder's share with --no-nuclei)")
-    return {"pathclip_precision": precision, "pathclip_images_per_s": round(rate, 1),
+    return {"pathclip_precision": precision, "pathclip_batch": bs,
+            "pathclip_images_per_s": round(rate, 1),
             "pass_tiles_per_s": round(sustained, 1),
             "pass_to_pathclip": round(sustained / rate, 3), "pass_bound_by": bound}
 
