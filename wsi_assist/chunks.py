@@ -44,9 +44,15 @@ from wsi_assist.slide import Layout, slide_layout
 log = logging.getLogger(__name__)
 
 Engine = Literal["auto", "tifffile", "zarr"]
-#: Strip levels are decoded this many rows at a time (at least one strip), as are the
-#: chunks of one column at a reduced scale (:class:`ScaledUnits`).
+#: Strip levels are decoded this many rows at a time (at least one strip).
 UNIT_ROWS = 256
+#: The chunks of one column decoded at a reduced scale (:class:`ScaledUnits`) are
+#: stacked this many rows tall: a grid tile is then cut from fewer pieces, and every
+#: piece copied is a GIL hand-over between the decode threads (``bench/gil_handoff.py``:
+#: two threads copying 10-38 k element pieces get 0.56-0.72x of one thread's copies).
+#: 1,024 rows against 256: ratio_to_limit up by 0.01-0.11 in each of 5 paired runs
+#: (``bench/tiles.py --target-mpp 0.5``); the batch window grows with the unit's height.
+SCALED_UNIT_ROWS = 1024
 
 
 class UnitSource(Protocol):
@@ -297,8 +303,8 @@ class ScaledUnits:
     single pixels differ by up to about 20 at sharp edges (tested in
     tests/test_stream.py). Coordinates and shapes are those of the level divided by
     ``factor`` (rows and columns of a last partial pixel are dropped); a unit stacks
-    the chunks of one column until it is ``UNIT_ROWS`` rows tall at that scale (fewer,
-    larger pieces to copy into tiles). A chunk libjpeg decodes only with warnings
+    the chunks of one column until it is ``SCALED_UNIT_ROWS`` rows tall at that scale
+    (fewer, larger pieces to copy into tiles). A chunk libjpeg decodes only with warnings
     (damaged, cut short) is decoded in full as :class:`TiffUnits` does, then
     area-reduced, so that both paths read it alike. The rows of such a chunk, or of one
     with damage libjpeg does not warn about (:func:`jpeg_damaged_silently`), go in
@@ -323,7 +329,7 @@ class ScaledUnits:
         self.level_shape = (h // factor, w // factor)
         #: (rows, columns) of one decoded chunk
         self.chunk_shape = (src._chunk_rows // factor, src.unit_shape[1] // factor)
-        self._chunks_per_unit = max(1, UNIT_ROWS // self.chunk_shape[0])
+        self._chunks_per_unit = max(1, SCALED_UNIT_ROWS // self.chunk_shape[0])
         self.unit_shape = (self.chunk_shape[0] * self._chunks_per_unit, self.chunk_shape[1])
         adobe = ADOBE_RGB if src._jpeg == (2, 2) else b""
         tables = src._tables[2:-2] if src._tables else b""  # without their SOI and EOI
