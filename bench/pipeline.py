@@ -415,9 +415,8 @@ def _gpu(a: argparse.Namespace, run: dict[str, Any], pathclip: Path) -> dict[str
                   default=None)
     bound = busiest.name if busiest is not None else None
     print(f"PathCLIP {precision} on {a.device}, batches of {bs}: {rate:.0f} images/s "
-          f"alone; the full pass "
-          f"{sustained:.0f} tiles/s: {100 * sustained / rate:.0f}% (target >= 80%); "
-          f"busiest consumer of the pass: {bound}")
+          f"alone; the full pass {sustained:.0f} tiles/s: {100 * sustained / rate:.0f}% "
+          f"(target >= 80%); busiest consumer of the pass: {bound}")
     if bound != "embed":
         print(f"  the pass was paced by {bound}, not the encoder (the built-in nuclei run "
               "on the CPU: measure the encoder's share with --no-nuclei)")

@@ -536,7 +536,7 @@ def test_damaged_jpeg_tiles_are_counted_in_qc_and_the_report(
                 t[:2] + b"\0" + t[3:], t[:40], t[:-2]]
     cold = []
     for v in variants:
-        chunks._SCAN_STARTS.clear()
+        chunks._SCAN_HEADERS.clear()
         cold.append(jpeg_damaged(v))
     assert [jpeg_damaged(v) for v in variants] == cold
     assert cold[:len(tiles)] == [False] * len(tiles) and all(cold[len(tiles):])

@@ -280,9 +280,9 @@ class DamagedRows:
     def boxes(self, unit_shape: tuple[int, int], scale: int = 1) -> np.ndarray:
         """(M, 4) int64 boxes (x0, y0, x1, y1) of the damaged chunks in level pixels, for
         units of ``unit_shape`` decoded at 1 / ``scale``."""
-        (uh, uw), spans = unit_shape, list(self._spans.items())
+        uh, uw = unit_shape
         out = [(ux * uw, uy * uh + a, (ux + 1) * uw, uy * uh + b)
-               for (uy, ux), rows in spans for a, b in rows]
+               for (uy, ux), rows in list(self._spans.items()) for a, b in rows]
         return np.array(out, np.int64).reshape(-1, 4) * scale
 
 
@@ -430,14 +430,12 @@ def jpeg_damaged(data: bytes, tables: bytes | None = None) -> bool:
     or a hole of zero bytes in it. ``tables``: the page's JPEG tables (TIFF JPEGTables),
     where the chunks' Huffman tables may be. A few byte searches, no decoding: bit
     errors that keep this structure intact are not seen."""
-    head = _scan_header(data, tables)
-    if head is None:
+    scan = _scan(data, tables)
+    if scan is None or _holed(data, scan):
         return True
-    start, restarts, blank = head
-    end = data.rfind(b"\xff\xd9")
+    start, end, restarts, _ = scan
     stray = _MARKER_IN_SCAN if restarts else _MARKER_IN_SCAN_NO_RESTARTS
-    return end < start or _holed(data, start, end, blank) or \
-        stray.search(data, start, end) is not None
+    return stray.search(data, start, end) is not None
 
 
 def jpeg_damaged_silently(data: bytes, tables: bytes | None = None) -> bool:
@@ -446,18 +444,27 @@ def jpeg_damaged_silently(data: bytes, tables: bytes | None = None) -> bool:
     marker. For chunks libjpeg decoded strictly (no warning), whose markers and end
     it has checked itself, more thoroughly than the byte search (a restart marker out
     of sequence or a broken Huffman code warns too)."""
+    scan = _scan(data, tables)
+    return scan is None or _holed(data, scan)
+
+
+def _scan(data: bytes, tables: bytes | None) -> tuple[int, int, bool, bool] | None:
+    """(start and end of the scan data, whether a restart interval is defined, whether
+    zero bits are blank blocks; see :func:`_scan_header`), or None when there is no
+    scan header or no end-of-image marker after it."""
     head = _scan_header(data, tables)
     if head is None:
-        return True
-    start, _, blank = head
+        return None
+    start, restarts, blank = head
     end = data.rfind(b"\xff\xd9")
-    return end < start or _holed(data, start, end, blank)
+    return None if end < start else (start, end, restarts, blank)
 
 
-def _holed(data: bytes, start: int, end: int, zeros_are_blank: bool) -> bool:
-    """Whether the scan data ``data[start:end]`` holds a hole of zero bytes (not looked
-    for where zero bits are blank blocks), or bytes other than zero padding follow the
-    end-of-image marker at ``end``."""
+def _holed(data: bytes, scan: tuple[int, int, bool, bool]) -> bool:
+    """Whether the scan data holds a hole of zero bytes (not looked for where zero bits
+    are blank blocks), or bytes other than zero padding follow the end-of-image
+    marker."""
+    start, end, _, zeros_are_blank = scan
     return bool(data[end + 2:].strip(b"\x00")) or (
         not zeros_are_blank and data.find(ZERO_RUN, start, end) >= 0)
 
@@ -466,7 +473,7 @@ def _holed(data: bytes, start: int, end: int, zeros_are_blank: bool) -> bool:
 #: :func:`_scan_header`: the chunks of one level almost always share one header, and a
 #: header parses the same whatever follows it. A few entries (slides streamed side by
 #: side).
-_SCAN_STARTS: dict[tuple[bytes, bytes | None], tuple[int, bool, bool]] = {}
+_SCAN_HEADERS: dict[tuple[bytes, bytes | None], tuple[int, bool, bool]] = {}
 
 
 def _scan_header(data: bytes, tables: bytes | None = None
@@ -474,7 +481,7 @@ def _scan_header(data: bytes, tables: bytes | None = None
     """(offset of the entropy-coded data after the first start-of-scan header, whether
     a restart interval is defined, whether zero bits are blank blocks), with the page's
     JPEG ``tables``; None when there is no such header."""
-    for (header, tabs), found in list(_SCAN_STARTS.items()):
+    for (header, tabs), found in list(_SCAN_HEADERS.items()):
         if (tabs is tables or tabs == tables) and data.startswith(header):
             return found
     start, coding = _walk(data)
@@ -482,9 +489,9 @@ def _scan_header(data: bytes, tables: bytes | None = None
         return None
     if tables:
         coding = coding.over(_walk(tables)[1])
-    if len(_SCAN_STARTS) >= 8:
-        _SCAN_STARTS.clear()
-    found = _SCAN_STARTS[(data[:start], tables)] = (start, coding.restarts,
+    if len(_SCAN_HEADERS) >= 8:
+        _SCAN_HEADERS.clear()
+    found = _SCAN_HEADERS[(data[:start], tables)] = (start, coding.restarts,
                                                      coding.zeros_are_blank())
     return found
 
